@@ -1,0 +1,110 @@
+"""Load a fast BLAS for MLX's CPU backend on Linux, before `mlx.core` is imported.
+
+The Linux `mlx[cpu]` wheel links against a reference BLAS whose float32 matmul is about
+40x slower than MKL's. The dynamic linker resolves `sgemm_`/`cblas_sgemm` to the first
+library loaded with global visibility, so loading an optimised BLAS with
+`ctypes.CDLL(path, RTLD_GLOBAL)` *before* the first `import mlx.core` makes MLX use it.
+
+Search order (Linux only; on macOS MLX uses Accelerate/Metal and nothing is done):
+
+1. `CAST_MLX_BLAS=/path/to/lib.so` - that library, exactly (`CAST_MLX_BLAS=none`: stock BLAS);
+2. `libmkl_rt.so*` from the PyPI `mkl` package (`pip install 'cast-mlx[mkl]'`);
+3. a system OpenBLAS (Debian's `libopenblas0`); `OPENBLAS_CORETYPE` defaults to SkylakeX on
+   x86_64 because OpenBLAS misdetects some virtual CPUs.
+
+Every module of the package that needs MLX imports this one first (see `cast_mlx/__init__.py`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform
+import sys
+import sysconfig
+import warnings
+
+_ACTIVE: str | None = None  # what `active_blas()` reports, set once by `load()`
+_LOADED = False
+
+_OPENBLAS_GLOBS = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas*.so*",
+    "/usr/lib/x86_64-linux-gnu/openblas*/libblas.so*",
+    "/usr/lib/aarch64-linux-gnu/libopenblas*.so*",
+    "/usr/lib/aarch64-linux-gnu/openblas*/libblas.so*",
+    "/usr/lib64/libopenblas*.so*",
+    "/usr/lib/libopenblas*.so*",
+)
+
+
+def _mkl_candidates() -> list[str]:
+    """`libmkl_rt.so*` in the lib/ folders of this interpreter's prefixes (venv and base)."""
+    dirs = {os.path.join(p, "lib") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    dirs.add(sysconfig.get_config_var("LIBDIR") or "")
+    found = []
+    for d in sorted(x for x in dirs if x):
+        found += sorted(glob.glob(os.path.join(d, "libmkl_rt.so*")))
+    return found
+
+
+def _openblas_candidates() -> list[str]:
+    found = []
+    for pattern in _OPENBLAS_GLOBS:
+        found += sorted(glob.glob(pattern))
+    return found
+
+
+def _describe(path: str) -> str:
+    name = os.path.basename(path)
+    if "mkl" in name:
+        return f"MKL ({path})"
+    if "openblas" in path:
+        return f"OpenBLAS ({path})"
+    return f"custom ({path})"
+
+
+def load() -> str:
+    """Load the best BLAS available (once) and return a description of the active one."""
+    global _ACTIVE, _LOADED
+    if _LOADED:
+        return _ACTIVE or "unknown"
+    _LOADED = True
+    if not sys.platform.startswith("linux"):
+        _ACTIVE = "Accelerate (macOS)" if sys.platform == "darwin" else "MLX default"
+        return _ACTIVE
+    if "mlx.core" in sys.modules:
+        warnings.warn(
+            "cast_mlx.blas: mlx.core was imported before cast_mlx; the fast BLAS cannot be "
+            "loaded now. Import cast_mlx first (or set CAST_MLX_BLAS=none to silence this).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _ACTIVE = "stock (mlx.core imported before cast_mlx)"
+        return _ACTIVE
+    choice = os.environ.get("CAST_MLX_BLAS", "").strip()
+    if choice.lower() == "none":
+        _ACTIVE = "stock (CAST_MLX_BLAS=none)"
+        return _ACTIVE
+    if choice:
+        candidates = [choice]  # explicit: try only this one and fail loudly
+    else:
+        candidates = _mkl_candidates() + _openblas_candidates()
+    for path in candidates:
+        if "openblas" in path and platform.machine() == "x86_64":
+            os.environ.setdefault("OPENBLAS_CORETYPE", "SkylakeX")
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            if choice:
+                raise RuntimeError(f"CAST_MLX_BLAS={choice}: cannot load it: {exc}") from exc
+            continue
+        _ACTIVE = _describe(path)
+        return _ACTIVE
+    _ACTIVE = "stock (no MKL/OpenBLAS found; pip install 'cast-mlx[mkl]')"
+    return _ACTIVE
+
+
+def active_blas() -> str:
+    """A one-line description of the BLAS MLX uses in this process (for the dashboard)."""
+    return load()
