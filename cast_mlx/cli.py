@@ -1,0 +1,28 @@
+"""The `cast-mlx` console script: `cast-mlx train ...`, `cast-mlx fetch NAME`."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("cast_mlx.train", "train (or --dry-run) from a recipe"),
+    "models": ("cast_mlx.models", "fetch / list embedded models"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fetch":  # shorthand for `cast-mlx models fetch`
+        argv = ["models"] + argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: cast-mlx COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Recipes: typed dataclasses, loaded from YAML, validated before any model loads.
+
+A recipe is a YAML file whose top-level sections match the dataclasses below. Every field
+has a default, so a recipe only says what differs. Command-line overrides use dotted paths:
+`--set algorithm.name=grpo --set sampling.group_size=4` (values are parsed as YAML scalars).
+
+Validation is driven by the type annotations (`Literal[...]` lists the allowed values) and
+by `bounds(...)` metadata on numeric fields. Any problem raises `ConfigError` with one line
+that names the field, e.g. `sampling.temperature: must be > 0, got -1.0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message is one line naming the field."""
+
+
+def bounds(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field with a default and an allowed range."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # embedded name, local mlx-lm folder, or hub id
+    # auto: float32 on the CPU backend (quantized matmuls are ~10x slower there),
+    # quantized (QLoRA) on Metal/CUDA.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "quantized"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    task: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
+    path: Optional[str] = None  # local jsonl file/folder; None = hub (gsm8k/math) or generated
+    level: int = bounds(2, ge=1, le=5)  # arithmetic difficulty
+    train_size: Optional[int] = bounds(None, ge=1)  # None: whole split (arithmetic: 10000)
+    eval_size: int = bounds(200, ge=1)
+    system_prompt: Optional[str] = None  # None: the model's chat-template default
+    answer_format: Literal["hash", "boxed"] = "hash"
+    reward: Literal["strict", "lenient"] = "lenient"
+    shuffle: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    prompts_per_step: int = bounds(2, ge=1)
+    group_size: int = bounds(8, ge=2)
+    temperature: float = bounds(1.0, gt=0.0)
+    top_p: float = bounds(1.0, gt=0.0, le=1.0)
+    top_k: int = bounds(0, ge=0)  # 0: off
+    min_p: float = bounds(0.0, ge=0.0, lt=1.0)
+    max_new_tokens: int = bounds(256, ge=1)
+    max_batch: int = bounds(64, ge=1)  # decode streams per wave
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["cast", "grpo", "rlsd"] = "cast"
+    # None: the algorithm's default (cast: none, grpo/rlsd: group)
+    scale_rewards: Optional[Literal["none", "group", "batch"]] = None
+    zero_var_base: float = bounds(1.0, ge=0.0)
+    cast_lambda: float = bounds(1.0, ge=0.0)
+    lambda_schedule: Literal["constant", "linear_decay"] = "constant"
+    lambda_decay_steps: int = bounds(100, ge=1)
+    correct_box: tuple[float, float] = (0.8, 1.05)
+    wrong_box: tuple[float, float] = (0.95, 1.2)
+    a_max: float = bounds(1.2, gt=0.0)
+    flip: Literal["both", "down", "none"] = "both"
+    flip_deadband: float = bounds(0.0, ge=0.0)
+    rlsd_eps_w: float = bounds(0.2, ge=0.0, lt=1.0)
+    rlsd_lambda_start: float = bounds(0.5, ge=0.0, le=1.0)
+    rlsd_lambda_steps: int = bounds(50, ge=1)
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = bounds(0.2, ge=0.0, lt=1.0)
+    eps_high: float = bounds(0.28, ge=0.0)
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-mean"
+    )
+    mask_truncated: bool = True
+    beta: float = bounds(0.0, ge=0.0)  # k3 KL to the base model
+    num_iterations: int = bounds(1, ge=1)  # updates per batch
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["snapshot", "base", "ema"] = "snapshot"
+    refresh: int = bounds(10, ge=1)  # optimizer steps between snapshots
+    ema_decay: float = bounds(0.99, gt=0.0, lt=1.0)
+    # None: plain for cast/grpo, privileged for rlsd
+    context: Optional[Literal["plain", "same", "privileged"]] = None
+
+
+@dataclass
+class LoraConfig:
+    rank: int = bounds(8, ge=1)
+    alpha: float = bounds(16.0, gt=0.0)  # scale = alpha / rank
+    dropout: float = bounds(0.0, ge=0.0, lt=1.0)
+    num_layers: int = bounds(-1, ge=-1)  # last N transformer blocks; -1: all
+    keys: list[str] = field(
+        default_factory=lambda: [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    )
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = bounds(5e-5, gt=0.0, le=1.0)
+    weight_decay: float = bounds(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = bounds(1e-8, gt=0.0)
+    max_grad_norm: float = bounds(1.0, gt=0.0)
+    micro_batch_size: int = bounds(8, ge=1)  # completions per forward/backward
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = bounds(100, ge=1)
+    warmup_ratio: float = bounds(0.05, ge=0.0, lt=1.0)
+    decay: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
+    min_lr_ratio: float = bounds(0.0, ge=0.0, le=1.0)
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "runs/{name}"  # {name}: the recipe name
+    dashboard: bool = True  # rich live view on a TTY; plain lines otherwise
+    samples_per_step: int = bounds(2, ge=0)
+    eval_every: int = bounds(0, ge=0)  # 0: off
+    wandb: bool = False
+    tensorboard: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = bounds(10, ge=1)
+    keep: int = bounds(2, ge=1)
+
+
+@dataclass
+class SystemConfig:
+    memory_limit_gb: Optional[float] = bounds(None, gt=0.0)
+    cache_limit_gb: Optional[float] = bounds(None, ge=0.0)
+    max_bad_steps: int = bounds(3, ge=1)  # consecutive NaN/inf steps before stopping
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"{origin.__name__} of {', '.join(_type_name(a) for a in typing.get_args(tp))}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against annotation `tp`; return it in canonical form or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                if len(args) == 2:
+                    raise
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            choices = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of: {choices}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _check_bounds(value, f: dataclasses.Field, where: str) -> None:
+    m = f.metadata
+    if value is None or not m:
+        return
+    for key, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        b = m.get(key)
+        if b is not None and not ok(value, b):
+            raise ConfigError(f"{where}: must be {word} {b}, got {value!r}")
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        where = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, where)
+        else:
+            value = _coerce(data[name], tp, where)
+            _check_bounds(value, f, where)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_recipe(r: Recipe) -> None:
+    """Constraints between fields."""
+    for name in ("correct_box", "wrong_box"):
+        lo, hi = getattr(r.algorithm, name)
+        if not 0 < lo <= 1 <= hi:
+            raise ConfigError(f"algorithm.{name}: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
+    if r.algorithm.name == "cast" and r.teacher.context == "privileged":
+        raise ConfigError(
+            "teacher.context: 'privileged' shows the gold answer; CAST's teacher is answer-free "
+            "(use plain or same, or algorithm.name=rlsd)"
+        )
+    b1, b2 = r.optimizer.betas
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
+    if not r.lora.keys:
+        raise ConfigError("lora.keys: at least one layer name is needed")
+    if not r.name or "/" in r.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got {r.name!r}")
+
+
+def from_dict(data: dict) -> Recipe:
+    recipe = _build(Recipe, data, "")
+    _check_recipe(recipe)
+    return recipe
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node, cls = data, Recipe
+    for i, key in enumerate(keys):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        where = ".".join(keys[: i + 1])
+        if key not in names:
+            raise ConfigError(f"--set {dotted}: unknown key {where!r}; allowed: {', '.join(names)}")
+        tp = typing.get_type_hints(cls)[key]
+        if i == len(keys) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"--set {dotted}: {where} is a section; set one of its keys")
+            node[key] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {dotted}: {where} is not a section")
+        node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        cls = tp
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (value parsed as a YAML scalar/list) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from exc
+        _set_path(data, key.strip(), value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{line}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (or start from defaults with `path=None`) and apply `--set`s."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Stable short hash of the resolved recipe (stored in checkpoints)."""
+    blob = json.dumps(to_dict(recipe), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolved_scale_rewards(algo: AlgorithmConfig) -> str:
+    if algo.scale_rewards is not None:
+        return algo.scale_rewards
+    return "none" if algo.name == "cast" else "group"
+
+
+def resolved_teacher_context(recipe: Recipe) -> str:
+    if recipe.teacher.context is not None:
+        return recipe.teacher.context
+    return "privileged" if recipe.algorithm.name == "rlsd" else "plain"
+
+
+def out_dir(recipe: Recipe) -> Path:
+    return Path(recipe.logging.out_dir.format(name=recipe.name))
+
+
+def describe(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe plus the values that defaults derive (for printing)."""
+    d = to_dict(recipe)
+    d["algorithm"]["scale_rewards"] = resolved_scale_rewards(recipe.algorithm)
+    d["teacher"]["context"] = resolved_teacher_context(recipe)
+    return d

@@ -1,0 +1,92 @@
+"""Recipe loading and validation, through the CLI as a user meets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cast_mlx import config as cfg
+from conftest import ROOT, run_cli
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_shipped_recipes_validate():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-135m-arith.yaml", "qwen0.5b.yaml", "smoke.yaml"} <= names
+    for path in RECIPES:
+        recipe = cfg.load_recipe(path)
+        assert recipe.name and cfg.recipe_hash(recipe) == cfg.recipe_hash(cfg.load_recipe(path))
+
+
+def test_defaults_and_overrides():
+    r = cfg.load_recipe(ROOT / "recipes/smoke.yaml", ["algorithm.name=grpo", "sampling.top_p=0.9",
+                                                      "algorithm.wrong_box=[0.9, 1.3]"])
+    assert r.algorithm.name == "grpo"
+    assert r.sampling.top_p == 0.9
+    assert r.algorithm.wrong_box == (0.9, 1.3)
+    assert cfg.resolved_scale_rewards(r.algorithm) == "group"
+    assert cfg.resolved_scale_rewards(cfg.load_recipe(None).algorithm) == "none"
+    assert cfg.resolved_teacher_context(cfg.load_recipe(None, ["algorithm.name=rlsd"])) == "privileged"
+    # an override changes the hash, the same override gives the same hash
+    base = cfg.recipe_hash(cfg.load_recipe(ROOT / "recipes/smoke.yaml"))
+    assert cfg.recipe_hash(r) != base
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, expected",
+    [
+        ("sampling:\n  gruop_size: 4\n", [], "sampling.gruop_size: unknown key; allowed: prompts_per_step"),
+        ("bogus: 1\n", [], "bogus: unknown key"),
+        ("sampling:\n  group_size: four\n", [], "sampling.group_size: expected an integer, got 'four'"),
+        ("sampling:\n  group_size: 2.5\n", [], "sampling.group_size: expected an integer"),
+        ("logging:\n  dashboard: 3\n", [], "logging.dashboard: expected true or false"),
+        ("sampling:\n  temperature: 0\n", [], "sampling.temperature: must be > 0.0, got 0.0"),
+        ("sampling:\n  group_size: 1\n", [], "sampling.group_size: must be >= 2, got 1"),
+        ("sampling:\n  top_p: 1.5\n", [], "sampling.top_p: must be <= 1.0, got 1.5"),
+        ("algorithm:\n  name: ppo\n", [], "algorithm.name: 'ppo' is not allowed; choose one of: cast, grpo, rlsd"),
+        ("algorithm:\n  correct_box: [0.8]\n", [], "algorithm.correct_box: expected a list of 2 numbers"),
+        ("algorithm:\n  correct_box: [1.1, 1.2]\n", [], "algorithm.correct_box: need 0 < low <= 1 <= high"),
+        ("teacher:\n  context: privileged\n", [], "teacher.context: 'privileged' shows the gold answer"),
+        ("sampling: 3\n", [], "sampling: expected a mapping"),
+        ("- a\n- b\n", [], "a recipe must be a YAML mapping"),
+        ("name: x\n", ["sampling.nope=1"], "--set sampling.nope: unknown key 'sampling.nope'"),
+        ("name: x\n", ["sampling=1"], "--set sampling: sampling is a section"),
+        ("name: x\n", ["sampling.group_size"], "--set sampling.group_size: expected key=value"),
+        ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
+    ],
+)
+def test_bad_recipe_cli(tmp_path: Path, yaml_text, overrides, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml_text)
+    args = ["-m", "cast_mlx.train", "--recipe", str(recipe)]
+    for o in overrides:
+        args += ["--set", o]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert proc.stdout == ""  # nothing printed before the error
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    proc = run_cli("-m", "cast_mlx.train", "--recipe", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing.yaml'}: recipe file not found"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsampling:\n  group_size: [1, 2\n")
+    proc = run_cli("-m", "cast_mlx.train", "--recipe", str(bad))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "malformed YAML at line" in proc.stderr
+
+
+def test_cli_prints_resolved_recipe():
+    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--set",
+                   "algorithm.name=grpo")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: grpo" in proc.stdout
+    assert "scale_rewards: group" in proc.stdout  # the derived default is shown resolved
+    assert "# recipe hash: " in proc.stdout
