@@ -76,7 +76,7 @@ class AlgorithmConfig:
     zero_var_base: float = bounds(1.0, ge=0.0)
     cast_lambda: float = bounds(1.0, ge=0.0)
     lambda_schedule: Literal["constant", "linear_decay"] = "constant"
-    lambda_decay_steps: int = bounds(100, ge=1)
+    lambda_decay_steps: int = bounds(300, ge=1)
     correct_box: tuple[float, float] = (0.8, 1.05)
     wrong_box: tuple[float, float] = (0.95, 1.2)
     a_max: float = bounds(1.2, gt=0.0)

@@ -1,0 +1,375 @@
+"""Advantages for GRPO, CAST and RLSD (spec sections 2 and 4), as pure MLX functions.
+
+Every algorithm takes the same inputs and returns the same outputs, so the trainer picks
+one by name (like verl's `core_algos`):
+
+    token_adv, base = compute_advantages("cast", rewards, gaps, mask, group_size=8, step=t)
+
+Inputs
+- `rewards` `[N]` float32, `N = P * G`; the `G` completions of a prompt are contiguous
+  (rows `p*G .. p*G+G-1`).
+- `gaps` `[N, L]` float32: teacher log-prob minus old-policy log-prob of each sampled
+  token (`g > 0`: teacher-positive). GRPO ignores it.
+- `mask` `[N, L]`: 1 for real completion tokens, 0 for padding.
+
+Outputs
+- token advantages `[N, L]` float32, exactly 0 where `mask` is 0;
+- base advantages `[N]` float32 (one per completion, section 2).
+
+Conventions that the spec leaves open (the PyTorch reference in `tests/reference/`
+follows the same ones):
+- A group is *zero-variance* when all its rewards are equal. Such a group is "all
+  correct" when the common reward is > 0 and "all wrong" otherwise (rewards are 0/1).
+  Zero-variance groups are always detected per group, whatever `scale_rewards` is.
+- `scale_rewards="batch"`: mixed groups get `(r - mean of the group) / (std of all N
+  rewards of the batch, ddof=1, + eps)`; the batch std is only a scale, it does not
+  decide which groups are zero-variance.
+- `flip="down"` / `flip="none"` (and tokens inside the dead-band `|g| <= flip_deadband`):
+  a token that would flip but is not allowed to follows the "otherwise" row of the
+  section-4 table, i.e. `A = B * max(0, 1 + lam * (clip(exp(s*g), box) - 1))` with `s =
+  sign(B)`: its advantage keeps the trajectory's sign and is shrunk (box low edge).
+- `a_max` bounds CAST only. GRPO gives `A = B` and RLSD `A = B * ((1-lam_t) + lam_t*w)`
+  with no final clip, as in their papers.
+- `zero_var_base` is a CAST parameter; GRPO and RLSD give exactly 0 to zero-variance
+  groups (so the trainer can skip those rows, see `zero_variance_groups`).
+"""
+
+from __future__ import annotations
+
+from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
+
+import mlx.core as mx
+
+SCALE_REWARDS = ("none", "group", "batch")
+FLIP_MODES = ("both", "down", "none")
+LAMBDA_SCHEDULES = ("constant", "linear_decay")
+
+# The default of every parameter, by name (the trainer's AlgorithmConfig uses the same).
+DEFAULT_PARAMS = {
+    "scale_rewards": None,  # None: the algorithm's own default, see default_scale_rewards
+    "eps": 1e-4,
+    "zero_var_base": 1.0,
+    "cast_lambda": 1.0,
+    "lambda_schedule": "constant",
+    "lambda_decay_steps": 300,
+    "correct_box": (0.8, 1.05),
+    "wrong_box": (0.95, 1.2),
+    "a_max": 1.2,
+    "flip": "both",
+    "flip_deadband": 0.0,
+    "rlsd_eps_w": 0.2,
+    "rlsd_lambda_start": 0.5,
+    "rlsd_lambda_steps": 50,
+}
+
+
+def default_scale_rewards(name: str) -> str:
+    """The reward scaling an algorithm uses unless told otherwise (spec section 2).
+
+    CAST: "none" (the authors' canonical run); GRPO and RLSD: "group".
+    """
+    _check_name(name)
+    return "none" if name == "cast" else "group"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_name(name: str) -> None:
+    if name not in ADVANTAGE_FNS:
+        raise ValueError(f"algorithm: unknown name {name!r}; choose one of {sorted(ADVANTAGE_FNS)}")
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{field}: {value!r} is not one of {list(choices)}")
+
+
+def _check_box(field: str, box) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: expected two numbers (low, high), got {box!r}") from None
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"{field}: need 0 < low <= high, got ({lo}, {hi})")
+    return lo, hi
+
+
+def check_inputs(rewards: mx.array, gaps: mx.array, mask: mx.array, group_size: int) -> None:
+    """Raise a ValueError naming the field if the shapes do not fit together."""
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards: expected shape [N], got {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size: need at least 2 completions per prompt, got {group_size}")
+    n = rewards.shape[0]
+    if n == 0 or n % group_size:
+        raise ValueError(f"rewards: {n} rows is not a positive multiple of group_size={group_size}")
+    if mask.ndim != 2 or mask.shape[0] != n:
+        raise ValueError(f"mask: expected shape [{n}, L], got {tuple(mask.shape)}")
+    if gaps.shape != mask.shape:
+        raise ValueError(f"gaps: shape {tuple(gaps.shape)} differs from mask {tuple(mask.shape)}")
+
+
+# --------------------------------------------------------------------------- section 2
+
+
+def zero_variance_groups(rewards: mx.array, group_size: int) -> mx.array:
+    """`[P]` bool: True for groups whose `group_size` rewards are all equal.
+
+    Under GRPO and RLSD these rows get advantage exactly 0, so the trainer may skip their
+    forward/backward (with beta = 0 and an explicit loss `norm`, see `loss.loss_norm`).
+    """
+    if group_size < 1 or rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards: shape {tuple(rewards.shape)} is not [P * group_size] with group_size={group_size}")
+    grouped = rewards.reshape(-1, group_size)
+    return mx.max(grouped, axis=1) == mx.min(grouped, axis=1)
+
+
+def base_advantages(
+    rewards: mx.array,
+    *,
+    group_size: int,
+    scale_rewards: str,
+    zero_var_value: float,
+    eps: float = 1e-4,
+) -> mx.array:
+    """`[N]` base advantage `B_i` of every completion (spec section 2).
+
+    Mixed groups: reward minus the group mean, divided by `std + eps` for "group" (the
+    group's Bessel std) or "batch" (the Bessel std of all N rewards), not divided for
+    "none". Zero-variance groups: `+zero_var_value` if their common reward is > 0, else
+    `-zero_var_value` (pass 0 for GRPO / RLSD: exactly 0).
+    """
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    if not eps >= 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
+    rewards = rewards.astype(mx.float32)
+    grouped = rewards.reshape(-1, group_size)  # [P, G]
+    centered = grouped - mx.mean(grouped, axis=1, keepdims=True)
+    if scale_rewards == "group":
+        std = mx.sqrt(mx.var(grouped, axis=1, keepdims=True, ddof=1))
+        centered = centered / (std + eps)
+    elif scale_rewards == "batch":
+        std = mx.sqrt(mx.var(rewards, ddof=1))
+        centered = centered / (std + eps)
+
+    flat = zero_variance_groups(rewards, group_size)[:, None]  # [P, 1]
+    if zero_var_value:
+        # +value for an all-correct group, -value for an all-wrong one.
+        flat_value = mx.where(grouped[:, :1] > 0, zero_var_value, -zero_var_value)
+    else:
+        flat_value = 0.0  # (a plain 0.0, not -0.0)
+    base = mx.where(flat, flat_value, centered)
+    return base.reshape(-1)
+
+
+def scheduled_lambda(step: int, start: float, schedule: str, decay_steps: int, field: str = "cast_lambda") -> float:
+    """`start` for "constant"; `start * max(0, 1 - step / decay_steps)` for "linear_decay"."""
+    _check_choice("lambda_schedule", schedule, LAMBDA_SCHEDULES)
+    if start < 0:
+        raise ValueError(f"{field}: must be >= 0, got {start}")
+    if schedule == "constant":
+        return float(start)
+    if decay_steps <= 0:
+        steps_field = "rlsd_lambda_steps" if field.startswith("rlsd") else "lambda_decay_steps"
+        raise ValueError(f"{steps_field}: must be > 0, got {decay_steps}")
+    return float(start) * max(0.0, 1.0 - step / decay_steps)
+
+
+# --------------------------------------------------------------------------- section 4
+
+
+def check_cast_params(correct_box, wrong_box, a_max, flip, flip_deadband):
+    """Validate CAST's static token parameters; returns the two boxes as float pairs."""
+    _check_choice("flip", flip, FLIP_MODES)
+    boxes = _check_box("correct_box", correct_box), _check_box("wrong_box", wrong_box)
+    if not a_max > 0:
+        raise ValueError(f"a_max: must be > 0, got {a_max}")
+    if not flip_deadband >= 0:
+        raise ValueError(f"flip_deadband: must be >= 0, got {flip_deadband}")
+    return boxes
+
+
+def cast_token_advantages(
+    base: mx.array,
+    gaps: mx.array,
+    mask: mx.array,
+    lam,
+    *,
+    correct_box: tuple[float, float] = (0.8, 1.05),
+    wrong_box: tuple[float, float] = (0.95, 1.2),
+    a_max: float = 1.2,
+    flip: str = "both",
+    flip_deadband: float = 0.0,
+) -> mx.array:
+    """`[N, L]` CAST token advantages from base advantages `[N]` and gaps (section 4 table).
+
+    `lam` is the (already scheduled) lambda, a float or a scalar array (an array keeps a
+    compiled caller from recompiling as lambda decays).
+
+    With `s = sign(B)`, a token whose gap disagrees with its trajectory (`s*g < 0`,
+    outside the dead-band, flips allowed) is *flipped*: it is weighted as if it were in the
+    opposite trajectory, `A = -B * max(0, 1 + lam*(clip(exp(-s*g), 1, hi') - 1))` where
+    `hi'` is the high edge of the opposite trajectory's box (wrong box for a correct
+    completion: down-flip; correct box for a wrong one: up-flip). Every other token gets
+    `A = B * max(0, 1 + lam*(clip(exp(s*g), box) - 1))` with its own trajectory's box.
+    Finally `A` is clipped to `[-a_max, a_max]`, and is 0 where `B = 0` or `mask = 0`.
+    """
+    (cl, ch), (wl, wh) = check_cast_params(correct_box, wrong_box, a_max, flip, flip_deadband)
+    gaps = gaps.astype(mx.float32)
+    b = base.astype(mx.float32)[:, None]  # [N, 1]
+    s = mx.sign(b)
+    correct = b > 0
+    signed_gap = s * gaps  # > 0: the teacher agrees with the verifier
+
+    keep_w = mx.where(correct, mx.clip(mx.exp(signed_gap), cl, ch), mx.clip(mx.exp(signed_gap), wl, wh))
+    keep = b * mx.maximum(0.0, 1.0 + lam * (keep_w - 1.0))
+
+    # Flipped tokens use the opposite trajectory's high edge and the opposite sign.
+    flip_hi = mx.where(correct, wh, ch)
+    flip_w = mx.minimum(mx.maximum(mx.exp(-signed_gap), 1.0), flip_hi)
+    flipped = -b * mx.maximum(0.0, 1.0 + lam * (flip_w - 1.0))
+
+    may_flip = (signed_gap < 0) & (mx.abs(gaps) > flip_deadband)
+    if flip == "down":
+        may_flip = may_flip & correct
+    elif flip == "none":
+        may_flip = mx.zeros_like(may_flip)
+
+    adv = mx.clip(mx.where(may_flip, flipped, keep), -a_max, a_max)
+    return mx.where((mask != 0) & (b != 0), adv, 0.0)
+
+
+def rlsd_token_advantages(base: mx.array, gaps: mx.array, mask: mx.array, lam_t, *, eps_w: float = 0.2) -> mx.array:
+    """`[N, L]` RLSD token advantages: `B * ((1 - lam_t) + lam_t * clip(exp(s*g), 1-eps_w, 1+eps_w))`.
+
+    No flips and no final clip; 0 where `B = 0` or `mask = 0`.
+    """
+    if not 0.0 <= eps_w < 1.0:
+        raise ValueError(f"rlsd_eps_w: must be in [0, 1), got {eps_w}")
+    b = base.astype(mx.float32)[:, None]
+    w = mx.clip(mx.exp(mx.sign(b) * gaps.astype(mx.float32)), 1.0 - eps_w, 1.0 + eps_w)
+    adv = b * ((1.0 - lam_t) + lam_t * w)
+    return mx.where((mask != 0) & (b != 0), adv, 0.0)
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+def grpo_advantages(rewards, gaps, mask, *, group_size, step=0, scale_rewards=None, eps=1e-4):
+    """GRPO: every token of completion `i` gets `B_i`; zero-variance groups give 0."""
+    check_inputs(rewards, gaps, mask, group_size)
+    scale = scale_rewards or default_scale_rewards("grpo")
+    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale, zero_var_value=0.0, eps=eps)
+    token = mx.where(mask != 0, base[:, None], 0.0)
+    return token, base
+
+
+def cast_advantages(
+    rewards,
+    gaps,
+    mask,
+    *,
+    group_size,
+    step=0,
+    scale_rewards=None,
+    eps=1e-4,
+    zero_var_base=1.0,
+    cast_lambda=1.0,
+    lambda_schedule="constant",
+    lambda_decay_steps=300,
+    correct_box=(0.8, 1.05),
+    wrong_box=(0.95, 1.2),
+    a_max=1.2,
+    flip="both",
+    flip_deadband=0.0,
+):
+    """CAST: base advantages with `±zero_var_base` for zero-variance groups, then the
+    section-4 token rule with lambda at `step` (`lambda_schedule`)."""
+    check_inputs(rewards, gaps, mask, group_size)
+    scale = scale_rewards or default_scale_rewards("cast")
+    base = base_advantages(
+        rewards, group_size=group_size, scale_rewards=scale, zero_var_value=float(zero_var_base), eps=eps
+    )
+    lam = scheduled_lambda(step, cast_lambda, lambda_schedule, lambda_decay_steps)
+    token = cast_token_advantages(
+        base,
+        gaps,
+        mask,
+        lam,
+        correct_box=correct_box,
+        wrong_box=wrong_box,
+        a_max=a_max,
+        flip=flip,
+        flip_deadband=flip_deadband,
+    )
+    return token, base
+
+
+def rlsd_advantages(
+    rewards,
+    gaps,
+    mask,
+    *,
+    group_size,
+    step=0,
+    scale_rewards=None,
+    eps=1e-4,
+    rlsd_eps_w=0.2,
+    rlsd_lambda_start=0.5,
+    rlsd_lambda_steps=50,
+):
+    """RLSD: GRPO base advantages reweighted per token; lambda decays linearly from
+    `rlsd_lambda_start` to 0 over `rlsd_lambda_steps` steps."""
+    check_inputs(rewards, gaps, mask, group_size)
+    scale = scale_rewards or default_scale_rewards("rlsd")
+    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale, zero_var_value=0.0, eps=eps)
+    lam_t = scheduled_lambda(step, rlsd_lambda_start, "linear_decay", rlsd_lambda_steps, "rlsd_lambda_start")
+    return rlsd_token_advantages(base, gaps, mask, lam_t, eps_w=rlsd_eps_w), base
+
+
+ADVANTAGE_FNS = {
+    "grpo": grpo_advantages,
+    "cast": cast_advantages,
+    "rlsd": rlsd_advantages,
+}
+
+# Which parameters each algorithm reads; the others are accepted and ignored, so the
+# trainer can pass its whole AlgorithmConfig whatever the algorithm.
+ALGORITHM_PARAMS = {
+    "grpo": ("scale_rewards", "eps"),
+    "cast": (
+        "scale_rewards",
+        "eps",
+        "zero_var_base",
+        "cast_lambda",
+        "lambda_schedule",
+        "lambda_decay_steps",
+        "correct_box",
+        "wrong_box",
+        "a_max",
+        "flip",
+        "flip_deadband",
+    ),
+    "rlsd": ("scale_rewards", "eps", "rlsd_eps_w", "rlsd_lambda_start", "rlsd_lambda_steps"),
+}
+
+
+def select_params(name: str, params: dict) -> dict:
+    """The subset of `params` that algorithm `name` reads; unknown names are an error."""
+    _check_name(name)
+    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise ValueError(f"advantage parameters: unknown name(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    return {k: v for k, v in params.items() if k in ALGORITHM_PARAMS[name]}
+
+
+def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step: int = 0, **params):
+    """Token advantages `[N, L]` and base advantages `[N]` for algorithm `name`.
+
+    `params` may hold any of `DEFAULT_PARAMS` (missing ones take their defaults; those
+    another algorithm uses are ignored).
+    """
+    _check_name(name)
+    fn = ADVANTAGE_FNS[name]
+    return fn(rewards, gaps, mask, group_size=group_size, step=step, **select_params(name, params))

@@ -1,0 +1,230 @@
+"""`mx.compile`d advantages and loss, with shape bucketing and a recompilation counter.
+
+`mx.compile` traces a function once per distinct set of input shapes (and dtypes).
+Completion lengths change every step, so the wrappers here pad the length axis up to a
+multiple of 32 (`bucket_length`) with mask 0 before calling the compiled function; a run
+then compiles once per bucket it visits, not once per step. Padding is harmless: masked
+positions get advantage 0, carry no loss, and the default loss normaliser is computed
+from the mask, not from the shape.
+
+Static parameters (boxes, a_max, flip mode, eps, aggregation, ...) are bound by closure
+when a wrapper is built; values that change during a run (the scheduled lambda, the loss
+normalisers) are passed as scalar arrays so that they do not force a retrace.
+
+`compile_count()` is the number of traces made so far by all wrappers (log it as a
+metric: it should stop growing after the first few steps).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
+
+import mlx.core as mx
+
+from cast_mlx import advantages as adv_mod
+from cast_mlx.loss import LOSS_AGGS, LossNorm, loss_norm, policy_loss
+
+_TRACES = 0  # total traces over all wrappers
+
+
+def compile_count() -> int:
+    """How many times any wrapper of this module has traced (compiled) its function."""
+    return _TRACES
+
+
+def bucket_length(length: int, multiple: int = 32) -> int:
+    """`length` rounded up to a multiple of `multiple` (at least `multiple`)."""
+    if multiple <= 0:
+        raise ValueError(f"multiple: must be > 0, got {multiple}")
+    return max(multiple, -(-int(length) // multiple) * multiple)
+
+
+def pad_length(x: mx.array, target: int) -> mx.array:
+    """Zero-pad the last axis of `x` up to `target`."""
+    extra = target - x.shape[-1]
+    if extra < 0:
+        raise ValueError(f"pad_length: length {x.shape[-1]} exceeds target {target}")
+    if extra == 0:
+        return x
+    return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+class CountingCompiled:
+    """`mx.compile(fn)` that records each new input signature (shapes and dtypes): MLX
+    retraces exactly when it sees a new one, so `len(self.signatures)` is this wrapper's
+    compile count. Arguments must be arrays."""
+
+    def __init__(self, fn, label: str):
+        self.label = label
+        self.signatures: set = set()
+        self._compiled = mx.compile(fn)
+
+    @property
+    def compile_count(self) -> int:
+        return len(self.signatures)
+
+    def __call__(self, *arrays: mx.array):
+        signature = tuple((a.shape, a.dtype) for a in arrays)
+        if signature not in self.signatures:
+            global _TRACES
+            self.signatures.add(signature)
+            _TRACES += 1
+        return self._compiled(*arrays)
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+class CompiledAdvantages:
+    """`compute_advantages(name, ...)` with its parameters fixed: call it with
+    `(rewards, gaps, mask, step=0)`; returns `(token_adv [N, L], base [N])` like the eager
+    function (same values; the length padding is removed again)."""
+
+    def __init__(self, name: str, *, group_size: int, multiple: int = 32, **params):
+        params = adv_mod.select_params(name, params)
+        p = {k: v for k, v in adv_mod.DEFAULT_PARAMS.items() if k in adv_mod.ALGORITHM_PARAMS[name]}
+        p.update(params)
+        p["scale_rewards"] = p["scale_rewards"] or adv_mod.default_scale_rewards(name)
+        if p["scale_rewards"] not in adv_mod.SCALE_REWARDS:
+            raise ValueError(f"scale_rewards: {p['scale_rewards']!r} is not one of {list(adv_mod.SCALE_REWARDS)}")
+        self.name, self.group_size, self.multiple, self.params = name, group_size, multiple, p
+        # Validate everything once, here, rather than inside a trace.
+        self._lambda(0)
+        if name == "cast":
+            adv_mod.check_cast_params(**_cast_token_params(p))
+        if name == "rlsd" and not 0.0 <= p["rlsd_eps_w"] < 1.0:
+            raise ValueError(f"rlsd_eps_w: must be in [0, 1), got {p['rlsd_eps_w']}")
+        self._fn = _advantage_kernel(name, group_size, tuple(sorted((k, _hashable(v)) for k, v in p.items())))
+
+    @property
+    def compile_count(self) -> int:
+        return self._fn.compile_count
+
+    def _lambda(self, step: int) -> float:
+        p = self.params
+        if self.name == "cast":
+            return adv_mod.scheduled_lambda(step, p["cast_lambda"], p["lambda_schedule"], p["lambda_decay_steps"])
+        if self.name == "rlsd":
+            start, steps = p["rlsd_lambda_start"], p["rlsd_lambda_steps"]
+            return adv_mod.scheduled_lambda(step, start, "linear_decay", steps, "rlsd_lambda_start")
+        return 0.0
+
+    def __call__(self, rewards, gaps, mask, step: int = 0):
+        adv_mod.check_inputs(rewards, gaps, mask, self.group_size)
+        length = mask.shape[1]
+        target = bucket_length(length, self.multiple)
+        token, base = self._fn(
+            rewards.astype(mx.float32),
+            pad_length(gaps.astype(mx.float32), target),
+            pad_length((mask != 0).astype(mx.float32), target),
+            mx.array(self._lambda(step), dtype=mx.float32),
+        )
+        return token[:, :length], base
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _cast_token_params(p: dict) -> dict:
+    keys = ("correct_box", "wrong_box", "a_max", "flip", "flip_deadband")
+    return {k: p[k] for k in keys}
+
+
+@functools.lru_cache(maxsize=None)
+def _advantage_kernel(name: str, group_size: int, frozen_params: tuple) -> CountingCompiled:
+    """One compiled advantage function per (algorithm, group size, parameters)."""
+    p = dict(frozen_params)
+
+    def kernel(rewards, gaps, mask, lam):
+        zero_value = float(p["zero_var_base"]) if name == "cast" else 0.0
+        base = adv_mod.base_advantages(
+            rewards, group_size=group_size, scale_rewards=p["scale_rewards"], zero_var_value=zero_value, eps=p["eps"]
+        )
+        if name == "cast":
+            token = adv_mod.cast_token_advantages(base, gaps, mask, lam, **_cast_token_params(p))
+        elif name == "rlsd":
+            token = adv_mod.rlsd_token_advantages(base, gaps, mask, lam, eps_w=p["rlsd_eps_w"])
+        else:
+            token = mx.where(mask != 0, base[:, None], 0.0)
+        return token, base
+
+    return CountingCompiled(kernel, f"advantages/{name}")
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class CompiledPolicyLoss:
+    """`policy_loss` with its static options fixed: call it with `(logp, old_logp,
+    advantages, mask, truncated=None, ref_logp=None, norm=None)`; returns `(loss,
+    metrics)` like the eager function. Differentiable (use it inside `mx.grad`)."""
+
+    def __init__(
+        self,
+        *,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        loss_agg: str = "seq-mean-token-mean",
+        mask_truncated: bool = True,
+        beta: float = 0.0,
+        multiple: int = 32,
+    ):
+        if loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg: {loss_agg!r} is not one of {list(LOSS_AGGS)}")
+        if beta < 0:
+            raise ValueError(f"beta: must be >= 0, got {beta}")
+        self.static = (float(eps_low), float(eps_high), loss_agg, bool(mask_truncated), float(beta))
+        self.multiple = multiple
+        self._fns: dict[bool, CountingCompiled] = {}
+
+    @property
+    def compile_count(self) -> int:
+        return sum(fn.compile_count for fn in self._fns.values())
+
+    def __call__(self, logp, old_logp, advantages, mask, truncated=None, ref_logp=None, norm: LossNorm | None = None):
+        beta = self.static[4]
+        if beta > 0 and ref_logp is None:
+            raise ValueError("ref_logp: required when beta > 0 (k3 KL to the reference model)")
+        mask_truncated = self.static[3]
+        if norm is None:
+            norm = loss_norm(mask, truncated, mask_truncated=mask_truncated)
+        if truncated is None:
+            truncated = mx.zeros((mask.shape[0],), dtype=mx.float32)
+        with_ref = ref_logp is not None
+        fn = self._fns.get(with_ref)
+        if fn is None:
+            fn = self._fns[with_ref] = _loss_kernel(self.static, with_ref)
+
+        target = bucket_length(mask.shape[1], self.multiple)
+        per_token = [logp, old_logp, advantages, (mask != 0)] + ([ref_logp] if with_ref else [])
+        padded = [pad_length(x.astype(mx.float32), target) for x in per_token]
+        scalars = [mx.array(v, dtype=mx.float32) for v in (norm.num_tokens, norm.num_seqs, norm.max_len)]
+        return fn(*padded[:4], truncated.astype(mx.float32), *padded[4:], *scalars)
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_kernel(static: tuple, with_ref: bool) -> CountingCompiled:
+    eps_low, eps_high, loss_agg, mask_truncated, beta = static
+
+    def kernel(logp, old_logp, advantages, mask, truncated, *rest):
+        ref_logp = rest[0] if with_ref else None
+        num_tokens, num_seqs, max_len = rest[-3:]
+        return policy_loss(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            loss_agg=loss_agg,
+            truncated=truncated,
+            mask_truncated=mask_truncated,
+            beta=beta,
+            ref_logp=ref_logp,
+            norm=LossNorm(num_tokens, num_seqs, max_len),
+        )
+
+    return CountingCompiled(kernel, "policy_loss")

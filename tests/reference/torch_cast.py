@@ -1,0 +1,227 @@
+"""PyTorch reference of the CAST math, written from `docs/cast-spec.md` (sections 2, 4, 5).
+
+It is deliberately *not* a port of `cast_mlx`: groups are handled one by one in Python,
+the token rule is the section-4 table spelled out case by case, and the loss walks the
+completions one by one. Everything is float64 so that it can judge the float32 MLX code.
+Conventions the spec leaves open are the ones documented in `cast_mlx/advantages.py` and
+`cast_mlx/loss.py` (a zero-variance group is all-correct when its reward is > 0; "batch"
+std is over all rewards; rows without loss-bearing tokens count as absent).
+
+Torch is imported only under `tests/`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+DTYPE = torch.float64
+
+
+def tensor(x, dtype=DTYPE) -> torch.Tensor:
+    """Anything array-like (numpy, list) as a float64 tensor on the reference device."""
+    return torch.as_tensor(x, dtype=dtype, device=DEVICE)
+
+
+# --------------------------------------------------------------------------- section 2
+
+
+def base_advantages(rewards, group_size, *, algorithm, scale_rewards, eps=1e-4, zero_var_base=1.0):
+    """`[N]` base advantages, one group at a time."""
+    r = tensor(rewards)
+    out = torch.zeros_like(r)
+    batch_std = torch.std(r, unbiased=True) if r.numel() > 1 else None
+    for start in range(0, r.numel(), group_size):
+        group = r[start : start + group_size]
+        if bool(torch.all(group == group[0])):
+            if algorithm == "cast":
+                value = zero_var_base if group[0] > 0 else -zero_var_base
+            else:  # grpo, rlsd
+                value = 0.0
+            out[start : start + group_size] = value
+            continue
+        centered = group - group.mean()
+        if scale_rewards == "none":
+            out[start : start + group_size] = centered
+        elif scale_rewards == "group":
+            out[start : start + group_size] = centered / (torch.std(group, unbiased=True) + eps)
+        elif scale_rewards == "batch":
+            out[start : start + group_size] = centered / (batch_std + eps)
+        else:
+            raise ValueError(scale_rewards)
+    return out
+
+
+# --------------------------------------------------------------------------- section 4
+
+
+def cast_token_advantages(
+    base,
+    gaps,
+    mask,
+    *,
+    lam=1.0,
+    correct_box=(0.8, 1.05),
+    wrong_box=(0.95, 1.2),
+    a_max=1.2,
+    flip="both",
+    flip_deadband=0.0,
+):
+    """`[N, L]` token advantages: the section-4 table, one row of the table at a time."""
+    g = tensor(gaps)
+    B = tensor(base)[:, None].expand_as(g)
+    on = tensor(mask) != 0
+    cl, ch = correct_box
+    wl, wh = wrong_box
+    zero = torch.zeros_like(g)
+
+    outside_deadband = g.abs() > flip_deadband
+    # Row 1: B > 0 and g < 0 -> down-flip (allowed for flip both/down).
+    is_down = (B > 0) & (g < 0) & outside_deadband & (flip in ("both", "down"))
+    down = -B.abs() * torch.clamp(1 + lam * (torch.clamp(torch.exp(-g), 1.0, wh) - 1), min=0.0)
+    # Row 2: B < 0 and g > 0 -> up-flip (allowed for flip both).
+    is_up = (B < 0) & (g > 0) & outside_deadband & (flip == "both")
+    up = B.abs() * torch.clamp(1 + lam * (torch.clamp(torch.exp(g), 1.0, ch) - 1), min=0.0)
+    # Row 3: otherwise, w from the trajectory's own box.
+    s = torch.sign(B)
+    w_correct = torch.clamp(torch.exp(s * g), cl, ch)
+    w_wrong = torch.clamp(torch.exp(s * g), wl, wh)
+    w = torch.where(B > 0, w_correct, w_wrong)
+    otherwise = B * torch.clamp(1 + lam * (w - 1), min=0.0)
+
+    A = torch.where(is_down, down, torch.where(is_up, up, otherwise))
+    A = torch.where(B == 0, zero, A)  # Row 4.
+    A = torch.clamp(A, -a_max, a_max)
+    return torch.where(on, A, zero)
+
+
+def rlsd_token_advantages(base, gaps, mask, *, step, eps_w=0.2, lambda_start=0.5, lambda_steps=50):
+    """`[N, L]` RLSD advantages, one completion at a time."""
+    g = tensor(gaps)
+    on = tensor(mask) != 0
+    b = tensor(base)
+    lam_t = lambda_start * max(0.0, 1.0 - step / lambda_steps)
+    out = torch.zeros_like(g)
+    for i in range(g.shape[0]):
+        if b[i] == 0:
+            continue
+        w = torch.clamp(torch.exp(torch.sign(b[i]) * g[i]), 1 - eps_w, 1 + eps_w)
+        out[i] = torch.where(on[i], b[i] * ((1 - lam_t) + lam_t * w), torch.zeros_like(w))
+    return out
+
+
+def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, **p):
+    """`(token [N, L], base [N])` for "grpo", "cast" or "rlsd"; `p` as in cast_mlx."""
+    default_scale = "none" if algorithm == "cast" else "group"
+    scale = p.get("scale_rewards") or default_scale
+    base = base_advantages(
+        rewards,
+        group_size,
+        algorithm=algorithm,
+        scale_rewards=scale,
+        eps=p.get("eps", 1e-4),
+        zero_var_base=p.get("zero_var_base", 1.0),
+    )
+    on = tensor(mask) != 0
+    if algorithm == "grpo":
+        token = torch.where(on, base[:, None].expand(on.shape), torch.zeros(on.shape, dtype=DTYPE, device=DEVICE))
+    elif algorithm == "cast":
+        lam = p.get("cast_lambda", 1.0)
+        if p.get("lambda_schedule", "constant") == "linear_decay":
+            lam = lam * max(0.0, 1.0 - step / p.get("lambda_decay_steps", 300))
+        token = cast_token_advantages(
+            base,
+            gaps,
+            mask,
+            lam=lam,
+            correct_box=p.get("correct_box", (0.8, 1.05)),
+            wrong_box=p.get("wrong_box", (0.95, 1.2)),
+            a_max=p.get("a_max", 1.2),
+            flip=p.get("flip", "both"),
+            flip_deadband=p.get("flip_deadband", 0.0),
+        )
+    elif algorithm == "rlsd":
+        token = rlsd_token_advantages(
+            base,
+            gaps,
+            mask,
+            step=step,
+            eps_w=p.get("rlsd_eps_w", 0.2),
+            lambda_start=p.get("rlsd_lambda_start", 0.5),
+            lambda_steps=p.get("rlsd_lambda_steps", 50),
+        )
+    else:
+        raise ValueError(algorithm)
+    return token, base
+
+
+# --------------------------------------------------------------------------- section 5
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    adv,
+    mask,
+    *,
+    eps_low=0.2,
+    eps_high=0.28,
+    loss_agg="seq-mean-token-mean",
+    truncated=None,
+    mask_truncated=True,
+    beta=0.0,
+    ref_logp=None,
+    num_tokens=None,
+    num_seqs=None,
+    max_len=None,
+):
+    """Scalar loss. `logp` may be a tensor that requires grad (autograd reference).
+
+    `num_tokens`, `num_seqs`, `max_len` override the batch's own normalisers (gradient
+    accumulation); by default they are those of the completions that carry loss.
+    """
+    logp = logp if isinstance(logp, torch.Tensor) else tensor(logp)
+    old = tensor(old_logp)
+    A = tensor(adv)
+    m = tensor(mask) != 0
+    n = m.shape[0]
+    dropped = [bool(mask_truncated and truncated is not None and truncated[i]) for i in range(n)]
+
+    # Per-completion lists of the per-token losses of its real tokens.
+    rows = []
+    for i in range(n):
+        if dropped[i] or not bool(m[i].any()):
+            continue
+        idx = m[i]
+        ratio = torch.exp(logp[i][idx] - old[i][idx])
+        a = A[i][idx]
+        surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+        per_token = -surrogate
+        if beta > 0:
+            d = tensor(ref_logp)[i][idx] - logp[i][idx]
+            per_token = per_token + beta * (torch.exp(d) - d - 1)
+        rows.append(per_token)
+
+    tokens = num_tokens if num_tokens is not None else sum(r.numel() for r in rows)
+    seqs = num_seqs if num_seqs is not None else len(rows)
+    longest = max_len if max_len is not None else max((r.numel() for r in rows), default=0)
+    if not rows:
+        return logp.sum() * 0.0
+    if loss_agg == "seq-mean-token-mean":
+        return sum(r.mean() for r in rows) / max(seqs, 1)
+    if loss_agg == "token-mean":
+        return sum(r.sum() for r in rows) / max(tokens, 1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return sum(r.sum() for r in rows) / (max(seqs, 1) * max(longest, 1))
+    raise ValueError(loss_agg)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def gather_logprobs(logits, ids, temperature: float = 1.0):
+    """`[..., L]` float32 log-softmax of `logits / temperature` at the token ids `ids`."""
+    logits = torch.as_tensor(logits).to(torch.float32)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return torch.gather(logprobs, -1, ids.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,409 @@
+"""Advantages (spec sections 2 and 4): hand-computed cases and parity with the PyTorch reference."""
+
+import math
+
+from cast_mlx.advantages import (  # first: cast_mlx loads its BLAS before mlx.core
+    ADVANTAGE_FNS,
+    DEFAULT_PARAMS,
+    base_advantages,
+    cast_token_advantages,
+    compute_advantages,
+    default_scale_rewards,
+    zero_variance_groups,
+)
+from cast_mlx.compiled import CompiledAdvantages, bucket_length, compile_count
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+try:  # tests/ on sys.path (pytest's default rootdir insertion)
+    from reference import torch_cast as ref
+except ImportError:  # tests/ is a package
+    from tests.reference import torch_cast as ref
+
+
+def f32(x: float) -> float:
+    """`x` rounded to float32: thresholds compared with float32 gaps must be exact in both."""
+    return float(np.float32(x))
+
+
+def cast_tokens(bases, gaps, **params):
+    """CAST token advantages of single-token completions with the given B and g."""
+    b = mx.array(bases, dtype=mx.float32)
+    g = mx.array(gaps, dtype=mx.float32)[:, None]
+    lam = params.pop("lam", 1.0)
+    out = cast_token_advantages(b, g, mx.ones(g.shape), lam, **params)
+    return np.array(out)[:, 0]
+
+
+# --------------------------------------------------------------------------- section 2
+
+
+def test_default_scale_rewards():
+    assert default_scale_rewards("cast") == "none"
+    assert default_scale_rewards("grpo") == "group"
+    assert default_scale_rewards("rlsd") == "group"
+    assert sorted(ADVANTAGE_FNS) == ["cast", "grpo", "rlsd"]
+
+
+def test_base_advantages_by_hand():
+    rewards = mx.array([1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0], dtype=mx.float32)
+    # none: r - mean.
+    none = base_advantages(rewards, group_size=4, scale_rewards="none", zero_var_value=1.0)
+    np.testing.assert_allclose(np.array(none), [0.75, -0.25, -0.25, -0.25, 1, 1, 1, 1, -1, -1, -1, -1], rtol=1e-7)
+    # group: Bessel std of [1, 0, 0, 0] is 0.5 -> 0.75 / 0.5001.
+    group = base_advantages(rewards, group_size=4, scale_rewards="group", zero_var_value=0.0)
+    expected = [1.49970006, -0.49990002, -0.49990002, -0.49990002] + [0.0] * 8
+    np.testing.assert_allclose(np.array(group), expected, rtol=1e-6)
+    # batch: the Bessel std of all 12 rewards (5 ones) is sqrt(420 / 1584) = 0.51492865;
+    # zero-variance groups still get +-zero_var_value.
+    batch = base_advantages(rewards, group_size=4, scale_rewards="batch", zero_var_value=0.5)
+    expected = [1.45622967, -0.48540989, -0.48540989, -0.48540989]
+    np.testing.assert_allclose(np.array(batch), expected + [0.5] * 4 + [-0.5] * 4, rtol=1e-6)
+
+
+def test_zero_variance_groups_get_exact_values():
+    rewards = mx.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=mx.float32)
+    assert zero_variance_groups(rewards, 2).tolist() == [True, True, False, True]
+    gaps = mx.full((8, 3), 0.3)
+    mask = mx.ones((8, 3))
+    for name in ("grpo", "rlsd"):
+        token, base = compute_advantages(name, rewards, gaps, mask, group_size=2)
+        base, token = np.array(base), np.array(token)
+        assert base[[0, 1, 2, 3, 6, 7]].tolist() == [0.0] * 6  # exactly 0
+        assert not np.any(token[[0, 1, 2, 3, 6, 7]])
+        assert np.all(token[4] > 0) and np.all(token[5] < 0)
+    token, base = compute_advantages("cast", rewards, gaps, mask, group_size=2)
+    assert np.array(base).tolist() == [1.0, 1.0, -1.0, -1.0, 0.5, -0.5, -1.0, -1.0]
+    token, base = compute_advantages("cast", rewards, gaps, mask, group_size=2, zero_var_base=0.0)
+    assert np.array(base).tolist() == [0.0, 0.0, 0.0, 0.0, 0.5, -0.5, 0.0, 0.0]
+    assert not np.any(np.array(token)[[0, 1, 2, 3, 6, 7]])
+
+
+# --------------------------------------------------------------------------- section 4, by hand
+
+
+def test_down_flip():
+    # B = 0.5 > 0, g = -0.1: A = -0.5 * clip(e^0.1, 1, 1.2) = -0.5 * 1.10517092.
+    # g = -0.5: e^0.5 = 1.6487 -> the 1.2 cap binds: A = -0.6.
+    np.testing.assert_allclose(cast_tokens([0.5, 0.5], [-0.1, -0.5]), [-0.552585459, -0.6], rtol=1e-6)
+
+
+def test_up_flip():
+    # B = -0.5, g = 0.03: A = +0.5 * e^0.03 = 0.515227267; g = 0.2: the 1.05 cap binds: 0.525.
+    np.testing.assert_allclose(cast_tokens([-0.5, -0.5], [0.03, 0.2]), [0.515227267, 0.525], rtol=1e-6)
+
+
+def test_agree_correct_and_wrong():
+    # Correct completion, teacher-positive: w = clip(e^g, 0.8, 1.05).
+    np.testing.assert_allclose(cast_tokens([0.5, 0.5], [0.03, 0.2]), [0.515227267, 0.525], rtol=1e-6)
+    # Wrong completion, teacher-negative: w = clip(e^{-g}, 0.95, 1.2); A = B * w.
+    np.testing.assert_allclose(cast_tokens([-0.5, -0.5], [-0.1, -0.5]), [-0.552585459, -0.6], rtol=1e-6)
+
+
+def test_zero_gap_and_zero_base():
+    # g = 0: w = 1, A = B (no flip either way); B = 0: A = 0 whatever g.
+    out = cast_tokens([0.5, -0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.7, -0.7, 0.0])
+    np.testing.assert_array_equal(out, [0.5, -0.5, 0, 0, 0])
+
+
+def test_a_max_binds():
+    # Scale "group" on [1, 0, 0, 0]: B = 0.75 / 0.5001 = 1.49970006 for the correct row.
+    rewards = mx.array([1, 0, 0, 0], dtype=mx.float32)
+    gaps = mx.array([[0.2, -0.5], [0.2, -0.5], [0.0, 0.0], [0.0, 0.0]])
+    token, base = compute_advantages("cast", rewards, gaps, mx.ones((4, 2)), group_size=4, scale_rewards="group")
+    np.testing.assert_allclose(np.array(base)[:2], [1.49970006, -0.49990002], rtol=1e-6)
+    # Correct row: 1.4997 * 1.05 = 1.5747 -> clipped to 1.2; down-flip 1.4997 * 1.2 -> -1.2.
+    # Wrong row (B = -0.4999): g = 0.2 up-flips to +0.4999 * 1.05; g = -0.5 -> -0.4999 * 1.2.
+    np.testing.assert_allclose(
+        np.array(token)[:2], [[1.2, -1.2], [0.524895021, -0.599880024]], rtol=1e-6
+    )
+    token, _ = compute_advantages(
+        "cast", rewards, gaps, mx.ones((4, 2)), group_size=4, scale_rewards="group", a_max=2.0
+    )
+    np.testing.assert_allclose(np.array(token)[0], [1.574685063, -1.799640072], rtol=1e-6)
+
+
+def test_lambda_half():
+    # Down-flip: 1 + 0.5 * (1.2 - 1) = 1.1 -> A = -0.55.  Up-flip capped: 1 + 0.5 * 0.05 -> 0.5125.
+    # Kept (g = 0.03, correct): 0.5 * (1 + 0.5 * (e^0.03 - 1)) = 0.507613633.
+    np.testing.assert_allclose(
+        cast_tokens([0.5, -0.5, 0.5], [-0.5, 0.2, 0.03], lam=0.5), [-0.55, 0.5125, 0.507613633], rtol=1e-6
+    )
+    # flip "none", g = -0.1 in a correct completion: 0.5 * (1 + 0.5 * (e^-0.1 - 1)) = 0.476209355.
+    np.testing.assert_allclose(cast_tokens([0.5], [-0.1], lam=0.5, flip="none"), [0.476209355], rtol=1e-6)
+
+
+def test_lambda_large_hits_zero_floor():
+    # lambda = 10, not flipped, g = -0.5 in a correct completion: w = 0.8 -> 1 + 10 * (-0.2) < 0 -> A = 0.
+    np.testing.assert_array_equal(cast_tokens([0.5], [-0.5], lam=10.0, flip="none"), [0.0])
+
+
+def test_lambda_linear_decay():
+    rewards = mx.array([1, 0], dtype=mx.float32)  # scale none: B = +-0.5
+    gaps = mx.array([[-0.5], [0.2]])
+    params = dict(group_size=2, lambda_schedule="linear_decay", lambda_decay_steps=100)
+    token, _ = compute_advantages("cast", rewards, gaps, mx.ones((2, 1)), step=50, **params)  # lambda 0.5
+    np.testing.assert_allclose(np.array(token)[:, 0], [-0.55, 0.5125], rtol=1e-6)
+    token, _ = compute_advantages("cast", rewards, gaps, mx.ones((2, 1)), step=150, **params)  # lambda 0
+    np.testing.assert_allclose(np.array(token)[:, 0], [-0.5, 0.5], rtol=1e-6)  # still flipped, |A| = |B|
+
+
+def test_deadband():
+    tau = f32(0.05)
+    # |g| <= tau never flips: g = -0.03 -> 0.5 * e^-0.03; g = -tau exactly -> 0.5 * e^-0.05;
+    # g = -0.1 is outside and flips.
+    out = cast_tokens([0.5, 0.5, 0.5, -0.5], [-0.03, -tau, -0.1, 0.03], flip_deadband=tau)
+    np.testing.assert_allclose(out, [0.485222767, 0.475614712, -0.552585459, -0.485222767], rtol=1e-6)
+
+
+def test_flip_down_and_none():
+    # flip "down": the up-flip candidate (B < 0, g > 0) keeps its sign: -0.5 * clip(e^-0.03, 0.95, 1.2).
+    out = cast_tokens([-0.5, 0.5], [0.03, -0.1], flip="down")
+    np.testing.assert_allclose(out, [-0.485222767, -0.552585459], rtol=1e-6)
+    # flip "none": both keep their sign; the box low edges bind (0.8 for correct, 0.95 for wrong).
+    out = cast_tokens([0.5, -0.5, 0.5, -0.5], [-0.5, 0.5, -0.1, 0.03], flip="none")
+    np.testing.assert_allclose(out, [0.4, -0.475, 0.452418709, -0.485222767], rtol=1e-6)
+
+
+def test_symmetric_box():
+    box = (0.8, 1.2)
+    out = cast_tokens([0.5, -0.5], [0.5, -0.5], correct_box=box, wrong_box=box)
+    np.testing.assert_allclose(out, [0.6, -0.6], rtol=1e-6)
+
+
+def test_sign_follows_gap_when_lambda_is_one():
+    # Spec "worked consequence": with lambda = 1, sign(A) = sign(g) for every g != 0.
+    rng = np.random.default_rng(0)
+    bases = rng.choice([-1.0, -0.5, 0.25, 0.75, 1.0], size=200)
+    gaps = rng.normal(scale=0.5, size=200)
+    out = cast_tokens(bases, gaps)
+    assert np.array_equal(np.sign(out), np.sign(gaps.astype(np.float32)))
+    assert out.max() <= 1.05 + 1e-7 and out.min() >= -1.2 - 1e-7
+
+
+def test_rlsd_lambda_schedule():
+    rewards = mx.array([1, 0], dtype=mx.float32)
+    gaps = mx.array([[0.1], [0.5]])
+    expected = {  # B = +-0.5 (scale none); w = clip(e^{s g}, 0.8, 1.2)
+        0: [0.5 * (0.5 + 0.5 * 1.105170918), -0.5 * (0.5 + 0.5 * 0.8)],
+        25: [0.5 * (0.75 + 0.25 * 1.105170918), -0.5 * (0.75 + 0.25 * 0.8)],
+        50: [0.5, -0.5],
+        80: [0.5, -0.5],
+    }
+    for step, values in expected.items():
+        token, _ = compute_advantages(
+            "rlsd", rewards, gaps, mx.ones((2, 1)), group_size=2, step=step, scale_rewards="none"
+        )
+        np.testing.assert_allclose(np.array(token)[:, 0], values, rtol=1e-6, err_msg=f"step {step}")
+    # Scale "group" (the RLSD default): B = 0.5 / (sqrt(0.5) + 1e-4).
+    token, base = compute_advantages("rlsd", rewards, gaps, mx.ones((2, 1)), group_size=2, step=50)
+    np.testing.assert_allclose(np.array(base), [0.707006795, -0.707006795], rtol=1e-6)
+
+
+def test_mask_zeroes_padding_even_with_nan_gaps():
+    rewards = mx.array([1, 0], dtype=mx.float32)
+    gaps = mx.array([[0.1, float("nan")], [0.2, float("inf")]])
+    mask = mx.array([[1, 0], [1, 0]])
+    for name in ADVANTAGE_FNS:
+        token, _ = compute_advantages(name, rewards, gaps, mask, group_size=2)
+        assert np.array(token)[:, 1].tolist() == [0.0, 0.0], name
+        assert np.all(np.isfinite(np.array(token)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="ppo"), "algorithm"),
+        (dict(scale_rewards="std"), "scale_rewards"),
+        (dict(flip="up"), "flip"),
+        (dict(correct_box=(1.1, 1.0)), "correct_box"),
+        (dict(a_max=0.0), "a_max"),
+        (dict(flip_deadband=-0.1), "flip_deadband"),
+        (dict(lambda_schedule="cosine"), "lambda_schedule"),
+        (dict(lambda_schedule="linear_decay", lambda_decay_steps=0), "lambda_decay_steps"),
+        (dict(cast_lamda=1.0), "cast_lamda"),
+        (dict(cast_lambda=-1.0), "cast_lambda"),
+        (dict(name="rlsd", rlsd_eps_w=1.5), "rlsd_eps_w"),
+        (dict(name="rlsd", rlsd_lambda_steps=0), "rlsd_lambda_steps"),
+        (dict(group_size=3), "group_size=3"),
+        (dict(group_size=1), "group_size"),
+    ],
+)
+def test_bad_input_names_the_field(kwargs, message):
+    kwargs = dict(kwargs)
+    name = kwargs.pop("name", "cast")
+    group_size = kwargs.pop("group_size", 2)
+    rewards = mx.array([1, 0, 1, 1], dtype=mx.float32)
+    with pytest.raises(ValueError, match=message):
+        compute_advantages(name, rewards, mx.zeros((4, 3)), mx.ones((4, 3)), group_size=group_size, **kwargs)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="gaps"):
+        compute_advantages("grpo", mx.zeros((4,)), mx.zeros((4, 2)), mx.ones((4, 3)), group_size=2)
+
+
+# --------------------------------------------------------------------------- parity with the reference
+
+# Gaps where a rule switches: e^{+-g} on a box edge, or |g| on a dead-band used below.
+DEADBANDS = [0.0, f32(0.01), f32(0.05), f32(0.2)]
+EDGES = [math.log(v) for v in (1.05, 1.2, 0.8, 0.95, 1 / 0.8, 1 / 0.95)] + DEADBANDS[1:]
+
+
+def make_batch(rng, group_size, kinds, length):
+    """Rewards, gaps and masks for groups of the given kinds ("correct", "wrong", "mixed")."""
+    rewards = []
+    for kind in kinds:
+        if kind == "mixed":
+            group = rng.integers(0, 2, size=group_size)
+            group[0], group[rng.integers(1, group_size)] = 1, 0
+            rng.shuffle(group)
+        else:
+            group = np.full(group_size, 1 if kind == "correct" else 0)
+        rewards.extend(group)
+    n = len(rewards)
+    lengths = rng.integers(0, length + 1, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
+
+    # A mixture: smooth gaps, exact zeros, values within 1e-6 of the switch points, exactly
+    # on them, and large gaps.
+    kind = rng.integers(0, 5, size=(n, length))
+    edge = rng.choice(EDGES, size=(n, length)) * rng.choice([-1, 1], size=(n, length))
+    gaps = np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3],
+        [rng.normal(scale=0.3, size=(n, length)), 0.0, edge + rng.uniform(-1e-6, 1e-6, size=(n, length)), edge],
+        rng.normal(scale=3.0, size=(n, length)),
+    ).astype(np.float32)
+    gaps[mask == 0] = rng.choice([np.nan, 50.0, -50.0])  # garbage in the padding
+    return np.array(rewards, dtype=np.float32), gaps, mask, group_size
+
+
+@st.composite
+def batches(draw):
+    """A batch with all-correct / all-wrong / mixed groups, G in 2..16, and padding."""
+    group_size = draw(st.integers(2, 16))
+    kinds = draw(st.lists(st.sampled_from(["correct", "wrong", "mixed"]), min_size=1, max_size=4))
+    length = draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return make_batch(rng, group_size, kinds, length)
+
+
+def assert_parity(name, rewards, gaps, mask, group_size, step, params):
+    token, base = compute_advantages(
+        name, mx.array(rewards), mx.array(gaps), mx.array(mask), group_size=group_size, step=step, **params
+    )
+    ref_token, ref_base = ref.advantages(name, rewards, gaps, mask, group_size=group_size, step=step, **params)
+    np.testing.assert_allclose(np.array(base), ref_base.cpu().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(token), ref_token.cpu().numpy(), rtol=1e-6, atol=1e-6)
+
+
+cast_params = st.fixed_dictionaries(
+    {
+        "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
+        "zero_var_base": st.sampled_from([1.0, 0.0, 0.5]),
+        "cast_lambda": st.sampled_from([1.0, 0.5, 0.25, 2.0, 7.0]),
+        "lambda_schedule": st.sampled_from(["constant", "linear_decay"]),
+        "lambda_decay_steps": st.sampled_from([10, 100]),
+        "correct_box": st.sampled_from([(0.8, 1.05), (0.8, 1.2)]),
+        "wrong_box": st.sampled_from([(0.95, 1.2), (0.8, 1.2)]),
+        "a_max": st.sampled_from([1.2, 0.6, 10.0]),
+        "flip": st.sampled_from(["both", "down", "none"]),
+        "flip_deadband": st.sampled_from(DEADBANDS),
+    }
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), params=cast_params, step=st.integers(0, 150))
+def test_cast_parity(batch, params, step):
+    assert_parity("cast", *batch, step, params)
+
+
+rlsd_params = st.fixed_dictionaries(
+    {
+        "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
+        "rlsd_eps_w": st.sampled_from([0.2, 0.1]),
+        "rlsd_lambda_start": st.sampled_from([0.5, 1.0]),
+        "rlsd_lambda_steps": st.sampled_from([50, 10]),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), params=rlsd_params, step=st.integers(0, 80))
+def test_rlsd_parity(batch, params, step):
+    assert_parity("rlsd", *batch, step, params)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), scale=st.sampled_from([None, "none", "group", "batch"]))
+def test_grpo_parity(batch, scale):
+    # Extra parameters of other algorithms are accepted and ignored.
+    assert_parity("grpo", *batch, 0, {"scale_rewards": scale, "a_max": 0.1, "flip": "none"})
+
+
+# --------------------------------------------------------------------------- compiled
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 31, 32, 33, 64, 65)] == [32, 32, 32, 64, 64, 96]
+    assert bucket_length(5, multiple=8) == 8
+    with pytest.raises(ValueError, match="multiple"):
+        bucket_length(5, multiple=0)
+
+
+COMPILED_CASES = [
+    ("grpo", {}),
+    ("grpo", {"scale_rewards": "batch"}),
+    ("cast", {}),
+    ("cast", {"scale_rewards": "group", "flip": "down", "flip_deadband": f32(0.05), "cast_lambda": 0.5}),
+    ("cast", {"lambda_schedule": "linear_decay", "lambda_decay_steps": 20, "flip": "none", "a_max": 0.6}),
+    ("rlsd", {}),
+    ("rlsd", {"scale_rewards": "none", "rlsd_eps_w": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name, params", COMPILED_CASES)
+def test_compiled_equals_eager(name, params):
+    # One shape bucket (N = 16, L in 33..64) so that each case compiles once.
+    rng = np.random.default_rng(len(COMPILED_CASES))
+    fn = CompiledAdvantages(name, group_size=4, **params)
+    for step, length in ((0, 40), (7, 33), (30, 64)):
+        kinds = ["mixed", "correct", "wrong", "mixed"]
+        rewards, gaps, mask = (mx.array(x) for x in make_batch(rng, 4, kinds, length)[:3])
+        eager_token, eager_base = compute_advantages(name, rewards, gaps, mask, group_size=4, step=step, **params)
+        token, base = fn(rewards, gaps, mask, step=step)
+        assert token.shape == eager_token.shape == (16, length)
+        np.testing.assert_array_equal(np.array(base), np.array(eager_base))
+        # Compiled kernels may fuse a multiply-add: allow an ulp.
+        np.testing.assert_allclose(np.array(token), np.array(eager_token), rtol=1e-7, atol=1e-7)
+    assert fn.compile_count == 1
+
+
+def test_compiles_once_for_lengths_33_to_64():
+    # a_max 1.234 is used by no other test, so this kernel starts uncompiled.
+    fn = CompiledAdvantages("cast", group_size=4, a_max=1.234, lambda_schedule="linear_decay", lambda_decay_steps=5)
+    before = compile_count()
+    rng = np.random.default_rng(0)
+    rewards = mx.array([1, 0, 0, 1, 1, 1, 1, 1], dtype=mx.float32)
+    for step, length in enumerate(rng.integers(33, 65, size=10)):
+        gaps = mx.array(rng.normal(size=(8, length)).astype(np.float32))
+        token, _ = fn(rewards, gaps, mx.ones((8, int(length))), step=step)  # lambda changes every step
+        assert token.shape == (8, length)
+        mx.eval(token)
+    assert fn.compile_count == 1
+    assert compile_count() - before == 1
+    fn(rewards, mx.zeros((8, 65)), mx.ones((8, 65)))  # a new bucket: one more trace
+    assert fn.compile_count == 2
+
+
+def test_compiled_rejects_bad_parameters_up_front():
+    with pytest.raises(ValueError, match="wrong_box"):
+        CompiledAdvantages("cast", group_size=2, wrong_box=(1.3, 1.2))
+    with pytest.raises(ValueError, match="unknown"):
+        CompiledAdvantages("grpo", group_size=2, not_a_param=1)
+    assert set(DEFAULT_PARAMS) >= {"cast_lambda", "flip_deadband", "rlsd_lambda_steps"}
