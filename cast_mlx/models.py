@@ -379,6 +379,59 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "auto"):
     return model, tokenizer
 
 
+# --------------------------------------------------------------------------- LoRA adapters
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, num_layers: int,
+                keys: list[str], seed: int = 0) -> dict:
+    """Freeze the base model and wrap the `keys` linears of the last `num_layers` blocks
+    (-1: all) with mlx-lm LoRA layers; QLoRA when the base is quantized.
+
+    `lora_a` is initialised from `seed` (mlx-lm would use the global RNG), `lora_b` is zero,
+    so the adapted model starts equal to the base. Returns the adapter config (mlx-lm format).
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    lora_parameters = {"rank": rank, "scale": alpha / rank, "dropout": dropout, "keys": list(keys)}
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, lora_parameters)
+    names = [k for k, _ in tree_flatten(model.trainable_parameters()) if k.endswith("lora_a")]
+    if not names:
+        raise ModelLoadError(f"lora.keys {keys}: no such linear layer in this model")
+    keys = mx.random.split(mx.random.key(seed), len(names))
+    params = dict(tree_flatten(model.trainable_parameters()))
+    fresh = []
+    for key, name in zip(keys, sorted(names)):
+        a = params[name]
+        bound = 1.0 / (a.shape[0] ** 0.5)
+        fresh.append((name, mx.random.uniform(-bound, bound, a.shape, key=key)))
+    model.update(tree_unflatten(fresh))
+    mx.eval(model.trainable_parameters())
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters}
+
+
+def lora_state(model: nn.Module) -> dict[str, mx.array]:
+    """The trainable (LoRA) tensors by flat name. MLX arrays are immutable, so holding this
+    dict is a free snapshot: optimizer updates create new arrays and leave it untouched."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, folder: str | Path, adapter_config: dict) -> None:
+    """Write `adapters.safetensors` + `adapter_config.json` in mlx-lm's format, so that
+    `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` load them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = lora_state(model)
+    bad = [k for k, v in weights.items() if not bool(mx.all(mx.isfinite(v)).item())]
+    if bad:
+        raise ValueError(f"refusing to save adapters with NaN/inf in {bad[0]}")
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- CLI
 
 

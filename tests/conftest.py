@@ -45,3 +45,18 @@ def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
         [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def hf(smol_gguf: Path):
+    """`(model, tokenizer)` from PyTorch transformers loading the same GGUF (float32)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    kw = dict(gguf_file=smol_gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smol_gguf.parent), dtype=torch.float32, **kw
+    )
+    model.eval()
+    return model, tok

@@ -138,20 +138,6 @@ def test_fetch_rejects_wrong_checksum(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- parity with transformers
 
 
-@pytest.fixture(scope="module")
-def hf(smol_gguf: Path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    kw = dict(gguf_file=smol_gguf.name)
-    tok = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smol_gguf.parent), dtype=torch.float32, **kw
-    )
-    model.eval()
-    return model, tok
-
-
 def test_tokenizer_matches_transformers(smol, hf):
     _, ours = smol
     _, theirs = hf

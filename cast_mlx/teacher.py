@@ -1,0 +1,122 @@
+"""The CAST self-teacher (spec section 3): same network, lagged LoRA, answer-free context.
+
+The teacher is the policy network with a *snapshot of its LoRA tensors*: base weights are
+shared, only the small adapter tensors are held twice. MLX arrays are immutable and the
+optimizer replaces them rather than writing into them, so a snapshot is just a dict of the
+current arrays (no copy). Scoring swaps the snapshot in, runs a forward under
+`mx.stop_gradient`, and swaps the policy's own tensors back.
+
+Kinds (`teacher.kind`):
+- `snapshot` (default): refreshed every `refresh` optimizer steps; at step 0 it is the
+  initial adapter, i.e. the base model (lora_b = 0).
+- `base`: adapters disabled (lora_b = 0 in the view), never refreshed: a fixed teacher.
+- `ema`: after every optimizer step, `teacher = decay * teacher + (1 - decay) * policy`.
+
+Contexts (`teacher.context`), built by `teacher_contexts`:
+- `plain`: problem text, a blank line, `[Student response]`, a newline; no chat template.
+- `same`: exactly the student's chat-templated prompt.
+- `privileged`: `plain` with a `[Reference solution]` block (the gold) before the student
+  header: for RLSD and diagnostics, never for CAST.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from cast_mlx.logprobs import Batch, token_logprobs
+from cast_mlx.models import lora_state
+
+STUDENT_HEADER = "[Student response]"
+REFERENCE_HEADER = "[Reference solution]"
+
+
+def plain_context(question: str) -> str:
+    return f"{question}\n\n{STUDENT_HEADER}\n"
+
+
+def privileged_context(question: str, reference: str) -> str:
+    return f"{question}\n\n{REFERENCE_HEADER}\n{reference}\n\n{STUDENT_HEADER}\n"
+
+
+def teacher_contexts(mode: str, tokenizer, questions: list[str], student_prompts: list[list[int]],
+                     references: list[str] | None = None) -> list[list[int]]:
+    """Token ids of the teacher's context for each prompt (one per prompt, not per row)."""
+    if mode == "same":
+        return [list(p) for p in student_prompts]
+    if mode == "plain":
+        texts = [plain_context(q) for q in questions]
+    elif mode == "privileged":
+        if references is None:
+            raise ValueError("teacher.context=privileged needs the reference answers")
+        texts = [privileged_context(q, r) for q, r in zip(questions, references)]
+    else:
+        raise ValueError(f"teacher.context: unknown mode {mode!r}; choose plain, same or privileged")
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+@dataclass
+class Teacher:
+    """A frozen view of the LoRA tensors, and the rule that refreshes it."""
+
+    kind: str = "snapshot"
+    refresh: int = 10
+    ema_decay: float = 0.99
+    params: dict = field(default_factory=dict)  # flat name -> array
+    version: int = 0  # optimizer step of the last refresh
+
+    @classmethod
+    def create(cls, model: nn.Module, kind: str = "snapshot", refresh: int = 10,
+               ema_decay: float = 0.99) -> "Teacher":
+        if kind not in ("snapshot", "base", "ema"):
+            raise ValueError(f"teacher.kind: unknown {kind!r}; choose snapshot, base or ema")
+        params = lora_state(model)
+        if kind == "base":
+            params = {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in params.items()}
+        return cls(kind=kind, refresh=refresh, ema_decay=ema_decay, params=params)
+
+    def after_step(self, model: nn.Module, step: int) -> bool:
+        """Call after optimizer step `step` (1-based). Returns True when the view changed."""
+        if self.kind == "base":
+            return False
+        current = lora_state(model)
+        if self.kind == "ema":
+            d = self.ema_decay
+            self.params = {k: d * self.params[k] + (1 - d) * current[k] for k in current}
+            mx.eval(self.params)
+            self.version = step
+            return True
+        if step % self.refresh == 0:
+            self.params = current
+            self.version = step
+            return True
+        return False
+
+    def score(self, model: nn.Module, batch: Batch, temperature: float, chunk: int = 64) -> mx.array:
+        """Teacher log-probs `[N, L]` of the batch's completion tokens (no gradient)."""
+        with swapped_lora(model, self.params):
+            lp = mx.stop_gradient(token_logprobs(model, batch, temperature, chunk=chunk))
+            mx.eval(lp)
+        return lp
+
+    def state(self) -> dict:
+        return dict(self.params)
+
+
+class swapped_lora:
+    """Context manager: load `params` into the model's LoRA tensors, restore on exit."""
+
+    def __init__(self, model: nn.Module, params: dict):
+        self.model, self.params = model, params
+
+    def __enter__(self):
+        self.saved = lora_state(self.model)
+        self.model.update(tree_unflatten(list(self.params.items())))
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.update(tree_unflatten(list(self.saved.items())))
+        return False

@@ -1,0 +1,103 @@
+"""Loss value and LoRA gradients on the real embedded model: MLX vs the PyTorch reference.
+
+Same dequantized weights (bit-identical, see test_models), same LoRA tensors, same tokens;
+MLX goes through `logprobs.token_logprobs` (chunked, checkpointed) and `loss.policy_loss`,
+PyTorch through transformers' forward, `reference.gather_logprobs` and
+`reference.policy_loss` written independently from the spec.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from cast_mlx import advantages, logprobs, loss, models, teacher
+
+torch = pytest.importorskip("torch")
+try:
+    from reference import torch_cast as ref
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.reference import torch_cast as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LORA = dict(rank=4, alpha=8.0, dropout=0.0, num_layers=2,
+            keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+TEMPERATURE = 0.8
+
+
+def _rows(tok):
+    prompts = ["What is 7 * 6? Give the answer after ####.", "Is 17 prime?"]
+    answers = [["7 * 6 = 42 #### 42", "It is 48. #### 48"], ["Yes, 17 is prime.", "No"]]
+    contexts, completions = [], []
+    for p, group in zip(prompts, answers):
+        for a in group:
+            contexts.append(tok.encode(p))
+            completions.append(tok.encode(" " + a))
+    length = max(map(len, completions))
+    tokens = mx.array([c + [0] * (length - len(c)) for c in completions])
+    mask = mx.array([[1.0] * len(c) + [0.0] * (length - len(c)) for c in completions])
+    return logprobs.make_batch(contexts, tokens, mask)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_loss_and_lora_grad_match_pytorch(smol_dir, hf, loss_agg):
+    model, tok = models.load(models.DEFAULT_MODEL, dtype="float32")
+    models.attach_lora(model, seed=0, **LORA)
+    t = teacher.Teacher.create(model)  # the initial adapter = base model
+    state = models.lora_state(model)  # give lora_b non-zero values so every grad is non-trivial
+    keys = mx.random.split(mx.random.key(7), len(state))
+    model.update(tree_unflatten([
+        (k, v + 0.02 * mx.random.normal(v.shape, key=key)) if k.endswith("lora_b") else (k, v)
+        for key, (k, v) in zip(keys, sorted(state.items()))
+    ]))
+
+    batch = _rows(tok)
+    lp_now = logprobs.token_logprobs(model, batch, TEMPERATURE)
+    # an "old" policy a little off the current one, so ratios move and some clip
+    old = lp_now + 0.3 * mx.random.normal(lp_now.shape, key=mx.random.key(1)) * batch.mask
+    gaps = (t.score(model, batch, TEMPERATURE) - old) * batch.mask
+    rewards = mx.array([1.0, 0.0, 1.0, 1.0])
+    adv, _ = advantages.compute_advantages("cast", rewards, gaps, batch.mask, group_size=2)
+    truncated = mx.array([0, 0, 0, 1])
+
+    def loss_fn(m):
+        lp = logprobs.token_logprobs(m, batch, TEMPERATURE, chunk=4)
+        value, _ = loss.policy_loss(lp, old, adv, batch.mask, loss_agg=loss_agg, truncated=truncated)
+        return value
+
+    value, grads = nn.value_and_grad(model, loss_fn)(model)
+    grads = dict(tree_flatten(grads))
+
+    # ---- PyTorch: the same LoRA as forward hooks on transformers' modules
+    hf_model, _ = hf
+    hf_model.to(DEVICE)
+    modules = dict(hf_model.named_modules())
+    scale = LORA["alpha"] / LORA["rank"]
+    params, handles = {}, []
+    for name, v in models.lora_state(model).items():
+        params[name] = torch.tensor(np.array(v), device=DEVICE, requires_grad=True)
+    for name in {k.rsplit(".", 1)[0] for k in params}:
+        a, b = params[f"{name}.lora_a"], params[f"{name}.lora_b"]
+        handles.append(modules[name].register_forward_hook(
+            lambda mod, inp, out, a=a, b=b: out + scale * ((inp[0] @ a) @ b)))
+    try:
+        ids = torch.tensor(np.array(batch.inputs), dtype=torch.long, device=DEVICE)
+        logits = hf_model(ids).logits
+        pos = torch.tensor(np.array(batch.positions), dtype=torch.long, device=DEVICE)
+        picked = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+        lp_t = ref.gather_logprobs(picked, np.array(batch.tokens), TEMPERATURE)
+        value_t = ref.policy_loss(lp_t, np.array(old), np.array(adv), np.array(batch.mask),
+                                  loss_agg=loss_agg, truncated=np.array(truncated))
+        value_t.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert abs(value.item() - value_t.item()) <= 1e-4 * abs(value_t.item()), (value.item(), value_t.item())
+    for name, p in params.items():
+        g_mlx, g_t = np.array(grads[name]), p.grad.detach().cpu().numpy()
+        assert np.abs(g_t).max() > 0, name
+        rel = np.abs(g_mlx - g_t).max() / np.abs(g_t).max()
+        assert rel <= 1e-4, (name, rel)

@@ -1,0 +1,125 @@
+"""Teacher view, contexts and chunked stop-gradient scoring on the real embedded model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_unflatten
+
+from cast_mlx import logprobs, models, teacher
+
+LORA = dict(rank=4, alpha=8.0, dropout=0.0, num_layers=2,
+            keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+
+
+@pytest.fixture()
+def lora_model(smol_dir):
+    model, tok = models.load(models.DEFAULT_MODEL, dtype="float32")
+    models.attach_lora(model, seed=0, **LORA)
+    return model, tok
+
+
+def _batch(tok):
+    contexts = [tok.encode("What is 2 + 3?\n\n[Student response]\n"), tok.encode("Name a color.")]
+    completions = [tok.encode("2 + 3 = 5. #### 5"), tok.encode(" Blue")]
+    length = max(map(len, completions))
+    tokens = mx.array([c + [0] * (length - len(c)) for c in completions])
+    mask = mx.array([[1.0] * len(c) + [0.0] * (length - len(c)) for c in completions])
+    return contexts, completions, logprobs.make_batch(contexts, tokens, mask)
+
+
+def _perturb(model, seed=1, scale=0.05):
+    """Stand-in for an optimizer step: new (non-zero) LoRA tensors."""
+    state = models.lora_state(model)
+    keys = mx.random.split(mx.random.key(seed), len(state))
+    new = {k: v + scale * mx.random.normal(v.shape, key=key)
+           for key, (k, v) in zip(keys, sorted(state.items()))}
+    model.update(tree_unflatten(list(new.items())))
+
+
+def test_contexts_text():
+    assert teacher.plain_context("What is 2+2?") == "What is 2+2?\n\n[Student response]\n"
+    assert teacher.privileged_context("Q?", "4") == "Q?\n\n[Reference solution]\n4\n\n[Student response]\n"
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+    assert teacher.teacher_contexts("same", Tok(), ["q"], [[5, 6]]) == [[5, 6]]
+    plain = teacher.teacher_contexts("plain", Tok(), ["hi"], [[5, 6]])
+    assert plain == [[ord(c) for c in "hi\n\n[Student response]\n"]]
+    with pytest.raises(ValueError, match="needs the reference"):
+        teacher.teacher_contexts("privileged", Tok(), ["hi"], [[1]])
+
+
+def test_chunked_scoring_matches_full_forward(lora_model):
+    model, tok = lora_model
+    _perturb(model)
+    contexts, completions, batch = _batch(tok)
+    results = [logprobs.token_logprobs(model, batch, 0.7, chunk=c) for c in (1, 3, 64)]
+    for r in results[1:]:
+        np.testing.assert_allclose(np.array(r), np.array(results[0]), atol=1e-4)  # BLAS order
+    for i, (c, t) in enumerate(zip(contexts, completions)):
+        logits = model(mx.array([c + t]))[0].astype(mx.float32) / 0.7
+        lsm = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        ref = [lsm[len(c) - 1 + j, t[j]].item() for j in range(len(t))]
+        np.testing.assert_allclose(np.array(results[2][i, : len(t)]), ref, atol=1e-4)
+        assert np.all(np.array(results[2][i, len(t):]) == 0)  # padding stays 0
+
+
+def test_snapshot_lags_and_refreshes(lora_model):
+    model, tok = lora_model
+    _, _, batch = _batch(tok)
+    t = teacher.Teacher.create(model, kind="snapshot", refresh=2)
+    base_lp = np.array(logprobs.token_logprobs(model, batch, 1.0))  # lora_b = 0: the base model
+    _perturb(model)
+    policy_lp = np.array(logprobs.token_logprobs(model, batch, 1.0))
+    before = models.lora_state(model)
+    teacher_lp = np.array(t.score(model, batch, 1.0))
+    after = models.lora_state(model)
+    assert before.keys() == after.keys()
+    for k in before:  # the policy's own tensors are back, unchanged
+        np.testing.assert_array_equal(np.array(before[k]), np.array(after[k]))
+    np.testing.assert_allclose(teacher_lp, base_lp, atol=1e-6)
+    assert np.abs(teacher_lp - policy_lp).max() > 1e-3  # the lag is real
+    assert t.after_step(model, 1) is False  # not yet: refresh every 2 steps
+    assert t.after_step(model, 2) is True
+    np.testing.assert_allclose(np.array(t.score(model, batch, 1.0)), policy_lp, atol=1e-6)
+
+
+def test_no_gradient_reaches_through_teacher(lora_model):
+    model, tok = lora_model
+    _perturb(model)
+    _, _, batch = _batch(tok)
+    t = teacher.Teacher.create(model, kind="snapshot")
+
+    def loss_fn(m):
+        return (t.score(m, batch, 1.0) * batch.mask).sum() + 0.0 * logprobs.token_logprobs(m, batch).sum()
+
+    _, grads = nn.value_and_grad(model, loss_fn)(model)
+    from mlx.utils import tree_flatten
+
+    flat = tree_flatten(grads)
+    assert flat and all(float(mx.abs(g).max()) == 0.0 for _, g in flat)
+
+
+def test_base_and_ema_kinds(lora_model):
+    model, tok = lora_model
+    _, _, batch = _batch(tok)
+    _perturb(model, seed=3)
+    base = teacher.Teacher.create(model, kind="base")
+    ema = teacher.Teacher.create(model, kind="ema", ema_decay=0.9)
+    start = models.lora_state(model)
+    _perturb(model, seed=4)
+    now = models.lora_state(model)
+    assert base.after_step(model, 10) is False
+    assert ema.after_step(model, 1) is True
+    for k in now:
+        np.testing.assert_allclose(np.array(ema.params[k]),
+                                   0.9 * np.array(start[k]) + 0.1 * np.array(now[k]), atol=1e-7)
+    # base = adapters disabled: equal to the plain model without LoRA
+    plain, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
+    np.testing.assert_allclose(np.array(base.score(model, batch, 1.0)),
+                               np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6)
