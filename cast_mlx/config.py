@@ -47,7 +47,7 @@ class ModelConfig:
 class DataConfig:
     task: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
     path: Optional[str] = None  # local jsonl file/folder; None = hub (gsm8k/math) or generated
-    level: int = bounds(2, ge=1, le=5)  # arithmetic difficulty
+    level: int = bounds(1, ge=1, le=6)  # arithmetic difficulty (see data.py)
     train_size: Optional[int] = bounds(None, ge=1)  # None: whole split (arithmetic: 10000)
     eval_size: int = bounds(200, ge=1)
     system_prompt: Optional[str] = None  # None: the model's chat-template default

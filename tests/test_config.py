@@ -84,7 +84,7 @@ def test_missing_and_malformed_files(tmp_path: Path):
 
 
 def test_cli_prints_resolved_recipe():
-    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--set",
+    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--print-config", "--set",
                    "algorithm.name=grpo")
     assert proc.returncode == 0, proc.stderr
     assert "name: grpo" in proc.stdout
