@@ -1,0 +1,446 @@
+"""Rollout engine: sample `G` completions for each of `P` prompts, in one batch, with exact ids.
+
+`generate_groups` is what the trainer calls every step. How it works:
+
+1. **Shared prefill.** Each distinct prompt is run through the model once, alone (no padding
+   waste; measured faster than one left-padded batch of prompts on the CPU), filling an
+   mlx-lm `KVCache`. The per-prompt caches are merged into one left-padded `BatchKVCache`
+   whose per-row `left_padding` keeps every prompt's rotary positions and attention mask
+   exactly as if it were alone.
+2. **Broadcast.** Each prompt's cache row is repeated `G` times (`BatchKVCache.filter` with
+   repeated indices), so the `P*G` streams start from a copy of their prompt's cache instead
+   of prefilling the same prompt `G` times.
+3. **Batched decode.** All streams decode together, one token per step, through the model's
+   own layers and cache. A stream that samples an EOS id is done; once a quarter of the
+   batch rows are done, the cache and the batch are compacted (`filter`) so that finished
+   streams stop costing compute. The loop ends when every stream is done or
+   `max_new_tokens` is reached.
+4. **Waves.** `max_batch` bounds the decode batch (and so the KV-cache memory): the prompts
+   are split into waves of whole groups, `max(1, max_batch // G)` prompts per wave (a wave
+   always holds at least one whole group, even when `G > max_batch`).
+
+Token ids are exactly the sampled ones (never decoded and re-encoded). The EOS token, when
+sampled, is kept as the last completion token with mask 1: ending the answer is an action
+the policy took, and its log-prob belongs in the loss.
+
+Sampling and log-probs (`sample_tokens`, pure numpy functions over a `[B, V]` logits block):
+
+- `logprobs[i, t]` is `log_softmax(logits / T)` at the sampled id, in float32: the
+  temperature-scaled distribution *before* any top-p/top-k/min-p filtering, i.e. what a
+  plain scoring forward pass computes at temperature `T`.
+- `T = 0` is greedy decoding (argmax); its log-probs are then taken at `T = 1`.
+- top-k, top-p and min-p each choose a set of tokens from the full temperature-scaled
+  distribution; the sample is drawn from their intersection (renormalised).
+- Draws use inverse-CDF sampling with one uniform number per stream and step, taken from a
+  `[P*G, max_new_tokens]` table made from the key up front. A stream's randomness therefore
+  does not depend on which other streams share its batch: results are deterministic for a
+  fixed key and do not change with `max_batch` or with compaction (up to float rounding of
+  batched matmuls). The global `mx.random` state is never used.
+
+Why numpy for sampling: MLX's CPU `exp` is several times slower than numpy's vectorised one,
+and the softmax over a 49k vocabulary for 64 streams is ~3M exponentials per step. The
+sampled ids must come back to the host every step anyway (to see EOS).
+
+Why a "plain head": for llama-style models whose logits are `hidden @ W.T` with a plain float
+`W` (tied embedding or bias-free `lm_head`), computing `W @ hidden.T` instead is ~1.5x
+faster with MKL on the CPU (a 49k x 576 head is ~15% of a decode step). Other models
+(quantized or adapted heads, other architectures) go through `model(inputs, cache=cache)`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
+COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
+CDF_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF search
+# Model types whose `Model.__call__` is `self.model(...)` then the tied embedding or lm_head.
+PLAIN_HEAD_TYPES = ("llama", "qwen2", "qwen3", "phi3")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings; the same field names as the recipe's `sampling` section
+    (`cast_mlx.config.SamplingConfig`, which `generate_groups` also accepts)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    max_new_tokens: int = 256
+    max_batch: int = 64  # decode streams per wave
+
+
+@dataclass
+class Rollout:
+    """`N = P*G` completions; rows are grouped: row `i` belongs to prompt `i // G`.
+
+    tokens:         int32 `[N, L]` completion ids, right-padded with 0 (`L` = longest length).
+    mask:           float32 `[N, L]`, 1 on completion tokens (the EOS included), 0 on padding.
+    lengths:        int32 `[N]` completion lengths (mask row sums).
+    finish_reasons: "eos" (last token is an EOS id) or "length" (`max_new_tokens` reached).
+    prompt_ids:     the `P` prompts, as given.
+    prompt_index:   int32 `[N]`, the prompt of each row (`i // G`).
+    logprobs:       float32 `[N, L]`, `log_softmax(logits / T)` at each sampled id (before
+                    any top-p/k/min-p filtering; at `T = 1` when greedy), 0 on padding.
+    prefill_tokens: prompt tokens run through the model (each distinct prompt once).
+    decode_tokens:  completion tokens kept (`lengths.sum()`).
+    seconds:        wall-clock time of the whole call.
+    prefill_seconds: the part of `seconds` spent prefilling prompts (all waves).
+    """
+
+    tokens: mx.array
+    mask: mx.array
+    lengths: mx.array
+    finish_reasons: list[str]
+    prompt_ids: list[list[int]]
+    prompt_index: mx.array
+    logprobs: mx.array
+    prefill_tokens: int
+    decode_tokens: int
+    seconds: float
+    prefill_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Completion tokens per second of wall-clock time (prefill included)."""
+        return self.decode_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def as_sampling_params(params) -> SamplingParams:
+    """A validated `SamplingParams` from any object with the same attribute names
+    (missing attributes take the defaults); a bad value raises a one-line ValueError."""
+    d = SamplingParams()
+    p = SamplingParams(**{
+        name: getattr(params, name, getattr(d, name))
+        for name in ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "max_batch")
+    })
+    checks = [
+        ("temperature", p.temperature >= 0, ">= 0"),
+        ("top_p", 0 < p.top_p <= 1, "in (0, 1]"),
+        ("top_k", p.top_k >= 0, ">= 0"),
+        ("min_p", 0 <= p.min_p < 1, "in [0, 1)"),
+        ("max_new_tokens", p.max_new_tokens >= 1, ">= 1"),
+        ("max_batch", p.max_batch >= 1, ">= 1"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"sampling.{name}: must be {rule}, got {getattr(p, name)!r}")
+    return p
+
+
+def context_limit(model) -> int | None:
+    """The model's context length (`args.max_position_embeddings`), or None if unknown."""
+    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_prompts(prompts, max_new_tokens: int, limit: int | None, vocab: int | None) -> None:
+    """Raise a ValueError naming the first bad prompt: empty, ids out of range, or too long
+    for the context (`limit`) once `max_new_tokens` are added."""
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt, got none")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i}: is empty")
+        if vocab is not None and (min(p) < 0 or max(p) >= vocab):
+            raise ValueError(f"prompt {i}: token ids must be in [0, {vocab}), got {min(p)}..{max(p)}")
+        if limit is not None and len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} = "
+                f"{len(p) + max_new_tokens} exceeds the model's context of {limit} tokens"
+            )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def keep_mask(logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+    """Boolean `[B, V]` of the tokens that top-k, top-p and min-p all keep (None: no filter).
+
+    Each filter looks at the full distribution `logprobs` (normalised log-probs):
+    top-k keeps the tokens at least as likely as the k-th most likely one; top-p keeps the
+    smallest set of most likely tokens whose mass reaches `top_p` (the most likely token is
+    always kept); min-p keeps tokens with probability >= `min_p` * the top probability.
+    Ties at a threshold are kept. top-p sorts the vocabulary, so it is the costly one.
+    """
+    vocab = logprobs.shape[-1]
+    keep = np.ones(logprobs.shape, dtype=bool)
+    active = False
+    if 0 < top_k < vocab:
+        kth = np.partition(logprobs, vocab - top_k, axis=-1)[:, vocab - top_k: vocab - top_k + 1]
+        keep &= logprobs >= kth
+        active = True
+    if top_p < 1.0:
+        desc = -np.sort(-logprobs, axis=-1)  # most likely first
+        probs = np.exp(desc.astype(np.float64))
+        mass_before = np.cumsum(probs, axis=-1) - probs
+        n_keep = np.maximum((mass_before < top_p).sum(axis=-1), 1)
+        threshold = desc[np.arange(len(desc)), n_keep - 1][:, None]
+        keep &= logprobs >= threshold
+        active = True
+    if min_p > 0.0:
+        keep &= logprobs >= logprobs.max(axis=-1, keepdims=True) + np.log(min_p)
+        active = True
+    return keep if active else None
+
+
+def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """For each row of non-negative `weights` `[B, V]` (each row with a positive weight),
+    the first index whose cumulative weight exceeds `uniforms * total`: a draw from the
+    normalised weights. The chosen index always has a non-zero weight.
+
+    Two levels (cumulative block sums, then a cumulative sum inside the chosen block) keep
+    the prefix sums short and in float64 instead of one float32 cumsum over the vocabulary.
+    """
+    rows, vocab = weights.shape
+    pad = (-vocab) % CDF_BLOCK
+    if pad:
+        weights = np.pad(weights, ((0, 0), (0, pad)))
+    blocks = weights.reshape(rows, -1, CDF_BLOCK)
+    cum_blocks = np.cumsum(blocks.sum(axis=-1, dtype=np.float64), axis=-1)
+    point = uniforms.astype(np.float64) * cum_blocks[:, -1]  # < total, since uniforms < 1
+    block = np.minimum((cum_blocks <= point[:, None]).sum(axis=-1), cum_blocks.shape[1] - 1)
+    r = np.arange(rows)
+    before = np.where(block > 0, cum_blocks[r, block - 1], 0.0)
+    inner = blocks[r, block]
+    cum_inner = before[:, None] + np.cumsum(inner, axis=-1, dtype=np.float64)
+    offset = (cum_inner <= point[:, None]).sum(axis=-1)
+    # Rounding can put the search past the block's last non-zero weight: step back to it.
+    last = CDF_BLOCK - 1 - np.argmax(inner[:, ::-1] > 0, axis=-1)
+    return block * CDF_BLOCK + np.minimum(offset, last)
+
+
+def sample_tokens(
+    logits: np.ndarray,
+    uniforms: np.ndarray,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one id per row of `logits` `[B, V]`; returns `(ids int32 [B], logprobs f32 [B])`.
+
+    `uniforms` `[B]` are numbers in [0, 1), one per row: the draw is the inverse CDF of the
+    (filtered) distribution at that point, so each row's result depends only on its own
+    logits and number. `logprobs` are `log_softmax(logits / T)` at the ids, before
+    filtering. `temperature == 0`: argmax, with log-probs at `T = 1`.
+    """
+    z = np.asarray(logits, dtype=np.float32)
+    if temperature != 0 and temperature != 1:
+        z = z / np.float32(temperature)
+    rows = np.arange(z.shape[0])
+    top = z.max(axis=-1, keepdims=True)
+    if not np.isfinite(top).all():
+        raise ValueError(f"logits: row {int(np.argmin(np.isfinite(top[:, 0])))} has no finite maximum (NaN/inf)")
+    weights = np.exp(z - top)
+    lse = top[:, 0] + np.log(weights.sum(axis=-1, dtype=np.float64)).astype(np.float32)
+    if temperature == 0:
+        ids = np.argmax(z, axis=-1)
+    else:
+        keep = keep_mask(z - lse[:, None], top_p, top_k, min_p)
+        if keep is not None:
+            weights = np.where(keep, weights, np.float32(0))
+        ids = inverse_cdf(weights, np.asarray(uniforms))
+    return ids.astype(np.int32), (z[rows, ids] - lse).astype(np.float32)
+
+
+def uniform_table(key, rows: int, steps: int) -> np.ndarray:
+    """`[rows, steps]` float32 uniforms in [0, 1) from `key` (an `mx.random` key or an int
+    seed): the random numbers of every stream and step of one rollout."""
+    if not isinstance(key, mx.array):
+        key = mx.random.key(int(key))
+    return np.array(mx.random.uniform(shape=(rows, steps), key=key), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+def plain_head(model) -> mx.array | None:
+    """The LM head weight `[V, H]` when the logits are `model.model(...) @ W.T` with a plain
+    float `W` (see the module docstring); None otherwise."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) not in PLAIN_HEAD_TYPES or not hasattr(model, "model"):
+        return None
+    if getattr(args, "tie_word_embeddings", False):
+        layer = getattr(model.model, "embed_tokens", None)
+        ok = type(layer) is nn.Embedding
+    else:
+        layer = getattr(model, "lm_head", None)
+        ok = type(layer) is nn.Linear and "bias" not in layer
+    return layer.weight if ok else None
+
+
+def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.ndarray:
+    """float32 `[B, V]` logits after the last position of `inputs` `[B, n]`, as numpy."""
+    if head is None:
+        return np.array(model(inputs, cache=cache)[:, -1, :].astype(mx.float32))
+    hidden = model.model(inputs, cache=cache)[:, -1, :]
+    return np.array((head @ hidden.T).astype(mx.float32)).T  # [V, B] product, viewed as [B, V]
+
+
+def check_cache_kind(model) -> None:
+    """Only models whose own cache is a plain `KVCache` per layer are supported (llama, qwen,
+    ...); sliding-window or recurrent caches raise a ValueError."""
+    kinds = {type(c).__name__ for c in make_prompt_cache(model)}
+    if kinds != {KVCache.__name__}:
+        raise ValueError(f"model cache: only plain KVCache layers are supported, got {sorted(kinds)}")
+
+
+def prefill(model, head, prompts: list[list[int]], room: int) -> tuple[list[BatchKVCache], np.ndarray]:
+    """Run each prompt through the model once; returns a left-padded `BatchKVCache` per layer
+    (one row per prompt) and the float32 logits `[P, V]` of each prompt's next token.
+
+    All tokens but the last are run prompt by prompt in chunks of `PREFILL_CHUNK` and only
+    their cache is evaluated (MLX is lazy: their logits are never computed). The last tokens
+    then run as one batch, which also grows the cache by `room` positions for the decode.
+    """
+    layers = len(make_prompt_cache(model))
+    per_prompt = []
+    for p in prompts:
+        cache = make_prompt_cache(model)
+        body = mx.array([p[:-1]], dtype=mx.int32)
+        for start in range(0, len(p) - 1, PREFILL_CHUNK):
+            model(body[:, start: start + PREFILL_CHUNK], cache=cache)
+            mx.eval([c.state for c in cache])
+        per_prompt.append(cache)
+    batch = [BatchKVCache.merge([c[layer] for c in per_prompt]) for layer in range(layers)]
+    for c in batch:
+        c.step = room  # the next write allocates all the decode positions at once
+    last = mx.array([[p[-1]] for p in prompts], dtype=mx.int32)
+    return batch, next_logits(model, head, last, batch)
+
+
+def filter_cache(cache: list[BatchKVCache], rows: np.ndarray) -> None:
+    """Keep (and repeat) the given batch rows of every layer's cache, in place."""
+    index = mx.array(rows.astype(np.int32))
+    for c in cache:
+        c.filter(index)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class _Wave:
+    """Raw numpy results of one wave: `[n, max_new_tokens]` ids and log-probs, lengths,
+    whether each stream ended with an EOS, and the prefill time."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    eos: np.ndarray
+    prefill_seconds: float
+
+
+def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray,
+                uniforms: np.ndarray) -> _Wave:
+    """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
+    together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws."""
+    steps = p.max_new_tokens
+    n = len(prompts) * group_size
+    head = plain_head(model)
+    start = time.perf_counter()
+    cache, logits = prefill(model, head, prompts, room=steps)
+    prefill_seconds = time.perf_counter() - start
+    prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
+    filter_cache(cache, prompt_of_stream)
+    rows = np.arange(n)  # rows[j]: the stream (0..n-1) that batch row j decodes
+
+    def draw(logits, t):
+        return sample_tokens(logits, uniforms[rows, t], p.temperature, p.top_p, p.top_k, p.min_p)
+
+    ids, lps = draw(logits[prompt_of_stream], 0)
+    out_ids = np.zeros((n, steps), dtype=np.int32)
+    out_lps = np.zeros((n, steps), dtype=np.float32)
+    lengths = np.zeros(n, dtype=np.int32)
+    done = np.zeros(n, dtype=bool)
+    ended_eos = np.zeros(n, dtype=bool)
+
+    for t in range(steps):
+        live = ~done[rows]  # batch rows whose stream was still generating at step t
+        streams = rows[live]
+        out_ids[streams, t] = ids[live]
+        out_lps[streams, t] = lps[live]
+        lengths[streams] = t + 1
+        hit = streams[np.isin(ids[live], eos_ids)]
+        done[hit] = True
+        ended_eos[hit] = True
+        if t + 1 == steps or done.all():
+            break
+        finished = done[rows]
+        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
+            keep = np.nonzero(~finished)[0]
+            filter_cache(cache, keep)
+            ids, rows = ids[keep], rows[keep]
+        ids, lps = draw(next_logits(model, head, mx.array(ids[:, None]), cache), t + 1)
+    return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
+
+
+def generate_groups(model, prompts: list[list[int]], group_size: int, params, eos_ids,
+                    key) -> Rollout:
+    """Sample `group_size` completions for each prompt with the model's current weights.
+
+    model:      an mlx-lm model (float, quantized, LoRA layers attached or not); it is put
+                in eval mode while sampling (no dropout) and its mode is restored after.
+    prompts:    `P` lists of token ids (chat template already applied).
+    params:     `SamplingParams` or any object with its attribute names (the recipe's
+                `sampling` section).
+    eos_ids:    ids that end a completion (the tokenizer's `eos_token_ids`).
+    key:        an `mx.random` key or an int seed; the same key gives the same rollout.
+
+    Returns a `Rollout` (see its docstring for shapes and conventions).
+    """
+    start = time.perf_counter()
+    p = as_sampling_params(params)
+    if group_size < 1:
+        raise ValueError(f"group_size: must be >= 1, got {group_size}")
+    prompts = [[int(t) for t in q] for q in prompts]
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    check_prompts(prompts, p.max_new_tokens, context_limit(model), vocab)
+    check_cache_kind(model)
+    eos = np.array(sorted(int(e) for e in (eos_ids or ())), dtype=np.int32)
+    uniforms = uniform_table(key, len(prompts) * group_size, p.max_new_tokens)
+
+    per_wave = max(1, p.max_batch // group_size)
+    was_training = model.training
+    model.eval()
+    try:
+        waves = []
+        for first in range(0, len(prompts), per_wave):
+            chunk = prompts[first: first + per_wave]
+            rows = slice(first * group_size, (first + len(chunk)) * group_size)
+            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows]))
+    finally:
+        model.train(was_training)
+
+    lengths = np.concatenate([w.lengths for w in waves])
+    width = max(1, int(lengths.max()))
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.concatenate([w.tokens for w in waves])[:, :width]
+    lps = np.concatenate([w.logprobs for w in waves])[:, :width]
+    eos_end = np.concatenate([w.eos for w in waves])
+    return Rollout(
+        tokens=mx.array(np.where(mask, ids, 0).astype(np.int32)),
+        mask=mx.array(mask.astype(np.float32)),
+        lengths=mx.array(lengths),
+        finish_reasons=["eos" if e else "length" for e in eos_end],
+        prompt_ids=prompts,
+        prompt_index=mx.array(np.repeat(np.arange(len(prompts), dtype=np.int32), group_size)),
+        logprobs=mx.array(np.where(mask, lps, 0).astype(np.float32)),
+        prefill_tokens=sum(len(q) for q in prompts),
+        decode_tokens=int(lengths.sum()),
+        seconds=time.perf_counter() - start,
+        prefill_seconds=sum(w.prefill_seconds for w in waves),
+    )

@@ -1,0 +1,301 @@
+"""The rollout engine on the embedded SmolLM2: exact greedy streams, seeded sampling, log-probs
+that a plain scoring forward reproduces, finish reasons, waves, LoRA and quantized models."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.generate import generate_step
+
+from cast_mlx import models, rollout
+from cast_mlx.rollout import SamplingParams, generate_groups, inverse_cdf, keep_mask, sample_tokens
+
+QUESTIONS = [
+    "What is 2+3?",
+    "Write a haiku about autumn leaves falling slowly in the quiet park.",
+    "Hi",
+]
+
+
+def chat(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
+def greedy_reference(model, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
+    """Single-sequence greedy decoding with mlx-lm's own `generate_step` (argmax, one
+    sequence, its own KV cache, no padding)."""
+    out = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_new):
+        out.append(int(token))
+        if out[-1] in eos:
+            break
+    return out
+
+
+def score(model, prompt: list[int], completion: list[int], temperature: float) -> np.ndarray:
+    """`log_softmax(logits / T)` of each completion token from one plain forward pass.
+
+    The normaliser is summed in float64: `mx.logsumexp` over a 49k vocabulary in float32 is
+    itself off by up to ~6e-5 (measured), which would eat most of the 1e-4 tolerance."""
+    logits = model(mx.array([prompt + completion]))[0].astype(mx.float32)
+    z = np.array(logits[len(prompt) - 1: len(prompt) - 1 + len(completion)] / temperature, dtype=np.float64)
+    top = z.max(axis=-1, keepdims=True)
+    logp = z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+    return logp[np.arange(len(completion)), completion]
+
+
+def rows_of(out: rollout.Rollout) -> list[list[int]]:
+    return [row[:n] for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+
+
+@pytest.fixture(scope="module")
+def setup(smol):
+    model, tok = smol
+    prompts = [chat(tok, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
+    return model, tok, prompts, set(tok.eos_token_ids)
+
+
+@pytest.fixture(scope="module")
+def greedy(setup):
+    model, _, prompts, eos = setup
+    return generate_groups(model, prompts, 2, SamplingParams(temperature=0, max_new_tokens=12), eos, key=0)
+
+
+@pytest.fixture(scope="module")
+def sampled(setup):
+    model, _, prompts, eos = setup
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12)
+    return generate_groups(model, prompts, 3, params, eos, key=2)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def test_greedy_streams_equal_single_sequence_decoding(setup, greedy):
+    model, _, prompts, eos = setup
+    assert greedy.tokens.shape[0] == 6 and greedy.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    for i, prompt in enumerate(prompts):
+        ref = greedy_reference(model, prompt, 12, eos)
+        for row in (2 * i, 2 * i + 1):
+            assert rows_of(greedy)[row] == ref, f"prompt {i} row {row}"
+    # The three prompts end differently: EOS inside the budget for the short answers.
+    assert greedy.finish_reasons == ["eos", "eos", "length", "length", "eos", "eos"]
+
+
+def test_greedy_logprobs_are_at_temperature_one(setup, greedy):
+    model, _, prompts, _ = setup
+    for row, completion in enumerate(rows_of(greedy)):
+        ref = score(model, prompts[row // 2], completion, 1.0)
+        np.testing.assert_allclose(np.array(greedy.logprobs[row, : len(completion)]), ref, atol=1e-4)
+
+
+def test_sampled_logprobs_match_a_scoring_forward(setup, sampled):
+    model, _, prompts, _ = setup
+    worst = 0.0
+    for row, completion in enumerate(rows_of(sampled)):
+        ref = score(model, prompts[row // 3], completion, 0.8)
+        got = np.array(sampled.logprobs[row, : len(completion)])
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst < 1e-4
+    # Padding positions carry nothing.
+    assert float(mx.sum(mx.abs(sampled.logprobs) * (1 - sampled.mask)).item()) == 0.0
+
+
+def test_finish_reasons_lengths_and_mask_are_consistent(setup, greedy, sampled):
+    _, _, prompts, eos = setup
+    for out, max_new in ((greedy, 12), (sampled, 12)):
+        assert out.tokens.dtype == mx.int32 and out.mask.dtype == mx.float32
+        assert out.tokens.shape == out.mask.shape == out.logprobs.shape
+        assert out.tokens.shape[1] == max(out.lengths.tolist()) <= max_new
+        assert out.mask.sum(axis=1).tolist() == out.lengths.tolist()
+        assert out.decode_tokens == sum(out.lengths.tolist())
+        assert out.prefill_tokens == sum(len(p) for p in prompts)
+        assert out.prompt_ids == prompts
+        for row, reason in zip(rows_of(out), out.finish_reasons):
+            if reason == "eos":
+                assert row[-1] in eos and not eos & set(row[:-1])
+            else:
+                assert reason == "length" and len(row) == max_new and not eos & set(row)
+        padded = np.array(out.tokens) * (1 - np.array(out.mask))
+        assert not padded.any()
+    assert set(sampled.finish_reasons) == {"eos", "length"}
+
+
+SMALL = SamplingParams(temperature=1.0, max_new_tokens=6)
+
+
+def test_same_seed_same_ids_different_seed_differs(setup):
+    model, _, prompts, eos = setup
+    first = generate_groups(model, prompts[:1], 4, SMALL, eos, key=5)
+    again = generate_groups(model, prompts[:1], 4, SMALL, eos, key=mx.random.key(5))
+    assert rows_of(again) == rows_of(first)
+    assert np.array_equal(np.array(again.logprobs), np.array(first.logprobs))
+    other = generate_groups(model, prompts[:1], 4, SMALL, eos, key=6)
+    assert rows_of(other) != rows_of(first)
+    # Streams of one group are different samples, not copies.
+    assert len({tuple(r) for r in rows_of(first)}) > 1
+
+
+def test_waves_give_the_same_results(setup, greedy, sampled):
+    model, _, prompts, eos = setup
+    waves = generate_groups(model, prompts, 2, SamplingParams(temperature=0, max_new_tokens=12, max_batch=2),
+                            eos, key=0)
+    assert rows_of(waves) == rows_of(greedy)
+    assert waves.finish_reasons == greedy.finish_reasons
+    # Sampling too: each stream's random numbers do not depend on its batch.
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12, max_batch=4)  # 1 group per wave
+    sampled_waves = generate_groups(model, prompts, 3, params, eos, key=2)
+    assert rows_of(sampled_waves) == rows_of(sampled)
+    np.testing.assert_allclose(np.array(sampled_waves.logprobs), np.array(sampled.logprobs), atol=1e-4)
+
+
+def test_max_new_tokens_is_respected_and_one_token_prompts_work(setup):
+    model, tok, prompts, eos = setup
+    out = generate_groups(model, prompts[1:2], 2, SamplingParams(max_new_tokens=3), eos, key=1)
+    assert out.tokens.shape == (2, 3) and out.lengths.tolist() == [3, 3]
+    assert out.finish_reasons == ["length", "length"]
+    # A one-token prompt has nothing to prefill but its last token; batched with a long one.
+    one = tok.encode("Hello", add_special_tokens=False)[:1]
+    out = generate_groups(model, [one, prompts[1]], 1, SamplingParams(temperature=0, max_new_tokens=4), eos, key=0)
+    assert rows_of(out) == [greedy_reference(model, one, 4, eos), greedy_reference(model, prompts[1], 4, eos)]
+
+
+def test_too_long_prompt_is_a_clear_error(setup):
+    model, _, prompts, eos = setup
+    limit = model.args.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"prompt 1: {limit + 5} tokens .* context of {limit}"):
+        generate_groups(model, [prompts[0], [1] * (limit + 5)], 2, SamplingParams(max_new_tokens=4), eos, key=0)
+    # Fits alone, but not with the completion budget.
+    with pytest.raises(ValueError, match="prompt 0: .*max_new_tokens 8"):
+        generate_groups(model, [[1] * (limit - 4)], 2, SamplingParams(max_new_tokens=8), eos, key=0)
+
+
+def test_bad_settings_are_clear_errors(setup):
+    model, _, prompts, eos = setup
+    with pytest.raises(ValueError, match="sampling.top_p"):
+        generate_groups(model, prompts, 2, SamplingParams(top_p=0.0), eos, key=0)
+    with pytest.raises(ValueError, match="prompt 1: is empty"):
+        generate_groups(model, [prompts[0], []], 2, SamplingParams(), eos, key=0)
+    with pytest.raises(ValueError, match="group_size"):
+        generate_groups(model, prompts, 0, SamplingParams(), eos, key=0)
+
+
+def test_recipe_sampling_config_is_accepted():
+    from cast_mlx.config import SamplingConfig
+
+    cfg = SamplingConfig(group_size=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=99,
+                         max_batch=16)
+    assert rollout.as_sampling_params(cfg) == SamplingParams(0.7, 0.9, 20, 0.05, 99, 16)
+
+    class Partial:  # missing attributes take the defaults
+        temperature = 0.0
+
+    assert rollout.as_sampling_params(Partial()) == SamplingParams(temperature=0.0)
+
+
+# --------------------------------------------------------------------------- LoRA / quantized
+
+
+def test_lora_policy_is_sampled_in_eval_mode(smol_dir, setup, greedy):
+    _, tok, prompts, eos = setup
+    model, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
+    models.attach_lora(model, rank=4, alpha=8.0, dropout=0.5, num_layers=4,
+                       keys=["self_attn.q_proj", "self_attn.v_proj"], seed=0)
+    # Non-zero lora_b so the adapted policy differs from the base model.
+    params = dict(tree_flatten(model.trainable_parameters()))
+    keys = mx.random.split(mx.random.key(3), len(params))
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape, key=s) * 0.05 if k.endswith("lora_b") else v)
+                                 for s, (k, v) in zip(keys, params.items())]))
+    model.train()  # dropout on: the engine must switch it off while sampling
+    out = generate_groups(model, prompts[:2], 2, SamplingParams(temperature=0, max_new_tokens=8), eos, key=0)
+    assert model.training
+    model.eval()
+    rows = rows_of(out)
+    for i, prompt in enumerate(prompts[:2]):
+        ref = greedy_reference(model, prompt, 8, eos)
+        assert rows[2 * i] == rows[2 * i + 1] == ref
+        np.testing.assert_allclose(np.array(out.logprobs[2 * i, : len(ref)]), score(model, prompt, ref, 1.0),
+                                   atol=1e-4)
+    # The adapter changed the policy: the base model's greedy answers differ.
+    assert [r[:8] for r in rows_of(greedy)[:4:2]] != rows[::2]
+
+
+def test_quantized_model(smol_dir, setup):
+    _, _, prompts, eos = setup
+    model, _ = models.load(models.DEFAULT_MODEL, dtype="quantized")
+    assert models.is_quantized(model) and rollout.plain_head(model) is None
+    out = generate_groups(model, prompts[2:], 2, SamplingParams(temperature=0, max_new_tokens=3), eos, key=0)
+    ref = greedy_reference(model, prompts[2], 3, eos)
+    assert rows_of(out) == [ref, ref]
+
+
+# --------------------------------------------------------------------------- sampler (pure)
+
+PROBS = np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32)
+
+
+def draw_all(logits_row, n=2000, **kw):
+    """Sample with n evenly spaced uniforms; returns (ids, logprobs)."""
+    u = (np.arange(n, dtype=np.float32) + 0.5) / n
+    return sample_tokens(np.tile(logits_row, (n, 1)), u, **kw)
+
+
+def test_inverse_cdf_follows_the_distribution():
+    ids, lps = draw_all(np.log(PROBS), temperature=1.0)
+    assert ids.dtype == np.int32 and lps.dtype == np.float32
+    np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), PROBS, atol=1e-3)
+    np.testing.assert_allclose(lps, np.log(PROBS)[ids], atol=1e-6)
+
+
+def test_inverse_cdf_over_many_blocks():
+    # 1000 tokens (4 blocks of 256, the last one padded); all mass in 3 far-apart tokens.
+    weights = np.zeros((3, 1000), dtype=np.float32)
+    weights[:, [5, 600, 999]] = [0.25, 0.5, 0.25]
+    ids = inverse_cdf(weights, np.array([0.1, 0.5, 0.9], dtype=np.float32))
+    assert ids.tolist() == [5, 600, 999]
+    u = np.array([0.0, 0.99999994], dtype=np.float32)
+    assert inverse_cdf(weights[:2], u).tolist() == [5, 999]
+
+
+def test_temperature_scales_the_distribution_and_the_logprobs():
+    ids, lps = draw_all(np.log(PROBS), temperature=0.5)
+    want = PROBS**2 / (PROBS**2).sum()
+    np.testing.assert_allclose(np.bincount(ids, minlength=4) / len(ids), want, atol=1e-3)
+    np.testing.assert_allclose(lps, np.log(want)[ids], atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, kept", [
+    ({"top_k": 2}, [0, 1]),
+    ({"top_p": 0.7}, [0, 1]),  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    ({"top_p": 0.4}, [0]),  # the top token is always kept
+    ({"min_p": 0.5}, [0, 1]),  # p >= 0.25
+    ({"top_k": 3, "top_p": 0.9, "min_p": 0.4}, [0, 1]),  # the intersection
+])
+def test_filters_sample_renormalised_but_report_unfiltered_logprobs(kw, kept):
+    ids, lps = draw_all(np.log(PROBS), temperature=1.0, **kw)
+    freq = np.bincount(ids, minlength=4) / len(ids)
+    want = np.zeros(4)
+    want[kept] = PROBS[kept] / PROBS[kept].sum()
+    np.testing.assert_allclose(freq, want, atol=1e-3)
+    np.testing.assert_allclose(lps, np.log(PROBS)[ids], atol=1e-6)  # before filtering
+    mask = keep_mask(np.log(PROBS)[None], **kw)[0]
+    assert np.nonzero(mask)[0].tolist() == kept
+
+
+def test_greedy_sampler_and_bad_logits():
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, -1.0, 2.5]], dtype=np.float32)
+    ids, lps = sample_tokens(logits, np.array([0.3, 0.9]), temperature=0)
+    assert ids.tolist() == [1, 2]
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(lps, [ref[0, 1], ref[1, 2]], atol=1e-6)
+    # u = 0 picks the first token with non-zero weight; u just below 1 the last one.
+    masked = np.array([[-math.inf, 0.0, 0.0, -math.inf]], dtype=np.float32)
+    assert sample_tokens(masked, np.array([0.0]))[0].tolist() == [1]
+    assert sample_tokens(masked, np.array([0.99999994]))[0].tolist() == [2]
+    with pytest.raises(ValueError, match="logits: row 1"):
+        sample_tokens(np.array([[0.0, 1.0], [np.nan, 1.0]], dtype=np.float32), np.array([0.5, 0.5]))
