@@ -1,4 +1,4 @@
-"""The `cast-mlx` console script: `cast-mlx train ...`, `cast-mlx fetch NAME`."""
+"""The `cast-mlx` console script: `cast-mlx train|eval|plot|models ...`, `cast-mlx fetch NAME`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import sys
 
 COMMANDS = {
     "train": ("cast_mlx.train", "train (or --dry-run) from a recipe"),
+    "eval": ("cast_mlx.eval", "evaluate a model (and adapter) on a task"),
+    "plot": ("cast_mlx.plot", "learning curves of one or more runs"),
     "models": ("cast_mlx.models", "fetch / list embedded models"),
 }
 

@@ -429,3 +429,11 @@ def build_prompt(tokenizer, problem: Problem, system_prompt: str | None = DEFAUL
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": user_message(problem, answer_format, instruction)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, problem: Problem, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+               answer_format: str = "hash") -> list[int]:
+    """`build_prompt` as token ids (the template already holds any special tokens), the form
+    the rollout engine takes; training and evaluation both go through it."""
+    return tokenizer.encode(build_prompt(tokenizer, problem, system_prompt, answer_format),
+                            add_special_tokens=False)

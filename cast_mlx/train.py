@@ -1,8 +1,9 @@
-"""`python -m cast_mlx.train --recipe recipes/X.yaml [--set k=v ...] [--dry-run]`
+"""`python -m cast_mlx.train --recipe recipes/X.yaml [--set k=v ...] [--resume DIR] [--dry-run]`
 
-Validates the recipe (before anything heavy is imported or loaded) and prints the resolved
-configuration. `--dry-run` then loads the model and greedily answers the first training
-problem, to check the whole set-up end to end.
+Validates the recipe (before anything heavy is imported or loaded), prints the resolved
+configuration, and trains (see `cast_mlx.trainer`). `--dry-run` instead loads the model
+and greedily answers the first training problem, to check the set-up end to end.
+`--resume RUN_DIR` continues a run from its latest checkpoint with the recipe stored there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint directory")
     p.add_argument("--no-dashboard", action="store_true", help="plain log lines instead of rich")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved recipe")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe and exit (no model is loaded)")
     return p
 
 
@@ -66,10 +69,49 @@ def dry_run(recipe: cfg.Recipe) -> int:
     return 0
 
 
+def _resume_recipe(args) -> tuple[cfg.Recipe, "Path"]:
+    from pathlib import Path
+
+    from cast_mlx.trainer import TrainingError, find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(args.resume)
+    except TrainingError as exc:
+        raise cfg.ConfigError(str(exc)) from exc
+    recipe = cfg.load_recipe(ckpt / "recipe.yaml", args.overrides)
+    if args.recipe is not None:
+        given = cfg.load_recipe(args.recipe, args.overrides)
+        if cfg.recipe_hash(given) != cfg.recipe_hash(recipe):
+            raise cfg.ConfigError(
+                f"--resume {args.resume}: the checkpoint's recipe differs from {args.recipe}; "
+                "resume without --recipe to use the stored one"
+            )
+    return recipe, Path(ckpt)
+
+
+def train(recipe: cfg.Recipe, ckpt, live: bool) -> int:
+    from cast_mlx import trainer
+    from cast_mlx.models import ModelLoadError
+
+    out_dir = ckpt.parent.parent if ckpt is not None else None
+    try:
+        run = trainer.setup(recipe, out_dir=out_dir)
+        if ckpt is not None:
+            trainer.load_checkpoint(run, ckpt)
+        return trainer.fit(run, live=live, resumed_from=ckpt)
+    except (ModelLoadError, trainer.TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    ckpt = None
     try:
-        recipe = cfg.load_recipe(args.recipe, args.overrides)
+        if args.resume:
+            recipe, ckpt = _resume_recipe(args)
+        else:
+            recipe = cfg.load_recipe(args.recipe, args.overrides)
     except cfg.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -78,6 +120,8 @@ def main(argv=None) -> int:
 
         print(yaml.safe_dump(cfg.describe(recipe), sort_keys=False).rstrip())
         print(f"# recipe hash: {cfg.recipe_hash(recipe)}")
+    if args.print_config:
+        return 0
     if args.dry_run:
         from cast_mlx.models import ModelLoadError
 
@@ -86,8 +130,7 @@ def main(argv=None) -> int:
         except (ModelLoadError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print("training loop: not implemented yet (see the open issue); use --dry-run", file=sys.stderr)
-    return 0
+    return train(recipe, ckpt, live=not args.no_dashboard)
 
 
 if __name__ == "__main__":

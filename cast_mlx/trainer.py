@@ -1,0 +1,642 @@
+"""The training loop: sample -> verify -> teacher -> advantages -> loss -> LoRA update.
+
+The loop is a handful of functions over a `Run` (the objects a run holds) and a
+`TrainState` (the counters a checkpoint must restore). One step, in spec order:
+
+1. `sample`: P prompts x G completions from the current policy (rollout engine).
+2. `score_rewards`: decode, verify, binary rewards.
+3. `teacher_gaps`: teacher log-probs on the teacher context + the same tokens, minus the
+   sampler's log-probs of the old policy (skipped under GRPO).
+4. advantages (compiled, by algorithm name).
+5. `update`: micro-batched forward/backward with the loss normalised over the whole
+   batch, gradient-norm clip, AdamW on the LoRA tensors; NaN/inf skips the update.
+6. teacher refresh, metrics, checkpoint.
+
+Randomness is derived from `(seed, step)` and the data order from `(seed, epoch)`, so a
+run resumed from a checkpoint continues bit-identically on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cast_mlx import blas
+
+blas.load()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+from cast_mlx import config as cfg  # noqa: E402
+from cast_mlx import data, models, rollout, verify  # noqa: E402
+from cast_mlx.eval import decode_completions  # noqa: E402
+from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count  # noqa: E402
+from cast_mlx.logprobs import make_batch, token_logprobs  # noqa: E402
+from cast_mlx.loss import cast_diagnostics, loss_norm  # noqa: E402
+from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts  # noqa: E402
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # file in the checkpoints folder naming the newest complete checkpoint
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many NaN steps); the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a checkpoint restores."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    cursor: int = 0  # next index into this epoch's order
+    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
+    recipe_hash: str = ""
+
+
+@dataclass
+class Run:
+    recipe: cfg.Recipe
+    model: nn.Module
+    tokenizer: object
+    adapter_config: dict
+    optimizer: optim.Optimizer
+    teacher: Teacher | None
+    ref_params: dict | None  # adapters disabled (k3 KL reference), only when beta > 0
+    problems: list
+    advantages: CompiledAdvantages
+    loss_fn: CompiledPolicyLoss
+    verifier: verify.Verifier
+    out_dir: Path
+    state: TrainState = field(default_factory=TrainState)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def lr_schedule(recipe: cfg.Recipe):
+    """Linear warmup to `lr`, then constant / linear / cosine / polynomial (power 2) decay."""
+    lr, steps = recipe.optimizer.lr, recipe.schedule.steps
+    warmup = int(round(recipe.schedule.warmup_ratio * steps))
+    end = lr * recipe.schedule.min_lr_ratio
+    rest = max(steps - warmup, 1)
+    decay = recipe.schedule.decay
+    if decay == "constant":
+        after = lambda s: mx.array(lr, mx.float32)  # noqa: E731
+    elif decay == "linear":
+        after = optim.linear_schedule(lr, end, rest)
+    elif decay == "cosine":
+        after = optim.cosine_decay(lr, rest, end)
+    else:
+        def after(s):
+            frac = mx.minimum(s.astype(mx.float32) / rest, 1.0)
+            return (lr - end) * (1.0 - frac) ** 2 + end
+    if warmup == 0:
+        return after
+    return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup])
+
+
+def build_optimizer(recipe: cfg.Recipe) -> optim.Optimizer:
+    o = recipe.optimizer
+    return optim.AdamW(learning_rate=lr_schedule(recipe), betas=list(o.betas), eps=o.eps,
+                       weight_decay=o.weight_decay)
+
+
+def setup(recipe: cfg.Recipe, out_dir: Path | None = None) -> Run:
+    """Load the model, attach LoRA, build the optimizer, teacher, data and compiled fns."""
+    if recipe.system.memory_limit_gb:
+        mx.set_memory_limit(int(recipe.system.memory_limit_gb * 2**30))
+    if recipe.system.cache_limit_gb is not None:
+        mx.set_cache_limit(int(recipe.system.cache_limit_gb * 2**30))
+    problems = data.load_task(recipe.data.task, "train", path=recipe.data.path,
+                              n=recipe.data.train_size, level=recipe.data.level, seed=recipe.seed)
+    model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
+    lo = recipe.lora
+    adapter_config = models.attach_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                                        num_layers=lo.num_layers, keys=lo.keys, seed=recipe.seed)
+    model.train(lo.dropout > 0)
+    a = recipe.algorithm
+    teacher = None
+    if a.name != "grpo":
+        teacher = Teacher.create(model, kind=recipe.teacher.kind, refresh=recipe.teacher.refresh,
+                                 ema_decay=recipe.teacher.ema_decay)
+    ref_params = None
+    if recipe.loss.beta > 0:
+        ref_params = Teacher.create(model, kind="base").params
+    params = {k: v for k, v in asdict(a).items() if k != "name"}
+    params["scale_rewards"] = cfg.resolved_scale_rewards(a)
+    advantages = CompiledAdvantages(a.name, group_size=recipe.sampling.group_size, **params)
+    L = recipe.loss
+    loss_fn = CompiledPolicyLoss(eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg,
+                                 mask_truncated=L.mask_truncated, beta=L.beta)
+    return Run(
+        recipe=recipe, model=model, tokenizer=tokenizer, adapter_config=adapter_config,
+        optimizer=build_optimizer(recipe), teacher=teacher, ref_params=ref_params,
+        problems=problems, advantages=advantages, loss_fn=loss_fn,
+        verifier=verify.Verifier(workers=1, timeout=2.0),
+        out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
+        state=TrainState(recipe_hash=cfg.recipe_hash(recipe)),
+    )
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"cast-mlx/order/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def next_prompts(run: Run) -> list:
+    """The step's batch of problems (P of them), advancing the data cursor."""
+    st, p = run.state, run.recipe.sampling.prompts_per_step
+    picked = []
+    while len(picked) < p:
+        order = epoch_order(len(run.problems), run.recipe.seed, st.epoch, run.recipe.data.shuffle)
+        take = order[st.cursor: st.cursor + p - len(picked)]
+        picked += take
+        st.cursor += len(take)
+        if st.cursor >= len(order):
+            st.epoch, st.cursor = st.epoch + 1, 0
+    return [run.problems[i] for i in picked]
+
+
+def step_key(seed: int, step: int) -> mx.array:
+    return mx.random.key((seed * 1_000_003 + step) % (2**63))
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def sample(run: Run, problems: list):
+    r = run.recipe
+    prompts = [data.prompt_ids(run.tokenizer, p, r.data.system_prompt, r.data.answer_format)
+               for p in problems]
+    eos = set(run.tokenizer.eos_token_ids)
+    out = rollout.generate_groups(run.model, prompts, r.sampling.group_size, r.sampling, eos,
+                                  key=step_key(r.seed, run.state.step))
+    return prompts, out
+
+
+def score_rewards(run: Run, problems: list, texts: list[str]):
+    """Binary rewards `[N]` and the verdicts; None rewards (unusable gold) count as dropped."""
+    g = run.recipe.sampling.group_size
+    fmt = run.recipe.data.answer_format
+    items = [(t, problems[i // g].gold, fmt) for i, t in enumerate(texts)]
+    verdicts = run.verifier.verify_batch(items)
+    rewards = [verify.reward(v, run.recipe.data.reward) for v in verdicts]
+    dropped = [r is None for r in rewards]
+    return mx.array([0.0 if r is None else r for r in rewards], dtype=mx.float32), verdicts, dropped
+
+
+def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[list[int]]:
+    """The teacher's context of every row (one per prompt, repeated G times)."""
+    mode = cfg.resolved_teacher_context(run.recipe)
+    refs = [p.solution or p.gold for p in problems]
+    ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs)
+    g = run.recipe.sampling.group_size
+    return [ctx[i // g] for i in range(len(problems) * g)]
+
+
+def teacher_gaps(run: Run, problems, prompts, out, mask):
+    """`g = lp_T - lp_old` `[N, L]` (zeros under GRPO) and the teacher log-probs."""
+    if run.teacher is None:
+        return mx.zeros(mask.shape), None
+    batch = make_batch(row_contexts(run, problems, prompts), out.tokens, mask)
+    lp_t = run.teacher.score(run.model, batch, run.recipe.sampling.temperature)
+    return (lp_t - out.logprobs) * mask, lp_t
+
+
+def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
+def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
+    """Accumulate gradients over micro-batches, clip, and apply one AdamW step.
+
+    Returns (loss, grad_norm, aux metrics, applied?). Rows without loss (zero advantage
+    everywhere with beta = 0, or truncated when masked) are skipped: they would add
+    nothing to the loss or the gradient, and the normaliser is the whole batch's.
+    """
+    r = run.recipe
+    norm = loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated)
+    carries = (mx.abs(adv) * mask).sum(axis=1) > 0
+    if r.loss.beta > 0:
+        carries = mask.sum(axis=1) > 0
+    if r.loss.mask_truncated:
+        carries = mx.logical_and(carries, truncated == 0)
+    rows = [i for i, c in enumerate(carries.tolist()) if c]
+    temperature = r.sampling.temperature
+
+    def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb):
+        lp, ent = token_logprobs(model, batch, temperature, with_entropy=True)
+        old = mx.stop_gradient(lp)  # one update per batch: ratio = 1, gradient of the surrogate
+        value, metrics = run.loss_fn(lp, old, adv_mb, batch.mask, trunc_mb, ref_mb, norm)
+        return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()))
+
+    grad_fn = nn.value_and_grad(run.model, micro_loss)
+    total, grads, entropy_sum, metric_sums = mx.array(0.0), None, mx.array(0.0), {}
+    for mb in _micro_batches(rows, r.optimizer.micro_batch_size):
+        idx = mx.array(mb)
+        length = int(mask[idx].sum(axis=1).max().item())
+        length = max(length, 1)
+        batch = make_batch([contexts[i] for i in mb], tokens[idx, :length], mask[idx, :length])
+        ref_mb = None if ref_lp is None else ref_lp[idx, :length]
+        (value, (metrics, ent)), g = grad_fn(run.model, batch, adv[idx, :length], truncated[idx], ref_mb)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        total = total + value
+        entropy_sum = entropy_sum + ent
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v
+        mx.eval(grads, total)
+    aux = {k: v.item() for k, v in metric_sums.items()}
+    n_tok = float(mask.sum().item())
+    aux["entropy"] = entropy_sum.item() / max(n_tok, 1.0) if rows else 0.0
+    aux["rows_skipped"] = len(carries.tolist()) - len(rows)
+    if grads is None:  # nothing carries loss this step (e.g. all groups zero-variance)
+        return 0.0, 0.0, aux, False
+    grads, grad_norm = optim.clip_grad_norm(grads, r.optimizer.max_grad_norm)
+    loss_value, grad_norm = total.item(), grad_norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        return loss_value, grad_norm, aux, False
+    run.optimizer.update(run.model, grads)
+    mx.eval(run.model.trainable_parameters(), run.optimizer.state)
+    return loss_value, grad_norm, aux, True
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run) -> tuple[dict, list[dict]]:
+    """One full step. Returns the metrics line and a few sample records."""
+    r, st = run.recipe, run.state
+    times = {}
+    t0 = time.perf_counter()
+    problems = next_prompts(run)
+    prompts, out = sample(run, problems)
+    mx.eval(out.tokens, out.logprobs)
+    times["sample"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    texts = decode_completions(run.tokenizer, out)  # without the final EOS token
+    rewards, verdicts, dropped = score_rewards(run, problems, texts)
+    times["verify"] = time.perf_counter() - t
+
+    keep = mx.array([0.0 if d else 1.0 for d in dropped])[:, None]
+    mask = out.mask * keep
+    truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
+
+    t = time.perf_counter()
+    gaps, _ = teacher_gaps(run, problems, prompts, out, mask)
+    ref_lp = None
+    if run.ref_params is not None:
+        ref_batch = make_batch([prompts[i // r.sampling.group_size] for i in range(mask.shape[0])],
+                               out.tokens, mask)
+        with swapped_lora(run.model, run.ref_params):
+            ref_lp = mx.stop_gradient(token_logprobs(run.model, ref_batch, r.sampling.temperature))
+    mx.eval(gaps)
+    times["teacher"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    adv, base = run.advantages(rewards, gaps, mask, step=st.step)
+    contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]
+    mx.clear_cache()
+    loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
+    mx.clear_cache()
+    times["update"] = time.perf_counter() - t
+
+    lr = float(run.optimizer.learning_rate.item()) if applied else float(
+        lr_schedule(r)(mx.array(st.step)).item())
+    if applied or aux["rows_skipped"] == mask.shape[0]:
+        st.step += 1
+        st.bad_steps = 0
+        if run.teacher is not None:
+            run.teacher.after_step(run.model, st.step)
+    else:
+        st.bad_steps += 1
+        st.step += 1  # the batch is consumed; the update is skipped
+        if st.bad_steps >= r.system.max_bad_steps:
+            raise TrainingError(
+                f"{st.bad_steps} consecutive steps with a non-finite loss or gradient "
+                f"(last loss {loss_value}, grad norm {grad_norm}); lower optimizer.lr or check the data"
+            )
+
+    metrics = step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, truncated,
+                           loss_value, grad_norm, aux, lr, times, applied)
+    samples = [
+        {"step": st.step, "problem": problems[i // r.sampling.group_size].question,
+         "gold": problems[i // r.sampling.group_size].gold, "completion": texts[i],
+         "reward": float(rewards[i].item()), "finish": out.finish_reasons[i]}
+        for i in range(min(r.logging.samples_per_step, len(texts)))
+    ]
+    return metrics, samples
+
+
+def step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, truncated, loss_value,
+                 grad_norm, aux, lr, times, applied) -> dict:
+    r = run.recipe
+    g = r.sampling.group_size
+    rew = rewards.reshape(-1, g)
+    lengths = out.lengths.astype(mx.float32)
+    ended = 1.0 - truncated
+    n_ended = float(ended.sum().item())
+    gen_tokens = float(out.lengths.sum().item())
+    diag = cast_diagnostics(rewards, base, gaps, adv, mask, a_max=r.algorithm.a_max, group_size=g)
+    m = {
+        "step": run.state.step,
+        "epoch": run.state.epoch,
+        "reward": rewards.mean().item(),
+        "reward_std": float(mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+                                    / max(g - 1, 1)).mean().item()),
+        "frac_reward_zero_std": float((rew.max(axis=1) == rew.min(axis=1)).astype(mx.float32).mean().item()),
+        "accuracy/strict": sum(bool(v and v.strict) for v in verdicts) / len(verdicts),
+        "accuracy/lenient": sum(bool(v and v.lenient) for v in verdicts) / len(verdicts),
+        "reward/dropped": sum(dropped),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/mean_terminated_length": float((lengths * ended).sum().item()) / max(n_ended, 1.0),
+        "completions/max_length": float(lengths.max().item()),
+        "completions/clipped_ratio": float(truncated.mean().item()),
+        "loss": loss_value,
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "update_applied": applied,
+        "clip_ratio/low_mean": aux.get("clip_frac_low", 0.0),
+        "clip_ratio/high_mean": aux.get("clip_frac_high", 0.0),
+        "ratio_mean": aux.get("ratio_mean", 1.0),
+        "entropy": aux["entropy"],
+        "rows_skipped": aux["rows_skipped"],
+        "compile_count": compile_count(),
+        "time/sample": times["sample"],
+        "time/verify": times["verify"],
+        "time/teacher": times["teacher"],
+        "time/update": times["update"],
+        "time/step": sum(times.values()),
+        "tokens_per_s/generate": gen_tokens / max(times["sample"], 1e-9),
+        "tokens_per_s/train": float(mask.sum().item()) / max(times["update"], 1e-9),
+        "memory/peak_gb": mx.get_peak_memory() / 2**30,
+        "memory/rss_gb": _rss_gb(),
+    }
+    if "kl_mean" in aux:
+        m["kl"] = aux["kl_mean"]
+    for k, v in diag.items():
+        m[f"cast/{k}"] = float(v.item()) if isinstance(v, mx.array) else float(v)
+    return m
+
+
+def _rss_gb() -> float:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write `checkpoints/step_NNNNNN` atomically (temp dir + rename), then point `latest`
+    at it; older checkpoints beyond `checkpoint.keep` are removed afterwards."""
+    root = checkpoint_root(run.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{run.state.step:06d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    models.save_adapters(run.model, tmp, run.adapter_config)
+    opt_state = dict(tree_flatten(run.optimizer.state))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+    if run.teacher is not None:
+        mx.save_safetensors(str(tmp / "teacher.safetensors"), run.teacher.params)
+    meta = asdict(run.state) | {"teacher_version": run.teacher.version if run.teacher else 0}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "recipe.yaml").write_text(cfg.to_yaml(run.recipe))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / f".{LATEST}.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, root / LATEST)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[: -run.recipe.checkpoint.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a run dir, its checkpoints dir, or the folder itself."""
+    path = Path(path)
+    for root in (path / CHECKPOINTS, path):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    if (path / "state.json").is_file():
+        return path
+    raise TrainingError(f"--resume {path}: no checkpoint found (expected {path}/{CHECKPOINTS}/{LATEST})")
+
+
+def load_checkpoint(run: Run, ckpt: Path) -> None:
+    """Restore adapters, optimizer, teacher and counters into a freshly set-up run."""
+    state = json.loads((ckpt / "state.json").read_text())
+    teacher_version = state.pop("teacher_version", 0)
+    run.state = TrainState(**state)
+    weights = mx.load(str(ckpt / models.ADAPTER_WEIGHTS))
+    run.model.load_weights(list(weights.items()), strict=False)
+    run.optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    if run.teacher is not None:
+        run.teacher.params = mx.load(str(ckpt / "teacher.safetensors"))
+        run.teacher.version = teacher_version
+    mx.eval(run.model.trainable_parameters(), run.optimizer.state)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Sinks:
+    """metrics.jsonl / samples.jsonl, and wandb / tensorboard when asked and installed."""
+
+    def __init__(self, run: Run, resume_step: int | None):
+        self.dir = run.out_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path, self.samples_path = self.dir / "metrics.jsonl", self.dir / "samples.jsonl"
+        if resume_step is None:
+            for p in (self.metrics_path, self.samples_path):
+                p.unlink(missing_ok=True)
+        else:  # drop lines written after the checkpoint we resume from
+            for p in (self.metrics_path, self.samples_path):
+                if p.exists():
+                    keep = [line for line in p.read_text().splitlines()
+                            if line and json.loads(line)["step"] <= resume_step]
+                    p.write_text("".join(line + "\n" for line in keep))
+        self.extra = []
+        log = run.recipe.logging
+        if log.wandb:
+            try:
+                import wandb
+
+                self.extra.append(("wandb", wandb.init(project="cast-mlx", name=run.recipe.name,
+                                                       config=cfg.to_dict(run.recipe))))
+            except ImportError:
+                print("warning: logging.wandb is on but wandb is not installed; skipping it")
+        if log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # type: ignore
+
+                self.extra.append(("tensorboard", SummaryWriter(str(self.dir / "tensorboard"))))
+            except ImportError:
+                try:
+                    from tensorboardX import SummaryWriter  # type: ignore
+
+                    self.extra.append(("tensorboard", SummaryWriter(str(self.dir / "tensorboard"))))
+                except ImportError:
+                    print("warning: logging.tensorboard is on but no SummaryWriter is installed; skipping it")
+
+    def write(self, metrics: dict, samples: list[dict]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(self.samples_path, "a") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        for kind, sink in self.extra:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if kind == "wandb":
+                sink.log(numeric, step=metrics["step"])
+            else:
+                for k, v in numeric.items():
+                    sink.add_scalar(k, v, metrics["step"])
+
+    def close(self) -> None:
+        for kind, sink in self.extra:
+            sink.finish() if kind == "wandb" else sink.close()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second SIGINT
+    abandons the step at once (the last checkpoint stays valid)."""
+
+    CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def install(self):
+        import signal
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.signal_name is not None and name == "SIGINT":
+                raise KeyboardInterrupt
+            self.signal_name = name
+
+        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def restore(self):
+        import signal
+
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    @property
+    def code(self) -> int:
+        return self.CODES.get(self.signal_name, 1)
+
+
+def eval_problems(recipe: cfg.Recipe) -> list:
+    """The fixed held-out set for in-training eval (the arithmetic eval split never
+    overlaps the train split; gsm8k/math use their test split)."""
+    d = recipe.data
+    split = "eval" if d.task == "arithmetic" else "test"
+    return data.load_task(d.task, split, path=d.path, n=d.eval_size, level=d.level, seed=0)
+
+
+def evaluate_now(run: Run, problems: list) -> dict:
+    """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics."""
+    from cast_mlx.eval import evaluate
+
+    r = run.recipe
+    t = time.perf_counter()
+    result = evaluate(run.model, run.tokenizer, problems, answer_format=r.data.answer_format,
+                      system_prompt=r.data.system_prompt, max_new_tokens=r.sampling.max_new_tokens,
+                      max_batch=r.sampling.max_batch, verifier=run.verifier, n_resamples=200)
+    lenient, strict = result.summary["greedy/lenient"], result.summary["greedy/strict"]
+    return {"eval/accuracy": lenient.value, "eval/accuracy_ci_low": lenient.ci_low,
+            "eval/accuracy_ci_high": lenient.ci_high, "eval/accuracy_strict": strict.value,
+            "eval/n": len(problems), "time/eval": time.perf_counter() - t}
+
+
+def run_info(run: Run) -> dict:
+    r = run.recipe
+    return {
+        "run": r.name,
+        "model": f"{r.model.name} ({models.resolve_dtype(r.model.dtype)})",
+        "algorithm": r.algorithm.name,
+        "backend": str(mx.default_device()),
+        "blas": blas.active_blas(),
+        "out": str(run.out_dir),
+    }
+
+
+def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
+    """Train to `schedule.steps`; returns the process exit code."""
+    from cast_mlx.dashboard import make_view
+
+    r = run.recipe
+    sinks = Sinks(run, run.state.step if resumed_from else None)
+    stop = StopRequest().install()
+    view = make_view(r.schedule.steps, run_info(run), live and r.logging.dashboard)
+    last_saved = run.state.step if resumed_from else -1
+    every = r.logging.eval_every
+    held_out = eval_problems(r) if every else []
+    try:
+        with view:
+            if resumed_from:
+                view.message(f"resumed from {resumed_from} at step {run.state.step}")
+            elif every:  # the starting point of the eval curve
+                baseline = {"step": 0, **evaluate_now(run, held_out)}
+                sinks.write(baseline, [])
+                view.message(f"step 0 eval accuracy {baseline['eval/accuracy']:.3f} "
+                             f"(n={baseline['eval/n']})")
+            while run.state.step < r.schedule.steps and stop.signal_name is None:
+                metrics, samples = train_step(run)
+                if every and (run.state.step % every == 0 or run.state.step == r.schedule.steps):
+                    metrics.update(evaluate_now(run, held_out))
+                sinks.write(metrics, samples)
+                view.update(metrics, samples)
+                st = run.state.step
+                if st % r.checkpoint.every == 0 or st == r.schedule.steps:
+                    save_checkpoint(run)
+                    last_saved = st
+            if stop.signal_name is not None:
+                if last_saved != run.state.step:
+                    save_checkpoint(run)
+                view.message(f"{stop.signal_name}: stopped after step {run.state.step}; resume with "
+                             f"python -m cast_mlx.train --resume {run.out_dir}")
+                return stop.code
+    except KeyboardInterrupt:
+        print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: "
+              f"python -m cast_mlx.train --resume {run.out_dir}")
+        return 130
+    finally:
+        stop.restore()
+        sinks.close()
+        run.verifier.close()
+    if last_saved != run.state.step:
+        save_checkpoint(run)
+    view.message(f"done: {run.state.step} steps; adapters in {find_checkpoint(run.out_dir)}")
+    return 0

@@ -1,0 +1,198 @@
+"""The training loop end to end on the embedded model with the smoke recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from cast_mlx import config as cfg
+from cast_mlx import models, trainer
+from conftest import ROOT, run_cli
+
+VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
+
+
+def _train(tmp_path: Path, name: str, *extra: str, timeout=900):
+    out = tmp_path / name
+    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet",
+                   "--no-dashboard", "--set", f"logging.out_dir={out}", *extra, timeout=timeout)
+    return out, proc
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stable(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(VOLATILE)}
+
+
+def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
+    out, proc = _train(tmp_path, "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy",
+                "learning_rate", "grad_norm", "cast/groups/mixed", "cast/gap/correct_neg/share",
+                "time/sample", "time/update", "memory/peak_gb"):
+        assert key in lines[0], key
+    assert all(0.0 <= m["reward"] <= 1.0 and math.isfinite(m["loss"]) for m in lines)
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and "completion" in json.loads(samples[0])
+    ckpt = trainer.find_checkpoint(out)
+    assert ckpt.name == "step_000002"
+    for f in ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
+              "teacher.safetensors", "state.json", "recipe.yaml"):
+        assert (ckpt / f).is_file(), f
+    assert "step 2/2" in proc.stdout and "done: 2 steps" in proc.stdout
+
+    # mlx-lm loads the adapters as they are, and fuses them
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(smol_dir), adapter_path=str(ckpt))
+    assert isinstance(mlx_lm.generate(model, tok, "1 + 1 =", max_tokens=3), str)
+    fused = tmp_path / "fused"
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(smol_dir),
+                           "--adapter-path", str(ckpt), "--save-path", str(fused)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (fused / "config.json").is_file()
+
+
+def test_resume_is_bit_identical(tmp_path, smol_dir):
+    straight, proc = _train(tmp_path, "straight", "--set", "schedule.steps=4", "--set", "checkpoint.every=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    part, proc = _train(tmp_path, "part", "--set", "schedule.steps=4", "--set", "checkpoint.every=2",
+                        "--set", "checkpoint.keep=5")
+    assert proc.returncode == 0
+    # cut the second run back to its step-2 checkpoint, then resume it
+    root = part / trainer.CHECKPOINTS
+    for name in ("step_000003", "step_000004"):
+        if (root / name).exists():
+            import shutil
+
+            shutil.rmtree(root / name)
+    (root / trainer.LATEST).write_text("step_000002\n")
+    proc = run_cli("-m", "cast_mlx.train", "--resume", str(part), "--quiet", "--no-dashboard", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    a = mx.load(str(trainer.find_checkpoint(straight) / "adapters.safetensors"))
+    b = mx.load(str(trainer.find_checkpoint(part) / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    ma, mb = _metrics(straight), _metrics(part)
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [_stable(m) for m in ma] == [_stable(m) for m in mb]
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet",
+           "--no-dashboard", "--set", f"logging.out_dir={out}", "--set", "schedule.steps=50",
+           "--set", "checkpoint.every=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM: stopped after step" in stdout and "--resume" in stdout
+    ckpt = trainer.find_checkpoint(out)
+    steps = [m["step"] for m in _metrics(out)]
+    assert ckpt.name == f"step_{steps[-1]:06d}"
+    assert not list((out / trainer.CHECKPOINTS).glob(".tmp-*"))
+
+
+@pytest.fixture()
+def smoke_run(tmp_path, smol_dir):
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'r'}"])
+    run = trainer.setup(recipe)
+    yield run
+    run.verifier.close()
+
+
+def test_nan_steps_skip_updates_then_stop(smoke_run):
+    run = smoke_run
+    before = models.lora_state(run.model)
+    real = run.loss_fn
+
+    def nan_loss(*args, **kwargs):
+        value, metrics = real(*args, **kwargs)
+        return value * float("nan"), metrics
+
+    run.loss_fn = nan_loss
+    run.recipe.algorithm.name = "cast"  # cast: zero-variance groups still carry loss
+    with pytest.raises(trainer.TrainingError, match="consecutive steps with a non-finite"):
+        for _ in range(run.recipe.system.max_bad_steps):
+            trainer.train_step(run)
+    after = models.lora_state(run.model)
+    for k in before:
+        np.testing.assert_array_equal(np.array(before[k]), np.array(after[k]))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = {k: v * float("nan") for k, v in after.items()}
+        from mlx.utils import tree_unflatten
+
+        run.model.update(tree_unflatten(list(bad.items())))
+        models.save_adapters(run.model, run.out_dir / "x", run.adapter_config)
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
+    """Micro-batches of 1 and of all rows give the same update (normalised over the batch)."""
+    results = []
+    for micro in (1, 8):
+        recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [
+            f"logging.out_dir={tmp_path / str(micro)}", f"optimizer.micro_batch_size={micro}",
+            "sampling.group_size=4"])
+        run = trainer.setup(recipe)
+        run.optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient itself
+        start = models.lora_state(run.model)
+        problems = trainer.next_prompts(run)
+        prompts, out = trainer.sample(run, problems)
+        rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+        gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+        adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
+        truncated = mx.zeros((8,))
+        contexts = [prompts[i // 4] for i in range(8)]
+        loss, gnorm, aux, applied = trainer.update(run, contexts, out.tokens, out.mask, adv, truncated)
+        assert applied
+        now = models.lora_state(run.model)
+        results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
+        run.verifier.close()
+    (l1, g1, d1), (l8, g8, d8) = results
+    assert abs(l1 - l8) <= 1e-5 * max(1.0, abs(l8))
+    assert abs(g1 - g8) <= 1e-4 * g8
+    scale = max(np.abs(d).max() for d in d8.values())
+    assert all(np.abs(d8[k]).max() > 0 for k in d8 if k.endswith("lora_b"))  # lora_a: 0 at step 0
+    for k in d1:
+        np.testing.assert_allclose(d1[k], d8[k], atol=1e-4 * scale, err_msg=k)
+
+
+def test_grpo_skips_zero_variance_groups(smoke_run):
+    run = smoke_run
+    problems = trainer.next_prompts(run)
+    prompts, out = trainer.sample(run, problems)
+    n = out.tokens.shape[0]
+    from cast_mlx.compiled import CompiledAdvantages
+
+    grpo = CompiledAdvantages("grpo", group_size=run.recipe.sampling.group_size, scale_rewards="group")
+    adv, _ = grpo(mx.ones((n,)), mx.zeros(out.mask.shape), out.mask)
+    before = models.lora_state(run.model)
+    loss, gnorm, aux, applied = trainer.update(run, [prompts[i // 2] for i in range(n)], out.tokens,
+                                               out.mask, adv, mx.zeros((n,)))
+    assert not applied and aux["rows_skipped"] == n
+    after = models.lora_state(run.model)
+    assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
