@@ -1,0 +1,471 @@
+"""Evaluate a model (optionally with LoRA adapters) on a task: greedy accuracy and k-sample
+metrics, each with a bootstrap 95% confidence interval.
+
+`python -m cast_mlx.eval --model SPEC [--adapter DIR] --task arithmetic [--n N] [--k K] ...`
+
+What is measured, per problem, with the prompt, rollout engine and verifier of training:
+
+- **greedy** (always): one completion at temperature 0; `greedy/strict` (the required
+  answer format was used and is right) and `greedy/lenient` (the first answer found in
+  any format is right, the reward used for training).
+- **k samples** (when `temperature > 0`): `k` completions per problem, scored lenient;
+  `mean@k` = the share of correct samples, `pass@k` = the unbiased estimator
+  `1 - C(n-c, k) / C(n, k)` (with `n = k` samples it is "any sample correct"), `maj@k` =
+  whether the majority answer is correct (see `majority_vote` for grouping and ties).
+
+Every metric is a mean over problems; its CI comes from resampling the problems
+(`bootstrap_ci`, percentile method, deterministic by seed).
+
+The pure helpers (`pass_at_k`, `answer_key`, `majority_vote`, `bootstrap_ci`,
+`decode_completions`) do not load a model and are tested on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cast_mlx import data, verify
+
+EXIT_USAGE = 2
+N_RESAMPLES = 1000
+DEFAULT_ARITHMETIC_EVAL_SIZE = 200
+EVAL_DATA_SEED = 0  # the held-out set does not change with --seed: every run sees the same
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct (Chen et al., 2021):
+    the probability that a random subset of `k` of the `n` samples holds a correct one,
+    `1 - C(n-c, k) / C(n, k)`; exactly 1 when fewer than `k` samples are wrong."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def answer_key(answer: str | None):
+    """What answers are grouped by for a vote: the exact value (and `%` flag) of a numeric
+    answer, so that `18`, `18.0` and `$18` agree; else the normalised text without spaces.
+    None (no answer found) stays None."""
+    if answer is None:
+        return None
+    normal = verify.normalize_answer(answer)
+    number = verify.parse_number(normal)
+    if number is not None:
+        return ("number", number[0], number[1])
+    return ("text", "".join(normal.split()))
+
+
+def majority_vote(answers: Sequence[str | None]) -> int | None:
+    """Index of the completion whose answer wins the vote, or None if no answer was found.
+
+    Answers are grouped by `answer_key`; completions without an answer do not vote. The
+    group with the most members wins; a tie goes to the group whose first member comes
+    earliest in `answers` (sample order, fixed by the seed). The returned index is that
+    first member, so its verdict is the vote's verdict.
+    """
+    counts: dict = {}
+    first: dict = {}
+    for i, answer in enumerate(answers):
+        key = answer_key(answer)
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    winner = max(counts, key=lambda key: (counts[key], -first[key]))
+    return first[winner]
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = N_RESAMPLES,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap `(low, high)` of the mean of `values` (one per problem).
+
+    Problems are resampled with replacement `n_resamples` times from a numpy generator
+    seeded with `seed`, so the interval is reproducible; `alpha = 0.05` gives a 95% CI.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("bootstrap_ci: need a non-empty list of per-problem values")
+    if not 0 < alpha < 1:
+        raise ValueError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:
+        raise ValueError(f"bootstrap_ci: n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_resamples, len(x)))
+    means = x[idx].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def decode_completions(tokenizer, rollout) -> list[str]:
+    """The text of every completion of a `Rollout`, without its final EOS token.
+
+    The EOS id is kept in the rollout (the policy chose to stop), but its text
+    (`<|im_end|>`) must not reach the verifier: `#### 42<|im_end|>` would not read as 42.
+    """
+    texts = []
+    for row, n, reason in zip(rollout.tokens.tolist(), rollout.lengths.tolist(),
+                              rollout.finish_reasons):
+        ids = row[: n - 1] if reason == "eos" else row[:n]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Metric:
+    """A mean over problems and its bootstrap CI."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class Completion:
+    text: str
+    answer: str | None  # the answer the lenient chain found (what is voted on)
+    strict: bool
+    lenient: bool
+    finish: str  # "eos" or "length"
+
+
+@dataclass
+class ProblemResult:
+    id: str
+    question: str
+    gold: str
+    greedy: Completion
+    samples: list[Completion] = field(default_factory=list)
+    majority: int | None = None  # index into samples of the vote's winner
+
+    @property
+    def n_correct(self) -> int:
+        """Correct (lenient) samples."""
+        return sum(s.lenient for s in self.samples)
+
+    @property
+    def majority_correct(self) -> bool:
+        return self.majority is not None and self.samples[self.majority].lenient
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.samples:
+            d["n_correct"] = self.n_correct
+            d["majority_answer"] = None if self.majority is None else self.samples[self.majority].answer
+            d["majority_correct"] = self.majority_correct
+        return d
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Metric]  # "greedy/strict", "greedy/lenient", "mean@k", "pass@k", "maj@k"
+    problems: list[ProblemResult]
+    settings: dict  # k, temperature, seed, ... and timing
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "summary": {name: asdict(m) for name, m in self.summary.items()},
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def per_problem_values(problems: Sequence[ProblemResult], k: int) -> dict[str, list[float]]:
+    """The per-problem 0..1 value of every metric (their means are the summary)."""
+    values = {
+        "greedy/strict": [float(p.greedy.strict) for p in problems],
+        "greedy/lenient": [float(p.greedy.lenient) for p in problems],
+    }
+    if problems and problems[0].samples:
+        values[f"mean@{k}"] = [p.n_correct / len(p.samples) for p in problems]
+        values[f"pass@{k}"] = [pass_at_k(len(p.samples), p.n_correct, k) for p in problems]
+        values[f"maj@{k}"] = [float(p.majority_correct) for p in problems]
+    return values
+
+
+def summarize(problems: Sequence[ProblemResult], k: int, seed: int = 0,
+              n_resamples: int = N_RESAMPLES) -> dict[str, Metric]:
+    """Mean and bootstrap CI of every metric (the same resamples for all: same seed)."""
+    summary = {}
+    for name, vals in per_problem_values(problems, k).items():
+        low, high = bootstrap_ci(vals, seed=seed, n_resamples=n_resamples)
+        summary[name] = Metric(float(np.mean(vals)), low, high)
+    return summary
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _completions(tokenizer, rollout, golds: list[str], answer_format: str, verifier) -> list[Completion]:
+    """Decode and verify every row of a rollout (row i answers `golds[i]`)."""
+    texts = decode_completions(tokenizer, rollout)
+    verdicts = verifier.verify_batch([(t, g, answer_format) for t, g in zip(texts, golds)])
+    out = []
+    for text, v, finish in zip(texts, verdicts, rollout.finish_reasons):
+        # A None verdict (unparseable gold) counts as wrong; load_task already drops such rows.
+        out.append(Completion(text, None if v is None else v.pred, bool(v and v.strict),
+                              bool(v and v.lenient), finish))
+    return out
+
+
+def evaluate(model, tokenizer, problems: Sequence[data.Problem], *, answer_format: str = "hash",
+             system_prompt: str | None = None, k: int = 1, temperature: float = 0.0,
+             max_new_tokens: int = 256, seed: int = 0, max_batch: int = 64,
+             verifier: verify.Verifier | None = None,
+             n_resamples: int = N_RESAMPLES) -> EvalResult:
+    """Greedy (and, with `temperature > 0`, `k`-sample) evaluation of `model` on `problems`.
+
+    The prompt is `data.build_prompt` (as in training), completions come from
+    `rollout.generate_groups` (greedy: one per problem at temperature 0), answers are
+    checked by `verifier` (a fresh one-worker `Verifier` when None). `seed` drives the
+    samples and the bootstrap.
+    """
+    from cast_mlx import rollout
+
+    if not problems:
+        raise ValueError("evaluate: no problems")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if k > 1 and temperature == 0:
+        raise ValueError("k > 1 samples need temperature > 0 (greedy samples are all the same)")
+    if answer_format not in verify.ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {verify.ANSWER_FORMATS}, got {answer_format!r}")
+
+    start = time.perf_counter()
+    prompts = [data.prompt_ids(tokenizer, p, system_prompt, answer_format) for p in problems]
+    golds = [p.gold for p in problems]
+    eos = set(tokenizer.eos_token_ids)
+    own_verifier = verifier is None
+    verifier = verify.Verifier(workers=1) if own_verifier else verifier
+    try:
+        greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
+                                               max_batch=max_batch)
+        greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed)
+        greedy = _completions(tokenizer, greedy_out, golds, answer_format, verifier)
+        samples: list[list[Completion]] = [[] for _ in problems]
+        if temperature > 0:
+            params = rollout.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                            max_batch=max_batch)
+            out = rollout.generate_groups(model, prompts, k, params, eos, key=seed)
+            flat = _completions(tokenizer, out, [g for g in golds for _ in range(k)],
+                                answer_format, verifier)
+            samples = [flat[i * k: (i + 1) * k] for i in range(len(problems))]
+    finally:
+        if own_verifier:
+            verifier.close()
+
+    results = []
+    for p, g, s in zip(problems, greedy, samples):
+        majority = majority_vote([c.answer for c in s]) if s else None
+        results.append(ProblemResult(p.id, p.question, p.gold, g, s, majority))
+    every = [c for r in results for c in [r.greedy, *r.samples]]
+    settings = {
+        "n_problems": len(results),
+        "k": k,
+        "samples_per_problem": k if temperature > 0 else 0,
+        "temperature": temperature,
+        "answer_format": answer_format,
+        "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "bootstrap_resamples": n_resamples,
+        "truncated_share": sum(c.finish == "length" for c in every) / len(every),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return EvalResult(summarize(results, k, seed, n_resamples), results, settings)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cast_mlx.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="embedded name, local mlx-lm folder or hub id "
+                                   "(default: the adapter's recipe model, else the embedded one)")
+    p.add_argument("--adapter", help="run dir, checkpoints dir, checkpoint or mlx-lm adapter folder")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(data.TASKS)}")
+    p.add_argument("--split", default="test")
+    p.add_argument("--path", help="local .jsonl file or folder (gsm8k/math; default: the hub)")
+    p.add_argument("--level", type=int, help="arithmetic level (default: the adapter's recipe, "
+                                             f"else {data.DEFAULT_ARITHMETIC_LEVEL})")
+    p.add_argument("--n", type=int, help="number of problems (default: the whole split; "
+                                         f"arithmetic: {DEFAULT_ARITHMETIC_EVAL_SIZE})")
+    p.add_argument("--k", type=int, default=1, help="samples per problem for mean/pass/maj@k")
+    p.add_argument("--temperature", type=float,
+                   help="sampling temperature (default: 0 = greedy only when k = 1, else 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=64, help="decode streams per wave")
+    p.add_argument("--answer-format", help="hash or boxed (default: the adapter's recipe, else hash)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument("--out", help="JSON file (default: eval-TASK-SPLIT.json in the adapter folder "
+                                 "given, else in the current folder)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or quantized")
+    return p
+
+
+def resolve_adapter(path: str) -> Path:
+    """The folder holding `adapters.safetensors` for a run dir, checkpoints dir, checkpoint
+    folder or plain mlx-lm adapter folder; UsageError if there is none."""
+    from cast_mlx import models
+    from cast_mlx.trainer import TrainingError, find_checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--adapter {path}: no such folder")
+    if not (folder / models.ADAPTER_WEIGHTS).is_file():
+        try:
+            folder = find_checkpoint(folder)
+        except TrainingError:
+            raise UsageError(f"--adapter {path}: no {models.ADAPTER_WEIGHTS} and no checkpoint "
+                             "found there") from None
+    for name in (models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise UsageError(f"--adapter {path}: {folder / name} is missing")
+    return folder
+
+
+def adapter_recipe(folder: Path | None):
+    """The training recipe stored next to the adapters (checkpoints have one), or None."""
+    if folder is None or not (folder / "recipe.yaml").is_file():
+        return None
+    from cast_mlx import config as cfg
+
+    try:
+        return cfg.load_recipe(folder / "recipe.yaml", [])
+    except cfg.ConfigError:
+        return None
+
+
+def resolve_args(args) -> dict:
+    """Validate the arguments and fill defaults (from the adapter's recipe when there is
+    one, so the prompt matches training); returns the evaluation settings."""
+    from cast_mlx import models
+
+    if args.task not in data.TASKS:
+        raise UsageError(f"--task {args.task!r}: expected one of {', '.join(data.TASKS)}")
+    for name in ("n", "k", "max_new_tokens", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.k > 1 else 0.0)
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if args.k > 1 and temperature == 0:
+        raise UsageError("--k > 1 needs --temperature > 0 (greedy samples are all the same)")
+    adapter = resolve_adapter(args.adapter) if args.adapter else None
+    recipe = adapter_recipe(adapter)
+    answer_format = args.answer_format or (recipe.data.answer_format if recipe else "hash")
+    if answer_format not in ("hash", "boxed"):
+        raise UsageError(f"--answer-format {answer_format!r}: expected hash or boxed")
+    level = args.level
+    if level is None:
+        same_task = recipe is not None and recipe.data.task == "arithmetic"
+        level = recipe.data.level if same_task else data.DEFAULT_ARITHMETIC_LEVEL
+    if args.task == "arithmetic" and level not in data.ARITHMETIC_LEVELS:
+        raise UsageError(f"--level must be one of {data.ARITHMETIC_LEVELS}, got {level}")
+    n = args.n if args.n is not None or args.task != "arithmetic" else DEFAULT_ARITHMETIC_EVAL_SIZE
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = (Path(args.adapter) if adapter else Path.cwd()) / f"eval-{args.task}-{args.split}.json"
+    return {
+        "model": args.model or (recipe.model.name if recipe else models.DEFAULT_MODEL),
+        "adapter": str(adapter) if adapter else None,
+        "task": args.task, "split": args.split, "path": args.path, "level": level, "n": n,
+        "k": args.k, "temperature": temperature, "max_new_tokens": args.max_new_tokens,
+        "max_batch": args.max_batch, "answer_format": answer_format,
+        "system_prompt": recipe.data.system_prompt if recipe else data.DEFAULT_SYSTEM_PROMPT,
+        "seed": args.seed, "dtype": args.dtype, "out": str(out),
+    }
+
+
+def print_table(result: EvalResult, s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    what = s["model"] + (f" + adapter {s['adapter']}" if s["adapter"] else "")
+    table = Table(title=f"{s['task']} ({s['split']}, {result.settings['n_problems']} problems)",
+                  caption=what)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, m in result.summary.items():
+        table.add_row(name, f"{m.value:.3f}", f"[{m.ci_low:.3f}, {m.ci_high:.3f}]")
+    console = Console()
+    console.print(table)
+    console.print(f"truncated: {result.settings['truncated_share']:.1%}, "
+                  f"{result.settings['seconds']:.1f}s; per-problem results: {s['out']}")
+
+
+def main(argv=None) -> int:
+    try:
+        s = resolve_args(build_parser().parse_args(argv))
+        problems = data.load_task(s["task"], s["split"], path=s["path"], n=s["n"],
+                                  level=s["level"], seed=EVAL_DATA_SEED)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # the hub could not be reached
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    from cast_mlx import models
+
+    try:
+        model, tokenizer = models.load(s["model"], dtype=s["dtype"])
+        if s["adapter"]:
+            from mlx_lm.tuner.utils import load_adapters
+
+            load_adapters(model, s["adapter"])
+            model.eval()
+    except (models.ModelLoadError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    try:
+        result = evaluate(model, tokenizer, problems, answer_format=s["answer_format"],
+                          system_prompt=s["system_prompt"], k=s["k"], temperature=s["temperature"],
+                          max_new_tokens=s["max_new_tokens"], seed=s["seed"], max_batch=s["max_batch"])
+    except ValueError as exc:  # e.g. a prompt longer than the model's context
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result.settings.update({key: s[key] for key in ("model", "adapter", "task", "split", "path",
+                                                    "level", "dtype")})
+    out = Path(s["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    print_table(result, s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

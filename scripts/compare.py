@@ -1,0 +1,311 @@
+"""Compare GRPO and CAST (and optionally RLSD and CAST ablations) from one recipe.
+
+    python scripts/compare.py --recipe recipes/smollm2-135m-arith.yaml --out runs/compare \
+        --seeds 0 1 [--steps 60] [--rlsd] [--ablations] [--set key=value ...]
+
+Every variant trains from the same recipe with the same seeds, so the data order, the
+LoRA initialisation, the sampling keys and the compute per step are identical; only the
+`--set` overrides of the variant differ. Each run is one subprocess
+
+    python -m cast_mlx.train --recipe R [--set USER ...] --set schedule.steps=N \
+        --set algorithm.name=X [--set VARIANT ...] --set logging.out_dir=OUT/V-seedS \
+        --set seed=S --no-dashboard --quiet
+
+(the comparison's own overrides come last, so a passthrough `--set` cannot change them),
+with its output in `OUT/logs/V-seedS.log`. Then `OUT/report.md` and `OUT/curves.png` are
+written from the runs' `metrics.jsonl`. `--report-only` skips training and rewrites both
+from the runs already in OUT.
+
+The report: eval accuracy (`eval/accuracy`, logged every `logging.eval_every` steps; set
+it > 0 in the recipe) at fixed steps, mean over seeds with the per-seed values; for every
+variant the first eval step at which its seed-mean accuracy reaches GRPO's final
+seed-mean accuracy; the mean wall time per step (`time/step`) and its ratio to GRPO's;
+and the exact command lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cast_mlx.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
+
+EXIT_USAGE = 2
+COMMANDS_FILE = "commands.json"
+RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
+
+# variant name -> the --set overrides that define it
+BASE_VARIANTS = {"grpo": ["algorithm.name=grpo"], "cast": ["algorithm.name=cast"]}
+RLSD_VARIANT = {"rlsd": ["algorithm.name=rlsd"]}
+ABLATIONS = {
+    "cast-noflip": ["algorithm.name=cast", "algorithm.flip=none"],
+    "cast-mixedonly": ["algorithm.name=cast", "algorithm.zero_var_base=0"],
+    "cast-fixedteacher": ["algorithm.name=cast", "teacher.kind=base"],
+}
+ORDER = ["grpo", "cast", "rlsd", *ABLATIONS]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def variants(rlsd: bool, ablations: bool) -> dict[str, list[str]]:
+    out = dict(BASE_VARIANTS)
+    if rlsd:
+        out.update(RLSD_VARIANT)
+    if ablations:
+        out.update(ABLATIONS)
+    return out
+
+
+def train_command(recipe: str, run_dir: Path, seed: int, variant_sets: list[str],
+                  user_sets: list[str], steps: int | None) -> list[str]:
+    """The `cast_mlx.train` command line of one run."""
+    sets = list(user_sets)
+    if steps is not None:
+        sets.append(f"schedule.steps={steps}")
+    sets += [*variant_sets, f"logging.out_dir={run_dir}", f"seed={seed}"]
+    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", recipe]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + ["--no-dashboard", "--quiet"]
+
+
+def run_all(args, compare_command: str) -> list[dict]:
+    """Train every (variant, seed), one after the other; returns what was run."""
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    done = []
+    for seed in args.seeds:  # seed-major: a cut-short comparison still has every variant
+        for name, sets in variants(args.rlsd, args.ablations).items():
+            run_dir = out / f"{name}-seed{seed}"
+            cmd = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
+            shown = shlex.join(["python", *cmd[1:]])
+            print(f"[compare] {shown}", flush=True)
+            start = time.perf_counter()
+            with open(out / "logs" / f"{name}-seed{seed}.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            seconds = time.perf_counter() - start
+            print(f"[compare] {name}-seed{seed}: exit {rc}, {seconds:.0f}s", flush=True)
+            done.append({"run": run_dir.name, "command": shown, "exit": rc,
+                         "seconds": round(seconds, 1)})
+            write_commands(out, compare_command, done)
+    return done
+
+
+def write_commands(out: Path, compare_command: str, runs: list[dict]) -> None:
+    record = {"compare": compare_command, "runs": runs}
+    (out / COMMANDS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def find_runs(out: Path) -> dict[str, dict[int, list[dict]]]:
+    """{variant: {seed: metrics rows}} of the `V-seedS` folders of `out` with metrics."""
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        m = RUN_DIR.match(d.name)
+        if not m:
+            continue
+        try:
+            rows = read_metrics(d)
+        except PlotError:
+            continue
+        runs.setdefault(m["variant"], {})[int(m["seed"])] = rows
+    order = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(ORDER)), kv[0])))
+
+
+def eval_curve(rows: list[dict]) -> dict[int, float]:
+    steps, values = series(rows, "eval/accuracy")
+    return {int(s): v for s, v in zip(steps, values)}
+
+
+def mean_curve(seed_rows: dict[int, list[dict]]) -> dict[int, float]:
+    """Seed-mean eval accuracy at the steps every seed has evaluated."""
+    curves = [eval_curve(rows) for rows in seed_rows.values()]
+    common = set.intersection(*(set(c) for c in curves)) if curves else set()
+    return {s: sum(c[s] for c in curves) / len(curves) for s in sorted(common)}
+
+
+def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
+    """First step whose accuracy is >= target, or None."""
+    return next((s for s, v in sorted(curve.items()) if v >= target - 1e-12), None)
+
+
+def mean_step_time(seed_rows: dict[int, list[dict]]) -> float | None:
+    """Mean `time/step` over all seeds, without each run's first step (compilation)."""
+    times = [r["time/step"] for rows in seed_rows.values() for r in (rows[1:] or rows)
+             if isinstance(r.get("time/step"), (int, float))]
+    return sum(times) / len(times) if times else None
+
+
+def table_steps(curves: list[dict[int, float]], wanted: list[int] | None, most: int = 6) -> list[int]:
+    """The eval steps shown in the table: `wanted`, else up to `most` evenly spaced ones
+    of those all variants have (always the first and the last)."""
+    if not curves:
+        return []
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    if wanted:
+        return [s for s in wanted if s in common]
+    if len(common) <= most:
+        return common
+    picks = {common[round(i * (len(common) - 1) / (most - 1))] for i in range(most)}
+    return sorted(picks)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def report(out: Path, wanted_steps: list[int] | None = None) -> str:
+    """Markdown report of the runs in `out` (see the module docstring)."""
+    runs = find_runs(out)
+    if not runs:
+        raise ValueError(f"{out}: no runs with metrics (folders named VARIANT-seedS)")
+    curves = {name: mean_curve(seed_rows) for name, seed_rows in runs.items()}
+    steps = table_steps([c for c in curves.values() if c], wanted_steps)
+    lines = [f"# CAST vs GRPO: {out.name}", ""]
+    seeds = sorted({s for seed_rows in runs.values() for s in seed_rows})
+    lines += [f"Runs: {', '.join(runs)}; seeds {', '.join(map(str, seeds))}. "
+              "Eval accuracy is `eval/accuracy` (greedy, lenient) on the held-out set, the mean "
+              "over seeds (per-seed values in parentheses).", ""]
+
+    lines += ["## Eval accuracy at fixed steps", ""]
+    if steps:
+        lines.append("| variant | " + " | ".join(f"step {s}" for s in steps) + " |")
+        lines.append("|---|" + "---:|" * len(steps))
+        for name, seed_rows in runs.items():
+            cells = []
+            for s in steps:
+                per_seed = [eval_curve(rows).get(s) for _, rows in sorted(seed_rows.items())]
+                mean = curves[name].get(s)
+                cells.append(f"{fmt(mean)} ({', '.join(fmt(v, 2) for v in per_seed)})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("No `eval/accuracy` in the runs' metrics (set `logging.eval_every` > 0).")
+    lines.append("")
+
+    lines += ["## Steps to reach GRPO's final accuracy", ""]
+    grpo = curves.get("grpo") or {}
+    if grpo:
+        last = max(grpo)
+        target = grpo[last]
+        lines.append(f"GRPO's final seed-mean eval accuracy: {target:.3f} (step {last}).")
+        lines.append("")
+        lines.append("| variant | first eval step with seed-mean accuracy >= that |")
+        lines.append("|---|---:|")
+        for name, curve in curves.items():
+            reached = steps_to_reach(curve, target)
+            lines.append(f"| {name} | {'not reached' if reached is None else reached} |")
+    else:
+        lines.append("No GRPO eval curve: nothing to compare against.")
+    lines.append("")
+
+    lines += ["## Wall time per step", ""]
+    lines.append("| variant | mean `time/step` (s; without each run's first step) | ratio to GRPO "
+                 "| steps logged |")
+    lines.append("|---|---:|---:|---:|")
+    grpo_time = mean_step_time(runs["grpo"]) if "grpo" in runs else None
+    for name, seed_rows in runs.items():
+        t = mean_step_time(seed_rows)
+        ratio = t / grpo_time if t is not None and grpo_time else None
+        n_steps = sum(len(rows) for rows in seed_rows.values())
+        lines.append(f"| {name} | {fmt(t, 2)} | {fmt(ratio, 2)} | {n_steps} |")
+    if "cast" in runs and grpo_time:
+        cast_time = mean_step_time(runs["cast"])
+        if cast_time is not None:
+            lines += ["", f"CAST/GRPO step-time ratio: **{cast_time / grpo_time:.2f}**."]
+    lines.append("")
+
+    lines += ["## Commands", ""]
+    record_path = out / COMMANDS_FILE
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        lines += ["The whole comparison:", "", "```", record["compare"], "```", "",
+                  "Each run:", "", "```"]
+        lines += [f"{r['command']}  # exit {r['exit']}, {r['seconds']:.0f}s" for r in record["runs"]]
+        lines.append("```")
+    else:
+        lines.append(f"Not recorded ({COMMANDS_FILE} is missing from {out}).")
+    lines += ["", "![learning curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, wanted_steps: list[int] | None) -> None:
+    text = report(out, wanted_steps)
+    (out / "report.md").write_text(text)
+    run_dirs = [out / f"{name}-seed{seed}" for name, seed_rows in find_runs(out).items()
+                for seed in sorted(seed_rows)]
+    plot_runs(run_dirs, out / "curves.png")
+    print(f"[compare] wrote {out / 'report.md'} and {out / 'curves.png'}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python scripts/compare.py", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="recipes/smollm2-135m-arith.yaml")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and the report")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, help="schedule.steps of every run (default: the recipe's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override passed to every run (repeatable)")
+    p.add_argument("--rlsd", action="store_true", help="also run RLSD")
+    p.add_argument("--ablations", action="store_true",
+                   help="also run CAST without flips, with mixed groups only, with a fixed teacher")
+    p.add_argument("--table-steps", type=int, nargs="+", help="eval steps shown in the table")
+    p.add_argument("--report-only", action="store_true",
+                   help="do not train: rewrite the report and plot from the runs in --out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.steps is not None and args.steps < 1:
+        print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return EXIT_USAGE
+    failed = []
+    if not args.report_only:
+        if not Path(args.recipe).is_file():
+            print(f"error: --recipe {args.recipe}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+        argv = sys.argv[1:] if argv is None else list(argv)
+        command = shlex.join(["python", "scripts/compare.py", *argv])
+        failed = [r["run"] for r in run_all(args, command) if r["exit"] != 0]
+    elif not out.is_dir():
+        print(f"error: --out {out}: no such folder (nothing to report)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        write_outputs(out, args.table_steps)
+    except (ValueError, PlotError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if failed:
+        print(f"error: runs failed: {', '.join(failed)} (see {out / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Learning-curve plots and the comparison report, on synthetic metrics.jsonl files."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cast_mlx import plot
+from conftest import ROOT, run_cli
+
+
+def write_run(run_dir: Path, steps: int = 20, eval_every: int = 5, accuracy=None,
+              step_time: float = 1.0, flips: bool = True) -> Path:
+    """A metrics.jsonl like the trainer's: one line per step, eval keys every few steps."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accuracy = accuracy or (lambda s: 0.2 + 0.02 * s)
+    lines = []
+    for s in range(1, steps + 1):
+        m = {"step": s, "reward": 0.5 + 0.3 * math.sin(s), "time/step": step_time,
+             "cast/groups/all_correct": 0.2, "cast/groups/all_wrong": 0.3,
+             "cast/groups/mixed": 0.5}
+        if flips:
+            m |= {"cast/flip/down_share": 0.05, "cast/flip/up_share": 0.01}
+        if s % eval_every == 0:
+            m |= {"eval/accuracy": accuracy(s), "eval/accuracy_strict": accuracy(s) / 2}
+        lines.append(json.dumps(m))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def test_png_of_two_runs_has_the_expected_size(tmp_path):
+    import matplotlib.image as mpimg
+
+    a = write_run(tmp_path / "cast-seed0")
+    b = write_run(tmp_path / "grpo-seed0", flips=False)
+    out = tmp_path / "curves.png"
+    r = run_cli("-m", "cast_mlx.plot", str(a), str(b), "-o", str(out), "--width", "10",
+                "--height", "6", "--dpi", "80", timeout=120)
+    assert r.returncode == 0, r.stderr
+    image = mpimg.imread(out)
+    assert image.shape[:2] == (6 * 80, 10 * 80)
+    assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_default_size_in_process(tmp_path):
+    import matplotlib.image as mpimg
+
+    out = plot.plot_runs([write_run(tmp_path / "r")], tmp_path / "sub" / "c.png")
+    assert mpimg.imread(out).shape[:2] == (800, 1200)
+
+
+def test_series_keeps_eval_steps_only_and_last_line_of_a_repeated_step():
+    rows = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2, "eval/accuracy": 0.4},
+            {"step": 2, "reward": 0.3, "eval/accuracy": 0.5}, {"step": 3, "reward": True}]
+    steps, values = plot.series(rows, "eval/accuracy")
+    assert steps.tolist() == [2.0] and values.tolist() == [0.5]
+    steps, values = plot.series(rows, "reward")
+    assert steps.tolist() == [1.0, 2.0] and values.tolist() == [0.1, 0.3]
+
+
+def test_rolling_mean_is_trailing():
+    assert np.allclose(plot.rolling_mean(np.array([1.0, 2.0, 3.0, 4.0]), window=2),
+                       [1.0, 1.5, 2.5, 3.5])
+
+
+@pytest.mark.parametrize("case", ["missing", "no_metrics", "empty"])
+def test_missing_or_empty_run_dir_is_one_line_exit_2(tmp_path, case):
+    good = write_run(tmp_path / "good")
+    bad = tmp_path / "bad"
+    if case != "missing":
+        bad.mkdir()
+    if case == "empty":
+        (bad / "metrics.jsonl").write_text("\n")
+    out = tmp_path / "c.png"
+    r = run_cli("-m", "cast_mlx.plot", str(good), str(bad), "-o", str(out), timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], r.stderr
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- compare.py
+
+
+def test_compare_report_only(tmp_path):
+    out = tmp_path / "cmp"
+    # GRPO ends at 0.6 (step 20); CAST gets there at step 15 (seed mean 0.6), 1.5x slower
+    for seed in (0, 1):
+        write_run(out / f"grpo-seed{seed}", accuracy=lambda s: 0.03 * s, flips=False)
+        write_run(out / f"cast-seed{seed}", accuracy=lambda s: 0.04 * s, step_time=1.5)
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out),
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    assert (out / "curves.png").is_file()
+    assert "| grpo | 0.150 (0.15, 0.15) | 0.300 (0.30, 0.30) | 0.450 (0.45, 0.45) | " \
+           "0.600 (0.60, 0.60) |" in report
+    assert "GRPO's final seed-mean eval accuracy: 0.600 (step 20)" in report
+    assert "| cast | 15 |" in report
+    assert "| grpo | 20 |" in report
+    assert "CAST/GRPO step-time ratio: **1.50**" in report
+    assert "Not recorded" in report  # no commands.json: the runs were not made by compare.py
+
+
+def test_compare_train_command_keeps_its_own_overrides_last():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    cmd = compare.train_command("r.yaml", Path("o/cast-seed1"), 1, ["algorithm.name=cast"],
+                                ["seed=9", "sampling.group_size=4"], 30)
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert sets == ["seed=9", "sampling.group_size=4", "schedule.steps=30", "algorithm.name=cast",
+                    "logging.out_dir=o/cast-seed1", "seed=1"]
+    assert cmd[-2:] == ["--no-dashboard", "--quiet"]
+    curves = [{s: 0.0 for s in range(5, 101, 5)}, {s: 0.0 for s in range(5, 91, 5)}]
+    # the steps both have, 5..90, at indices 0, 3, 7, 10, 14, 17
+    assert compare.table_steps(curves, None) == [5, 20, 40, 55, 75, 90]
+    assert compare.table_steps(curves, [10, 95, 50]) == [10, 50]
+
+
+def test_compare_report_only_without_runs_is_exit_2(tmp_path):
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(tmp_path),
+                timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "no runs" in r.stderr
