@@ -6,7 +6,7 @@ The loop is a handful of functions over a `Run` (the objects a run holds) and a
 1. `sample`: P prompts x G completions from the current policy (rollout engine).
 2. `score_rewards`: decode, verify, binary rewards.
 3. `teacher_gaps`: teacher log-probs on the teacher context + the same tokens, minus the
-   sampler's log-probs of the old policy (skipped under GRPO).
+   old policy's log-probs (both stop-gradient scoring passes; skipped under GRPO).
 4. advantages (compiled, by algorithm name).
 5. `update`: micro-batched forward/backward with the loss normalised over the whole
    batch, gradient-norm clip, AdamW on the LoRA tensors; NaN/inf skips the update.
@@ -210,12 +210,20 @@ def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[lis
 
 
 def teacher_gaps(run: Run, problems, prompts, out, mask):
-    """`g = lp_T - lp_old` `[N, L]` (zeros under GRPO) and the teacher log-probs."""
+    """`g = lp_T - lp_old` `[N, L]` (zeros under GRPO) and the teacher log-probs.
+
+    `lp_old` is scored by the same chunked forward as the teacher (not taken from the
+    sampler, whose KV-cache path and float64 normaliser differ by ~1e-4), so a teacher with
+    the policy's weights and context gives exactly g = 0: no spurious flips."""
     if run.teacher is None:
         return mx.zeros(mask.shape), None
+    temperature = run.recipe.sampling.temperature
+    g = run.recipe.sampling.group_size
+    student = make_batch([prompts[i // g] for i in range(mask.shape[0])], out.tokens, mask)
+    lp_old = mx.stop_gradient(token_logprobs(run.model, student, temperature))
     batch = make_batch(row_contexts(run, problems, prompts), out.tokens, mask)
-    lp_t = run.teacher.score(run.model, batch, run.recipe.sampling.temperature)
-    return (lp_t - out.logprobs) * mask, lp_t
+    lp_t = run.teacher.score(run.model, batch, temperature)
+    return (lp_t - lp_old) * mask, lp_t
 
 
 def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
@@ -439,15 +447,27 @@ def save_checkpoint(run: Run) -> Path:
     return final
 
 
+def _complete(ckpt: Path) -> bool:
+    return all((ckpt / f).is_file() for f in ("state.json", models.ADAPTER_WEIGHTS, "optimizer.safetensors"))
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a run dir, its checkpoints dir, or the folder itself."""
+    """The newest complete checkpoint of a run dir or checkpoints dir (or the folder itself).
+
+    `latest` names it; if that is missing or points at something incomplete, the newest
+    complete `step_*` folder is used. Half-written `.tmp-*` folders are never candidates.
+    """
     path = Path(path)
-    for root in (path / CHECKPOINTS, path):
-        if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
-    if (path / "state.json").is_file():
+    if _complete(path):
         return path
-    raise TrainingError(f"--resume {path}: no checkpoint found (expected {path}/{CHECKPOINTS}/{LATEST})")
+    for root in (path / CHECKPOINTS, path):
+        pointer = root / LATEST
+        if pointer.is_file() and _complete(root / pointer.read_text().strip()):
+            return root / pointer.read_text().strip()
+        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and _complete(p))
+        if complete:
+            return complete[-1]
+    raise TrainingError(f"--resume {path}: no complete checkpoint found under {path}/{CHECKPOINTS}")
 
 
 def load_checkpoint(run: Run, ckpt: Path) -> None:

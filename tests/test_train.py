@@ -57,6 +57,7 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
               "teacher.safetensors", "state.json", "recipe.yaml"):
         assert (ckpt / f).is_file(), f
     assert "step 2/2" in proc.stdout and "done: 2 steps" in proc.stdout
+    assert "\x1b" not in proc.stdout  # not a TTY: plain lines, no control codes
 
     # mlx-lm loads the adapters as they are, and fuses them
     import mlx_lm
@@ -115,6 +116,45 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
     steps = [m["step"] for m in _metrics(out)]
     assert ckpt.name == f"step_{steps[-1]:06d}"
     assert not list((out / trainer.CHECKPOINTS).glob(".tmp-*"))
+    # ... and the run resumes from it (one more step)
+    proc = run_cli("-m", "cast_mlx.train", "--resume", str(out), "--quiet", "--no-dashboard",
+                   "--set", f"schedule.steps={steps[-1] + 1}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out)] == steps + [steps[-1] + 1]
+
+
+def test_grpo_smoke_run(tmp_path, smol_dir):
+    out, proc = _train(tmp_path, "grpo", "--set", "algorithm.name=grpo")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    ckpt = trainer.find_checkpoint(out)
+    assert not (ckpt / "teacher.safetensors").exists()  # GRPO has no teacher
+    import mlx_lm
+
+    mlx_lm.load(str(smol_dir), adapter_path=str(ckpt))
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    """kill -9 between files leaves a .tmp folder or a step folder without all its files:
+    the previous complete checkpoint is the one found."""
+    root = tmp_path / "run" / trainer.CHECKPOINTS
+    good = root / "step_000002"
+    good.mkdir(parents=True)
+    for f in ("state.json", "adapters.safetensors", "optimizer.safetensors"):
+        (good / f).write_text("x")
+    (root / trainer.LATEST).write_text("step_000002\n")
+    (root / ".tmp-step_000003-99").mkdir()
+    (root / ".tmp-step_000003-99" / "adapters.safetensors").write_text("x")
+    assert trainer.find_checkpoint(tmp_path / "run") == good
+    partial = root / "step_000004"  # e.g. copied by hand and cut short
+    partial.mkdir()
+    (partial / "adapters.safetensors").write_text("x")
+    (root / trainer.LATEST).write_text("step_000004\n")
+    assert trainer.find_checkpoint(tmp_path / "run") == good
+    (root / trainer.LATEST).unlink()
+    assert trainer.find_checkpoint(tmp_path / "run") == good
+    with pytest.raises(trainer.TrainingError, match="no complete checkpoint"):
+        trainer.find_checkpoint(tmp_path / "elsewhere")
 
 
 @pytest.fixture()
@@ -196,3 +236,21 @@ def test_grpo_skips_zero_variance_groups(smoke_run):
     assert not applied and aux["rows_skipped"] == n
     after = models.lora_state(run.model)
     assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
+
+
+def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
+    """Teacher = policy weights (step 0) and context `same`: g = 0 exactly, so nothing flips
+    by numerical noise (old log-probs come from the teacher's own scoring path)."""
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml",
+                             [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
+    run = trainer.setup(recipe)
+    try:
+        problems = trainer.next_prompts(run)
+        prompts, out = trainer.sample(run, problems)
+        gaps, lp_t = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+        assert float(mx.abs(gaps).max()) == 0.0
+        assert float(mx.abs(lp_t * out.mask).sum()) > 0  # real log-probs, not zeros
+        # and the sampler's own log-probs agree with the scoring path to ~1e-4
+        assert float(mx.abs((lp_t - out.logprobs) * out.mask).max()) < 5e-4
+    finally:
+        run.verifier.close()
