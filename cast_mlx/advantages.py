@@ -40,6 +40,8 @@ from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
 
 import mlx.core as mx
 
+from cast_mlx import config
+
 SCALE_REWARDS = ("none", "group", "batch")
 FLIP_MODES = ("both", "down", "none")
 LAMBDA_SCHEDULES = ("constant", "linear_decay")
@@ -69,7 +71,7 @@ def default_scale_rewards(name: str) -> str:
     CAST: "none" (the authors' canonical run); GRPO and RLSD: "group".
     """
     _check_name(name)
-    return "none" if name == "cast" else "group"
+    return config.default_scale_rewards(name)
 
 
 # --------------------------------------------------------------------------- checks

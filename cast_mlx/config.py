@@ -397,10 +397,15 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def default_scale_rewards(algorithm: str) -> str:
+    """Spec section 2: `none` for CAST (the authors' canonical run), `group` for GRPO/RLSD."""
+    return "none" if algorithm == "cast" else "group"
+
+
 def resolved_scale_rewards(algo: AlgorithmConfig) -> str:
     if algo.scale_rewards is not None:
         return algo.scale_rewards
-    return "none" if algo.name == "cast" else "group"
+    return default_scale_rewards(algo.name)
 
 
 def resolved_teacher_context(recipe: Recipe) -> str:
