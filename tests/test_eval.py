@@ -145,6 +145,8 @@ def _fake_run(tmp_path: Path, answer_format="boxed") -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "adapters.safetensors").write_bytes(b"")
     (ckpt / "adapter_config.json").write_text("{}")
+    (ckpt / "optimizer.safetensors").write_bytes(b"")  # a complete checkpoint has these too
+    (ckpt / "state.json").write_text("{}")
     (ckpt / "recipe.yaml").write_text(
         f"name: t\ndata:\n  task: arithmetic\n  level: 2\n  answer_format: {answer_format}\n")
     (run / "checkpoints" / "latest").write_text("step_000004\n")
