@@ -304,6 +304,10 @@ def _check_recipe(r: Recipe) -> None:
     b1, b2 = r.optimizer.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
+    if r.loss.num_iterations != 1:
+        raise ConfigError(
+            f"loss.num_iterations: only 1 update per batch is implemented so far, got {r.loss.num_iterations}"
+        )
     if not r.lora.keys:
         raise ConfigError("lora.keys: at least one layer name is needed")
     if not r.name or "/" in r.name:

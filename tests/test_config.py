@@ -55,6 +55,7 @@ def test_defaults_and_overrides():
         ("name: x\n", ["sampling=1"], "--set sampling: sampling is a section"),
         ("name: x\n", ["sampling.group_size"], "--set sampling.group_size: expected key=value"),
         ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
+        ("loss:\n  num_iterations: 2\n", [], "loss.num_iterations: only 1 update per batch"),
     ],
 )
 def test_bad_recipe_cli(tmp_path: Path, yaml_text, overrides, expected):
