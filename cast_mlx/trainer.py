@@ -6,7 +6,7 @@ The loop is a handful of functions over a `Run` (the objects a run holds) and a
 1. `sample`: P prompts x G completions from the current policy (rollout engine).
 2. `score_rewards`: decode, verify, binary rewards.
 3. `teacher_gaps`: teacher log-probs on the teacher context + the same tokens, minus the
-   old policy's log-probs (both stop-gradient scoring passes; skipped under GRPO).
+   old policy's log-probs (skipped under GRPO).
 4. advantages (compiled, by algorithm name).
 5. `update`: micro-batched forward/backward with the loss normalised over the whole
    batch, gradient-norm clip, AdamW on the LoRA tensors; NaN/inf skips the update.
@@ -212,16 +212,19 @@ def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[lis
 def teacher_gaps(run: Run, problems, prompts, out, mask):
     """`g = lp_T - lp_old` `[N, L]` (zeros under GRPO) and the teacher log-probs.
 
-    `lp_old` is scored by the same chunked forward as the teacher (not taken from the
-    sampler, whose KV-cache path and float64 normaliser differ by ~1e-4), so a teacher with
-    the policy's weights and context gives exactly g = 0: no spurious flips."""
+    `lp_old` is the sampler's log-probs, except with `teacher.context: same`: then it is
+    scored by the teacher's own chunked forward, so a teacher with the policy's weights
+    gives exactly g = 0 (the sampler's KV-cache path differs by ~1e-4, which would flip
+    tokens at random); with a different context the gaps are far larger than that."""
     if run.teacher is None:
         return mx.zeros(mask.shape), None
     temperature = run.recipe.sampling.temperature
-    g = run.recipe.sampling.group_size
-    student = make_batch([prompts[i // g] for i in range(mask.shape[0])], out.tokens, mask)
-    lp_old = mx.stop_gradient(token_logprobs(run.model, student, temperature))
-    batch = make_batch(row_contexts(run, problems, prompts), out.tokens, mask)
+    contexts = row_contexts(run, problems, prompts)
+    batch = make_batch(contexts, out.tokens, mask)
+    if cfg.resolved_teacher_context(run.recipe) == "same":
+        lp_old = mx.stop_gradient(token_logprobs(run.model, batch, temperature))
+    else:
+        lp_old = out.logprobs
     lp_t = run.teacher.score(run.model, batch, temperature)
     return (lp_t - lp_old) * mask, lp_t
 
