@@ -272,8 +272,9 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
             metric_sums[k] = metric_sums.get(k, 0.0) + v
         mx.eval(grads, total)
     aux = {k: v.item() for k, v in metric_sums.items()}
-    n_tok = float(mask.sum().item())
-    aux["entropy"] = entropy_sum.item() / max(n_tok, 1.0) if rows else 0.0
+    # mean entropy over the tokens of the rows that went through the forward pass
+    n_tok = float(mask[mx.array(rows)].sum().item()) if rows else 0.0
+    aux["entropy"] = entropy_sum.item() / n_tok if n_tok else 0.0
     aux["rows_skipped"] = len(carries.tolist()) - len(rows)
     if grads is None:  # nothing carries loss this step (e.g. all groups zero-variance)
         return 0.0, 0.0, aux, False
