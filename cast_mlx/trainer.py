@@ -310,19 +310,19 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
 
     t = time.perf_counter()
+    contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]  # student's
     gaps, _ = teacher_gaps(run, problems, prompts, out, mask)
     ref_lp = None
     if run.ref_params is not None:
-        ref_batch = make_batch([prompts[i // r.sampling.group_size] for i in range(mask.shape[0])],
-                               out.tokens, mask)
         with swapped_lora(run.model, run.ref_params):
+            ref_batch = make_batch(contexts, out.tokens, mask)
             ref_lp = mx.stop_gradient(token_logprobs(run.model, ref_batch, r.sampling.temperature))
+            mx.eval(ref_lp)  # inside the swap, and timed as teacher work
     mx.eval(gaps)
     times["teacher"] = time.perf_counter() - t
 
     t = time.perf_counter()
     adv, base = run.advantages(rewards, gaps, mask, step=st.step)
-    contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]
     mx.clear_cache()
     loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
     mx.clear_cache()
