@@ -102,3 +102,34 @@ def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, *, 
     lp = mx.concatenate(lps, axis=1) * mask
     ent = mx.concatenate(ents, axis=1) * mask
     return (lp, ent) if with_entropy else lp
+
+
+def length_buckets(mask: mx.array, size: int) -> list[list[int]]:
+    """Row indices in groups of `size` rows of similar completion length, longest first.
+
+    Scoring a group pads only to its own longest row, so sorted groups waste far less work
+    on padding than one batch padded to the longest completion of the step."""
+    lengths = mask.sum(axis=1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def trimmed_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, rows: list[int]) -> Batch:
+    """The batch of `rows`, cut to their longest completion (at least one position)."""
+    idx = mx.array(rows)
+    length = max(int(mask[idx].sum(axis=1).max().item()), 1)
+    return make_batch([contexts[i] for i in rows], tokens[idx, :length], mask[idx, :length])
+
+
+def score_in_buckets(score, contexts: list[list[int]], tokens: mx.array, mask: mx.array,
+                     size: int) -> mx.array:
+    """`score(batch) -> [n, l]` applied to length buckets of `size` rows, reassembled `[N, L]`."""
+    n, length = tokens.shape
+    buckets = length_buckets(mask, size)
+    pieces = []
+    for rows in buckets:
+        lp = score(trimmed_batch(contexts, tokens, mask, rows))
+        pieces.append(mx.pad(lp, [(0, 0), (0, length - lp.shape[1])]))
+    order = [i for rows in buckets for i in rows]
+    inverse = mx.argsort(mx.array(order))
+    return mx.concatenate(pieces, axis=0)[inverse]

@@ -40,7 +40,7 @@ from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx import data, models, rollout, verify  # noqa: E402
 from cast_mlx.eval import decode_completions  # noqa: E402
 from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count  # noqa: E402
-from cast_mlx.logprobs import make_batch, token_logprobs  # noqa: E402
+from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch  # noqa: E402
 from cast_mlx.loss import cast_diagnostics, loss_norm  # noqa: E402
 from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts  # noqa: E402
 
@@ -219,18 +219,16 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     if run.teacher is None:
         return mx.zeros(mask.shape), None
     temperature = run.recipe.sampling.temperature
+    size = run.recipe.optimizer.micro_batch_size
     contexts = row_contexts(run, problems, prompts)
-    batch = make_batch(contexts, out.tokens, mask)
     if cfg.resolved_teacher_context(run.recipe) == "same":
-        lp_old = mx.stop_gradient(token_logprobs(run.model, batch, temperature))
+        lp_old = score_in_buckets(lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)),
+                                  contexts, out.tokens, mask, size)
     else:
         lp_old = out.logprobs
-    lp_t = run.teacher.score(run.model, batch, temperature)
+    lp_t = score_in_buckets(lambda b: run.teacher.score(run.model, b, temperature),
+                            contexts, out.tokens, mask, size)
     return (lp_t - lp_old) * mask, lp_t
-
-
-def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
-    return [rows[i: i + size] for i in range(0, len(rows), size)]
 
 
 def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
@@ -258,11 +256,12 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
 
     grad_fn = nn.value_and_grad(run.model, micro_loss)
     total, grads, entropy_sum, metric_sums = mx.array(0.0), None, mx.array(0.0), {}
-    for mb in _micro_batches(rows, r.optimizer.micro_batch_size):
+    # micro-batches of rows of similar length, each padded only to its own longest row
+    buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size) if rows else []
+    for mb in ([rows[j] for j in b] for b in buckets):
         idx = mx.array(mb)
-        length = int(mask[idx].sum(axis=1).max().item())
-        length = max(length, 1)
-        batch = make_batch([contexts[i] for i in mb], tokens[idx, :length], mask[idx, :length])
+        batch = trimmed_batch(contexts, tokens, mask, mb)
+        length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
         (value, (metrics, ent)), g = grad_fn(run.model, batch, adv[idx, :length], truncated[idx], ref_mb)
         grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -315,8 +314,9 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     ref_lp = None
     if run.ref_params is not None:
         with swapped_lora(run.model, run.ref_params):
-            ref_batch = make_batch(contexts, out.tokens, mask)
-            ref_lp = mx.stop_gradient(token_logprobs(run.model, ref_batch, r.sampling.temperature))
+            ref_lp = score_in_buckets(
+                lambda b: mx.stop_gradient(token_logprobs(run.model, b, r.sampling.temperature)),
+                contexts, out.tokens, mask, r.optimizer.micro_batch_size)
             mx.eval(ref_lp)  # inside the swap, and timed as teacher work
     mx.eval(gaps)
     times["teacher"] = time.perf_counter() - t
