@@ -100,7 +100,7 @@ def lr_schedule(recipe: cfg.Recipe):
         def after(s):
             frac = mx.minimum(s.astype(mx.float32) / rest, 1.0)
             return (lr - end) * (1.0 - frac) ** 2 + end
-    if warmup == 0:
+    if warmup <= 1:  # a one-step warmup would start at lr / 1 = lr: no warmup at all
         return after
     return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup])
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,24 +81,39 @@ def train_command(recipe: str, run_dir: Path, seed: int, variant_sets: list[str]
     return cmd + ["--no-dashboard", "--quiet"]
 
 
+def run_one(args, out: Path, seed: int, name: str, sets: list[str], env: dict) -> dict:
+    """Train one (variant, seed) in a subprocess, its output in `OUT/logs/V-seedS.log`."""
+    run_dir = out / f"{name}-seed{seed}"
+    cmd = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
+    shown = shlex.join(["python", *cmd[1:]])
+    print(f"[compare] {shown}", flush=True)
+    start = time.perf_counter()
+    with open(out / "logs" / f"{name}-seed{seed}.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - start
+    print(f"[compare] {name}-seed{seed}: exit {rc}, {seconds:.0f}s", flush=True)
+    return {"run": run_dir.name, "command": shown, "exit": rc, "seconds": round(seconds, 1)}
+
+
 def run_all(args, compare_command: str) -> list[dict]:
-    """Train every (variant, seed), one after the other; returns what was run."""
+    """Train every (variant, seed), `--jobs` at a time; returns what was run.
+
+    Runs go seed-major (a cut-short comparison still has every variant), so with
+    `--jobs 2` GRPO and CAST of the same seed share the machine at the same time and their
+    step times stay comparable. Each job gets an equal share of the BLAS threads."""
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    todo = [(seed, name, sets) for seed in args.seeds
+            for name, sets in variants(args.rlsd, args.ablations).items()]
+    env = dict(os.environ)
+    if args.jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env.update(MKL_NUM_THREADS=threads, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
     done = []
-    for seed in args.seeds:  # seed-major: a cut-short comparison still has every variant
-        for name, sets in variants(args.rlsd, args.ablations).items():
-            run_dir = out / f"{name}-seed{seed}"
-            cmd = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
-            shown = shlex.join(["python", *cmd[1:]])
-            print(f"[compare] {shown}", flush=True)
-            start = time.perf_counter()
-            with open(out / "logs" / f"{name}-seed{seed}.log", "w") as log:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-            seconds = time.perf_counter() - start
-            print(f"[compare] {name}-seed{seed}: exit {rc}, {seconds:.0f}s", flush=True)
-            done.append({"run": run_dir.name, "command": shown, "exit": rc,
-                         "seconds": round(seconds, 1)})
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, args, out, seed, name, sets, env) for seed, name, sets in todo]
+        for fut in futures:
+            done.append(fut.result())
             write_commands(out, compare_command, done)
     return done
 
@@ -270,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="schedule.steps of every run (default: the recipe's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override passed to every run (repeatable)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at the same time (each gets cores/jobs BLAS threads)")
     p.add_argument("--rlsd", action="store_true", help="also run RLSD")
     p.add_argument("--ablations", action="store_true",
                    help="also run CAST without flips, with mixed groups only, with a fixed teacher")
@@ -284,6 +303,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.steps is not None and args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return EXIT_USAGE
     failed = []
     if not args.report_only:
