@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from cast_mlx.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
 
 EXIT_USAGE = 2
+REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change
 COMMANDS_FILE = "commands.json"
 RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 
@@ -180,6 +182,40 @@ def table_steps(curves: list[dict[int, float]], wanted: list[int] | None, most: 
     return sorted(picks)
 
 
+# --------------------------------------------------------------------------- uncertainty
+
+
+def eval_points(rows: list[dict]) -> list[dict]:
+    """The eval lines of one run, in step order (the last line of a repeated step wins)."""
+    by_step = {int(r["step"]): r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def with_ci(row: dict) -> str:
+    """`0.250 [0.195, 0.310]` from an eval line (its bootstrap CI when it has one)."""
+    acc, lo, hi = row["eval/accuracy"], row.get("eval/accuracy_ci_low"), row.get("eval/accuracy_ci_high")
+    return fmt(acc) if lo is None or hi is None else f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def pooled_change(pairs: list[tuple[float, int, float, int]]) -> tuple[float, float, float]:
+    """Seed-pooled change of a proportion, first -> last, with a 95% normal-approximation CI.
+
+    `pairs` holds (first, n_first, last, n_last) per seed. The two evals score the same
+    problems, so treating them as independent samples makes the interval conservative."""
+    n0 = sum(p[1] for p in pairs)
+    n1 = sum(p[3] for p in pairs)
+    p0 = sum(p[0] * p[1] for p in pairs) / n0
+    p1 = sum(p[2] * p[3] for p in pairs) / n1
+    half = 1.96 * math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    return p1 - p0, p1 - p0 - half, p1 - p0 + half
+
+
+def reward_window(rows: list[dict], first: bool, k: int) -> list[float]:
+    train = [r for r in rows if isinstance(r.get("reward"), (int, float))]
+    picked = train[:k] if first else train[-k:]
+    return [r["reward"] for r in picked]
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -213,6 +249,40 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     else:
         lines.append("No `eval/accuracy` in the runs' metrics (set `logging.eval_every` > 0).")
+    lines.append("")
+
+    lines += ["## First and last eval with 95% CIs", ""]
+    lines += ["Per run: the first and the last eval with their bootstrap 95% CIs. Per variant: "
+              "the change pooled over seeds, with a 95% normal-approximation CI that treats "
+              "the two evals as independent samples (they share their problems, so it is "
+              "conservative). Training reward: the mean sampled accuracy (the reward) of the "
+              f"first and last {REWARD_WINDOW} steps, pooled over seeds.", ""]
+    lines.append("| run | first eval | last eval |")
+    lines.append("|---|---|---|")
+    for name, seed_rows in runs.items():
+        for seed, rows in sorted(seed_rows.items()):
+            pts = eval_points(rows)
+            if pts:
+                lines.append(f"| {name}-seed{seed} | step {pts[0]['step']}: {with_ci(pts[0])} "
+                             f"| step {pts[-1]['step']}: {with_ci(pts[-1])} |")
+    lines += ["", "| variant | eval change, seed-pooled [95% CI] | training reward, first "
+              f"{REWARD_WINDOW} -> last {REWARD_WINDOW} steps |", "|---|---|---|"]
+    for name, seed_rows in runs.items():
+        pairs = []
+        for rows in seed_rows.values():
+            pts = eval_points(rows)
+            if len(pts) >= 2:
+                n0, n1 = int(pts[0].get("eval/n", 0)), int(pts[-1].get("eval/n", 0))
+                if n0 and n1:
+                    pairs.append((pts[0]["eval/accuracy"], n0, pts[-1]["eval/accuracy"], n1))
+        change = "—"
+        if pairs:
+            d, lo, hi = pooled_change(pairs)
+            change = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        early = [v for rows in seed_rows.values() for v in reward_window(rows, True, REWARD_WINDOW)]
+        late = [v for rows in seed_rows.values() for v in reward_window(rows, False, REWARD_WINDOW)]
+        rew = "—" if not early else f"{sum(early) / len(early):.3f} -> {sum(late) / len(late):.3f}"
+        lines.append(f"| {name} | {change} | {rew} |")
     lines.append("")
 
     lines += ["## Steps to reach GRPO's final accuracy", ""]

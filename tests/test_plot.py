@@ -128,3 +128,34 @@ def test_compare_report_only_without_runs_is_exit_2(tmp_path):
                 timeout=120)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "no runs" in r.stderr
+
+
+def test_compare_pooled_change_and_ci_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    # 0.25 -> 0.35 on 200 problems in each of two seeds: pooled 0.25 (n 400) -> 0.35 (n 400)
+    d, lo, hi = compare.pooled_change([(0.2, 200, 0.3, 200), (0.3, 200, 0.4, 200)])
+    half = 1.96 * math.sqrt(0.25 * 0.75 / 400 + 0.35 * 0.65 / 400)
+    assert (d, lo, hi) == pytest.approx((0.1, 0.1 - half, 0.1 + half))
+
+    out = tmp_path / "cmp"
+    for seed in (0, 1):
+        run = write_run(out / f"grpo-seed{seed}", accuracy=lambda s: 0.01 * s, flips=False)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for m in lines:
+            if "eval/accuracy" in m:
+                m |= {"eval/n": 200, "eval/accuracy_ci_low": m["eval/accuracy"] - 0.05,
+                      "eval/accuracy_ci_high": m["eval/accuracy"] + 0.05}
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    text = compare.report(out)
+    assert "| grpo-seed0 | step 5: 0.050 [0.000, 0.100] | step 20: 0.200 [0.150, 0.250] |" in text
+    d, lo, hi = compare.pooled_change([(0.05, 200, 0.2, 200)] * 2)
+    assert f"| grpo | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in text
+
+
+def test_compare_jobs_below_one_is_exit_2(tmp_path):
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--jobs", "0", "--out", str(tmp_path),
+                timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --jobs must be >= 1, got 0"
