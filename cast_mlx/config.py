@@ -166,6 +166,7 @@ class SystemConfig:
     memory_limit_gb: Optional[float] = bounds(None, gt=0.0)
     cache_limit_gb: Optional[float] = bounds(None, ge=0.0)
     max_bad_steps: int = bounds(3, ge=1)  # consecutive NaN/inf steps before stopping
+    dist_timeout: float = bounds(900.0, gt=0.0)  # seconds one collective waits for the other ranks
 
 
 @dataclass

@@ -141,8 +141,26 @@ class RichView:
         return Panel(Group(*parts), title="cast-mlx")
 
 
-def make_view(total: int, info: dict, live: bool):
-    """RichView on a TTY when `live`, else PlainView."""
-    if live and sys.stdout.isatty():
-        return RichView(total, info)
+class SilentView:
+    """The view of the ranks other than 0 in a data-parallel run: shows nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, m: dict, samples: list[dict]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def make_view(total: int, info: dict, live: bool, force_terminal: bool = False):
+    """RichView on a TTY when `live`, else PlainView. `force_terminal`: draw the live view
+    even though stdout is not a TTY (rank 0 under `mlx.launch`, whose stdout is a pipe that
+    the launcher copies to its terminal)."""
+    if live and (force_terminal or sys.stdout.isatty()):
+        return RichView(total, info, Console(force_terminal=True) if force_terminal else None)
     return PlainView(total, info)

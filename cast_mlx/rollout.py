@@ -35,7 +35,9 @@ Sampling and log-probs (`sample_tokens`, pure numpy functions over a `[B, V]` lo
   `[P*G, max_new_tokens]` table made from the key up front. A stream's randomness therefore
   does not depend on which other streams share its batch: results are deterministic for a
   fixed key and do not change with `max_batch` or with compaction (up to float rounding of
-  batched matmuls). The global `mx.random` state is never used.
+  batched matmuls). The global `mx.random` state is never used. `stream_offset` and
+  `total_streams` let a process sample a slice of a larger rollout (data parallelism):
+  its streams then take their rows of the larger table and get the same draws as there.
 
 Why numpy for sampling: MLX's CPU `exp` is several times slower than numpy's vectorised one,
 and the softmax over a 49k vocabulary for 64 streams is ~3M exponentials per step. The
@@ -389,7 +391,7 @@ def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.
 
 
 def generate_groups(model, prompts: list[list[int]], group_size: int, params, eos_ids,
-                    key) -> Rollout:
+                    key, *, stream_offset: int = 0, total_streams: int | None = None) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
     model:      an mlx-lm model (float, quantized, LoRA layers attached or not); it is put
@@ -399,6 +401,10 @@ def generate_groups(model, prompts: list[list[int]], group_size: int, params, eo
                 `sampling` section).
     eos_ids:    ids that end a completion (the tokenizer's `eos_token_ids`).
     key:        an `mx.random` key or an int seed; the same key gives the same rollout.
+    stream_offset, total_streams: these `P*G` streams are rows `[stream_offset,
+                stream_offset + P*G)` of a rollout of `total_streams` streams (default:
+                the whole rollout), and take those rows of its random-number table. Used
+                by data parallelism: each process samples its slice of the global step.
 
     Returns a `Rollout` (see its docstring for shapes and conventions).
     """
@@ -411,7 +417,12 @@ def generate_groups(model, prompts: list[list[int]], group_size: int, params, eo
     check_prompts(prompts, p.max_new_tokens, context_limit(model), vocab)
     check_cache_kind(model)
     eos = np.array(sorted(int(e) for e in (eos_ids or ())), dtype=np.int32)
-    uniforms = uniform_table(key, len(prompts) * group_size, p.max_new_tokens)
+    n_streams = len(prompts) * group_size
+    total = n_streams if total_streams is None else int(total_streams)
+    if stream_offset < 0 or stream_offset + n_streams > total:
+        raise ValueError(f"stream_offset: {n_streams} streams from {stream_offset} do not fit in "
+                         f"total_streams={total}")
+    uniforms = uniform_table(key, total, p.max_new_tokens)[stream_offset: stream_offset + n_streams]
 
     per_wave = max(1, p.max_batch // group_size)
     was_training = model.training

@@ -4,6 +4,10 @@ Validates the recipe (before anything heavy is imported or loaded), prints the r
 configuration, and trains (see `cast_mlx.trainer`). `--dry-run` instead loads the model
 and greedily answers the first training problem, to check the set-up end to end.
 `--resume RUN_DIR` continues a run from its latest checkpoint with the recipe stored there.
+
+Data parallel: `mlx.launch -n N -- python -m cast_mlx.train --recipe R` (or `--hosts a,b`,
+`--hostfile hosts.json`) runs N processes that split each step's prompts; the recipe's
+global batch stays the same (see `cast_mlx.distributed`). Only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -89,18 +93,43 @@ def _resume_recipe(args) -> tuple[cfg.Recipe, "Path"]:
     return recipe, Path(ckpt)
 
 
-def train(recipe: cfg.Recipe, ckpt, live: bool) -> int:
+def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
+    """The checks that need the number of processes: the shard rule, the same recipe on
+    every rank, and a resume with as many processes as the checkpoint had. Raises
+    ConfigError (the same decision on every rank) or PeerLost."""
+    from cast_mlx import distributed as dist
+    from cast_mlx import trainer
+
+    world.timeout = dist.recipe_timeout(recipe)
+    dist.check_recipe(recipe, world.size)
+    if ckpt is not None:
+        try:
+            trainer.check_world_size(ckpt, world.size)
+        except trainer.TrainingError as exc:
+            raise cfg.ConfigError(str(exc)) from exc
+    if not dist.same_everywhere(world, cfg.recipe_hash(recipe)):
+        raise cfg.ConfigError("the processes resolved different recipes (their hashes differ); give every "
+                              "host the same recipe file, --set options and checkpoint")
+
+
+def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
+    from cast_mlx import distributed as dist
     from cast_mlx import trainer
     from cast_mlx.models import ModelLoadError
 
     out_dir = ckpt.parent.parent if ckpt is not None else None
     try:
-        run = trainer.setup(recipe, out_dir=out_dir)
+        run = trainer.setup(recipe, out_dir=out_dir, world=world)
         if ckpt is not None:
             trainer.load_checkpoint(run, ckpt)
         return trainer.fit(run, live=live, resumed_from=ckpt)
-    except (ModelLoadError, trainer.TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except trainer.TrainingError as exc:  # the same on every rank: rank 0 says it
+        if world.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ModelLoadError, dist.PeerLost) as exc:  # rank-specific: every rank says it
+        where = f"rank {world.rank}: " if world.size > 1 and not isinstance(exc, dist.PeerLost) else ""
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 1
 
 
@@ -115,7 +144,21 @@ def main(argv=None) -> int:
     except cfg.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if not args.quiet:
+    world = None
+    if not (args.print_config or args.dry_run):
+        from cast_mlx import distributed as dist
+
+        try:
+            world = dist.init_world()  # a world of one unless launched by mlx.launch
+            check_world(recipe, ckpt, world)
+        except cfg.ConfigError as exc:  # every rank decides the same: one of them says it
+            if world is None or world.is_main:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except dist.PeerLost as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if not args.quiet and (world is None or world.is_main):
         import yaml
 
         print(yaml.safe_dump(cfg.describe(recipe), sort_keys=False).rstrip())
@@ -130,7 +173,8 @@ def main(argv=None) -> int:
         except (ModelLoadError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    return train(recipe, ckpt, live=not args.no_dashboard)
+    return train(recipe, ckpt, live=not args.no_dashboard, world=world)
+
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ The loop is a handful of functions over a `Run` (the objects a run holds) and a
 
 Randomness is derived from `(seed, step)` and the data order from `(seed, epoch)`, so a
 run resumed from a checkpoint continues bit-identically on the same machine.
+
+Data parallelism (`mlx.launch -n N`): `Run.world` says which of the N processes this is.
+Each one samples, verifies, scores and computes advantages for its slice of the step's
+prompts; the loss normaliser, gradients and metrics are reduced over processes (see
+`cast_mlx.distributed`); rank 0 alone prints and writes metrics and checkpoints. With a
+world of one, every collective is skipped.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ blas.load()
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx import data, models, rollout, verify  # noqa: E402
+from cast_mlx import distributed as dist  # noqa: E402
 from cast_mlx.eval import decode_completions  # noqa: E402
 from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count  # noqa: E402
 from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch  # noqa: E402
@@ -61,6 +69,7 @@ class TrainState:
     cursor: int = 0  # next index into this epoch's order
     bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
     recipe_hash: str = ""
+    world_size: int = 1  # processes that trained it; a resume must use as many
 
 
 @dataclass
@@ -78,6 +87,7 @@ class Run:
     verifier: verify.Verifier
     out_dir: Path
     state: TrainState = field(default_factory=TrainState)
+    world: dist.World = field(default_factory=dist.World)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -111,8 +121,11 @@ def build_optimizer(recipe: cfg.Recipe) -> optim.Optimizer:
                        weight_decay=o.weight_decay)
 
 
-def setup(recipe: cfg.Recipe, out_dir: Path | None = None) -> Run:
-    """Load the model, attach LoRA, build the optimizer, teacher, data and compiled fns."""
+def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | None = None) -> Run:
+    """Load the model, attach LoRA, build the optimizer, teacher, data and compiled fns.
+    `world`: this process's place in a data-parallel run (default: a single process)."""
+    world = world or dist.World()
+    dist.check_recipe(recipe, world.size)
     if recipe.system.memory_limit_gb:
         mx.set_memory_limit(int(recipe.system.memory_limit_gb * 2**30))
     if recipe.system.cache_limit_gb is not None:
@@ -144,7 +157,8 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None) -> Run:
         problems=problems, advantages=advantages, loss_fn=loss_fn,
         verifier=verify.Verifier(workers=1, timeout=2.0),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
-        state=TrainState(recipe_hash=cfg.recipe_hash(recipe)),
+        state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size),
+        world=world,
     )
 
 
@@ -159,7 +173,8 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 
 
 def next_prompts(run: Run) -> list:
-    """The step's batch of problems (P of them), advancing the data cursor."""
+    """The step's batch of problems (P of them, the global batch), advancing the data
+    cursor; every rank of a data-parallel run advances it the same way."""
     st, p = run.state, run.recipe.sampling.prompts_per_step
     picked = []
     while len(picked) < p:
@@ -180,12 +195,17 @@ def step_key(seed: int, step: int) -> mx.array:
 
 
 def sample(run: Run, problems: list):
-    r = run.recipe
+    """`G` completions of each of `problems`: this rank's equal share of the step's prompts,
+    sampled as the same streams of the step's global rollout (so a completion's tokens do
+    not depend on the number of processes)."""
+    r, world = run.recipe, run.world
     prompts = [data.prompt_ids(run.tokenizer, p, r.data.system_prompt, r.data.answer_format)
                for p in problems]
     eos = set(run.tokenizer.eos_token_ids)
+    streams = len(problems) * r.sampling.group_size
     out = rollout.generate_groups(run.model, prompts, r.sampling.group_size, r.sampling, eos,
-                                  key=step_key(r.seed, run.state.step))
+                                  key=step_key(r.seed, run.state.step),
+                                  stream_offset=world.rank * streams, total_streams=world.size * streams)
     return prompts, out
 
 
@@ -231,15 +251,23 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     return (lp_t - lp_old) * mask, lp_t
 
 
+LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")  # policy_loss's metrics (+ kl_mean)
+
+
 def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
     """Accumulate gradients over micro-batches, clip, and apply one AdamW step.
 
     Returns (loss, grad_norm, aux metrics, applied?). Rows without loss (zero advantage
     everywhere with beta = 0, or truncated when masked) are skipped: they would add
     nothing to the loss or the gradient, and the normaliser is the whole batch's.
+
+    In a data-parallel run the rows are this rank's; the normaliser is the global batch's,
+    so the gradients summed over ranks are the single-process accumulated gradient, and
+    the loss, grad norm and aux metrics returned are global (the same on every rank, so
+    every rank takes the same decisions). A rank without loss-bearing rows still joins.
     """
-    r = run.recipe
-    norm = loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated)
+    r, world = run.recipe, run.world
+    norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
     carries = (mx.abs(adv) * mask).sum(axis=1) > 0
     if r.loss.beta > 0:
         carries = mask.sum(axis=1) > 0
@@ -255,7 +283,9 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
         return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()))
 
     grad_fn = nn.value_and_grad(run.model, micro_loss)
-    total, grads, entropy_sum, metric_sums = mx.array(0.0), None, mx.array(0.0), {}
+    total, grads, entropy_sum = mx.array(0.0), None, mx.array(0.0)
+    metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
+    metric_sums = {k: mx.array(0.0) for k in metric_names}
     # micro-batches of rows of similar length, each padded only to its own longest row
     buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size) if rows else []
     for mb in ([rows[j] for j in b] for b in buckets):
@@ -268,17 +298,22 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
         total = total + value
         entropy_sum = entropy_sum + ent
         for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + v
+            metric_sums[k] = metric_sums[k] + v
         mx.eval(grads, total)
-    aux = {k: v.item() for k, v in metric_sums.items()}
-    # mean entropy over the tokens of the rows that went through the forward pass
-    n_tok = float(mask[mx.array(rows)].sum().item()) if rows else 0.0
-    aux["entropy"] = entropy_sum.item() / n_tok if n_tok else 0.0
-    aux["rows_skipped"] = len(carries.tolist()) - len(rows)
-    if grads is None:  # nothing carries loss this step (e.g. all groups zero-variance)
+    # the tokens of the rows that went through the forward pass (for the mean entropy)
+    n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
+    stats = dist.sum_values(world, {"loss": total, "entropy": entropy_sum, "tokens": n_tok,
+                                    "rows": len(rows), "all_rows": mask.shape[0], **metric_sums})
+    aux = {k: stats[k] for k in metric_names} if stats["rows"] else {}
+    aux["entropy"] = stats["entropy"] / stats["tokens"] if stats["tokens"] else 0.0
+    aux["rows_skipped"] = int(stats["all_rows"] - stats["rows"])
+    if not stats["rows"]:  # nothing carries loss this step (e.g. all groups zero-variance)
         return 0.0, 0.0, aux, False
+    if grads is None:  # rows elsewhere but none here: join the sum with zeros
+        grads = tree_map(mx.zeros_like, run.model.trainable_parameters())
+    grads = dist.sum_tree(world, grads)
     grads, grad_norm = optim.clip_grad_norm(grads, r.optimizer.max_grad_norm)
-    loss_value, grad_norm = total.item(), grad_norm.item()
+    loss_value, grad_norm = stats["loss"], grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         return loss_value, grad_norm, aux, False
     run.optimizer.update(run.model, grads)
@@ -290,11 +325,15 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
 
 
 def train_step(run: Run) -> tuple[dict, list[dict]]:
-    """One full step. Returns the metrics line and a few sample records."""
-    r, st = run.recipe, run.state
+    """One full step. Returns the metrics line and a few sample records.
+
+    In a data-parallel run every rank returns the same global metrics; the sample records
+    are this rank's own first rows (rank 0's are the global batch's first rows)."""
+    r, st, world = run.recipe, run.state, run.world
+    comm_start = (world.comm_seconds, world.comm_bytes, world.comm_calls)
     times = {}
     t0 = time.perf_counter()
-    problems = next_prompts(run)
+    problems = dist.shard(next_prompts(run), world.rank, world.size)
     prompts, out = sample(run, problems)
     mx.eval(out.tokens, out.logprobs)
     times["sample"] = time.perf_counter() - t0
@@ -330,7 +369,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
 
     lr = float(run.optimizer.learning_rate.item()) if applied else float(
         lr_schedule(r)(mx.array(st.step)).item())
-    if applied or aux["rows_skipped"] == mask.shape[0]:
+    if applied or aux["rows_skipped"] == mask.shape[0] * world.size:
         st.step += 1
         st.bad_steps = 0
         if run.teacher is not None:
@@ -344,8 +383,20 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
                 f"(last loss {loss_value}, grad norm {grad_norm}); lower optimizer.lr or check the data"
             )
 
-    metrics = step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, truncated,
-                           loss_value, grad_norm, aux, lr, times, applied)
+    rows = dist.gather_rows(world, {
+        "rewards": rewards, "base": base, "gaps": gaps, "adv": adv, "mask": mask, "truncated": truncated,
+        "lengths": out.lengths, "strict": mx.array([bool(v and v.strict) for v in verdicts]),
+        "lenient": mx.array([bool(v and v.lenient) for v in verdicts]), "dropped": mx.array(dropped),
+    })
+    usage = {"memory/peak_gb": mx.get_peak_memory() / 2**30, "memory/rss_gb": _rss_gb()}
+    # this rank's collectives of the step (all but the timing reduction just below)
+    comm = {"time/comm": world.comm_seconds - comm_start[0], "comm/bytes": world.comm_bytes - comm_start[1],
+            "comm/calls": world.comm_calls - comm_start[2]}
+    slowest = dist.max_values(world, times | usage)  # each phase: the slowest rank's
+    times, usage = {k: slowest[k] for k in times}, {k: slowest[k] for k in usage}
+    metrics = step_metrics(run, rows, loss_value, grad_norm, aux, lr, times, usage, applied)
+    if world.size > 1:
+        metrics |= comm
     samples = [
         {"step": st.step, "problem": problems[i // r.sampling.group_size].question,
          "gold": problems[i // r.sampling.group_size].gold, "completion": texts[i],
@@ -355,15 +406,20 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     return metrics, samples
 
 
-def step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, truncated, loss_value,
-                 grad_norm, aux, lr, times, applied) -> dict:
+def step_metrics(run, rows: dict, loss_value, grad_norm, aux, lr, times, usage, applied) -> dict:
+    """The metrics line of a step from the per-row arrays of the whole batch (`rows`:
+    rewards, base, gaps, adv, mask, truncated, lengths, and the strict / lenient / dropped
+    flags), the update's results, the phase times and the memory use."""
     r = run.recipe
     g = r.sampling.group_size
+    rewards, base, gaps, adv = rows["rewards"], rows["base"], rows["gaps"], rows["adv"]
+    mask, truncated = rows["mask"], rows["truncated"]
     rew = rewards.reshape(-1, g)
-    lengths = out.lengths.astype(mx.float32)
+    lengths = rows["lengths"].astype(mx.float32)
     ended = 1.0 - truncated
     n_ended = float(ended.sum().item())
-    gen_tokens = float(out.lengths.sum().item())
+    gen_tokens = float(rows["lengths"].sum().item())
+    n_rows = rewards.shape[0]
     diag = cast_diagnostics(rewards, base, gaps, adv, mask, a_max=r.algorithm.a_max, group_size=g)
     m = {
         "step": run.state.step,
@@ -372,9 +428,9 @@ def step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, tr
         "reward_std": float(mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
                                     / max(g - 1, 1)).mean().item()),
         "frac_reward_zero_std": float((rew.max(axis=1) == rew.min(axis=1)).astype(mx.float32).mean().item()),
-        "accuracy/strict": sum(bool(v and v.strict) for v in verdicts) / len(verdicts),
-        "accuracy/lenient": sum(bool(v and v.lenient) for v in verdicts) / len(verdicts),
-        "reward/dropped": sum(dropped),
+        "accuracy/strict": sum(rows["strict"].tolist()) / n_rows,
+        "accuracy/lenient": sum(rows["lenient"].tolist()) / n_rows,
+        "reward/dropped": sum(rows["dropped"].tolist()),
         "completions/mean_length": lengths.mean().item(),
         "completions/mean_terminated_length": float((lengths * ended).sum().item()) / max(n_ended, 1.0),
         "completions/max_length": float(lengths.max().item()),
@@ -396,8 +452,7 @@ def step_metrics(run, out, rewards, verdicts, dropped, base, gaps, adv, mask, tr
         "time/step": sum(times.values()),
         "tokens_per_s/generate": gen_tokens / max(times["sample"], 1e-9),
         "tokens_per_s/train": float(mask.sum().item()) / max(times["update"], 1e-9),
-        "memory/peak_gb": mx.get_peak_memory() / 2**30,
-        "memory/rss_gb": _rss_gb(),
+        **usage,
     }
     if "kl_mean" in aux:
         m["kl"] = aux["kl_mean"]
@@ -474,8 +529,24 @@ def find_checkpoint(path: str | Path) -> Path:
     raise TrainingError(f"--resume {path}: no complete checkpoint found under {path}/{CHECKPOINTS}")
 
 
+def checkpoint_world_size(ckpt: Path) -> int:
+    """How many processes trained the checkpoint (1 for checkpoints older than that field)."""
+    return int(json.loads((Path(ckpt) / "state.json").read_text()).get("world_size", 1))
+
+
+def check_world_size(ckpt: Path, size: int) -> None:
+    """A TrainingError unless the checkpoint was written by a run of `size` processes: the
+    data slices, the random streams and the float summation order depend on it."""
+    saved = checkpoint_world_size(ckpt)
+    if saved != size:
+        how = "in one process (without mlx.launch)" if saved == 1 else f"with mlx.launch -n {saved} (or a hostfile of {saved} hosts)"
+        raise TrainingError(f"--resume {ckpt}: the checkpoint was written by {saved} process(es) and this run has "
+                            f"{size}; resume it {how}")
+
+
 def load_checkpoint(run: Run, ckpt: Path) -> None:
     """Restore adapters, optimizer, teacher and counters into a freshly set-up run."""
+    check_world_size(ckpt, run.world.size)
     state = json.loads((ckpt / "state.json").read_text())
     teacher_version = state.pop("teacher_version", 0)
     run.state = TrainState(**state)
@@ -590,23 +661,32 @@ def eval_problems(recipe: cfg.Recipe) -> list:
 
 
 def evaluate_now(run: Run, problems: list) -> dict:
-    """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics."""
-    from cast_mlx.eval import evaluate
+    """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics (mean and
+    bootstrap CI over problems). In a data-parallel run each rank answers its contiguous
+    slice and the per-problem results are gathered, so no rank waits idle."""
+    from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
 
-    r = run.recipe
+    r, world = run.recipe, run.world
     t = time.perf_counter()
-    result = evaluate(run.model, run.tokenizer, problems, answer_format=r.data.answer_format,
-                      system_prompt=r.data.system_prompt, max_new_tokens=r.sampling.max_new_tokens,
-                      max_batch=r.sampling.max_batch, verifier=run.verifier, n_resamples=200)
-    lenient, strict = result.summary["greedy/lenient"], result.summary["greedy/strict"]
-    return {"eval/accuracy": lenient.value, "eval/accuracy_ci_low": lenient.ci_low,
-            "eval/accuracy_ci_high": lenient.ci_high, "eval/accuracy_strict": strict.value,
+    mine = dist.shard_uneven(problems, world.rank, world.size)
+    values = {"greedy/strict": [], "greedy/lenient": []}
+    if mine:
+        result = evaluate(run.model, run.tokenizer, mine, answer_format=r.data.answer_format,
+                          system_prompt=r.data.system_prompt, max_new_tokens=r.sampling.max_new_tokens,
+                          max_batch=r.sampling.max_batch, verifier=run.verifier, n_resamples=200)
+        values = per_problem_values(result.problems, k=1)
+    gathered = dist.gather_rows(world, {k: mx.array(v, dtype=mx.float32) for k, v in values.items()},
+                                "gathering eval results")
+    strict, lenient = gathered["greedy/strict"].tolist(), gathered["greedy/lenient"].tolist()
+    low, high = bootstrap_ci(lenient, seed=0, n_resamples=200)
+    return {"eval/accuracy": float(np.mean(lenient)), "eval/accuracy_ci_low": low,
+            "eval/accuracy_ci_high": high, "eval/accuracy_strict": float(np.mean(strict)),
             "eval/n": len(problems), "time/eval": time.perf_counter() - t}
 
 
 def run_info(run: Run) -> dict:
     r = run.recipe
-    return {
+    info = {
         "run": r.name,
         "model": f"{r.model.name} ({models.resolve_dtype(r.model.dtype)})",
         "algorithm": r.algorithm.name,
@@ -614,21 +694,63 @@ def run_info(run: Run) -> dict:
         "blas": blas.active_blas(),
         "out": str(run.out_dir),
     }
+    if run.world.size > 1:
+        info["processes"] = run.world.size
+    return info
+
+
+class NoSinks:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, metrics: dict, samples: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def resume_command(run: Run) -> str:
+    command = f"python -m cast_mlx.train --resume {run.out_dir}"
+    if run.world.size > 1:
+        command += f" (under mlx.launch, with the same {run.world.size} processes)"
+    return command
+
+
+SIGNAL_OF_CODE = {code: name for name, code in StopRequest.CODES.items()}
 
 
 def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
-    """Train to `schedule.steps`; returns the process exit code."""
-    from cast_mlx.dashboard import make_view
+    """Train to `schedule.steps`; returns the process exit code.
 
-    r = run.recipe
-    sinks = Sinks(run, run.state.step if resumed_from else None)
+    Data parallel: every rank runs this loop in lockstep; only rank 0 prints, writes the
+    metrics and the checkpoints. A stop signal seen by any rank stops all of them after the
+    same step (the stop is agreed on between steps), and the ranks leave together once
+    rank 0's last checkpoint is written."""
+    from cast_mlx.dashboard import SilentView, make_view
+
+    r, world = run.recipe, run.world
+    main = world.is_main
+    sinks = Sinks(run, run.state.step if resumed_from else None) if main else NoSinks()
     stop = StopRequest().install()
-    view = make_view(r.schedule.steps, run_info(run), live and r.logging.dashboard)
+    if main:  # under mlx.launch stdout is a pipe; the launcher passes COLUMNS when on a terminal
+        view = make_view(r.schedule.steps, run_info(run), live and r.logging.dashboard,
+                         force_terminal=world.size > 1 and "COLUMNS" in os.environ)
+    else:
+        view = SilentView()
     last_saved = run.state.step if resumed_from else -1
     every = r.logging.eval_every
     held_out = eval_problems(r) if every else []
+
+    def agreed_stop() -> int:  # 0: go on; else the exit code of the signal some rank got
+        return dist.max_int(world, stop.code if stop.signal_name else 0, "agreeing on a stop")
+
+    def save() -> None:
+        if main:
+            save_checkpoint(run)
+
     try:
         with view:
+            dist.barrier(world, "start-up (every rank loads the model)")
             if resumed_from:
                 view.message(f"resumed from {resumed_from} at step {run.state.step}")
             elif every:  # the starting point of the eval curve
@@ -636,7 +758,8 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
                 sinks.write(baseline, [])
                 view.message(f"step 0 eval accuracy {baseline['eval/accuracy']:.3f} "
                              f"(n={baseline['eval/n']})")
-            while run.state.step < r.schedule.steps and stop.signal_name is None:
+            code = agreed_stop()
+            while run.state.step < r.schedule.steps and not code:
                 metrics, samples = train_step(run)
                 if every and (run.state.step % every == 0 or run.state.step == r.schedule.steps):
                     metrics.update(evaluate_now(run, held_out))
@@ -644,23 +767,25 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
                 view.update(metrics, samples)
                 st = run.state.step
                 if st % r.checkpoint.every == 0 or st == r.schedule.steps:
-                    save_checkpoint(run)
+                    save()
                     last_saved = st
-            if stop.signal_name is not None:
-                if last_saved != run.state.step:
-                    save_checkpoint(run)
-                view.message(f"{stop.signal_name}: stopped after step {run.state.step}; resume with "
-                             f"python -m cast_mlx.train --resume {run.out_dir}")
-                return stop.code
+                code = agreed_stop()
+            if last_saved != run.state.step:
+                save()
+            dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
+            if code:
+                view.message(f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
+                             f"resume with {resume_command(run)}")
+                return code
     except KeyboardInterrupt:
-        print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: "
-              f"python -m cast_mlx.train --resume {run.out_dir}")
+        if main:
+            print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: "
+                  f"{resume_command(run)}")
         return 130
     finally:
         stop.restore()
         sinks.close()
         run.verifier.close()
-    if last_saved != run.state.step:
-        save_checkpoint(run)
-    view.message(f"done: {run.state.step} steps; adapters in {find_checkpoint(run.out_dir)}")
+    if main:
+        view.message(f"done: {run.state.step} steps; adapters in {find_checkpoint(run.out_dir)}")
     return 0

@@ -154,6 +154,24 @@ def test_waves_give_the_same_results(setup, greedy, sampled):
     np.testing.assert_allclose(np.array(sampled_waves.logprobs), np.array(sampled.logprobs), atol=1e-4)
 
 
+def test_a_slice_of_the_streams_reproduces_the_whole_rollout(setup, sampled):
+    """Data parallelism: each process samples its prompts as streams [offset, offset + n) of
+    the global rollout and must draw exactly what the single-process rollout drew there."""
+    model, _, prompts, eos = setup
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        part = generate_groups(model, [prompt], 3, params, eos, key=2, stream_offset=3 * i, total_streams=9)
+        rows += rows_of(part)
+        np.testing.assert_allclose(np.array(part.logprobs), np.array(sampled.logprobs[3 * i: 3 * i + 3,
+                                   : part.logprobs.shape[1]]), atol=1e-4)
+    assert rows == rows_of(sampled)
+    alone = generate_groups(model, prompts[1:2], 3, params, eos, key=2)  # its own table: other draws
+    assert rows_of(alone) != rows_of(sampled)[3:6]
+    with pytest.raises(ValueError, match="stream_offset"):
+        generate_groups(model, prompts[:1], 3, params, eos, key=2, stream_offset=7, total_streams=9)
+
+
 def test_max_new_tokens_is_respected_and_one_token_prompts_work(setup):
     model, tok, prompts, eos = setup
     out = generate_groups(model, prompts[1:2], 2, SamplingParams(max_new_tokens=3), eos, key=1)

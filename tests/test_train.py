@@ -51,8 +51,10 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
     assert all(0.0 <= m["reward"] <= 1.0 and math.isfinite(m["loss"]) for m in lines)
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and "completion" in json.loads(samples[0])
+    assert not any(k.startswith("comm/") for k in lines[0])  # one process: no collectives
     ckpt = trainer.find_checkpoint(out)
     assert ckpt.name == "step_000002"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 1
     for f in ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
               "teacher.safetensors", "state.json", "recipe.yaml"):
         assert (ckpt / f).is_file(), f
