@@ -256,3 +256,19 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
         assert float(mx.abs((lp_t - out.logprobs) * out.mask).max()) < 5e-4
     finally:
         run.verifier.close()
+
+
+def test_kl_to_the_base_model_is_zero_then_positive(tmp_path, smol_dir):
+    """loss.beta > 0: the reference is the base model (LoRA off), so the first step's KL is 0
+    (lora_b starts at 0) and after one update it is positive and finite."""
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml",
+                             [f"logging.out_dir={tmp_path / 'r'}", "loss.beta=0.1"])
+    run = trainer.setup(recipe)
+    try:
+        first, _ = trainer.train_step(run)
+        second, _ = trainer.train_step(run)
+    finally:
+        run.verifier.close()
+    assert first["update_applied"] and second["update_applied"]
+    assert abs(first["kl"]) < 1e-6
+    assert 0 < second["kl"] < 1.0
