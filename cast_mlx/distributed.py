@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -165,7 +167,7 @@ def _give_up(world: World, what: str) -> None:
     print(
         f"error: rank {world.rank} waited more than {world.timeout:g} s for the other ranks during "
         f"{what}: a rank died or hangs. Exiting; the last checkpoint is intact (resume with the same "
-        f"number of processes). Set {TIMEOUT_ENV} to wait longer.",
+        f"number of processes). Raise system.dist_timeout (or set {TIMEOUT_ENV}) to wait longer.",
         file=sys.stderr, flush=True,
     )
     os._exit(EXIT_TIMEOUT)
@@ -241,23 +243,24 @@ def _as_float(v) -> float:
     return float(v.item()) if isinstance(v, mx.array) else float(v)
 
 
-def sum_values(world: World, values: dict, what: str = "summing statistics") -> dict[str, float]:
-    """`{name: sum over ranks}` of scalar values (floats or scalar arrays), as floats.
-    Every rank must pass the same names in the same order."""
+def _reduce_values(world: World, values: dict, op, what: str) -> dict[str, float]:
+    """`{name: op over ranks}` of scalar values (floats or scalar arrays), as floats, in one
+    collective. Every rank must pass the same names in the same order."""
     if world.size == 1:
         return {k: _as_float(v) for k, v in values.items()}
     vec = mx.stack([mx.array(v, dtype=mx.float32).reshape(()) for v in values.values()])
-    out = _collective(world, what, mx.distributed.all_sum, vec).tolist()
+    out = _collective(world, what, op, vec).tolist()
     return dict(zip(values, out))
 
 
-def max_values(world: World, values: dict[str, float], what: str = "comparing timings") -> dict[str, float]:
+def sum_values(world: World, values: dict, what: str = "summing statistics") -> dict[str, float]:
+    """`{name: sum over ranks}` of scalar values, as floats (same names on every rank)."""
+    return _reduce_values(world, values, mx.distributed.all_sum, what)
+
+
+def max_values(world: World, values: dict, what: str = "comparing timings") -> dict[str, float]:
     """`{name: max over ranks}` of scalar values, as floats (same names on every rank)."""
-    if world.size == 1:
-        return {k: _as_float(v) for k, v in values.items()}
-    vec = mx.array([_as_float(v) for v in values.values()], dtype=mx.float32)
-    out = _collective(world, what, mx.distributed.all_max, vec).tolist()
-    return dict(zip(values, out))
+    return _reduce_values(world, values, mx.distributed.all_max, what)
 
 
 def global_norm(world: World, norm: LossNorm) -> LossNorm:
@@ -318,3 +321,44 @@ def gather_rows(world: World, columns: dict[str, mx.array], what: str = "gatheri
         col += span
     return out
 
+
+# --------------------------------------------------------------------------- one machine
+
+
+def free_ports(n: int = 2) -> int:
+    """A port p such that p .. p + n - 1 are free on 127.0.0.1 (the ring listens on one
+    port per rank; mlx.launch's --starting-port takes the first)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for i in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def launch_loopback(args: list[str], n: int = 2, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring` on loopback (free ports, one MKL thread per rank)
+    running `python ARGS`; returns its exit code and captured output.
+
+    The launcher gets a stdin that stays open and empty: with an exhausted stdin
+    (/dev/null, or a closed pipe) its loop that forwards stdin to the ranks spins on a
+    CPU core (mlx 0.32.4), which on a 2-core machine slows the ranks down a lot. Note that
+    mlx.launch exits 0 even when a rank fails; it prints `Node with rank R exited ...`."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    cmd = [launcher, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
+           "--env", "MKL_NUM_THREADS=1", "--", sys.executable, *args]
+    quiet_stdin, keep_open = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdin=quiet_stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        os.close(quiet_stdin)
+        os.close(keep_open)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

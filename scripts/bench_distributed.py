@@ -26,41 +26,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 
-def launch(args: list[str], port: int, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring` on loopback. Its stdin is an open, empty pipe: with
-    an exhausted stdin the launcher's forwarding loop spins on a core (mlx 0.32.4)."""
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(port),
-           "--env", "MKL_NUM_THREADS=1", "--", sys.executable, *args]
-    quiet, keep_open = os.pipe()
-    try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=quiet, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        os.close(quiet)
-        os.close(keep_open)
-    if "Node with rank" in err or proc.returncode:
-        raise SystemExit(f"mlx.launch failed:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+def launch(args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring` on loopback; stops the benchmark if a rank failed."""
+    from cast_mlx import distributed as dist
 
-
-def free_port() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise SystemExit("no two consecutive free ports")
+    proc = dist.launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
+    if "Node with rank" in proc.stderr or proc.returncode:
+        raise SystemExit(f"mlx.launch failed:\n{proc.stderr[-3000:]}")
+    return proc
 
 
 def train_args(recipe: str, out: Path, steps: int) -> list[str]:
@@ -125,7 +100,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"single-process run failed:\n{proc.stderr[-3000:]}")
         wall_one = time.perf_counter() - t
         t = time.perf_counter()
-        launch(train_args(args.recipe, two, args.steps), free_port())
+        launch(train_args(args.recipe, two, args.steps))
         wall_two = time.perf_counter() - t
         m1, m2 = read_metrics(one), read_metrics(two)
         import cast_mlx  # noqa: F401
@@ -133,8 +108,8 @@ def main(argv=None) -> int:
 
         ckpt = next((two / "checkpoints").glob("step_*"))
         grad_floats = sum(v.size for v in mx.load(str(ckpt / "adapters.safetensors")).values())
-        pure = json.loads(launch([str(Path(__file__).resolve()), "--measure-collectives", str(grad_floats)],
-                                 free_port()).stdout.strip().splitlines()[-1])
+        pure = json.loads(launch([str(Path(__file__).resolve()), "--measure-collectives", str(grad_floats)])
+                          .stdout.strip().splitlines()[-1])
 
     n1_step, n2_step = median_after_first(m1, "time/step"), median_after_first(m2, "time/step")
     calls = median_after_first(m2, "comm/calls")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,30 +27,12 @@ from cast_mlx import distributed as dist
 from cast_mlx import trainer
 from conftest import ROOT, run_cli
 
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 ONE_THREAD = {"MKL_NUM_THREADS": "1"}
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count", "comm/")
 
 
-def free_ports(n: int = 2) -> int:
-    """A port p such that p .. p + n - 1 are free on 127.0.0.1 (the ring listens on one
-    port per rank; mlx.launch's --starting-port takes the first)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            for i in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def hostfile(tmp_path: Path, n: int = 2) -> Path:
-    port = free_ports(n)
+    port = dist.free_ports(n)
     path = tmp_path / "ring.json"
     path.write_text(json.dumps([[f"127.0.0.1:{port + i}"] for i in range(n)]))
     return path
@@ -70,22 +51,8 @@ def start_ranks(tmp_path: Path, args: list[str], n: int = 2, env=None) -> list[s
 
 
 def launch(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring` on loopback (free ports), one MKL thread per rank.
-
-    The launcher gets a stdin that stays open and empty: with an exhausted stdin
-    (/dev/null, or a closed pipe) its loop that forwards stdin to the ranks spins on a
-    CPU core (mlx 0.32.4), which on this 2-core machine slows the ranks down a lot."""
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
-           "--env", "MKL_NUM_THREADS=1", "--", sys.executable, *args]
-    quiet_stdin, keep_open = os.pipe()
-    try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=quiet_stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        os.close(quiet_stdin)
-        os.close(keep_open)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    """`mlx.launch -n 2 --backend ring` on loopback from the repository root."""
+    return dist.launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
 
 
 def read(tmp_path: Path, rank: int, stream: str = "err") -> str:
