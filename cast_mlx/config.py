@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,6 +202,11 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+# Exponent floats without a dot ("4e-4", "1E-3"): YAML 1.1, which PyYAML implements, reads
+# them as strings. They are accepted for float fields, so `lr: 4e-4` and `--set lr=4e-4` work.
+_YAML11_FLOAT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _coerce(value, tp, where: str):
     """Check `value` against annotation `tp`; return it in canonical form or raise."""
     origin = typing.get_origin(tp)
@@ -240,6 +246,8 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value):
+            value = float(value)  # YAML 1.1 reads 4e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):

@@ -34,6 +34,19 @@ def test_defaults_and_overrides():
     assert cfg.recipe_hash(r) != base
 
 
+def test_exponent_floats_without_a_dot(tmp_path: Path):
+    # YAML 1.1 (PyYAML) reads 4e-4 as a string; float fields accept it, in a file and in --set
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimizer:\n  lr: 4e-4\nalgorithm:\n  wrong_box: [0.95, 12E-1]\n")
+    r = cfg.load_recipe(recipe, ["sampling.min_p=5e-2"])
+    assert r.optimizer.lr == 4e-4 and r.algorithm.wrong_box == (0.95, 1.2)
+    assert r.sampling.min_p == 0.05
+    assert cfg.load_recipe(None, ["optimizer.lr=+1E-3"]).optimizer.lr == 1e-3
+    for bad in ("4e", "e-4", "1e-4x", "inf", "1_0e2"):
+        with pytest.raises(cfg.ConfigError, match="optimizer.lr: expected a number"):
+            cfg.load_recipe(None, [f"optimizer.lr={bad}"])
+
+
 @pytest.mark.parametrize(
     "yaml_text, overrides, expected",
     [
@@ -55,6 +68,7 @@ def test_defaults_and_overrides():
         ("name: x\n", ["sampling=1"], "--set sampling: sampling is a section"),
         ("name: x\n", ["sampling.group_size"], "--set sampling.group_size: expected key=value"),
         ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
+        ("name: x\n", ["optimizer.lr=-1e-4"], "optimizer.lr: must be > 0.0, got -0.0001"),
         ("loss:\n  num_iterations: 2\n", [], "loss.num_iterations: only 1 update per batch"),
     ],
 )
