@@ -16,8 +16,13 @@ What is measured, per problem, with the prompt, rollout engine and verifier of t
 Every metric is a mean over problems; its CI comes from resampling the problems
 (`bootstrap_ci`, percentile method, deterministic by seed).
 
+`--baseline FILE` (an earlier result on the same problems, e.g. of the base model) adds a
+*paired* comparison of the greedy metrics (`paired_comparison`): problems only the new model
+solves vs only the baseline solves, the difference with a 95% CI, and the exact McNemar
+p-value. Paired, because two evals on the same problems are far from independent.
+
 The pure helpers (`pass_at_k`, `answer_key`, `majority_vote`, `bootstrap_ci`,
-`decode_completions`) do not load a model and are tested on their own.
+`paired_comparison`, `decode_completions`) do not load a model and are tested on their own.
 """
 
 from __future__ import annotations
@@ -212,6 +217,78 @@ def summarize(problems: Sequence[ProblemResult], k: int, seed: int = 0,
     return summary
 
 
+PAIRED_METRICS = ("greedy/strict", "greedy/lenient")
+
+
+@dataclass
+class Paired:
+    """One 0/1 metric of two evaluations on the same problems."""
+
+    n: int
+    both: int
+    only_new: int
+    only_baseline: int
+    neither: int
+    difference: float  # new minus baseline accuracy
+    ci_low: float  # 95% normal-approximation CI of the paired difference
+    ci_high: float
+    p_value: float  # exact two-sided McNemar test (a sign test on the discordant problems)
+
+
+def mcnemar_exact(only_new: int, only_baseline: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference" each discordant problem is
+    equally likely to favour either side, so the smaller count is Binomial(b + c, 1/2)."""
+    n = only_new + only_baseline
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_new, only_baseline) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(baseline: Sequence[bool], new: Sequence[bool]) -> Paired:
+    """Compare per-problem outcomes (same problems, same order)."""
+    if len(baseline) != len(new) or not new:
+        raise ValueError(f"paired comparison needs equal, non-empty lists, got {len(baseline)} "
+                         f"and {len(new)}")
+    n = len(new)
+    both = sum(1 for a, b in zip(baseline, new) if a and b)
+    only_new = sum(1 for a, b in zip(baseline, new) if b and not a)
+    only_base = sum(1 for a, b in zip(baseline, new) if a and not b)
+    diff = (only_new - only_base) / n
+    # the per-problem difference is -1, 0 or +1: its variance is (b + c)/n - diff^2
+    se = math.sqrt(max((only_new + only_base) / n - diff**2, 0.0) / n)
+    return Paired(n, both, only_new, only_base, n - both - only_new - only_base, diff,
+                  diff - 1.96 * se, diff + 1.96 * se, mcnemar_exact(only_new, only_base))
+
+
+def read_baseline(path: str) -> dict[str, dict[str, bool]]:
+    """The greedy outcomes of an earlier eval JSON, by problem id; UsageError if unreadable."""
+    try:
+        problems = json.loads(Path(path).read_text())["problems"]
+        return {p["id"]: {m: bool(p["greedy"][m.split("/")[1]]) for m in PAIRED_METRICS}
+                for p in problems}
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise UsageError(f"--baseline {path}: not a cast_mlx.eval result (needs problems with "
+                         "an id and greedy strict/lenient)") from None
+
+
+def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
+    if list(baseline) != list(ids):
+        missing = next((i for i in ids if i not in baseline), None)
+        detail = f"problem {missing!r} is not in it" if missing else "they come in another order"
+        raise UsageError(f"--baseline {path}: it holds {len(baseline)} problems, this eval "
+                         f"{len(ids)}, and {detail}; evaluate both with the same task, level, "
+                         "split and --n")
+
+
+def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paired]:
+    return {m: paired_comparison([baseline[p.id][m] for p in result.problems],
+                                 [getattr(p.greedy, m.split("/")[1]) for p in result.problems])
+            for m in PAIRED_METRICS}
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -330,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file (default: eval-TASK-SPLIT.json in the adapter folder "
                                  "given, else in the current folder)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or quantized")
+    p.add_argument("--baseline", help="an earlier eval JSON on the same problems: adds a paired "
+                                      "comparison (McNemar) of the greedy metrics")
     return p
 
 
@@ -405,7 +484,7 @@ def resolve_args(args) -> dict:
         "k": args.k, "temperature": temperature, "max_new_tokens": args.max_new_tokens,
         "max_batch": args.max_batch, "answer_format": answer_format,
         "system_prompt": recipe.data.system_prompt if recipe else data.DEFAULT_SYSTEM_PROMPT,
-        "seed": args.seed, "dtype": args.dtype, "out": str(out),
+        "seed": args.seed, "dtype": args.dtype, "out": str(out), "baseline": args.baseline,
     }
 
 
@@ -432,6 +511,9 @@ def main(argv=None) -> int:
         s = resolve_args(build_parser().parse_args(argv))
         problems = data.load_task(s["task"], s["split"], path=s["path"], n=s["n"],
                                   level=s["level"], seed=EVAL_DATA_SEED)
+        baseline = read_baseline(s["baseline"]) if s["baseline"] else None
+        if baseline is not None:
+            check_same_problems(baseline, [p.id for p in problems], s["baseline"])
     except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -460,10 +542,19 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     result.settings.update({key: s[key] for key in ("model", "adapter", "task", "split", "path",
                                                     "level", "dtype")})
+    doc = result.to_dict()
+    paired = compare_to_baseline(result, baseline) if baseline is not None else {}
+    if paired:
+        doc["paired"] = {"baseline": s["baseline"], **{m: asdict(p) for m, p in paired.items()}}
     out = Path(s["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     print_table(result, s)
+    for name, p in paired.items():
+        print(f"paired vs {s['baseline']}, {name}: {p.difference:+.3f} [{p.ci_low:+.3f}, "
+              f"{p.ci_high:+.3f}]; solved by only the new model {p.only_new}, only the baseline "
+              f"{p.only_baseline}, both {p.both}, neither {p.neither}; McNemar exact "
+              f"p = {p.p_value:.4f}")
     return 0
 
 

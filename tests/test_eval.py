@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,6 +173,33 @@ def test_adapter_recipe_sets_the_prompt_defaults(tmp_path):
     assert s["answer_format"] == "hash" and s["level"] == 3
 
 
+# --------------------------------------------------------------------------- paired comparison
+
+
+@pytest.mark.parametrize("only_new, only_baseline, expected", [
+    (10, 2, 2 * (1 + 12 + 66) / 4096),  # 2 * P(X <= 2), X ~ Binomial(12, 1/2)
+    (5, 0, 2 / 32),
+    (0, 5, 2 / 32),
+    (3, 3, 1.0),  # capped at 1
+    (0, 0, 1.0),
+])
+def test_mcnemar_exact_hand_computed(only_new, only_baseline, expected):
+    assert ev.mcnemar_exact(only_new, only_baseline) == pytest.approx(expected)
+
+
+def test_paired_comparison_counts_and_interval():
+    p = ev.paired_comparison([True, True, False, False, False], [True, False, True, True, False])
+    assert (p.n, p.both, p.only_new, p.only_baseline, p.neither) == (5, 1, 2, 1, 1)
+    assert p.difference == pytest.approx(0.2)
+    half = 1.96 * math.sqrt((3 / 5 - 0.2**2) / 5)
+    assert (p.ci_low, p.ci_high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert p.p_value == pytest.approx(ev.mcnemar_exact(2, 1)) and p.p_value == 1.0
+    same = ev.paired_comparison([True, False], [True, False])
+    assert same.difference == 0 and same.ci_low == same.ci_high == 0 and same.p_value == 1.0
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        ev.paired_comparison([True], [True, False])
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -192,6 +220,30 @@ def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
     assert "greedy/lenient" in r.stdout  # the table
 
 
+def test_cli_paired_comparison_against_a_baseline(tmp_path):
+    common = ["-m", "cast_mlx.eval", "--model", "smollm2-135m-instruct", "--task", "arithmetic",
+              "--max-new-tokens", "24"]
+    base = tmp_path / "base.json"
+    assert run_cli(*common, "--n", "4", "--out", str(base)).returncode == 0
+    again = tmp_path / "again.json"
+    r = run_cli(*common, "--n", "4", "--out", str(again), "--baseline", str(base))
+    assert r.returncode == 0, r.stderr
+    paired = json.loads(again.read_text())["paired"]
+    lenient = paired["greedy/lenient"]  # greedy decoding is deterministic: nothing changes
+    assert lenient["n"] == 4 and lenient["only_new"] == lenient["only_baseline"] == 0
+    assert lenient["difference"] == 0 and lenient["p_value"] == 1.0
+    solved = sum(p["greedy"]["lenient"] for p in json.loads(base.read_text())["problems"])
+    assert lenient["both"] == solved and lenient["neither"] == 4 - solved
+    assert "McNemar exact p = 1.0000" in r.stdout
+    # a baseline on other problems is refused before any model is loaded, nothing is written
+    other = tmp_path / "other.json"
+    r = run_cli(*common, "--n", "5", "--out", str(other), "--baseline", str(base), timeout=120)
+    assert r.returncode == 2 and not other.exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --baseline {base}: it holds 4 problems, "
+                                                   "this eval 5"), r.stderr
+
+
 @pytest.mark.parametrize("args,words", [
     (["--task", "chess"], "--task 'chess'"),
     (["--task", "arithmetic", "--n", "0"], "--n must be >= 1"),
@@ -199,6 +251,8 @@ def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
     (["--task", "arithmetic", "--k", "4", "--temperature", "0"], "--temperature > 0"),
     (["--task", "arithmetic", "--n", "many"], "invalid int value"),
     (["--n", "3"], "--task"),
+    (["--task", "arithmetic", "--baseline", "/nonexistent.json"], "--baseline /nonexistent.json: no such file"),
+    (["--task", "arithmetic", "--baseline", __file__], "not a cast_mlx.eval result"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, words):
     r = run_cli("-m", "cast_mlx.eval", *args, timeout=120)
