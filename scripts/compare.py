@@ -1,7 +1,8 @@
 """Compare GRPO and CAST (and optionally RLSD and CAST ablations) from one recipe.
 
     python scripts/compare.py --recipe recipes/smollm2-135m-arith.yaml --out runs/compare \
-        --seeds 0 1 [--steps 60] [--rlsd] [--ablations] [--set key=value ...]
+        --seeds 0 1 [--steps 60] [--rlsd] [--ablations] [--set key=value ...] \
+        [--variant NAME key=value ... ] [--jobs N]
 
 Every variant trains from the same recipe with the same seeds, so the data order, the
 LoRA initialisation, the sampling keys and the compute per step are identical; only the
@@ -46,6 +47,7 @@ EXIT_USAGE = 2
 REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change
 COMMANDS_FILE = "commands.json"
 RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # variant name -> the --set overrides that define it
 BASE_VARIANTS = {"grpo": ["algorithm.name=grpo"], "cast": ["algorithm.name=cast"]}
@@ -61,13 +63,33 @@ ORDER = ["grpo", "cast", "rlsd", *ABLATIONS]
 # --------------------------------------------------------------------------- running
 
 
-def variants(rlsd: bool, ablations: bool) -> dict[str, list[str]]:
+def variants(rlsd: bool, ablations: bool, extra: list[list[str]] | None = None) -> dict[str, list[str]]:
+    """Variant name -> its overrides: GRPO and CAST, then RLSD, the ablations and the
+    `--variant NAME KEY=VALUE...` ones asked for."""
     out = dict(BASE_VARIANTS)
     if rlsd:
         out.update(RLSD_VARIANT)
     if ablations:
         out.update(ABLATIONS)
+    for name, *sets in extra or []:
+        out[name] = sets
     return out
+
+
+def check_variants(extra: list[list[str]], taken: set[str]) -> None:
+    """ValueError naming the first bad `--variant`."""
+    for name, *sets in extra:
+        if not VARIANT_NAME.match(name) or RUN_DIR.match(name):
+            raise ValueError(f"--variant {name}: a name takes letters, digits, '.', '_' and '-' "
+                             "and does not end in -seedN")
+        if name in taken:
+            raise ValueError(f"--variant {name}: that name is already a variant")
+        taken.add(name)
+        if not sets:
+            raise ValueError(f"--variant {name}: give its overrides, e.g. algorithm.flip=none")
+        for s in sets:
+            if "=" not in s:
+                raise ValueError(f"--variant {name}: {s!r} is not KEY=VALUE")
 
 
 def train_command(recipe: str, run_dir: Path, seed: int, variant_sets: list[str],
@@ -106,7 +128,7 @@ def run_all(args, compare_command: str) -> list[dict]:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     todo = [(seed, name, sets) for seed in args.seeds
-            for name, sets in variants(args.rlsd, args.ablations).items()]
+            for name, sets in variants(args.rlsd, args.ablations, args.variant).items()]
     env = dict(os.environ)
     if args.jobs > 1:
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -163,9 +185,16 @@ def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
 
 def mean_step_time(seed_rows: dict[int, list[dict]]) -> float | None:
     """Mean `time/step` over all seeds, without each run's first step (compilation)."""
-    times = [r["time/step"] for rows in seed_rows.values() for r in (rows[1:] or rows)
-             if isinstance(r.get("time/step"), (int, float))]
+    times = []
+    for rows in seed_rows.values():
+        steps = training_rows(rows)
+        times += [r["time/step"] for r in (steps[1:] or steps)]
     return sum(times) / len(times) if times else None
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """The lines of training steps (not the eval-only line of step 0)."""
+    return [r for r in rows if isinstance(r.get("time/step"), (int, float))]
 
 
 def table_steps(curves: list[dict[int, float]], wanted: list[int] | None, most: int = 6) -> list[int]:
@@ -309,7 +338,7 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     for name, seed_rows in runs.items():
         t = mean_step_time(seed_rows)
         ratio = t / grpo_time if t is not None and grpo_time else None
-        n_steps = sum(len(rows) for rows in seed_rows.values())
+        n_steps = sum(len(training_rows(rows)) for rows in seed_rows.values())
         lines.append(f"| {name} | {fmt(t, 2)} | {fmt(ratio, 2)} | {n_steps} |")
     if "cast" in runs and grpo_time:
         cast_time = mean_step_time(runs["cast"])
@@ -362,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlsd", action="store_true", help="also run RLSD")
     p.add_argument("--ablations", action="store_true",
                    help="also run CAST without flips, with mixed groups only, with a fixed teacher")
+    p.add_argument("--variant", nargs="+", action="append", default=[],
+                   metavar="NAME KEY=VALUE",
+                   help="also run a variant of your own: its name, then its overrides "
+                        "(repeatable), e.g. --variant cast-db1 algorithm.flip_deadband=1.0")
     p.add_argument("--table-steps", type=int, nargs="+", help="eval steps shown in the table")
     p.add_argument("--report-only", action="store_true",
                    help="do not train: rewrite the report and plot from the runs in --out")
@@ -376,6 +409,11 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if args.jobs < 1:
         print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_variants(args.variant, set(variants(args.rlsd, args.ablations)))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     failed = []
     if not args.report_only:

@@ -159,3 +159,41 @@ def test_compare_jobs_below_one_is_exit_2(tmp_path):
                 timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --jobs must be >= 1, got 0"
+
+
+def test_compare_step_time_skips_the_step0_eval_line_and_the_first_step(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    # the trainer's layout: an eval-only line for step 0, then steps (the first one compiles)
+    rows = [{"step": 0, "eval/accuracy": 0.25}, {"step": 1, "time/step": 30.0, "reward": 0.1},
+            {"step": 2, "time/step": 2.0, "reward": 0.1}, {"step": 3, "time/step": 4.0, "reward": 0.2}]
+    assert compare.mean_step_time({0: rows}) == pytest.approx(3.0)
+    out = tmp_path / "cmp"
+    for name in ("grpo-seed0", "cast-seed0"):
+        (out / name).mkdir(parents=True)
+        (out / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert "| grpo | 3.00 | 1.00 | 3 |" in compare.report(out)
+
+
+def test_compare_variants_of_ones_own(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    extra = [["cast-db1", "algorithm.flip_deadband=1.0"],
+             ["grpo-t07", "algorithm.name=grpo", "sampling.temperature=0.7"]]
+    v = compare.variants(False, False, extra)
+    assert list(v) == ["grpo", "cast", "cast-db1", "grpo-t07"]
+    assert v["grpo-t07"] == ["algorithm.name=grpo", "sampling.temperature=0.7"]
+    for args, words in [
+        (["--variant", "cast", "algorithm.flip=none"], "--variant cast: that name is already a variant"),
+        (["--variant", "x-seed1", "seed=2"], "does not end in -seedN"),
+        (["--variant", "a/b", "seed=2"], "a name takes letters"),
+        (["--variant", "x"], "--variant x: give its overrides"),
+        (["--variant", "x", "algorithm.flip"], "--variant x: 'algorithm.flip' is not KEY=VALUE"),
+    ]:
+        r = run_cli(str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path / "none"), *args,
+                    timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: --variant ")
+        assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+        assert not (tmp_path / "none").exists()  # refused before anything ran
