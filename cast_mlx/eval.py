@@ -275,12 +275,17 @@ def read_baseline(path: str) -> dict[str, dict[str, bool]]:
 
 
 def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
-    if list(baseline) != list(ids):
-        missing = next((i for i in ids if i not in baseline), None)
-        detail = f"problem {missing!r} is not in it" if missing else "they come in another order"
-        raise UsageError(f"--baseline {path}: it holds {len(baseline)} problems, this eval "
-                         f"{len(ids)}, and {detail}; evaluate both with the same task, level, "
-                         "split and --n")
+    if list(baseline) == list(ids):
+        return
+    missing = next((i for i in ids if i not in baseline), None)
+    if len(baseline) != len(ids):
+        detail = f"it holds {len(baseline)} problems, this eval {len(ids)}"
+    elif missing is not None:
+        detail = f"problem {missing!r} of this eval is not in it"
+    else:
+        detail = "its problems come in another order"
+    raise UsageError(f"--baseline {path}: {detail}; evaluate both with the same task, level, "
+                     "split and --n")
 
 
 def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paired]:

@@ -220,6 +220,16 @@ def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
     assert "greedy/lenient" in r.stdout  # the table
 
 
+def test_baseline_must_hold_the_same_problems_in_order():
+    base = {"a": {}, "b": {}}
+    ev.check_same_problems(base, ["a", "b"], "f.json")
+    for ids, words in [(["a"], "it holds 2 problems, this eval 1"),
+                       (["a", "c"], "problem 'c' of this eval is not in it"),
+                       (["b", "a"], "its problems come in another order")]:
+        with pytest.raises(ev.UsageError, match=f"--baseline f.json: {words}"):
+            ev.check_same_problems(base, ids, "f.json")
+
+
 def test_cli_paired_comparison_against_a_baseline(tmp_path):
     common = ["-m", "cast_mlx.eval", "--model", "smollm2-135m-instruct", "--task", "arithmetic",
               "--max-new-tokens", "24"]
