@@ -92,6 +92,19 @@ def check_variants(extra: list[list[str]], taken: set[str]) -> None:
                 raise ValueError(f"--variant {name}: {s!r} is not KEY=VALUE")
 
 
+def first_bad_recipe(args) -> str | None:
+    """Load the recipe with every variant's overrides before anything runs; the first
+    error (an unknown key, a bad value), naming its variant, or None."""
+    from cast_mlx import config as cfg
+
+    for name, sets in variants(args.rlsd, args.ablations, args.variant).items():
+        try:
+            cfg.load_recipe(args.recipe, [*args.overrides, *sets])
+        except cfg.ConfigError as exc:
+            return f"variant {name}: {exc}"
+    return None
+
+
 def train_command(recipe: str, run_dir: Path, seed: int, variant_sets: list[str],
                   user_sets: list[str], steps: int | None) -> list[str]:
     """The `cast_mlx.train` command line of one run."""
@@ -419,6 +432,10 @@ def main(argv=None) -> int:
     if not args.report_only:
         if not Path(args.recipe).is_file():
             print(f"error: --recipe {args.recipe}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+        bad = first_bad_recipe(args)
+        if bad:
+            print(f"error: {bad}", file=sys.stderr)
             return EXIT_USAGE
         argv = sys.argv[1:] if argv is None else list(argv)
         command = shlex.join(["python", "scripts/compare.py", *argv])

@@ -191,9 +191,12 @@ def test_compare_variants_of_ones_own(tmp_path):
         (["--variant", "a/b", "seed=2"], "a name takes letters"),
         (["--variant", "x"], "--variant x: give its overrides"),
         (["--variant", "x", "algorithm.flip"], "--variant x: 'algorithm.flip' is not KEY=VALUE"),
+        (["--variant", "x", "algorithm.flip=sideways"], "variant x: algorithm.flip: 'sideways' is not allowed"),
+        (["--variant", "x", "algorithm.flip=none", "--set", "sampling.gruop_size=2"],
+         "variant grpo: --set sampling.gruop_size: unknown key"),
     ]:
         r = run_cli(str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path / "none"), *args,
                     timeout=120)
-        assert r.returncode == 2 and r.stderr.startswith("error: --variant ")
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
         assert not (tmp_path / "none").exists()  # refused before anything ran
