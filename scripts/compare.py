@@ -200,14 +200,9 @@ def mean_step_time(seed_rows: dict[int, list[dict]]) -> float | None:
     """Mean `time/step` over all seeds, without each run's first step (compilation)."""
     times = []
     for rows in seed_rows.values():
-        steps = training_rows(rows)
-        times += [r["time/step"] for r in (steps[1:] or steps)]
+        _, step_times = series(rows, "time/step")  # training steps only, not the step-0 eval line
+        times += list(step_times[1:] if len(step_times) > 1 else step_times)
     return sum(times) / len(times) if times else None
-
-
-def training_rows(rows: list[dict]) -> list[dict]:
-    """The lines of training steps (not the eval-only line of step 0)."""
-    return [r for r in rows if isinstance(r.get("time/step"), (int, float))]
 
 
 def table_steps(curves: list[dict[int, float]], wanted: list[int] | None, most: int = 6) -> list[int]:
@@ -253,9 +248,8 @@ def pooled_change(pairs: list[tuple[float, int, float, int]]) -> tuple[float, fl
 
 
 def reward_window(rows: list[dict], first: bool, k: int) -> list[float]:
-    train = [r for r in rows if isinstance(r.get("reward"), (int, float))]
-    picked = train[:k] if first else train[-k:]
-    return [r["reward"] for r in picked]
+    _, rewards = series(rows, "reward")
+    return [float(v) for v in (rewards[:k] if first else rewards[-k:])]
 
 
 # --------------------------------------------------------------------------- the report
@@ -351,7 +345,7 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     for name, seed_rows in runs.items():
         t = mean_step_time(seed_rows)
         ratio = t / grpo_time if t is not None and grpo_time else None
-        n_steps = sum(len(training_rows(rows)) for rows in seed_rows.values())
+        n_steps = sum(len(series(rows, "time/step")[0]) for rows in seed_rows.values())
         lines.append(f"| {name} | {fmt(t, 2)} | {fmt(ratio, 2)} | {n_steps} |")
     if "cast" in runs and grpo_time:
         cast_time = mean_step_time(runs["cast"])
