@@ -289,8 +289,8 @@ def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
 
 
 def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paired]:
-    return {m: paired_comparison([baseline[p.id][m] for p in result.problems],
-                                 [getattr(p.greedy, m.split("/")[1]) for p in result.problems])
+    new = per_problem_values(result.problems, k=1)  # 0/1 per problem for the greedy metrics
+    return {m: paired_comparison([baseline[p.id][m] for p in result.problems], new[m])
             for m in PAIRED_METRICS}
 
 
