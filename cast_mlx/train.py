@@ -176,6 +176,5 @@ def main(argv=None) -> int:
     return train(recipe, ckpt, live=not args.no_dashboard, world=world)
 
 
-
 if __name__ == "__main__":
     sys.exit(main())
