@@ -1,7 +1,17 @@
-"""Advantages for GRPO, CAST and RLSD (spec sections 2 and 4), as pure MLX functions.
+"""Advantage estimators for GRPO, CAST and RLSD (spec sections 2 and 4), registered by name.
 
-Every algorithm takes the same inputs and returns the same outputs, so the trainer picks
-one by name (like verl's `core_algos`):
+An estimator is two pure parts, registered once with `@register_estimator` (after verl's
+`core_algos.register_adv_est`):
+
+- a *kernel* `(rewards, gaps, mask, lam, *, group_size, <its static parameters>) ->
+  (token_adv, base)`: MLX ops only, so `cast_mlx.compiled` can `mx.compile` it as it is.
+  Its keyword-only parameters are the recipe fields (`AlgorithmConfig`) it reads.
+- a host-side *schedule* `(step, *, <its schedule parameters>) -> lam`: the lambda at a
+  step, a Python float (passed to the kernel as a scalar, so a decaying lambda does not
+  retrace a compiled kernel).
+
+Parameter defaults live in one place, `config.AlgorithmConfig`; `compute_advantages` is
+the eager entry point:
 
     token_adv, base = compute_advantages("cast", rewards, gaps, mask, group_size=8, step=t)
 
@@ -18,9 +28,10 @@ Outputs
 
 Conventions that the spec leaves open (the PyTorch reference in `tests/reference/`
 follows the same ones):
-- A group is *zero-variance* when all its rewards are equal. Such a group is "all
-  correct" when the common reward is > 0 and "all wrong" otherwise (rewards are 0/1).
-  Zero-variance groups are always detected per group, whatever `scale_rewards` is.
+- A group is *zero-variance* when all its rewards are equal (`zero_variance_groups`, the
+  one place that decides it). Such a group is "all correct" when the common reward is > 0
+  and "all wrong" otherwise (rewards are 0/1). Zero-variance groups are always detected
+  per group, whatever `scale_rewards` is.
 - `scale_rewards="batch"`: mixed groups get `(r - mean of the group) / (std of all N
   rewards of the batch, ddof=1, + eps)`; the batch std is only a scale, it does not
   decide which groups are zero-variance.
@@ -36,7 +47,10 @@ follows the same ones):
 
 from __future__ import annotations
 
-from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 
@@ -46,22 +60,9 @@ SCALE_REWARDS = ("none", "group", "batch")
 FLIP_MODES = ("both", "down", "none")
 LAMBDA_SCHEDULES = ("constant", "linear_decay")
 
-# The default of every parameter, by name (the trainer's AlgorithmConfig uses the same).
+# The default of every parameter an estimator may read, by name: the recipe's defaults.
 DEFAULT_PARAMS = {
-    "scale_rewards": None,  # None: the algorithm's own default, see default_scale_rewards
-    "eps": 1e-4,
-    "zero_var_base": 1.0,
-    "cast_lambda": 1.0,
-    "lambda_schedule": "constant",
-    "lambda_decay_steps": 300,
-    "correct_box": (0.8, 1.05),
-    "wrong_box": (0.95, 1.2),
-    "a_max": 1.2,
-    "flip": "both",
-    "flip_deadband": 0.0,
-    "rlsd_eps_w": 0.2,
-    "rlsd_lambda_start": 0.5,
-    "rlsd_lambda_steps": 50,
+    f.name: f.default for f in dataclasses.fields(config.AlgorithmConfig) if f.name != "name"
 }
 
 
@@ -70,16 +71,11 @@ def default_scale_rewards(name: str) -> str:
 
     CAST: "none" (the authors' canonical run); GRPO and RLSD: "group".
     """
-    _check_name(name)
+    get_estimator(name)
     return config.default_scale_rewards(name)
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_name(name: str) -> None:
-    if name not in ADVANTAGE_FNS:
-        raise ValueError(f"algorithm: unknown name {name!r}; choose one of {sorted(ADVANTAGE_FNS)}")
 
 
 def _check_choice(field: str, value, choices) -> None:
@@ -127,6 +123,12 @@ def zero_variance_groups(rewards: mx.array, group_size: int) -> mx.array:
     return mx.max(grouped, axis=1) == mx.min(grouped, axis=1)
 
 
+def check_base_params(*, scale_rewards: str, eps: float) -> None:
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    if not eps >= 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
+
+
 def base_advantages(
     rewards: mx.array,
     *,
@@ -142,9 +144,7 @@ def base_advantages(
     "none". Zero-variance groups: `+zero_var_value` if their common reward is > 0, else
     `-zero_var_value` (pass 0 for GRPO / RLSD: exactly 0).
     """
-    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    if not eps >= 0:
-        raise ValueError(f"eps: must be >= 0, got {eps}")
+    check_base_params(scale_rewards=scale_rewards, eps=eps)
     rewards = rewards.astype(mx.float32)
     grouped = rewards.reshape(-1, group_size)  # [P, G]
     centered = grouped - mx.mean(grouped, axis=1, keepdims=True)
@@ -181,7 +181,7 @@ def scheduled_lambda(step: int, start: float, schedule: str, decay_steps: int, f
 # --------------------------------------------------------------------------- section 4
 
 
-def check_cast_params(correct_box, wrong_box, a_max, flip, flip_deadband):
+def check_cast_params(*, correct_box, wrong_box, a_max, flip, flip_deadband):
     """Validate CAST's static token parameters; returns the two boxes as float pairs."""
     _check_choice("flip", flip, FLIP_MODES)
     boxes = _check_box("correct_box", correct_box), _check_box("wrong_box", wrong_box)
@@ -217,7 +217,8 @@ def cast_token_advantages(
     `A = B * max(0, 1 + lam*(clip(exp(s*g), box) - 1))` with its own trajectory's box.
     Finally `A` is clipped to `[-a_max, a_max]`, and is 0 where `B = 0` or `mask = 0`.
     """
-    (cl, ch), (wl, wh) = check_cast_params(correct_box, wrong_box, a_max, flip, flip_deadband)
+    (cl, ch), (wl, wh) = check_cast_params(correct_box=correct_box, wrong_box=wrong_box, a_max=a_max, flip=flip,
+                                         flip_deadband=flip_deadband)
     gaps = gaps.astype(mx.float32)
     b = base.astype(mx.float32)[:, None]  # [N, 1]
     s = mx.sign(b)
@@ -247,131 +248,143 @@ def rlsd_token_advantages(base: mx.array, gaps: mx.array, mask: mx.array, lam_t,
 
     No flips and no final clip; 0 where `B = 0` or `mask = 0`.
     """
-    if not 0.0 <= eps_w < 1.0:
-        raise ValueError(f"rlsd_eps_w: must be in [0, 1), got {eps_w}")
+    check_rlsd_params(rlsd_eps_w=eps_w)
     b = base.astype(mx.float32)[:, None]
     w = mx.clip(mx.exp(mx.sign(b) * gaps.astype(mx.float32)), 1.0 - eps_w, 1.0 + eps_w)
     adv = b * ((1.0 - lam_t) + lam_t * w)
     return mx.where((mask != 0) & (b != 0), adv, 0.0)
 
 
-# --------------------------------------------------------------------------- algorithms
+# --------------------------------------------------------------------------- the registry
 
 
-def grpo_advantages(rewards, gaps, mask, *, group_size, step=0, scale_rewards=None, eps=1e-4):
-    """GRPO: every token of completion `i` gets `B_i`; zero-variance groups give 0."""
-    check_inputs(rewards, gaps, mask, group_size)
-    scale = scale_rewards or default_scale_rewards("grpo")
-    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale, zero_var_value=0.0, eps=eps)
-    token = mx.where(mask != 0, base[:, None], 0.0)
-    return token, base
+def _keyword_params(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and n not in skip)
 
 
-def cast_advantages(
-    rewards,
-    gaps,
-    mask,
-    *,
-    group_size,
-    step=0,
-    scale_rewards=None,
-    eps=1e-4,
-    zero_var_base=1.0,
-    cast_lambda=1.0,
-    lambda_schedule="constant",
-    lambda_decay_steps=300,
-    correct_box=(0.8, 1.05),
-    wrong_box=(0.95, 1.2),
-    a_max=1.2,
-    flip="both",
-    flip_deadband=0.0,
-):
-    """CAST: base advantages with `±zero_var_base` for zero-variance groups, then the
-    section-4 token rule with lambda at `step` (`lambda_schedule`)."""
-    check_inputs(rewards, gaps, mask, group_size)
-    scale = scale_rewards or default_scale_rewards("cast")
-    base = base_advantages(
-        rewards, group_size=group_size, scale_rewards=scale, zero_var_value=float(zero_var_base), eps=eps
-    )
-    lam = scheduled_lambda(step, cast_lambda, lambda_schedule, lambda_decay_steps)
-    token = cast_token_advantages(
-        base,
-        gaps,
-        mask,
-        lam,
-        correct_box=correct_box,
-        wrong_box=wrong_box,
-        a_max=a_max,
-        flip=flip,
-        flip_deadband=flip_deadband,
-    )
-    return token, base
+def _constant_zero(step: int) -> float:
+    return 0.0
 
 
-def rlsd_advantages(
-    rewards,
-    gaps,
-    mask,
-    *,
-    group_size,
-    step=0,
-    scale_rewards=None,
-    eps=1e-4,
-    rlsd_eps_w=0.2,
-    rlsd_lambda_start=0.5,
-    rlsd_lambda_steps=50,
-):
-    """RLSD: GRPO base advantages reweighted per token; lambda decays linearly from
-    `rlsd_lambda_start` to 0 over `rlsd_lambda_steps` steps."""
-    check_inputs(rewards, gaps, mask, group_size)
-    scale = scale_rewards or default_scale_rewards("rlsd")
-    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale, zero_var_value=0.0, eps=eps)
-    lam_t = scheduled_lambda(step, rlsd_lambda_start, "linear_decay", rlsd_lambda_steps, "rlsd_lambda_start")
-    return rlsd_token_advantages(base, gaps, mask, lam_t, eps_w=rlsd_eps_w), base
+@dataclass(frozen=True)
+class Estimator:
+    """A registered advantage estimator (see the module docstring)."""
+
+    name: str
+    kernel: Callable
+    schedule: Callable[..., float]
+    check: Callable[..., object] | None  # validates static parameters; raises ValueError
+    uses_teacher: bool  # does the kernel read the gaps (so the trainer scores a teacher)?
+
+    @property
+    def kernel_params(self) -> tuple[str, ...]:
+        return _keyword_params(self.kernel, skip=("group_size",))
+
+    @property
+    def schedule_params(self) -> tuple[str, ...]:
+        return _keyword_params(self.schedule)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Every parameter it reads; the other `DEFAULT_PARAMS` are accepted and ignored."""
+        return self.kernel_params + self.schedule_params
+
+    def resolve(self, params: dict) -> dict:
+        """Its parameters from `params` (any of `DEFAULT_PARAMS`), defaults filled in and
+        validated; an unknown name or a bad value raises a ValueError naming the field."""
+        unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+        if unknown:
+            raise ValueError(f"advantage parameters: unknown name(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+        p = {k: params.get(k, DEFAULT_PARAMS[k]) for k in self.params}
+        p["scale_rewards"] = p["scale_rewards"] or default_scale_rewards(self.name)
+        check_base_params(scale_rewards=p["scale_rewards"], eps=p["eps"])
+        if self.check is not None:
+            self.check(**{k: p[k] for k in _keyword_params(self.check)})
+        self.lam(0, p)
+        return p
+
+    def lam(self, step: int, p: dict) -> float:
+        """The scheduled lambda at `step` under resolved parameters `p`."""
+        return self.schedule(step, **{k: p[k] for k in self.schedule_params})
+
+    def static(self, p: dict) -> dict:
+        """The kernel's keyword arguments from resolved parameters `p`."""
+        return {k: p[k] for k in self.kernel_params}
 
 
-ADVANTAGE_FNS = {
-    "grpo": grpo_advantages,
-    "cast": cast_advantages,
-    "rlsd": rlsd_advantages,
-}
-
-# Which parameters each algorithm reads; the others are accepted and ignored, so the
-# trainer can pass its whole AlgorithmConfig whatever the algorithm.
-ALGORITHM_PARAMS = {
-    "grpo": ("scale_rewards", "eps"),
-    "cast": (
-        "scale_rewards",
-        "eps",
-        "zero_var_base",
-        "cast_lambda",
-        "lambda_schedule",
-        "lambda_decay_steps",
-        "correct_box",
-        "wrong_box",
-        "a_max",
-        "flip",
-        "flip_deadband",
-    ),
-    "rlsd": ("scale_rewards", "eps", "rlsd_eps_w", "rlsd_lambda_start", "rlsd_lambda_steps"),
-}
+ESTIMATORS: dict[str, Estimator] = {}
 
 
-def select_params(name: str, params: dict) -> dict:
-    """The subset of `params` that algorithm `name` reads; unknown names are an error."""
-    _check_name(name)
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"advantage parameters: unknown name(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-    return {k: v for k, v in params.items() if k in ALGORITHM_PARAMS[name]}
+def register_estimator(name: str, *, schedule: Callable[..., float] = _constant_zero, check=None,
+                       uses_teacher: bool = True):
+    """Register `kernel` under `name` (decorator); see the module docstring."""
+
+    def decorate(kernel):
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator {name!r} is registered twice")
+        ESTIMATORS[name] = Estimator(name, kernel, schedule, check, uses_teacher)
+        return kernel
+
+    return decorate
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"algorithm: unknown name {name!r}; choose one of {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step: int = 0, **params):
-    """Token advantages `[N, L]` and base advantages `[N]` for algorithm `name`.
+    """Token advantages `[N, L]` and base advantages `[N]` for algorithm `name`, eagerly.
 
     `params` may hold any of `DEFAULT_PARAMS` (missing ones take their defaults; those
-    another algorithm uses are ignored).
-    """
-    _check_name(name)
-    fn = ADVANTAGE_FNS[name]
-    return fn(rewards, gaps, mask, group_size=group_size, step=step, **select_params(name, params))
+    another algorithm uses are ignored)."""
+    est = get_estimator(name)
+    p = est.resolve(params)
+    check_inputs(rewards, gaps, mask, group_size)
+    return est.kernel(rewards, gaps, mask, est.lam(step, p), group_size=group_size, **est.static(p))
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+@register_estimator("grpo", uses_teacher=False)
+def grpo_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps):
+    """GRPO: every token of completion `i` gets `B_i`; zero-variance groups give 0."""
+    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
+    return mx.where(mask != 0, base[:, None], 0.0), base
+
+
+def cast_lambda_at(step: int, *, cast_lambda, lambda_schedule, lambda_decay_steps) -> float:
+    return scheduled_lambda(step, cast_lambda, lambda_schedule, lambda_decay_steps)
+
+
+@register_estimator("cast", schedule=cast_lambda_at, check=check_cast_params)
+def cast_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, zero_var_base, correct_box,
+                wrong_box, a_max, flip, flip_deadband):
+    """CAST: base advantages with `±zero_var_base` for zero-variance groups, then the
+    section-4 token rule with the scheduled lambda."""
+    base = base_advantages(
+        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=float(zero_var_base), eps=eps
+    )
+    token = cast_token_advantages(base, gaps, mask, lam, correct_box=correct_box, wrong_box=wrong_box,
+                                  a_max=a_max, flip=flip, flip_deadband=flip_deadband)
+    return token, base
+
+
+def rlsd_lambda_at(step: int, *, rlsd_lambda_start, rlsd_lambda_steps) -> float:
+    """RLSD's lambda decays linearly from `rlsd_lambda_start` to 0 over `rlsd_lambda_steps`."""
+    return scheduled_lambda(step, rlsd_lambda_start, "linear_decay", rlsd_lambda_steps, "rlsd_lambda_start")
+
+
+def check_rlsd_params(*, rlsd_eps_w) -> None:
+    if not 0.0 <= rlsd_eps_w < 1.0:
+        raise ValueError(f"rlsd_eps_w: must be in [0, 1), got {rlsd_eps_w}")
+
+
+@register_estimator("rlsd", schedule=rlsd_lambda_at, check=check_rlsd_params)
+def rlsd_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, rlsd_eps_w):
+    """RLSD: GRPO base advantages reweighted per token with the scheduled lambda."""
+    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
+    return rlsd_token_advantages(base, gaps, mask, lam, eps_w=rlsd_eps_w), base

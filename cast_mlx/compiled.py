@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import functools
 
-from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
-
 import mlx.core as mx
 
 from cast_mlx import advantages as adv_mod
-from cast_mlx.loss import LOSS_AGGS, LossNorm, loss_norm, policy_loss
+from cast_mlx.loss import LossNorm, check_loss_options, loss_norm, policy_loss
 
 _TRACES = 0  # total traces over all wrappers
 
@@ -78,38 +76,20 @@ class CountingCompiled:
 
 
 class CompiledAdvantages:
-    """`compute_advantages(name, ...)` with its parameters fixed: call it with
-    `(rewards, gaps, mask, step=0)`; returns `(token_adv [N, L], base [N])` like the eager
-    function (same values; the length padding is removed again)."""
+    """The registered estimator `name` with its parameters fixed, compiled: call it with
+    `(rewards, gaps, mask, step=0)`; returns `(token_adv [N, L], base [N])` like
+    `compute_advantages` (same values; the length padding is removed again)."""
 
     def __init__(self, name: str, *, group_size: int, multiple: int = 32, **params):
-        params = adv_mod.select_params(name, params)
-        p = {k: v for k, v in adv_mod.DEFAULT_PARAMS.items() if k in adv_mod.ALGORITHM_PARAMS[name]}
-        p.update(params)
-        p["scale_rewards"] = p["scale_rewards"] or adv_mod.default_scale_rewards(name)
-        if p["scale_rewards"] not in adv_mod.SCALE_REWARDS:
-            raise ValueError(f"scale_rewards: {p['scale_rewards']!r} is not one of {list(adv_mod.SCALE_REWARDS)}")
-        self.name, self.group_size, self.multiple, self.params = name, group_size, multiple, p
-        # Validate everything once, here, rather than inside a trace.
-        self._lambda(0)
-        if name == "cast":
-            adv_mod.check_cast_params(**_cast_token_params(p))
-        if name == "rlsd" and not 0.0 <= p["rlsd_eps_w"] < 1.0:
-            raise ValueError(f"rlsd_eps_w: must be in [0, 1), got {p['rlsd_eps_w']}")
-        self._fn = _advantage_kernel(name, group_size, tuple(sorted((k, _hashable(v)) for k, v in p.items())))
+        self.estimator = adv_mod.get_estimator(name)
+        self.params = self.estimator.resolve(params)  # validated here, not inside a trace
+        self.name, self.group_size, self.multiple = name, group_size, multiple
+        static = tuple(sorted((k, _hashable(v)) for k, v in self.estimator.static(self.params).items()))
+        self._fn = _advantage_kernel(name, group_size, static)
 
     @property
     def compile_count(self) -> int:
         return self._fn.compile_count
-
-    def _lambda(self, step: int) -> float:
-        p = self.params
-        if self.name == "cast":
-            return adv_mod.scheduled_lambda(step, p["cast_lambda"], p["lambda_schedule"], p["lambda_decay_steps"])
-        if self.name == "rlsd":
-            start, steps = p["rlsd_lambda_start"], p["rlsd_lambda_steps"]
-            return adv_mod.scheduled_lambda(step, start, "linear_decay", steps, "rlsd_lambda_start")
-        return 0.0
 
     def __call__(self, rewards, gaps, mask, step: int = 0):
         adv_mod.check_inputs(rewards, gaps, mask, self.group_size)
@@ -119,7 +99,7 @@ class CompiledAdvantages:
             rewards.astype(mx.float32),
             pad_length(gaps.astype(mx.float32), target),
             pad_length((mask != 0).astype(mx.float32), target),
-            mx.array(self._lambda(step), dtype=mx.float32),
+            mx.array(self.estimator.lam(step, self.params), dtype=mx.float32),
         )
         return token[:, :length], base
 
@@ -128,30 +108,15 @@ def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def _cast_token_params(p: dict) -> dict:
-    keys = ("correct_box", "wrong_box", "a_max", "flip", "flip_deadband")
-    return {k: p[k] for k in keys}
-
-
 @functools.lru_cache(maxsize=None)
-def _advantage_kernel(name: str, group_size: int, frozen_params: tuple) -> CountingCompiled:
-    """One compiled advantage function per (algorithm, group size, parameters)."""
-    p = dict(frozen_params)
+def _advantage_kernel(name: str, group_size: int, static: tuple) -> CountingCompiled:
+    """One compiled kernel per (estimator, group size, static parameters)."""
+    kernel, kwargs = adv_mod.get_estimator(name).kernel, dict(static)
 
-    def kernel(rewards, gaps, mask, lam):
-        zero_value = float(p["zero_var_base"]) if name == "cast" else 0.0
-        base = adv_mod.base_advantages(
-            rewards, group_size=group_size, scale_rewards=p["scale_rewards"], zero_var_value=zero_value, eps=p["eps"]
-        )
-        if name == "cast":
-            token = adv_mod.cast_token_advantages(base, gaps, mask, lam, **_cast_token_params(p))
-        elif name == "rlsd":
-            token = adv_mod.rlsd_token_advantages(base, gaps, mask, lam, eps_w=p["rlsd_eps_w"])
-        else:
-            token = mx.where(mask != 0, base[:, None], 0.0)
-        return token, base
+    def bound(rewards, gaps, mask, lam):
+        return kernel(rewards, gaps, mask, lam, group_size=group_size, **kwargs)
 
-    return CountingCompiled(kernel, f"advantages/{name}")
+    return CountingCompiled(bound, f"advantages/{name}")
 
 
 # --------------------------------------------------------------------------- loss
@@ -172,10 +137,7 @@ class CompiledPolicyLoss:
         beta: float = 0.0,
         multiple: int = 32,
     ):
-        if loss_agg not in LOSS_AGGS:
-            raise ValueError(f"loss_agg: {loss_agg!r} is not one of {list(LOSS_AGGS)}")
-        if beta < 0:
-            raise ValueError(f"beta: must be >= 0, got {beta}")
+        check_loss_options(eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta)
         self.static = (float(eps_low), float(eps_high), loss_agg, bool(mask_truncated), float(beta))
         self.multiple = multiple
         self._fns: dict[bool, CountingCompiled] = {}

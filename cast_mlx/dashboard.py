@@ -1,15 +1,16 @@
 """What a run shows while it trains: a `rich` live dashboard on a terminal, plain lines
-elsewhere (CI, pipes, `--no-dashboard`). Both take the same calls:
+elsewhere (CI, pipes, `--no-dashboard`). Both are training callbacks
+(`cast_mlx.callbacks.TrainingCallback`):
 
-    view = make_view(total_steps, info, live=True)
-    with view:
-        view.update(metrics, samples)
+    view = make_view(total_steps, live=True)
+    view.on_train_begin(info); view.on_metrics(metrics, samples); view.on_train_end()
+
+A metrics line without `reward` is the step-0 eval: it is shown as a message.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -17,25 +18,29 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cast_mlx.callbacks import TrainingCallback
+
 
 def _f(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-class PlainView:
+def _eval_message(m: dict) -> str:
+    return f"step {m['step']} eval accuracy {m['eval/accuracy']:.3f} (n={m['eval/n']})"
+
+
+class PlainView(TrainingCallback):
     """One log line per step (stdout)."""
 
-    def __init__(self, total: int, info: dict, stream=None):
-        self.total, self.info, self.stream = total, info, stream or sys.stdout
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stdout
 
-    def __enter__(self):
-        print(" | ".join(f"{k}: {v}" for k, v in self.info.items()), file=self.stream, flush=True)
-        return self
+    def on_train_begin(self, info: dict) -> None:
+        print(" | ".join(f"{k}: {v}" for k, v in info.items()), file=self.stream, flush=True)
 
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, m: dict, samples: list[dict]) -> None:
+    def on_metrics(self, m: dict, samples: list[dict]) -> None:
+        if "reward" not in m:
+            return self.on_message(_eval_message(m))
         parts = [
             f"step {m['step']}/{self.total}",
             f"reward {_f(m['reward'])}",
@@ -51,33 +56,35 @@ class PlainView:
             parts.append(f"eval {_f(m['eval/accuracy'], '.3f')}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
-    def message(self, text: str) -> None:
+    def on_message(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
 
-class RichView:
+class RichView(TrainingCallback):
     """A live panel: progress/ETA, rewards, group mix, CAST gap table, timings, memory."""
 
-    def __init__(self, total: int, info: dict, console: Console | None = None):
-        self.total, self.info = total, info
+    def __init__(self, total: int, console: Console | None = None):
+        self.total, self.info = total, {}
         self.console = console or Console()
         self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn())
         self.task = self.progress.add_task("steps", total=total)
-        self.live = Live(self._render({}, []), console=self.console, refresh_per_second=2)
-        self.start = time.time()
+        self.live = Live(console=self.console, refresh_per_second=2)
 
-    def __enter__(self):
-        self.live.__enter__()
-        return self
+    def on_train_begin(self, info: dict) -> None:
+        self.info = info
+        self.live.update(self._render({}, []))
+        self.live.start()
 
-    def __exit__(self, *exc):
-        return self.live.__exit__(*exc)
+    def on_train_end(self) -> None:
+        self.live.stop()
 
-    def message(self, text: str) -> None:
+    def on_message(self, text: str) -> None:
         self.console.print(text)
 
-    def update(self, m: dict, samples: list[dict]) -> None:
+    def on_metrics(self, m: dict, samples: list[dict]) -> None:
+        if "reward" not in m:
+            return self.on_message(_eval_message(m))
         self.progress.update(self.task, completed=m["step"])
         self.live.update(self._render(m, samples))
 
@@ -141,26 +148,10 @@ class RichView:
         return Panel(Group(*parts), title="cast-mlx")
 
 
-class SilentView:
-    """The view of the ranks other than 0 in a data-parallel run: shows nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, m: dict, samples: list[dict]) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-
-def make_view(total: int, info: dict, live: bool, force_terminal: bool = False):
+def make_view(total: int, live: bool, force_terminal: bool = False) -> TrainingCallback:
     """RichView on a TTY when `live`, else PlainView. `force_terminal`: draw the live view
     even though stdout is not a TTY (rank 0 under `mlx.launch`, whose stdout is a pipe that
     the launcher copies to its terminal)."""
     if live and (force_terminal or sys.stdout.isatty()):
-        return RichView(total, info, Console(force_terminal=True) if force_terminal else None)
-    return PlainView(total, info)
+        return RichView(total, Console(force_terminal=True) if force_terminal else None)
+    return PlainView(total)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -45,12 +43,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
-from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
-
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx.config import ConfigError, resolved_scale_rewards
+from cast_mlx.config import ConfigError
 from cast_mlx.loss import LossNorm
 
 TIMEOUT_ENV = "CAST_MLX_DIST_TIMEOUT"
@@ -153,7 +149,7 @@ def check_recipe(recipe, size: int) -> None:
     if size == 1:
         return
     per_rank(recipe.sampling.prompts_per_step, size)
-    if resolved_scale_rewards(recipe.algorithm) == "batch":
+    if recipe.algorithm.scale_rewards == "batch":
         raise ConfigError(
             "algorithm.scale_rewards: 'batch' divides by the std of the whole batch, which is split "
             f"over {size} processes; use 'group' or 'none', or train in one process"
@@ -320,45 +316,3 @@ def gather_rows(world: World, columns: dict[str, mx.array], what: str = "gatheri
         out[k] = (x[:, 0] if f else x).astype(columns[k].dtype)
         col += span
     return out
-
-
-# --------------------------------------------------------------------------- one machine
-
-
-def free_ports(n: int = 2) -> int:
-    """A port p such that p .. p + n - 1 are free on 127.0.0.1 (the ring listens on one
-    port per rank; mlx.launch's --starting-port takes the first)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            for i in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def launch_loopback(args: list[str], n: int = 2, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
-    """`mlx.launch -n N --backend ring` on loopback (free ports, one MKL thread per rank)
-    running `python ARGS`; returns its exit code and captured output.
-
-    The launcher gets a stdin that stays open and empty: with an exhausted stdin
-    (/dev/null, or a closed pipe) its loop that forwards stdin to the ranks spins on a
-    CPU core (mlx 0.32.4), which on a 2-core machine slows the ranks down a lot. Note that
-    mlx.launch exits 0 even when a rank fails; it prints `Node with rank R exited ...`."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
-    cmd = [launcher, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
-           "--env", "MKL_NUM_THREADS=1", "--", sys.executable, *args]
-    quiet_stdin, keep_open = os.pipe()
-    try:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdin=quiet_stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        os.close(quiet_stdin)
-        os.close(keep_open)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -22,7 +22,7 @@ solves vs only the baseline solves, the difference with a 95% CI, and the exact 
 p-value. Paired, because two evals on the same problems are far from independent.
 
 The pure helpers (`pass_at_k`, `answer_key`, `majority_vote`, `bootstrap_ci`,
-`paired_comparison`, `decode_completions`) do not load a model and are tested on their own.
+`paired_comparison`) do not load a model and are tested on their own.
 """
 
 from __future__ import annotations
@@ -116,20 +116,6 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = N_RE
     means = x[idx].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
-
-
-def decode_completions(tokenizer, rollout) -> list[str]:
-    """The text of every completion of a `Rollout`, without its final EOS token.
-
-    The EOS id is kept in the rollout (the policy chose to stop), but its text
-    (`<|im_end|>`) must not reach the verifier: `#### 42<|im_end|>` would not read as 42.
-    """
-    texts = []
-    for row, n, reason in zip(rollout.tokens.tolist(), rollout.lengths.tolist(),
-                              rollout.finish_reasons):
-        ids = row[: n - 1] if reason == "eos" else row[:n]
-        texts.append(tokenizer.decode(ids))
-    return texts
 
 
 # --------------------------------------------------------------------------- results
@@ -299,6 +285,8 @@ def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paire
 
 def _completions(tokenizer, rollout, golds: list[str], answer_format: str, verifier) -> list[Completion]:
     """Decode and verify every row of a rollout (row i answers `golds[i]`)."""
+    from cast_mlx.rollout import decode_completions
+
     texts = decode_completions(tokenizer, rollout)
     verdicts = verifier.verify_batch([(t, g, answer_format) for t, g in zip(texts, golds)])
     out = []
@@ -421,7 +409,7 @@ def resolve_adapter(path: str) -> Path:
     """The folder holding `adapters.safetensors` for a run dir, checkpoints dir, checkpoint
     folder or plain mlx-lm adapter folder; UsageError if there is none."""
     from cast_mlx import models
-    from cast_mlx.trainer import TrainingError, find_checkpoint
+    from cast_mlx.checkpoint import TrainingError, find_checkpoint
 
     folder = Path(path)
     if not folder.is_dir():

@@ -1,4 +1,4 @@
-"""The clipped policy loss (spec section 5) and the per-step diagnostics (section 7).
+"""The clipped policy loss (spec section 5), its aggregations (registered by name) and normalisers.
 
 `policy_loss` is a pure function of per-token log-probs, advantages and masks; it knows
 nothing of models. Shapes: `[N, L]` for every per-token input, `[N]` for `truncated`.
@@ -19,12 +19,9 @@ RLSD) and still get the full-batch loss, as long as `beta = 0`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
+from typing import Callable
 
 import mlx.core as mx
-
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,71 @@ def merge_norms(norms) -> LossNorm:
     return LossNorm(num_tokens=tokens, num_seqs=seqs, max_len=mx.array(longest))
 
 
+# --------------------------------------------------------------------------- aggregations
+
+# How per-token losses become one number, by name (after verl's `agg_loss` modes). Each
+# takes the masked per-token losses `[N, L]`, the loss mask and the batch's `LossNorm`.
+_AGGREGATIONS: dict[str, Callable[[mx.array, mx.array, LossNorm], mx.array]] = {}
+
+
+def register_loss_agg(name: str):
+    def decorate(fn):
+        _AGGREGATIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _count(x) -> mx.array:
+    return mx.maximum(mx.array(x, dtype=mx.float32), 1.0)
+
+
+@register_loss_agg("seq-mean-token-mean")
+def _seq_mean_token_mean(per_token, m, norm):
+    lengths = mx.maximum(mx.sum(m, axis=1), 1.0)
+    return mx.sum(mx.sum(per_token, axis=1) / lengths) / _count(norm.num_seqs)
+
+
+@register_loss_agg("token-mean")
+def _token_mean(per_token, m, norm):
+    return mx.sum(per_token) / _count(norm.num_tokens)
+
+
+@register_loss_agg("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(per_token, m, norm):  # Dr. GRPO
+    return mx.sum(per_token) / (_count(norm.num_seqs) * _count(norm.max_len))
+
+
+LOSS_AGGS = tuple(_AGGREGATIONS)  # the names, in registration order (config lists the same)
+
+
+def check_loss_options(*, eps_low: float, eps_high: float, loss_agg: str, beta: float) -> None:
+    """The one validation of the loss's static options (eager and compiled)."""
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg: {loss_agg!r} is not one of {list(LOSS_AGGS)}")
+    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
+        raise ValueError(f"eps_low/eps_high: need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    if beta < 0:
+        raise ValueError(f"beta: must be >= 0, got {beta}")
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def rows_with_loss(advantages: mx.array, mask: mx.array, truncated: mx.array, *, beta: float,
+                   mask_truncated: bool) -> list[int]:
+    """The rows whose forward/backward can change the loss: a non-zero advantage somewhere
+    (any row with tokens when `beta > 0`: the KL term), and not truncated when those are
+    masked. The others add nothing to the loss or the gradient, so the trainer skips them;
+    the normaliser stays the whole batch's."""
+    carries = (mx.abs(advantages) * mask).sum(axis=1) > 0
+    if beta > 0:
+        carries = mask.sum(axis=1) > 0
+    if mask_truncated:
+        carries = mx.logical_and(carries, truncated == 0)
+    return [i for i, c in enumerate(carries.tolist()) if c]
+
+
 def _check_shapes(logp, old_logp, advantages, mask, ref_logp) -> None:
     if mask.ndim != 2:
         raise ValueError(f"mask: expected shape [N, L], got {tuple(mask.shape)}")
@@ -120,10 +182,7 @@ def policy_loss(
     1+eps_high and A > 0), `ratio_mean`, and `kl_mean` when `ref_logp` is given; all are
     sums over loss-bearing tokens divided by `norm.num_tokens`.
     """
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg: {loss_agg!r} is not one of {list(LOSS_AGGS)}")
-    if beta < 0:
-        raise ValueError(f"beta: must be >= 0, got {beta}")
+    check_loss_options(eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta)
     if beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when beta > 0 (k3 KL to the reference model)")
     _check_shapes(logp, old_logp, advantages, mask, ref_logp)
@@ -132,8 +191,7 @@ def policy_loss(
     on = m > 0
     if norm is None:
         norm = loss_norm(mask, truncated, mask_truncated=mask_truncated)
-    tokens = mx.maximum(mx.array(norm.num_tokens, dtype=mx.float32), 1.0)
-    seqs = mx.maximum(mx.array(norm.num_seqs, dtype=mx.float32), 1.0)
+    tokens = _count(norm.num_tokens)
 
     adv = mx.stop_gradient(advantages.astype(mx.float32))
     # Padding positions get ratio 1 (log-ratio 0) so garbage there cannot leak NaN/inf.
@@ -150,83 +208,10 @@ def policy_loss(
             per_token = per_token + beta * kl
         metrics["kl_mean"] = mx.stop_gradient(mx.sum(kl * m) / tokens)
 
-    per_token = per_token * m
-    if loss_agg == "token-mean":
-        loss = mx.sum(per_token) / tokens
-    elif loss_agg == "seq-mean-token-mean":
-        lengths = mx.maximum(mx.sum(m, axis=1), 1.0)
-        loss = mx.sum(mx.sum(per_token, axis=1) / lengths) / seqs
-    else:
-        max_len = mx.maximum(mx.array(norm.max_len, dtype=mx.float32), 1.0)
-        loss = mx.sum(per_token) / (seqs * max_len)
+    loss = _AGGREGATIONS[loss_agg](per_token * m, m, norm)
 
     r = mx.stop_gradient(ratio)
     metrics["clip_frac_low"] = mx.sum(((r < 1.0 - eps_low) & (adv < 0)) * m) / tokens
     metrics["clip_frac_high"] = mx.sum(((r > 1.0 + eps_high) & (adv > 0)) * m) / tokens
     metrics["ratio_mean"] = mx.sum(r * m) / tokens
     return loss, metrics
-
-
-# --------------------------------------------------------------------------- section 7
-
-
-def _share(count: mx.array, total: mx.array) -> mx.array:
-    return count / mx.maximum(total, 1.0)
-
-
-def cast_diagnostics(
-    rewards: mx.array,
-    base_adv: mx.array,
-    gaps: mx.array,
-    advantages: mx.array,
-    mask: mx.array,
-    *,
-    a_max: float,
-    group_size: int,
-) -> dict[str, mx.array]:
-    """Section-7 diagnostics of one batch (dict of scalar arrays; entropy is elsewhere).
-
-    - `groups/all_correct`, `groups/all_wrong`, `groups/mixed`: fractions of groups
-      (a completion is correct when its reward is > 0).
-    - the 2x2 gap table, for `traj` in {correct, wrong} and `side` in {pos (g > 0), neg
-      (g < 0)}: `gap/{traj}_{side}/share` (of all completion tokens), `/abs_mean` (mean
-      |g| in the cell), `/flipped` (share of the cell's tokens whose advantage has the
-      sign opposite to their base advantage). `gap/zero_share`: tokens with g = 0.
-    - `flip/down_share`, `flip/up_share`: shares of all tokens flipped down (B > 0, A < 0)
-      and up (B < 0, A > 0).
-    - `adv/mean`, `adv/min`, `adv/max` over completion tokens, and `adv/at_a_max_share`:
-      tokens with |A| >= a_max.
-    """
-    m = (mask != 0).astype(mx.float32)
-    total = mx.sum(m)
-    grouped = rewards.reshape(-1, group_size)
-    flat = mx.max(grouped, axis=1) == mx.min(grouped, axis=1)
-    first_correct = grouped[:, 0] > 0
-    out = {
-        "groups/all_correct": mx.mean(flat & first_correct),
-        "groups/all_wrong": mx.mean(flat & ~first_correct),
-        "groups/mixed": mx.mean(~flat),
-    }
-
-    b = base_adv[:, None]
-    flipped = (advantages * b < 0).astype(mx.float32) * m
-    correct = (rewards > 0)[:, None]
-    for traj, rows in (("correct", correct), ("wrong", ~correct)):
-        for side, toks in (("pos", gaps > 0), ("neg", gaps < 0)):
-            cell = (rows & toks).astype(mx.float32) * m
-            n = mx.sum(cell)
-            out[f"gap/{traj}_{side}/share"] = _share(n, total)
-            out[f"gap/{traj}_{side}/abs_mean"] = _share(mx.sum(mx.abs(gaps) * cell), n)
-            out[f"gap/{traj}_{side}/flipped"] = _share(mx.sum(flipped * cell), n)
-    out["gap/zero_share"] = _share(mx.sum((gaps == 0) * m), total)
-
-    out["flip/down_share"] = _share(mx.sum(flipped * (b > 0)), total)
-    out["flip/up_share"] = _share(mx.sum(flipped * (b < 0)), total)
-
-    on = m > 0
-    has = total > 0
-    out["adv/mean"] = _share(mx.sum(advantages * m), total)
-    out["adv/min"] = mx.where(has, mx.min(mx.where(on, advantages, mx.inf)), 0.0)
-    out["adv/max"] = mx.where(has, mx.max(mx.where(on, advantages, -mx.inf)), 0.0)
-    out["adv/at_a_max_share"] = _share(mx.sum((mx.abs(advantages) >= a_max) * m), total)
-    return out

@@ -30,13 +30,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cast_mlx import blas as _blas
-
-_blas.load()
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 @dataclass(frozen=True)

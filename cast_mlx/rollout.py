@@ -54,8 +54,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from cast_mlx import blas  # noqa: F401  (loads a fast BLAS before mlx.core)
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -455,3 +453,17 @@ def generate_groups(model, prompts: list[list[int]], group_size: int, params, eo
         seconds=time.perf_counter() - start,
         prefill_seconds=sum(w.prefill_seconds for w in waves),
     )
+
+
+def decode_completions(tokenizer, rollout) -> list[str]:
+    """The text of every completion of a `Rollout`, without its final EOS token.
+
+    The EOS id is kept in the rollout (the policy chose to stop), but its text
+    (`<|im_end|>`) must not reach the verifier: `#### 42<|im_end|>` would not read as 42.
+    """
+    texts = []
+    for row, n, reason in zip(rollout.tokens.tolist(), rollout.lengths.tolist(),
+                              rollout.finish_reasons):
+        ids = row[: n - 1] if reason == "eos" else row[:n]
+        texts.append(tokenizer.decode(ids))
+    return texts

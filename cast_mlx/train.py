@@ -76,7 +76,7 @@ def dry_run(recipe: cfg.Recipe) -> int:
 def _resume_recipe(args) -> tuple[cfg.Recipe, "Path"]:
     from pathlib import Path
 
-    from cast_mlx.trainer import TrainingError, find_checkpoint
+    from cast_mlx.checkpoint import TrainingError, find_checkpoint
 
     try:
         ckpt = find_checkpoint(args.resume)
@@ -98,14 +98,14 @@ def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
     every rank, and a resume with as many processes as the checkpoint had. Raises
     ConfigError (the same decision on every rank) or PeerLost."""
     from cast_mlx import distributed as dist
-    from cast_mlx import trainer
+    from cast_mlx.checkpoint import TrainingError, check_world_size
 
     world.timeout = dist.recipe_timeout(recipe)
     dist.check_recipe(recipe, world.size)
     if ckpt is not None:
         try:
-            trainer.check_world_size(ckpt, world.size)
-        except trainer.TrainingError as exc:
+            check_world_size(ckpt, world.size)
+        except TrainingError as exc:
             raise cfg.ConfigError(str(exc)) from exc
     if not dist.same_everywhere(world, cfg.recipe_hash(recipe)):
         raise cfg.ConfigError("the processes resolved different recipes (their hashes differ); give every "
@@ -121,7 +121,7 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
     try:
         run = trainer.setup(recipe, out_dir=out_dir, world=world)
         if ckpt is not None:
-            trainer.load_checkpoint(run, ckpt)
+            trainer.resume(run, ckpt)
         return trainer.fit(run, live=live, resumed_from=ckpt)
     except trainer.TrainingError as exc:  # the same on every rank: rank 0 says it
         if world.is_main:
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     if not args.quiet and (world is None or world.is_main):
-        import yaml
-
-        print(yaml.safe_dump(cfg.describe(recipe), sort_keys=False).rstrip())
+        print(cfg.to_yaml(recipe).rstrip())
         print(f"# recipe hash: {cfg.recipe_hash(recipe)}")
     if args.print_config:
         return 0

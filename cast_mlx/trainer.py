@@ -7,10 +7,12 @@ The loop is a handful of functions over a `Run` (the objects a run holds) and a
 2. `score_rewards`: decode, verify, binary rewards.
 3. `teacher_gaps`: teacher log-probs on the teacher context + the same tokens, minus the
    old policy's log-probs (skipped under GRPO).
-4. advantages (compiled, by algorithm name).
+4. advantages: the recipe's registered estimator (`cast_mlx.advantages`), compiled.
 5. `update`: micro-batched forward/backward with the loss normalised over the whole
    batch, gradient-norm clip, AdamW on the LoRA tensors; NaN/inf skips the update.
-6. teacher refresh, metrics, checkpoint.
+6. teacher refresh and the metrics line (`cast_mlx.metrics`); `fit` hands it to the
+   callbacks (sinks and view, `cast_mlx.callbacks`) and writes checkpoints
+   (`cast_mlx.checkpoint`).
 
 Randomness is derived from `(seed, step)` and the data order from `(seed, epoch)`, so a
 run resumed from a checkpoint continues bit-identically on the same machine.
@@ -24,52 +26,35 @@ world of one, every collective is skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cast_mlx import blas
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
 
-blas.load()
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
-
-from cast_mlx import config as cfg  # noqa: E402
-from cast_mlx import data, models, rollout, verify  # noqa: E402
-from cast_mlx import distributed as dist  # noqa: E402
-from cast_mlx.eval import decode_completions  # noqa: E402
-from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count  # noqa: E402
-from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch  # noqa: E402
-from cast_mlx.loss import cast_diagnostics, loss_norm  # noqa: E402
-from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts  # noqa: E402
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"  # file in the checkpoints folder naming the newest complete checkpoint
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many NaN steps); the message says why."""
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a checkpoint restores."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    cursor: int = 0  # next index into this epoch's order
-    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
-    recipe_hash: str = ""
-    world_size: int = 1  # processes that trained it; a resume must use as many
+from cast_mlx import blas, data, models, rollout, verify
+from cast_mlx import callbacks as cb
+from cast_mlx import checkpoint as ckpt_io
+from cast_mlx import config as cfg
+from cast_mlx import distributed as dist
+from cast_mlx.advantages import get_estimator
+from cast_mlx.checkpoint import TrainingError, TrainState
+from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count
+from cast_mlx.dashboard import make_view
+from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
+from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch
+from cast_mlx.loss import loss_norm, rows_with_loss
+from cast_mlx.metrics import memory_usage, step_metrics
+from cast_mlx.rollout import decode_completions
+from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
 
 
 @dataclass
@@ -139,14 +124,13 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
     model.train(lo.dropout > 0)
     a = recipe.algorithm
     teacher = None
-    if a.name != "grpo":
+    if get_estimator(a.name).uses_teacher:
         teacher = Teacher.create(model, kind=recipe.teacher.kind, refresh=recipe.teacher.refresh,
                                  ema_decay=recipe.teacher.ema_decay)
     ref_params = None
     if recipe.loss.beta > 0:
         ref_params = Teacher.create(model, kind="base").params
     params = {k: v for k, v in asdict(a).items() if k != "name"}
-    params["scale_rewards"] = cfg.resolved_scale_rewards(a)
     advantages = CompiledAdvantages(a.name, group_size=recipe.sampling.group_size, **params)
     L = recipe.loss
     loss_fn = CompiledPolicyLoss(eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg,
@@ -222,7 +206,7 @@ def score_rewards(run: Run, problems: list, texts: list[str]):
 
 def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[list[int]]:
     """The teacher's context of every row (one per prompt, repeated G times)."""
-    mode = cfg.resolved_teacher_context(run.recipe)
+    mode = run.recipe.teacher.context
     refs = [p.solution or p.gold for p in problems]
     ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs)
     g = run.recipe.sampling.group_size
@@ -241,7 +225,7 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     temperature = run.recipe.sampling.temperature
     size = run.recipe.optimizer.micro_batch_size
     contexts = row_contexts(run, problems, prompts)
-    if cfg.resolved_teacher_context(run.recipe) == "same":
+    if run.recipe.teacher.context == "same":
         lp_old = score_in_buckets(lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)),
                                   contexts, out.tokens, mask, size)
     else:
@@ -268,12 +252,7 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
     """
     r, world = run.recipe, run.world
     norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
-    carries = (mx.abs(adv) * mask).sum(axis=1) > 0
-    if r.loss.beta > 0:
-        carries = mask.sum(axis=1) > 0
-    if r.loss.mask_truncated:
-        carries = mx.logical_and(carries, truncated == 0)
-    rows = [i for i, c in enumerate(carries.tolist()) if c]
+    rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
     temperature = r.sampling.temperature
 
     def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb):
@@ -388,13 +367,15 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
         "lengths": out.lengths, "strict": mx.array([bool(v and v.strict) for v in verdicts]),
         "lenient": mx.array([bool(v and v.lenient) for v in verdicts]), "dropped": mx.array(dropped),
     })
-    usage = {"memory/peak_gb": mx.get_peak_memory() / 2**30, "memory/rss_gb": _rss_gb()}
+    usage = memory_usage()
     # this rank's collectives of the step (all but the timing reduction just below)
     comm = {"time/comm": world.comm_seconds - comm_start[0], "comm/bytes": world.comm_bytes - comm_start[1],
             "comm/calls": world.comm_calls - comm_start[2]}
     slowest = dist.max_values(world, times | usage)  # each phase: the slowest rank's
     times, usage = {k: slowest[k] for k in times}, {k: slowest[k] for k in usage}
-    metrics = step_metrics(run, rows, loss_value, grad_norm, aux, lr, times, usage, applied)
+    metrics = step_metrics(rows, group_size=r.sampling.group_size, a_max=r.algorithm.a_max, step=st.step,
+                           epoch=st.epoch, loss_value=loss_value, grad_norm=grad_norm, aux=aux, lr=lr,
+                           times=times, usage=usage, applied=applied, compile_count=compile_count())
     if world.size > 1:
         metrics |= comm
     samples = [
@@ -406,218 +387,21 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     return metrics, samples
 
 
-def step_metrics(run, rows: dict, loss_value, grad_norm, aux, lr, times, usage, applied) -> dict:
-    """The metrics line of a step from the per-row arrays of the whole batch (`rows`:
-    rewards, base, gaps, adv, mask, truncated, lengths, and the strict / lenient / dropped
-    flags), the update's results, the phase times and the memory use."""
-    r = run.recipe
-    g = r.sampling.group_size
-    rewards, base, gaps, adv = rows["rewards"], rows["base"], rows["gaps"], rows["adv"]
-    mask, truncated = rows["mask"], rows["truncated"]
-    rew = rewards.reshape(-1, g)
-    lengths = rows["lengths"].astype(mx.float32)
-    ended = 1.0 - truncated
-    n_ended = float(ended.sum().item())
-    gen_tokens = float(rows["lengths"].sum().item())
-    n_rows = rewards.shape[0]
-    diag = cast_diagnostics(rewards, base, gaps, adv, mask, a_max=r.algorithm.a_max, group_size=g)
-    m = {
-        "step": run.state.step,
-        "epoch": run.state.epoch,
-        "reward": rewards.mean().item(),
-        "reward_std": float(mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
-                                    / max(g - 1, 1)).mean().item()),
-        "frac_reward_zero_std": float((rew.max(axis=1) == rew.min(axis=1)).astype(mx.float32).mean().item()),
-        "accuracy/strict": sum(rows["strict"].tolist()) / n_rows,
-        "accuracy/lenient": sum(rows["lenient"].tolist()) / n_rows,
-        "reward/dropped": sum(rows["dropped"].tolist()),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/mean_terminated_length": float((lengths * ended).sum().item()) / max(n_ended, 1.0),
-        "completions/max_length": float(lengths.max().item()),
-        "completions/clipped_ratio": float(truncated.mean().item()),
-        "loss": loss_value,
-        "grad_norm": grad_norm,
-        "learning_rate": lr,
-        "update_applied": applied,
-        "clip_ratio/low_mean": aux.get("clip_frac_low", 0.0),
-        "clip_ratio/high_mean": aux.get("clip_frac_high", 0.0),
-        "ratio_mean": aux.get("ratio_mean", 1.0),
-        "entropy": aux["entropy"],
-        "rows_skipped": aux["rows_skipped"],
-        "compile_count": compile_count(),
-        "time/sample": times["sample"],
-        "time/verify": times["verify"],
-        "time/teacher": times["teacher"],
-        "time/update": times["update"],
-        "time/step": sum(times.values()),
-        "tokens_per_s/generate": gen_tokens / max(times["sample"], 1e-9),
-        "tokens_per_s/train": float(mask.sum().item()) / max(times["update"], 1e-9),
-        **usage,
-    }
-    if "kl_mean" in aux:
-        m["kl"] = aux["kl_mean"]
-    for k, v in diag.items():
-        m[f"cast/{k}"] = float(v.item()) if isinstance(v, mx.array) else float(v)
-    return m
-
-
-def _rss_gb() -> float:
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+def save(run: Run) -> Path:
+    return ckpt_io.save_checkpoint(run.out_dir, run.state, model=run.model, adapter_config=run.adapter_config,
+                                   optimizer=run.optimizer, teacher=run.teacher, recipe=run.recipe)
 
 
-def save_checkpoint(run: Run) -> Path:
-    """Write `checkpoints/step_NNNNNN` atomically (temp dir + rename), then point `latest`
-    at it; older checkpoints beyond `checkpoint.keep` are removed afterwards."""
-    root = checkpoint_root(run.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{run.state.step:06d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    models.save_adapters(run.model, tmp, run.adapter_config)
-    opt_state = dict(tree_flatten(run.optimizer.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    if run.teacher is not None:
-        mx.save_safetensors(str(tmp / "teacher.safetensors"), run.teacher.params)
-    meta = asdict(run.state) | {"teacher_version": run.teacher.version if run.teacher else 0}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / "recipe.yaml").write_text(cfg.to_yaml(run.recipe))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / LATEST)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[: -run.recipe.checkpoint.keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _complete(ckpt: Path) -> bool:
-    return all((ckpt / f).is_file() for f in ("state.json", models.ADAPTER_WEIGHTS, "optimizer.safetensors"))
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The newest complete checkpoint of a run dir or checkpoints dir (or the folder itself).
-
-    `latest` names it; if that is missing or points at something incomplete, the newest
-    complete `step_*` folder is used. Half-written `.tmp-*` folders are never candidates.
-    """
-    path = Path(path)
-    if _complete(path):
-        return path
-    for root in (path / CHECKPOINTS, path):
-        pointer = root / LATEST
-        if pointer.is_file() and _complete(root / pointer.read_text().strip()):
-            return root / pointer.read_text().strip()
-        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and _complete(p))
-        if complete:
-            return complete[-1]
-    raise TrainingError(f"--resume {path}: no complete checkpoint found under {path}/{CHECKPOINTS}")
-
-
-def checkpoint_world_size(ckpt: Path) -> int:
-    """How many processes trained the checkpoint (1 for checkpoints older than that field)."""
-    return int(json.loads((Path(ckpt) / "state.json").read_text()).get("world_size", 1))
-
-
-def check_world_size(ckpt: Path, size: int) -> None:
-    """A TrainingError unless the checkpoint was written by a run of `size` processes: the
-    data slices, the random streams and the float summation order depend on it."""
-    saved = checkpoint_world_size(ckpt)
-    if saved != size:
-        how = "in one process (without mlx.launch)" if saved == 1 else f"with mlx.launch -n {saved} (or a hostfile of {saved} hosts)"
-        raise TrainingError(f"--resume {ckpt}: the checkpoint was written by {saved} process(es) and this run has "
-                            f"{size}; resume it {how}")
-
-
-def load_checkpoint(run: Run, ckpt: Path) -> None:
-    """Restore adapters, optimizer, teacher and counters into a freshly set-up run."""
-    check_world_size(ckpt, run.world.size)
-    state = json.loads((ckpt / "state.json").read_text())
-    teacher_version = state.pop("teacher_version", 0)
-    run.state = TrainState(**state)
-    weights = mx.load(str(ckpt / models.ADAPTER_WEIGHTS))
-    run.model.load_weights(list(weights.items()), strict=False)
-    run.optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-    if run.teacher is not None:
-        run.teacher.params = mx.load(str(ckpt / "teacher.safetensors"))
-        run.teacher.version = teacher_version
-    mx.eval(run.model.trainable_parameters(), run.optimizer.state)
+def resume(run: Run, ckpt: Path) -> None:
+    """Restore a freshly set-up run from checkpoint `ckpt`."""
+    run.state = ckpt_io.load_checkpoint(ckpt, run.world.size, model=run.model, optimizer=run.optimizer,
+                                        teacher=run.teacher)
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-class Sinks:
-    """metrics.jsonl / samples.jsonl, and wandb / tensorboard when asked and installed."""
-
-    def __init__(self, run: Run, resume_step: int | None):
-        self.dir = run.out_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path, self.samples_path = self.dir / "metrics.jsonl", self.dir / "samples.jsonl"
-        if resume_step is None:
-            for p in (self.metrics_path, self.samples_path):
-                p.unlink(missing_ok=True)
-        else:  # drop lines written after the checkpoint we resume from
-            for p in (self.metrics_path, self.samples_path):
-                if p.exists():
-                    keep = [line for line in p.read_text().splitlines()
-                            if line and json.loads(line)["step"] <= resume_step]
-                    p.write_text("".join(line + "\n" for line in keep))
-        self.extra = []
-        log = run.recipe.logging
-        if log.wandb:
-            try:
-                import wandb
-
-                self.extra.append(("wandb", wandb.init(project="cast-mlx", name=run.recipe.name,
-                                                       config=cfg.to_dict(run.recipe))))
-            except ImportError:
-                print("warning: logging.wandb is on but wandb is not installed; skipping it")
-        if log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # type: ignore
-
-                self.extra.append(("tensorboard", SummaryWriter(str(self.dir / "tensorboard"))))
-            except ImportError:
-                try:
-                    from tensorboardX import SummaryWriter  # type: ignore
-
-                    self.extra.append(("tensorboard", SummaryWriter(str(self.dir / "tensorboard"))))
-                except ImportError:
-                    print("warning: logging.tensorboard is on but no SummaryWriter is installed; skipping it")
-
-    def write(self, metrics: dict, samples: list[dict]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        with open(self.samples_path, "a") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
-        for kind, sink in self.extra:
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            if kind == "wandb":
-                sink.log(numeric, step=metrics["step"])
-            else:
-                for k, v in numeric.items():
-                    sink.add_scalar(k, v, metrics["step"])
-
-    def close(self) -> None:
-        for kind, sink in self.extra:
-            sink.finish() if kind == "wandb" else sink.close()
 
 
 class StopRequest:
@@ -630,8 +414,6 @@ class StopRequest:
         self.signal_name: str | None = None
 
     def install(self):
-        import signal
-
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.signal_name is not None and name == "SIGINT":
@@ -642,8 +424,6 @@ class StopRequest:
         return self
 
     def restore(self):
-        import signal
-
         for s, h in self.previous.items():
             signal.signal(s, h)
 
@@ -664,8 +444,6 @@ def evaluate_now(run: Run, problems: list) -> dict:
     """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics (mean and
     bootstrap CI over problems). In a data-parallel run each rank answers its contiguous
     slice and the per-problem results are gathered, so no rank waits idle."""
-    from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
-
     r, world = run.recipe, run.world
     t = time.perf_counter()
     mine = dist.shard_uneven(problems, world.rank, world.size)
@@ -699,16 +477,6 @@ def run_info(run: Run) -> dict:
     return info
 
 
-class NoSinks:
-    """What ranks other than 0 write: nothing."""
-
-    def write(self, metrics: dict, samples: list[dict]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def resume_command(run: Run) -> str:
     command = f"python -m cast_mlx.train --resume {run.out_dir}"
     if run.world.size > 1:
@@ -719,6 +487,17 @@ def resume_command(run: Run) -> str:
 SIGNAL_OF_CODE = {code: name for name, code in StopRequest.CODES.items()}
 
 
+def make_callbacks(run: Run, live: bool, resumed: bool) -> list[cb.TrainingCallback]:
+    """Rank 0's sinks and view (under mlx.launch stdout is a pipe; the launcher passes
+    COLUMNS when it runs on a terminal); the other ranks of a data-parallel run get none."""
+    if not run.world.is_main:
+        return []
+    r = run.recipe
+    view = make_view(r.schedule.steps, live and r.logging.dashboard,
+                     force_terminal=run.world.size > 1 and "COLUMNS" in os.environ)
+    return [*cb.sinks(r, run.out_dir, run.state.step if resumed else None), view]
+
+
 def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     """Train to `schedule.steps`; returns the process exit code.
 
@@ -726,66 +505,64 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     metrics and the checkpoints. A stop signal seen by any rank stops all of them after the
     same step (the stop is agreed on between steps), and the ranks leave together once
     rank 0's last checkpoint is written."""
-    from cast_mlx.dashboard import SilentView, make_view
-
     r, world = run.recipe, run.world
-    main = world.is_main
-    sinks = Sinks(run, run.state.step if resumed_from else None) if main else NoSinks()
-    stop = StopRequest().install()
-    if main:  # under mlx.launch stdout is a pipe; the launcher passes COLUMNS when on a terminal
-        view = make_view(r.schedule.steps, run_info(run), live and r.logging.dashboard,
-                         force_terminal=world.size > 1 and "COLUMNS" in os.environ)
-    else:
-        view = SilentView()
-    last_saved = run.state.step if resumed_from else -1
-    every = r.logging.eval_every
-    held_out = eval_problems(r) if every else []
+    callbacks = make_callbacks(run, live, resumed=resumed_from is not None)
+
+    def tell(text: str) -> None:
+        for c in callbacks:
+            c.on_message(text)
+
+    def log(metrics: dict, samples: list[dict]) -> None:
+        for c in callbacks:
+            c.on_metrics(metrics, samples)
 
     def agreed_stop() -> int:  # 0: go on; else the exit code of the signal some rank got
         return dist.max_int(world, stop.code if stop.signal_name else 0, "agreeing on a stop")
 
-    def save() -> None:
-        if main:
-            save_checkpoint(run)
+    def checkpoint() -> None:
+        if world.is_main:
+            save(run)
 
+    stop = StopRequest().install()
+    last_saved = run.state.step if resumed_from else -1
+    every = r.logging.eval_every
+    held_out = eval_problems(r) if every else []
     try:
-        with view:
-            dist.barrier(world, "start-up (every rank loads the model)")
-            if resumed_from:
-                view.message(f"resumed from {resumed_from} at step {run.state.step}")
-            elif every:  # the starting point of the eval curve
-                baseline = {"step": 0, **evaluate_now(run, held_out)}
-                sinks.write(baseline, [])
-                view.message(f"step 0 eval accuracy {baseline['eval/accuracy']:.3f} "
-                             f"(n={baseline['eval/n']})")
+        info = run_info(run) if callbacks else {}
+        for c in callbacks:
+            c.on_train_begin(info)
+        dist.barrier(world, "start-up (every rank loads the model)")
+        if resumed_from:
+            tell(f"resumed from {resumed_from} at step {run.state.step}")
+        elif every:  # the starting point of the eval curve
+            log({"step": 0, **evaluate_now(run, held_out)}, [])
+        code = agreed_stop()
+        while run.state.step < r.schedule.steps and not code:
+            metrics, samples = train_step(run)
+            if every and (run.state.step % every == 0 or run.state.step == r.schedule.steps):
+                metrics.update(evaluate_now(run, held_out))
+            log(metrics, samples)
+            st = run.state.step
+            if st % r.checkpoint.every == 0 or st == r.schedule.steps:
+                checkpoint()
+                last_saved = st
             code = agreed_stop()
-            while run.state.step < r.schedule.steps and not code:
-                metrics, samples = train_step(run)
-                if every and (run.state.step % every == 0 or run.state.step == r.schedule.steps):
-                    metrics.update(evaluate_now(run, held_out))
-                sinks.write(metrics, samples)
-                view.update(metrics, samples)
-                st = run.state.step
-                if st % r.checkpoint.every == 0 or st == r.schedule.steps:
-                    save()
-                    last_saved = st
-                code = agreed_stop()
-            if last_saved != run.state.step:
-                save()
-            dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
-            if code:
-                view.message(f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
-                             f"resume with {resume_command(run)}")
-                return code
+        if last_saved != run.state.step:
+            checkpoint()
+        dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
+        if code:
+            tell(f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
+                 f"resume with {resume_command(run)}")
+            return code
+        tell(f"done: {run.state.step} steps; adapters in {ckpt_io.find_checkpoint(run.out_dir)}")
     except KeyboardInterrupt:
-        if main:
+        if world.is_main:
             print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: "
                   f"{resume_command(run)}")
         return 130
     finally:
         stop.restore()
-        sinks.close()
+        for c in callbacks:
+            c.on_train_end()
         run.verifier.close()
-    if main:
-        view.message(f"done: {run.state.step} steps; adapters in {find_checkpoint(run.out_dir)}")
     return 0

@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback launcher the tests use too
+
+from helpers import launch_loopback  # noqa: E402
 
 
 def launch(args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring` on loopback; stops the benchmark if a rank failed."""
-    from cast_mlx import distributed as dist
-
-    proc = dist.launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
+    proc = launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
     if "Node with rank" in proc.stderr or proc.returncode:
         raise SystemExit(f"mlx.launch failed:\n{proc.stderr[-3000:]}")
     return proc

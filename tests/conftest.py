@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cast_mlx  # noqa: F401  (loads the BLAS before mlx.core)
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -35,16 +30,6 @@ def smol(smol_dir):
     from cast_mlx import models
 
     return models.load(models.DEFAULT_MODEL, dtype="float32")
-
-
-def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` from the repository root and capture its output."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import math
 
 from cast_mlx.advantages import (  # first: cast_mlx loads its BLAS before mlx.core
-    ADVANTAGE_FNS,
+    ESTIMATORS,
     DEFAULT_PARAMS,
     base_advantages,
     cast_token_advantages,
@@ -46,7 +46,7 @@ def test_default_scale_rewards():
     assert default_scale_rewards("cast") == "none"
     assert default_scale_rewards("grpo") == "group"
     assert default_scale_rewards("rlsd") == "group"
-    assert sorted(ADVANTAGE_FNS) == ["cast", "grpo", "rlsd"]
+    assert sorted(ESTIMATORS) == ["cast", "grpo", "rlsd"]
 
 
 def test_base_advantages_by_hand():
@@ -208,7 +208,7 @@ def test_mask_zeroes_padding_even_with_nan_gaps():
     rewards = mx.array([1, 0], dtype=mx.float32)
     gaps = mx.array([[0.1, float("nan")], [0.2, float("inf")]])
     mask = mx.array([[1, 0], [1, 0]])
-    for name in ADVANTAGE_FNS:
+    for name in ESTIMATORS:
         token, _ = compute_advantages(name, rewards, gaps, mask, group_size=2)
         assert np.array(token)[:, 1].tolist() == [0.0, 0.0], name
         assert np.all(np.isfinite(np.array(token)))
@@ -407,3 +407,48 @@ def test_compiled_rejects_bad_parameters_up_front():
     with pytest.raises(ValueError, match="unknown"):
         CompiledAdvantages("grpo", group_size=2, not_a_param=1)
     assert set(DEFAULT_PARAMS) >= {"cast_lambda", "flip_deadband", "rlsd_lambda_steps"}
+
+
+def test_registry_matches_the_recipe_schema():
+    import typing
+
+    from cast_mlx import config
+
+    names = typing.get_args(typing.get_type_hints(config.AlgorithmConfig)["name"])
+    assert set(ESTIMATORS) == set(names) == set(config.ALGORITHM_DEFAULTS)
+    for est in ESTIMATORS.values():
+        assert set(est.params) <= set(DEFAULT_PARAMS), est.name  # every parameter is a recipe field
+    assert ESTIMATORS["grpo"].params == ("scale_rewards", "eps")
+    assert ESTIMATORS["cast"].schedule_params == ("cast_lambda", "lambda_schedule", "lambda_decay_steps")
+    assert not ESTIMATORS["grpo"].uses_teacher and ESTIMATORS["cast"].uses_teacher
+
+
+def test_one_registration_serves_eager_and_compiled():
+    from cast_mlx import advantages
+
+    def half_lambda(step, *, cast_lambda):
+        return cast_lambda / (1 + step)
+
+    @advantages.register_estimator("toy", schedule=half_lambda, uses_teacher=False)
+    def toy(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, a_max):
+        base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards,
+                               zero_var_value=0.0, eps=eps)
+        return mx.where(mask != 0, lam * mx.clip(base[:, None], -a_max, a_max), 0.0), base
+
+    try:
+        rewards = mx.array([1.0, 0.0, 1.0, 1.0])
+        mask = mx.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]])
+        gaps = mx.zeros((4, 3))
+        params = dict(scale_rewards="none", a_max=0.25, cast_lambda=2.0)
+        token, base = compute_advantages("toy", rewards, gaps, mask, group_size=2, step=1, **params)
+        # B = +-0.5 in the mixed group, 0 in the all-correct one; lambda = 2 / (1 + 1) = 1
+        assert np.array(base).tolist() == [0.5, -0.5, 0.0, 0.0]
+        assert np.array(token).tolist() == [[0.25, 0.25, 0], [-0.25, 0, 0], [0, 0, 0], [0, 0, 0]]
+        compiled = CompiledAdvantages("toy", group_size=2, **params)
+        c_token, c_base = compiled(rewards, gaps, mask, step=1)
+        assert np.array_equal(np.array(c_token), np.array(token))
+        assert np.array_equal(np.array(c_base), np.array(base))
+        with pytest.raises(ValueError, match="registered twice"):
+            advantages.register_estimator("toy")(toy)
+    finally:
+        advantages.ESTIMATORS.pop("toy", None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cast_mlx import blas
-from conftest import run_cli
+from helpers import run_cli
 
 CHILD = """
 import sys, numpy as np

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cast_mlx import config as cfg
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -26,9 +26,15 @@ def test_defaults_and_overrides():
     assert r.algorithm.name == "grpo"
     assert r.sampling.top_p == 0.9
     assert r.algorithm.wrong_box == (0.9, 1.3)
-    assert cfg.resolved_scale_rewards(r.algorithm) == "group"
-    assert cfg.resolved_scale_rewards(cfg.load_recipe(None).algorithm) == "none"
-    assert cfg.resolved_teacher_context(cfg.load_recipe(None, ["algorithm.name=rlsd"])) == "privileged"
+    assert r.algorithm.scale_rewards == "group"
+    assert cfg.load_recipe(None, ["algorithm.name=cast"]).algorithm.scale_rewards == "none"
+    assert cfg.load_recipe(None, ["algorithm.name=rlsd"]).teacher.context == "privileged"
+    # defaults resolved once, in load_recipe: the README's default algorithm, no None left
+    default = cfg.load_recipe(None)
+    assert default.algorithm.name == "grpo"
+    assert (default.algorithm.scale_rewards, default.teacher.context) == ("group", "plain")
+    # an explicit value wins over the algorithm's default
+    assert cfg.load_recipe(None, ["algorithm.name=cast", "algorithm.scale_rewards=group"]).algorithm.scale_rewards == "group"
     # an override changes the hash, the same override gives the same hash
     base = cfg.recipe_hash(cfg.load_recipe(ROOT / "recipes/smoke.yaml"))
     assert cfg.recipe_hash(r) != base
@@ -61,7 +67,7 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("algorithm:\n  name: ppo\n", [], "algorithm.name: 'ppo' is not allowed; choose one of: cast, grpo, rlsd"),
         ("algorithm:\n  correct_box: [0.8]\n", [], "algorithm.correct_box: expected a list of 2 numbers"),
         ("algorithm:\n  correct_box: [1.1, 1.2]\n", [], "algorithm.correct_box: need 0 < low <= 1 <= high"),
-        ("teacher:\n  context: privileged\n", [], "teacher.context: 'privileged' shows the gold answer"),
+        ("algorithm:\n  name: cast\nteacher:\n  context: privileged\n", [], "teacher.context: 'privileged' shows the gold answer"),
         ("sampling: 3\n", [], "sampling: expected a mapping"),
         ("- a\n- b\n", [], "a recipe must be a YAML mapping"),
         ("name: x\n", ["sampling.nope=1"], "--set sampling.nope: unknown key 'sampling.nope'"),
@@ -70,6 +76,7 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
         ("name: x\n", ["optimizer.lr=-1e-4"], "optimizer.lr: must be > 0.0, got -0.0001"),
         ("loss:\n  num_iterations: 2\n", [], "loss.num_iterations: only 1 update per batch"),
+        ("loss:\n  num_iterations: 1\nsampling:\n  top_k: -1\n", [], "sampling.top_k: must be >= 0"),
     ],
 )
 def test_bad_recipe_cli(tmp_path: Path, yaml_text, overrides, expected):

@@ -27,9 +27,10 @@ INFO = {"run": "t", "blas": "MKL (x)"}
 
 def test_rich_view_renders_all_sections():
     buf = io.StringIO()
-    view = RichView(10, INFO, console=Console(file=buf, force_terminal=True, width=160))
-    with view:
-        view.update(METRICS, SAMPLE)
+    view = RichView(10, console=Console(file=buf, force_terminal=True, width=160))
+    view.on_train_begin(INFO)
+    view.on_metrics(METRICS, SAMPLE)
+    view.on_train_end()
     text = buf.getvalue()
     for needle in ("CAST gap table", "correct teacher -", "0.41", "rewards", "optimisation",
                    "2 + 2 = 4", "reward 1", "MKL (x)", "3/10"):
@@ -38,9 +39,13 @@ def test_rich_view_renders_all_sections():
 
 def test_plain_view_and_fallback():
     buf = io.StringIO()
-    with PlainView(10, INFO, stream=buf) as view:
-        view.update(METRICS, SAMPLE)
+    view = PlainView(10, stream=buf)
+    view.on_train_begin(INFO)
+    view.on_metrics(METRICS, SAMPLE)
+    view.on_metrics({"step": 0, "eval/accuracy": 0.25, "eval/n": 200}, [])  # the step-0 eval line
+    view.on_train_end()
     lines = buf.getvalue().splitlines()
     assert lines[0] == "run: t | blas: MKL (x)"
     assert lines[1].startswith("step 3/10 | reward 0.375 | acc 0.38 | mixed 0.50 | loss 0.1234")
-    assert isinstance(make_view(10, INFO, live=True), PlainView)  # pytest's stdout is no TTY
+    assert lines[2] == "step 0 eval accuracy 0.250 (n=200)"
+    assert isinstance(make_view(10, live=True), PlainView)  # pytest's stdout is no TTY

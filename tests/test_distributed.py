@@ -24,15 +24,15 @@ import pytest
 
 from cast_mlx import config as cfg
 from cast_mlx import distributed as dist
-from cast_mlx import trainer
-from conftest import ROOT, run_cli
+from cast_mlx import checkpoint
+from helpers import ROOT, free_ports, launch_loopback, run_cli
 
 ONE_THREAD = {"MKL_NUM_THREADS": "1"}
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count", "comm/")
 
 
 def hostfile(tmp_path: Path, n: int = 2) -> Path:
-    port = dist.free_ports(n)
+    port = free_ports(n)
     path = tmp_path / "ring.json"
     path.write_text(json.dumps([[f"127.0.0.1:{port + i}"] for i in range(n)]))
     return path
@@ -52,7 +52,7 @@ def start_ranks(tmp_path: Path, args: list[str], n: int = 2, env=None) -> list[s
 
 def launch(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring` on loopback from the repository root."""
-    return dist.launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
+    return launch_loopback(args, n=2, timeout=timeout, cwd=ROOT)
 
 
 def read(tmp_path: Path, rank: int, stream: str = "err") -> str:
@@ -65,7 +65,7 @@ def train_args(out: Path, *extra: str) -> list[str]:
 
 
 def adapters(run_dir: Path, step: int) -> dict:
-    return mx.load(str(run_dir / trainer.CHECKPOINTS / f"step_{step:06d}" / "adapters.safetensors"))
+    return mx.load(str(run_dir / checkpoint.CHECKPOINTS / f"step_{step:06d}" / "adapters.safetensors"))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -209,7 +209,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
             elif not k.startswith(VOLATILE):
                 assert x[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
         assert x["comm/bytes"] > 4 * sum(v.size for v in adapters(n2, 1).values())  # the gradient sum
-    state = json.loads((n2 / trainer.CHECKPOINTS / "step_000002" / "state.json").read_text())
+    state = json.loads((n2 / checkpoint.CHECKPOINTS / "step_000002" / "state.json").read_text())
     assert state["world_size"] == 2
 
 
@@ -254,8 +254,8 @@ def test_two_ranks_resume_bit_identically(tmp_path, two_rank_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     part = tmp_path / "part"
     shutil.copytree(n2, part)
-    shutil.rmtree(part / trainer.CHECKPOINTS / "step_000002")
-    (part / trainer.CHECKPOINTS / trainer.LATEST).write_text("step_000001\n")
+    shutil.rmtree(part / checkpoint.CHECKPOINTS / "step_000002")
+    (part / checkpoint.CHECKPOINTS / checkpoint.LATEST).write_text("step_000001\n")
     resumed = launch(["-m", "cast_mlx.train", "--resume", str(part), "--quiet", "--no-dashboard"])
     assert resumed.returncode == 0 and "Node with rank" not in resumed.stderr, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout

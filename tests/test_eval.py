@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cast_mlx import eval as ev
-from conftest import run_cli
+from helpers import run_cli
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -131,10 +131,12 @@ def test_summarize_from_per_problem_results():
 
 
 def test_decode_completions_drops_the_final_eos_only():
+    from cast_mlx.rollout import decode_completions
+
     tokenizer = SimpleNamespace(decode=lambda ids: "|".join(map(str, ids)))
     rollout = SimpleNamespace(tokens=np.array([[5, 6, 2, 0], [7, 8, 9, 2]]),
                               lengths=np.array([3, 4]), finish_reasons=["eos", "length"])
-    assert ev.decode_completions(tokenizer, rollout) == ["5|6", "7|8|9|2"]
+    assert decode_completions(tokenizer, rollout) == ["5|6", "7|8|9|2"]
 
 
 # --------------------------------------------------------------------------- adapters / args

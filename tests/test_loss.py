@@ -4,7 +4,8 @@ import math
 
 from cast_mlx.advantages import compute_advantages  # first: cast_mlx loads its BLAS before mlx.core
 from cast_mlx.compiled import CompiledPolicyLoss, compile_count
-from cast_mlx.loss import LOSS_AGGS, cast_diagnostics, loss_norm, merge_norms, policy_loss
+from cast_mlx.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
+from cast_mlx.metrics import cast_diagnostics
 
 import mlx.core as mx
 import numpy as np
@@ -316,3 +317,15 @@ def test_compiled_loss_compiles_once_per_bucket():
         mx.eval(loss, grad)
     assert compiled.compile_count == 1
     assert compile_count() - before == 1
+
+
+def test_rows_with_loss():
+    from cast_mlx.loss import rows_with_loss
+
+    adv = mx.array([[0.0, 0.0], [0.5, 0.0], [0.0, -1.0], [0.3, 0.3]])
+    mask = mx.array([[1, 1], [1, 0], [1, 1], [1, 1]])
+    truncated = mx.array([0.0, 0.0, 0.0, 1.0])
+    assert rows_with_loss(adv, mask, truncated, beta=0.0, mask_truncated=True) == [1, 2]
+    assert rows_with_loss(adv, mask, truncated, beta=0.0, mask_truncated=False) == [1, 2, 3]
+    # with a KL term every row with tokens carries loss, even at zero advantage
+    assert rows_with_loss(adv, mask, truncated, beta=0.1, mask_truncated=False) == [0, 1, 2, 3]

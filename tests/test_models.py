@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from cast_mlx import models
-from conftest import run_cli
+from helpers import run_cli
 
 CHAT = [{"role": "user", "content": "What is 12 + 35? Answer briefly."}]
 PROMPTS = [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cast_mlx import plot
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 
 def write_run(run_dir: Path, steps: int = 20, eval_every: int = 5, accuracy=None,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from cast_mlx import config as cfg
-from cast_mlx import models, trainer
-from conftest import ROOT, run_cli
+from cast_mlx import checkpoint, models, trainer
+from helpers import ROOT, run_cli
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
 
@@ -52,7 +52,7 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and "completion" in json.loads(samples[0])
     assert not any(k.startswith("comm/") for k in lines[0])  # one process: no collectives
-    ckpt = trainer.find_checkpoint(out)
+    ckpt = checkpoint.find_checkpoint(out)
     assert ckpt.name == "step_000002"
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 1
     for f in ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
@@ -81,18 +81,18 @@ def test_resume_is_bit_identical(tmp_path, smol_dir):
                         "--set", "checkpoint.keep=5")
     assert proc.returncode == 0
     # cut the second run back to its step-2 checkpoint, then resume it
-    root = part / trainer.CHECKPOINTS
+    root = part / checkpoint.CHECKPOINTS
     for name in ("step_000003", "step_000004"):
         if (root / name).exists():
             import shutil
 
             shutil.rmtree(root / name)
-    (root / trainer.LATEST).write_text("step_000002\n")
+    (root / checkpoint.LATEST).write_text("step_000002\n")
     proc = run_cli("-m", "cast_mlx.train", "--resume", str(part), "--quiet", "--no-dashboard", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
-    a = mx.load(str(trainer.find_checkpoint(straight) / "adapters.safetensors"))
-    b = mx.load(str(trainer.find_checkpoint(part) / "adapters.safetensors"))
+    a = mx.load(str(checkpoint.find_checkpoint(straight) / "adapters.safetensors"))
+    b = mx.load(str(checkpoint.find_checkpoint(part) / "adapters.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
@@ -114,10 +114,10 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 143, stderr[-2000:]
     assert "SIGTERM: stopped after step" in stdout and "--resume" in stdout
-    ckpt = trainer.find_checkpoint(out)
+    ckpt = checkpoint.find_checkpoint(out)
     steps = [m["step"] for m in _metrics(out)]
     assert ckpt.name == f"step_{steps[-1]:06d}"
-    assert not list((out / trainer.CHECKPOINTS).glob(".tmp-*"))
+    assert not list((out / checkpoint.CHECKPOINTS).glob(".tmp-*"))
     # ... and the run resumes from it (one more step)
     proc = run_cli("-m", "cast_mlx.train", "--resume", str(out), "--quiet", "--no-dashboard",
                    "--set", f"schedule.steps={steps[-1] + 1}", timeout=600)
@@ -129,7 +129,7 @@ def test_grpo_smoke_run(tmp_path, smol_dir):
     out, proc = _train(tmp_path, "grpo", "--set", "algorithm.name=grpo")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
-    ckpt = trainer.find_checkpoint(out)
+    ckpt = checkpoint.find_checkpoint(out)
     assert not (ckpt / "teacher.safetensors").exists()  # GRPO has no teacher
     import mlx_lm
 
@@ -139,24 +139,24 @@ def test_grpo_smoke_run(tmp_path, smol_dir):
 def test_half_written_checkpoint_is_ignored(tmp_path):
     """kill -9 between files leaves a .tmp folder or a step folder without all its files:
     the previous complete checkpoint is the one found."""
-    root = tmp_path / "run" / trainer.CHECKPOINTS
+    root = tmp_path / "run" / checkpoint.CHECKPOINTS
     good = root / "step_000002"
     good.mkdir(parents=True)
     for f in ("state.json", "adapters.safetensors", "optimizer.safetensors"):
         (good / f).write_text("x")
-    (root / trainer.LATEST).write_text("step_000002\n")
+    (root / checkpoint.LATEST).write_text("step_000002\n")
     (root / ".tmp-step_000003-99").mkdir()
     (root / ".tmp-step_000003-99" / "adapters.safetensors").write_text("x")
-    assert trainer.find_checkpoint(tmp_path / "run") == good
+    assert checkpoint.find_checkpoint(tmp_path / "run") == good
     partial = root / "step_000004"  # e.g. copied by hand and cut short
     partial.mkdir()
     (partial / "adapters.safetensors").write_text("x")
-    (root / trainer.LATEST).write_text("step_000004\n")
-    assert trainer.find_checkpoint(tmp_path / "run") == good
-    (root / trainer.LATEST).unlink()
-    assert trainer.find_checkpoint(tmp_path / "run") == good
-    with pytest.raises(trainer.TrainingError, match="no complete checkpoint"):
-        trainer.find_checkpoint(tmp_path / "elsewhere")
+    (root / checkpoint.LATEST).write_text("step_000004\n")
+    assert checkpoint.find_checkpoint(tmp_path / "run") == good
+    (root / checkpoint.LATEST).unlink()
+    assert checkpoint.find_checkpoint(tmp_path / "run") == good
+    with pytest.raises(checkpoint.TrainingError, match="no complete checkpoint"):
+        checkpoint.find_checkpoint(tmp_path / "elsewhere")
 
 
 @pytest.fixture()
@@ -178,7 +178,7 @@ def test_nan_steps_skip_updates_then_stop(smoke_run):
 
     run.loss_fn = nan_loss
     run.recipe.algorithm.name = "cast"  # cast: zero-variance groups still carry loss
-    with pytest.raises(trainer.TrainingError, match="consecutive steps with a non-finite"):
+    with pytest.raises(checkpoint.TrainingError, match="consecutive steps with a non-finite"):
         for _ in range(run.recipe.system.max_bad_steps):
             trainer.train_step(run)
     after = models.lora_state(run.model)

@@ -1,0 +1,119 @@
+"""Where a run's metrics go: one list of callbacks (after mlx-lm's `TrainingCallback`).
+
+The loop calls every callback of the list at the same points; rank 0 of a data-parallel
+run holds the list, the other ranks an empty one. The sinks are here; the views (rich
+dashboard, plain lines) are callbacks too, in `cast_mlx.dashboard`.
+
+- `on_train_begin(info)`: once, before the first metrics line (`info`: run, model, ...).
+- `on_metrics(metrics, samples)`: each metrics line: the step-0 eval (no samples, no
+  `reward`) and every step's line with a few sample completions.
+- `on_message(text)`: a line for the person watching (resumed, stopped, done).
+- `on_train_end()`: once, also after an error or an interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cast_mlx import config as cfg
+
+
+class TrainingCallback:
+    """Does nothing; a callback overrides what it needs."""
+
+    def on_train_begin(self, info: dict) -> None:
+        pass
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        pass
+
+    def on_train_end(self) -> None:
+        pass
+
+
+class MetricsFiles(TrainingCallback):
+    """`metrics.jsonl` (one line per metrics line) and `samples.jsonl` in the run folder.
+
+    A fresh run starts both files anew; a resumed one keeps the lines up to the step it
+    resumes from and drops those written after that checkpoint."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+        for p in (self.metrics_path, self.samples_path):
+            if resume_step is None:
+                p.unlink(missing_ok=True)
+            elif p.exists():
+                keep = [line for line in p.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= resume_step]
+                p.write_text("".join(line + "\n" for line in keep))
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(self.samples_path, "a") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class WandbLogger(TrainingCallback):
+    def __init__(self, run):
+        self.run = run
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        self.run.log(_numeric(metrics), step=metrics["step"])
+
+    def on_train_end(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardLogger(TrainingCallback):
+    def __init__(self, writer):
+        self.writer = writer
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        for k, v in _numeric(metrics).items():
+            self.writer.add_scalar(k, v, metrics["step"])
+
+    def on_train_end(self) -> None:
+        self.writer.close()
+
+
+def _summary_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return None
+    return SummaryWriter(str(log_dir))
+
+
+def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[TrainingCallback]:
+    """The recipe's sinks: the metrics files, and wandb / TensorBoard when asked for and
+    installed (a warning otherwise)."""
+    out: list[TrainingCallback] = [MetricsFiles(run_dir, resume_step)]
+    log = recipe.logging
+    if log.wandb:
+        try:
+            import wandb  # type: ignore[import-not-found]
+
+            out.append(WandbLogger(wandb.init(project="cast-mlx", name=recipe.name, config=cfg.to_dict(recipe))))
+        except ImportError:
+            print("warning: logging.wandb is on but wandb is not installed; skipping it")
+    if log.tensorboard:
+        writer = _summary_writer(run_dir / "tensorboard")
+        if writer is None:
+            print("warning: logging.tensorboard is on but no SummaryWriter is installed; skipping it")
+        else:
+            out.append(TensorBoardLogger(writer))
+    return out
