@@ -61,9 +61,7 @@ FLIP_MODES = ("both", "down", "none")
 LAMBDA_SCHEDULES = ("constant", "linear_decay")
 
 # The default of every parameter an estimator may read, by name: the recipe's defaults.
-DEFAULT_PARAMS = {
-    f.name: f.default for f in dataclasses.fields(config.AlgorithmConfig) if f.name != "name"
-}
+DEFAULT_PARAMS = {f.name: f.default for f in dataclasses.fields(config.AlgorithmConfig) if f.name != "name"}
 
 
 def default_scale_rewards(name: str) -> str:
@@ -217,8 +215,9 @@ def cast_token_advantages(
     `A = B * max(0, 1 + lam*(clip(exp(s*g), box) - 1))` with its own trajectory's box.
     Finally `A` is clipped to `[-a_max, a_max]`, and is 0 where `B = 0` or `mask = 0`.
     """
-    (cl, ch), (wl, wh) = check_cast_params(correct_box=correct_box, wrong_box=wrong_box, a_max=a_max, flip=flip,
-                                         flip_deadband=flip_deadband)
+    (cl, ch), (wl, wh) = check_cast_params(
+        correct_box=correct_box, wrong_box=wrong_box, a_max=a_max, flip=flip, flip_deadband=flip_deadband
+    )
     gaps = gaps.astype(mx.float32)
     b = base.astype(mx.float32)[:, None]  # [N, 1]
     s = mx.sign(b)
@@ -259,8 +258,7 @@ def rlsd_token_advantages(base: mx.array, gaps: mx.array, mask: mx.array, lam_t,
 
 
 def _keyword_params(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[str, ...]:
-    return tuple(n for n, p in inspect.signature(fn).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY and n not in skip)
+    return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and n not in skip)
 
 
 def _constant_zero(step: int) -> float:
@@ -316,8 +314,9 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, *, schedule: Callable[..., float] = _constant_zero, check=None,
-                       uses_teacher: bool = True):
+def register_estimator(
+    name: str, *, schedule: Callable[..., float] = _constant_zero, check=None, uses_teacher: bool = True
+):
     """Register `kernel` under `name` (decorator); see the module docstring."""
 
     def decorate(kernel):
@@ -361,15 +360,38 @@ def cast_lambda_at(step: int, *, cast_lambda, lambda_schedule, lambda_decay_step
 
 
 @register_estimator("cast", schedule=cast_lambda_at, check=check_cast_params)
-def cast_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, zero_var_base, correct_box,
-                wrong_box, a_max, flip, flip_deadband):
+def cast_kernel(
+    rewards,
+    gaps,
+    mask,
+    lam,
+    *,
+    group_size,
+    scale_rewards,
+    eps,
+    zero_var_base,
+    correct_box,
+    wrong_box,
+    a_max,
+    flip,
+    flip_deadband,
+):
     """CAST: base advantages with `±zero_var_base` for zero-variance groups, then the
     section-4 token rule with the scheduled lambda."""
     base = base_advantages(
         rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=float(zero_var_base), eps=eps
     )
-    token = cast_token_advantages(base, gaps, mask, lam, correct_box=correct_box, wrong_box=wrong_box,
-                                  a_max=a_max, flip=flip, flip_deadband=flip_deadband)
+    token = cast_token_advantages(
+        base,
+        gaps,
+        mask,
+        lam,
+        correct_box=correct_box,
+        wrong_box=wrong_box,
+        a_max=a_max,
+        flip=flip,
+        flip_deadband=flip_deadband,
+    )
     return token, base
 
 

@@ -48,8 +48,7 @@ class MetricsFiles(TrainingCallback):
             if resume_step is None:
                 p.unlink(missing_ok=True)
             elif p.exists():
-                keep = [line for line in p.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= resume_step]
+                keep = [line for line in p.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
                 p.write_text("".join(line + "\n" for line in keep))
 
     def on_metrics(self, metrics: dict, samples: list[dict]) -> None:

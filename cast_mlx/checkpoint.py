@@ -46,8 +46,9 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, *, model, adapter_config: dict, optimizer, teacher,
-                    recipe: cfg.Recipe) -> Path:
+def save_checkpoint(
+    run_dir: Path, state: TrainState, *, model, adapter_config: dict, optimizer, teacher, recipe: cfg.Recipe
+) -> Path:
     """Write `checkpoints/step_NNNNNN` atomically (temp dir + rename), then point `latest`
     at it; older checkpoints beyond `checkpoint.keep` are removed afterwards."""
     root = checkpoint_root(run_dir)
@@ -109,10 +110,15 @@ def check_world_size(ckpt: Path, size: int) -> None:
     data slices, the random streams and the float summation order depend on it."""
     saved = checkpoint_world_size(ckpt)
     if saved != size:
-        how = ("in one process (without mlx.launch)" if saved == 1
-               else f"with mlx.launch -n {saved} (or a hostfile of {saved} hosts)")
-        raise TrainingError(f"--resume {ckpt}: the checkpoint was written by {saved} process(es) and this run has "
-                            f"{size}; resume it {how}")
+        how = (
+            "in one process (without mlx.launch)"
+            if saved == 1
+            else f"with mlx.launch -n {saved} (or a hostfile of {saved} hosts)"
+        )
+        raise TrainingError(
+            f"--resume {ckpt}: the checkpoint was written by {saved} process(es) and this run has "
+            f"{size}; resume it {how}"
+        )
 
 
 def load_checkpoint(ckpt: Path, world_size: int, *, model, optimizer, teacher) -> TrainState:

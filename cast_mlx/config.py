@@ -94,9 +94,7 @@ class AlgorithmConfig:
 class LossConfig:
     eps_low: float = bounds(0.2, ge=0.0, lt=1.0)
     eps_high: float = bounds(0.28, ge=0.0)
-    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = (
-        "seq-mean-token-mean"
-    )
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     mask_truncated: bool = True
     beta: float = bounds(0.0, ge=0.0)  # k3 KL to the base model
 

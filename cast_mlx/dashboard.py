@@ -66,8 +66,7 @@ class RichView(TrainingCallback):
     def __init__(self, total: int, console: Console | None = None):
         self.total, self.info = total, {}
         self.console = console or Console()
-        self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn())
+        self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.task = self.progress.add_task("steps", total=total)
         self.live = Live(console=self.console, refresh_per_second=2)
 
@@ -95,10 +94,14 @@ class RichView(TrainingCallback):
 
         left = Table(title="rewards", show_header=False, box=None)
         for label, key, spec in (
-            ("reward", "reward", ".3f"), ("accuracy strict", "accuracy/strict", ".3f"),
-            ("accuracy lenient", "accuracy/lenient", ".3f"), ("eval accuracy", "eval/accuracy", ".3f"),
-            ("all correct", "cast/groups/all_correct", ".2f"), ("all wrong", "cast/groups/all_wrong", ".2f"),
-            ("mixed", "cast/groups/mixed", ".2f"), ("length", "completions/mean_length", ".1f"),
+            ("reward", "reward", ".3f"),
+            ("accuracy strict", "accuracy/strict", ".3f"),
+            ("accuracy lenient", "accuracy/lenient", ".3f"),
+            ("eval accuracy", "eval/accuracy", ".3f"),
+            ("all correct", "cast/groups/all_correct", ".2f"),
+            ("all wrong", "cast/groups/all_wrong", ".2f"),
+            ("mixed", "cast/groups/mixed", ".2f"),
+            ("length", "completions/mean_length", ".1f"),
             ("truncated", "completions/clipped_ratio", ".2f"),
         ):
             left.add_row(label, _f(g(key), spec))
@@ -110,27 +113,43 @@ class RichView(TrainingCallback):
         for traj in ("correct", "wrong"):
             for sign, word in (("pos", "teacher +"), ("neg", "teacher -")):
                 k = f"cast/gap/{traj}_{sign}"
-                mid.add_row(f"{traj} {word}", _f(g(f"{k}/share"), ".2f"), _f(g(f"{k}/abs_mean"), ".3f"),
-                            _f(g(f"{k}/flipped"), ".2f"))
+                mid.add_row(
+                    f"{traj} {word}",
+                    _f(g(f"{k}/share"), ".2f"),
+                    _f(g(f"{k}/abs_mean"), ".3f"),
+                    _f(g(f"{k}/flipped"), ".2f"),
+                )
         mid.add_row("flip down/up", _f(g("cast/flip/down_share"), ".2f"), "", _f(g("cast/flip/up_share"), ".2f"))
-        mid.add_row("adv mean/min/max", _f(g("cast/adv/mean"), ".2f"), _f(g("cast/adv/min"), ".2f"),
-                    _f(g("cast/adv/max"), ".2f"))
+        mid.add_row(
+            "adv mean/min/max",
+            _f(g("cast/adv/mean"), ".2f"),
+            _f(g("cast/adv/min"), ".2f"),
+            _f(g("cast/adv/max"), ".2f"),
+        )
         mid.add_row("at ±a_max", _f(g("cast/adv/at_a_max_share"), ".2f"), "", "")
 
         right = Table(title="optimisation", show_header=False, box=None)
         for label, key, spec in (
-            ("loss", "loss", ".4f"), ("grad norm", "grad_norm", ".3f"), ("lr", "learning_rate", ".2e"),
-            ("clip low/high", None, None), ("entropy", "entropy", ".3f"), ("kl", "kl", ".4f"),
-            ("gen tok/s", "tokens_per_s/generate", ".0f"), ("train tok/s", "tokens_per_s/train", ".0f"),
+            ("loss", "loss", ".4f"),
+            ("grad norm", "grad_norm", ".3f"),
+            ("lr", "learning_rate", ".2e"),
+            ("clip low/high", None, None),
+            ("entropy", "entropy", ".3f"),
+            ("kl", "kl", ".4f"),
+            ("gen tok/s", "tokens_per_s/generate", ".0f"),
+            ("train tok/s", "tokens_per_s/train", ".0f"),
             ("step s (sample/verify/teacher/update)", None, None),
             ("peak / rss GB", None, None),
         ):
             if label == "clip low/high":
                 right.add_row(label, f"{_f(g('clip_ratio/low_mean'))} / {_f(g('clip_ratio/high_mean'))}")
             elif label.startswith("step s"):
-                right.add_row("step s", f"{_f(g('time/step'), '.1f')} ("
-                              + "/".join(_f(g(f'time/{p}'), '.1f') for p in ('sample', 'verify', 'teacher', 'update'))
-                              + ")")
+                right.add_row(
+                    "step s",
+                    f"{_f(g('time/step'), '.1f')} ("
+                    + "/".join(_f(g(f"time/{p}"), ".1f") for p in ("sample", "verify", "teacher", "update"))
+                    + ")",
+                )
             elif label.startswith("peak"):
                 right.add_row(label, f"{_f(g('memory/peak_gb'), '.2f')} / {_f(g('memory/rss_gb'), '.2f')}")
             else:
@@ -142,9 +161,14 @@ class RichView(TrainingCallback):
         if samples:
             s = samples[0]
             text = s["completion"].strip().replace("\n", " ")
-            parts.append(Panel(f"[dim]{s['problem'][:160]}[/]\n{text[:400]}\n"
-                               f"[bold]reward {s['reward']:.0f}[/] (gold {s['gold']}, {s['finish']})",
-                               title="sample", expand=True))
+            parts.append(
+                Panel(
+                    f"[dim]{s['problem'][:160]}[/]\n{text[:400]}\n"
+                    f"[bold]reward {s['reward']:.0f}[/] (gold {s['gold']}, {s['finish']})",
+                    title="sample",
+                    expand=True,
+                )
+            )
         return Panel(Group(*parts), title="cast-mlx")
 
 

@@ -104,8 +104,9 @@ _ROW_PARSERS: dict[str, Callable[[dict], tuple[str, str, str | None]]] = {
 }
 
 
-def _problems_from_rows(task: str, rows: Iterable[tuple[int, object]], source: str,
-                        split: str, n: int | None) -> list[Problem]:
+def _problems_from_rows(
+    task: str, rows: Iterable[tuple[int, object]], source: str, split: str, n: int | None
+) -> list[Problem]:
     """Convert numbered rows to Problems, skipping and reporting malformed ones.
 
     `rows` yields (1-based row number, decoded row or an Exception for a bad line).
@@ -135,8 +136,7 @@ def _problems_from_rows(task: str, rows: Iterable[tuple[int, object]], source: s
         lines = ", ".join(str(number) for number, _ in skipped[:MAX_REPORTED_LINES])
         more = ", ..." if len(skipped) > MAX_REPORTED_LINES else ""
         warnings.warn(
-            f"{source}: skipped {len(skipped)} malformed row(s) (lines {lines}{more}); "
-            f"first: {skipped[0][1]}",
+            f"{source}: skipped {len(skipped)} malformed row(s) (lines {lines}{more}); first: {skipped[0][1]}",
             MalformedRowsWarning,
             stacklevel=3,
         )
@@ -183,9 +183,14 @@ def _hub_rows(task: str, split: str) -> Iterable[tuple[int, object]]:
     return ((i + 1, dict(row)) for i, row in enumerate(dataset))
 
 
-def load_task(name: str, split: str = "train", path: str | Path | None = None,
-              n: int | None = None, level: int = DEFAULT_ARITHMETIC_LEVEL,
-              seed: int = 0) -> list[Problem]:
+def load_task(
+    name: str,
+    split: str = "train",
+    path: str | Path | None = None,
+    n: int | None = None,
+    level: int = DEFAULT_ARITHMETIC_LEVEL,
+    seed: int = 0,
+) -> list[Problem]:
     """Problems of task `name` ("gsm8k", "math", "arithmetic") for `split`.
 
     path: local data (file or folder) for gsm8k/math; None loads from the hub.
@@ -211,8 +216,26 @@ def load_task(name: str, split: str = "train", path: str | Path | None = None,
 # ---------------------------------------------------------------------------------------
 # Synthetic arithmetic
 
-_NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack",
-          "Lena", "Mia", "Noah", "Omar", "Pia", "Sam", "Tara", "Zoe")
+_NAMES = (
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Lena",
+    "Mia",
+    "Noah",
+    "Omar",
+    "Pia",
+    "Sam",
+    "Tara",
+    "Zoe",
+)
 _ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards")
 
 
@@ -254,23 +277,33 @@ def _word_problem(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(4)
     if kind == 0:
         a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 12)
-        return (f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each bag. "
-                f"How many {item} does {name} have now?", f"{a} + {b} * {c}")
+        return (
+            f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each bag. "
+            f"How many {item} does {name} have now?",
+            f"{a} + {b} * {c}",
+        )
     if kind == 1:
         per_box, boxes, left = rng.randint(3, 12), rng.randint(2, 9), rng.randint(1, 9)
-        return (f"A box holds {per_box} {item}. {name} fills {boxes} boxes and has {left} "
-                f"{item} left over. How many {item} does {name} have in total?",
-                f"{per_box} * {boxes} + {left}")
+        return (
+            f"A box holds {per_box} {item}. {name} fills {boxes} boxes and has {left} "
+            f"{item} left over. How many {item} does {name} have in total?",
+            f"{per_box} * {boxes} + {left}",
+        )
     if kind == 2:
         share, friends, kept = rng.randint(2, 12), rng.randint(2, 6), rng.randint(1, 20)
         total = share * friends + kept
-        return (f"{name} has {total} {item}, keeps {kept} and shares the rest equally among "
-                f"{friends} friends. How many {item} does each friend get?",
-                f"({total} - {kept}) / {friends}")
+        return (
+            f"{name} has {total} {item}, keeps {kept} and shares the rest equally among "
+            f"{friends} friends. How many {item} does each friend get?",
+            f"({total} - {kept}) / {friends}",
+        )
     wage, hours = rng.randint(5, 20), rng.randint(2, 8)
     spent = rng.randint(1, wage * hours - 1)
-    return (f"{name} earns ${wage} per hour and works {hours} hours, then spends ${spent}. "
-            f"How many dollars does {name} have left?", f"{wage} * {hours} - {spent}")
+    return (
+        f"{name} earns ${wage} per hour and works {hours} hours, then spends ${spent}. "
+        f"How many dollars does {name} have left?",
+        f"{wage} * {hours} - {spent}",
+    )
 
 
 def _level4(rng: random.Random) -> tuple[str, str]:
@@ -278,8 +311,12 @@ def _level4(rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.5:
         return _word_problem(rng)
     a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
-    forms = [f"({a} + {b}) * {c}", f"{a} * {c} + {b}", f"{a} * {c} - {min(b, a * c)}",
-             f"({max(a, b)} - {min(a, b)}) * {c}"]
+    forms = [
+        f"({a} + {b}) * {c}",
+        f"{a} * {c} + {b}",
+        f"{a} * {c} - {min(b, a * c)}",
+        f"({max(a, b)} - {min(a, b)}) * {c}",
+    ]
     return _ask(rng, rng.choice(forms))
 
 
@@ -305,7 +342,12 @@ def _level6(rng: random.Random) -> tuple[str, str]:
 
 
 _GENERATORS: dict[int, Callable[[random.Random], tuple[str, str]]] = {
-    1: _level1, 2: _level2, 3: _level3, 4: _level4, 5: _level5, 6: _level6,
+    1: _level1,
+    2: _level2,
+    3: _level3,
+    4: _level4,
+    5: _level5,
+    6: _level6,
 }
 
 
@@ -359,7 +401,7 @@ def evaluate_arithmetic(expression: str) -> int:
 
 
 def arithmetic_split_of(expression: str) -> str:
-    """"eval" for one computation in five (by a hash of its expression), else "train".
+    """ "eval" for one computation in five (by a hash of its expression), else "train".
 
     The assignment depends on the computation only, so no seed, size or phrasing can put
     the same sum in both splits.
@@ -368,8 +410,9 @@ def arithmetic_split_of(expression: str) -> str:
     return "eval" if digest[0] % 5 == 0 else "train"
 
 
-def arithmetic_problems(split: str = "train", n: int = 1000,
-                        level: int = DEFAULT_ARITHMETIC_LEVEL, seed: int = 0) -> list[Problem]:
+def arithmetic_problems(
+    split: str = "train", n: int = 1000, level: int = DEFAULT_ARITHMETIC_LEVEL, seed: int = 0
+) -> list[Problem]:
     """`n` distinct generated problems of `level` for split "train" or "eval"/"test".
 
     Deterministic in (split, level, seed). The solution field holds the computation
@@ -387,8 +430,10 @@ def arithmetic_problems(split: str = "train", n: int = 1000,
     misses = 0  # draws in a row that gave nothing new: the level's space is running out
     while len(problems) < n:
         if misses > MAX_MISSES_IN_A_ROW:
-            raise ValueError(f"arithmetic level {level} cannot produce {n} distinct "
-                             f"{split_name} problems (got {len(problems)}); ask for fewer")
+            raise ValueError(
+                f"arithmetic level {level} cannot produce {n} distinct "
+                f"{split_name} problems (got {len(problems)}); ask for fewer"
+            )
         question, expression = generate(rng)
         if question in seen or arithmetic_split_of(expression) != split_name:
             misses += 1
@@ -396,12 +441,14 @@ def arithmetic_problems(split: str = "train", n: int = 1000,
         misses = 0
         seen.add(question)
         value = evaluate_arithmetic(expression)
-        problems.append(Problem(
-            id=f"arith-L{level}-{split_name}-{seed}-{len(problems)}",
-            question=question,
-            gold=str(value),
-            solution=f"{expression} = {value}",
-        ))
+        problems.append(
+            Problem(
+                id=f"arith-L{level}-{split_name}-{seed}-{len(problems)}",
+                question=question,
+                gold=str(value),
+                solution=f"{expression} = {value}",
+            )
+        )
     return problems
 
 
@@ -409,19 +456,22 @@ def arithmetic_problems(split: str = "train", n: int = 1000,
 # Prompts
 
 
-def user_message(problem: Problem, answer_format: str = "hash",
-                 instruction: str | None = None) -> str:
+def user_message(problem: Problem, answer_format: str = "hash", instruction: str | None = None) -> str:
     """The problem text followed by the answer-format instruction."""
     if instruction is None:
         if answer_format not in ANSWER_INSTRUCTIONS:
-            raise ValueError(f"answer_format must be one of {tuple(ANSWER_INSTRUCTIONS)}, "
-                             f"got {answer_format!r}")
+            raise ValueError(f"answer_format must be one of {tuple(ANSWER_INSTRUCTIONS)}, got {answer_format!r}")
         instruction = ANSWER_INSTRUCTIONS[answer_format]
     return f"{problem.question}\n\n{instruction}" if instruction else problem.question
 
 
-def build_prompt(tokenizer, problem: Problem, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 answer_format: str = "hash", instruction: str | None = None) -> str:
+def build_prompt(
+    tokenizer,
+    problem: Problem,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    answer_format: str = "hash",
+    instruction: str | None = None,
+) -> str:
     """The student's prompt: the model's chat template over [system], user, with the
     assistant turn opened. `instruction` overrides the format's default instruction."""
     messages = []
@@ -431,9 +481,9 @@ def build_prompt(tokenizer, problem: Problem, system_prompt: str | None = DEFAUL
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, problem: Problem, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-               answer_format: str = "hash") -> list[int]:
+def prompt_ids(
+    tokenizer, problem: Problem, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, answer_format: str = "hash"
+) -> list[int]:
     """`build_prompt` as token ids (the template already holds any special tokens), the form
     the rollout engine takes; training and evaluation both go through it."""
-    return tokenizer.encode(build_prompt(tokenizer, problem, system_prompt, answer_format),
-                            add_special_tokens=False)
+    return tokenizer.encode(build_prompt(tokenizer, problem, system_prompt, answer_format), add_special_tokens=False)

@@ -133,7 +133,7 @@ def shard(items: Sequence, rank: int, size: int) -> list:
     if len(items) % size:
         raise ValueError(f"shard: {len(items)} items do not split evenly over {size} ranks")
     n = len(items) // size
-    return list(items[rank * n: (rank + 1) * n])
+    return list(items[rank * n : (rank + 1) * n])
 
 
 def shard_uneven(items: Sequence, rank: int, size: int) -> list:
@@ -141,7 +141,7 @@ def shard_uneven(items: Sequence, rank: int, size: int) -> list:
     first `len % size` ranks get one item more (like `numpy.array_split`)."""
     base, extra = divmod(len(items), size)
     start = rank * base + min(rank, extra)
-    return list(items[start: start + base + (rank < extra)])
+    return list(items[start : start + base + (rank < extra)])
 
 
 def check_recipe(recipe, size: int) -> None:
@@ -164,7 +164,8 @@ def _give_up(world: World, what: str) -> None:
         f"error: rank {world.rank} waited more than {world.timeout:g} s for the other ranks during "
         f"{what}: a rank died or hangs. Exiting; the last checkpoint is intact (resume with the same "
         f"number of processes). Raise system.dist_timeout (or set {TIMEOUT_ENV}) to wait longer.",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     os._exit(EXIT_TIMEOUT)
 
@@ -228,8 +229,9 @@ def same_everywhere(world: World, text: str, what: str = "comparing recipes") ->
     if world.size == 1:
         return True
     digest = hashlib.sha256(text.encode()).digest()[:16]
-    words = mx.array([int.from_bytes(digest[i: i + 4], "little", signed=True) for i in range(0, 16, 4)],
-                     dtype=mx.int32)
+    words = mx.array(
+        [int.from_bytes(digest[i : i + 4], "little", signed=True) for i in range(0, 16, 4)], dtype=mx.int32
+    )
     high = _collective(world, what, mx.distributed.all_max, words)
     low = _collective(world, what, mx.distributed.all_min, words)
     return bool(mx.array_equal(high, low).item())
@@ -266,8 +268,12 @@ def global_norm(world: World, norm: LossNorm) -> LossNorm:
         return norm
     counts = mx.stack([mx.array(norm.num_tokens, dtype=mx.float32), mx.array(norm.num_seqs, dtype=mx.float32)])
     counts = _collective(world, "reducing the loss normaliser", mx.distributed.all_sum, counts)
-    longest = _collective(world, "reducing the loss normaliser", mx.distributed.all_max,
-                          mx.array(norm.max_len, dtype=mx.float32).reshape((1,)))
+    longest = _collective(
+        world,
+        "reducing the loss normaliser",
+        mx.distributed.all_max,
+        mx.array(norm.max_len, dtype=mx.float32).reshape((1,)),
+    )
     return LossNorm(num_tokens=counts[0], num_seqs=counts[1], max_len=longest[0])
 
 
@@ -281,7 +287,7 @@ def sum_tree(world: World, tree, what: str = "summing gradients"):
     total = _collective(world, what, mx.distributed.all_sum, flat)
     out, start = [], 0
     for name, v in leaves:
-        out.append((name, total[start: start + v.size].reshape(v.shape).astype(v.dtype)))
+        out.append((name, total[start : start + v.size].reshape(v.shape).astype(v.dtype)))
         start += v.size
     return tree_unflatten(out)
 
@@ -312,7 +318,7 @@ def gather_rows(world: World, columns: dict[str, mx.array], what: str = "gatheri
     packed = packed[mx.array(real, dtype=mx.int32)] if real else packed[:0]
     out, col = {}, 1
     for k, f, span in zip(names, flat, spans):
-        x = packed[:, col: col + span]
+        x = packed[:, col : col + span]
         out[k] = (x[:, 0] if f else x).astype(columns[k].dtype)
         col += span
     return out

@@ -97,8 +97,9 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
     return first[winner]
 
 
-def bootstrap_ci(values: Sequence[float], seed: int = 0, n_resamples: int = N_RESAMPLES,
-                 alpha: float = 0.05) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], seed: int = 0, n_resamples: int = N_RESAMPLES, alpha: float = 0.05
+) -> tuple[float, float]:
     """Percentile bootstrap `(low, high)` of the mean of `values` (one per problem).
 
     Problems are resampled with replacement `n_resamples` times from a numpy generator
@@ -193,8 +194,9 @@ def per_problem_values(problems: Sequence[ProblemResult], k: int) -> dict[str, l
     return values
 
 
-def summarize(problems: Sequence[ProblemResult], k: int, seed: int = 0,
-              n_resamples: int = N_RESAMPLES) -> dict[str, Metric]:
+def summarize(
+    problems: Sequence[ProblemResult], k: int, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> dict[str, Metric]:
     """Mean and bootstrap CI of every metric (the same resamples for all: same seed)."""
     summary = {}
     for name, vals in per_problem_values(problems, k).items():
@@ -234,8 +236,7 @@ def mcnemar_exact(only_new: int, only_baseline: int) -> float:
 def paired_comparison(baseline: Sequence[bool], new: Sequence[bool]) -> Paired:
     """Compare per-problem outcomes (same problems, same order)."""
     if len(baseline) != len(new) or not new:
-        raise ValueError(f"paired comparison needs equal, non-empty lists, got {len(baseline)} "
-                         f"and {len(new)}")
+        raise ValueError(f"paired comparison needs equal, non-empty lists, got {len(baseline)} and {len(new)}")
     n = len(new)
     both = sum(1 for a, b in zip(baseline, new) if a and b)
     only_new = sum(1 for a, b in zip(baseline, new) if b and not a)
@@ -243,21 +244,30 @@ def paired_comparison(baseline: Sequence[bool], new: Sequence[bool]) -> Paired:
     diff = (only_new - only_base) / n
     # the per-problem difference is -1, 0 or +1: its variance is (b + c)/n - diff^2
     se = math.sqrt(max((only_new + only_base) / n - diff**2, 0.0) / n)
-    return Paired(n, both, only_new, only_base, n - both - only_new - only_base, diff,
-                  diff - 1.96 * se, diff + 1.96 * se, mcnemar_exact(only_new, only_base))
+    return Paired(
+        n,
+        both,
+        only_new,
+        only_base,
+        n - both - only_new - only_base,
+        diff,
+        diff - 1.96 * se,
+        diff + 1.96 * se,
+        mcnemar_exact(only_new, only_base),
+    )
 
 
 def read_baseline(path: str) -> dict[str, dict[str, bool]]:
     """The greedy outcomes of an earlier eval JSON, by problem id; UsageError if unreadable."""
     try:
         problems = json.loads(Path(path).read_text())["problems"]
-        return {p["id"]: {m: bool(p["greedy"][m.split("/")[1]]) for m in PAIRED_METRICS}
-                for p in problems}
+        return {p["id"]: {m: bool(p["greedy"][m.split("/")[1]]) for m in PAIRED_METRICS} for p in problems}
     except FileNotFoundError:
         raise UsageError(f"--baseline {path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-        raise UsageError(f"--baseline {path}: not a cast_mlx.eval result (needs problems with "
-                         "an id and greedy strict/lenient)") from None
+        raise UsageError(
+            f"--baseline {path}: not a cast_mlx.eval result (needs problems with an id and greedy strict/lenient)"
+        ) from None
 
 
 def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
@@ -270,14 +280,12 @@ def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
         detail = f"problem {missing!r} of this eval is not in it"
     else:
         detail = "its problems come in another order"
-    raise UsageError(f"--baseline {path}: {detail}; evaluate both with the same task, level, "
-                     "split and --n")
+    raise UsageError(f"--baseline {path}: {detail}; evaluate both with the same task, level, split and --n")
 
 
 def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paired]:
     new = per_problem_values(result.problems, k=1)  # 0/1 per problem for the greedy metrics
-    return {m: paired_comparison([baseline[p.id][m] for p in result.problems], new[m])
-            for m in PAIRED_METRICS}
+    return {m: paired_comparison([baseline[p.id][m] for p in result.problems], new[m]) for m in PAIRED_METRICS}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -292,16 +300,25 @@ def _completions(tokenizer, rollout, golds: list[str], answer_format: str, verif
     out = []
     for text, v, finish in zip(texts, verdicts, rollout.finish_reasons):
         # A None verdict (unparseable gold) counts as wrong; load_task already drops such rows.
-        out.append(Completion(text, None if v is None else v.pred, bool(v and v.strict),
-                              bool(v and v.lenient), finish))
+        out.append(Completion(text, None if v is None else v.pred, bool(v and v.strict), bool(v and v.lenient), finish))
     return out
 
 
-def evaluate(model, tokenizer, problems: Sequence[data.Problem], *, answer_format: str = "hash",
-             system_prompt: str | None = None, k: int = 1, temperature: float = 0.0,
-             max_new_tokens: int = 256, seed: int = 0, max_batch: int = 64,
-             verifier: verify.Verifier | None = None,
-             n_resamples: int = N_RESAMPLES) -> EvalResult:
+def evaluate(
+    model,
+    tokenizer,
+    problems: Sequence[data.Problem],
+    *,
+    answer_format: str = "hash",
+    system_prompt: str | None = None,
+    k: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    max_batch: int = 64,
+    verifier: verify.Verifier | None = None,
+    n_resamples: int = N_RESAMPLES,
+) -> EvalResult:
     """Greedy (and, with `temperature > 0`, `k`-sample) evaluation of `model` on `problems`.
 
     The prompt is `data.build_prompt` (as in training), completions come from
@@ -329,18 +346,15 @@ def evaluate(model, tokenizer, problems: Sequence[data.Problem], *, answer_forma
     own_verifier = verifier is None
     verifier = verify.Verifier(workers=1) if own_verifier else verifier
     try:
-        greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                                               max_batch=max_batch)
+        greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_batch=max_batch)
         greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed)
         greedy = _completions(tokenizer, greedy_out, golds, answer_format, verifier)
         samples: list[list[Completion]] = [[] for _ in problems]
         if temperature > 0:
-            params = rollout.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                                            max_batch=max_batch)
+            params = rollout.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, max_batch=max_batch)
             out = rollout.generate_groups(model, prompts, k, params, eos, key=seed)
-            flat = _completions(tokenizer, out, [g for g in golds for _ in range(k)],
-                                answer_format, verifier)
-            samples = [flat[i * k: (i + 1) * k] for i in range(len(problems))]
+            flat = _completions(tokenizer, out, [g for g in golds for _ in range(k)], answer_format, verifier)
+            samples = [flat[i * k : (i + 1) * k] for i in range(len(problems))]
     finally:
         if own_verifier:
             verifier.close()
@@ -380,28 +394,42 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m cast_mlx.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="embedded name, local mlx-lm folder or hub id "
-                                   "(default: the adapter's recipe model, else the embedded one)")
+    p.add_argument(
+        "--model",
+        help="embedded name, local mlx-lm folder or hub id "
+        "(default: the adapter's recipe model, else the embedded one)",
+    )
     p.add_argument("--adapter", help="run dir, checkpoints dir, checkpoint or mlx-lm adapter folder")
     p.add_argument("--task", required=True, help=f"one of {', '.join(data.TASKS)}")
     p.add_argument("--split", default="test")
     p.add_argument("--path", help="local .jsonl file or folder (gsm8k/math; default: the hub)")
-    p.add_argument("--level", type=int, help="arithmetic level (default: the adapter's recipe, "
-                                             f"else {data.DEFAULT_ARITHMETIC_LEVEL})")
-    p.add_argument("--n", type=int, help="number of problems (default: the whole split; "
-                                         f"arithmetic: {DEFAULT_ARITHMETIC_EVAL_SIZE})")
+    p.add_argument(
+        "--level",
+        type=int,
+        help=f"arithmetic level (default: the adapter's recipe, else {data.DEFAULT_ARITHMETIC_LEVEL})",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        help=f"number of problems (default: the whole split; arithmetic: {DEFAULT_ARITHMETIC_EVAL_SIZE})",
+    )
     p.add_argument("--k", type=int, default=1, help="samples per problem for mean/pass/maj@k")
-    p.add_argument("--temperature", type=float,
-                   help="sampling temperature (default: 0 = greedy only when k = 1, else 1.0)")
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: 0 = greedy only when k = 1, else 1.0)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-batch", type=int, default=64, help="decode streams per wave")
     p.add_argument("--answer-format", help="hash or boxed (default: the adapter's recipe, else hash)")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    p.add_argument("--out", help="JSON file (default: eval-TASK-SPLIT.json in the adapter folder "
-                                 "given, else in the current folder)")
+    p.add_argument(
+        "--out",
+        help="JSON file (default: eval-TASK-SPLIT.json in the adapter folder given, else in the current folder)",
+    )
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or quantized")
-    p.add_argument("--baseline", help="an earlier eval JSON on the same problems: adds a paired "
-                                      "comparison (McNemar) of the greedy metrics")
+    p.add_argument(
+        "--baseline",
+        help="an earlier eval JSON on the same problems: adds a paired comparison (McNemar) of the greedy metrics",
+    )
     return p
 
 
@@ -418,8 +446,7 @@ def resolve_adapter(path: str) -> Path:
         try:
             folder = find_checkpoint(folder)
         except TrainingError:
-            raise UsageError(f"--adapter {path}: no {models.ADAPTER_WEIGHTS} and no checkpoint "
-                             "found there") from None
+            raise UsageError(f"--adapter {path}: no {models.ADAPTER_WEIGHTS} and no checkpoint found there") from None
     for name in (models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"--adapter {path}: {folder / name} is missing")
@@ -473,11 +500,21 @@ def resolve_args(args) -> dict:
     return {
         "model": args.model or (recipe.model.name if recipe else models.DEFAULT_MODEL),
         "adapter": str(adapter) if adapter else None,
-        "task": args.task, "split": args.split, "path": args.path, "level": level, "n": n,
-        "k": args.k, "temperature": temperature, "max_new_tokens": args.max_new_tokens,
-        "max_batch": args.max_batch, "answer_format": answer_format,
+        "task": args.task,
+        "split": args.split,
+        "path": args.path,
+        "level": level,
+        "n": n,
+        "k": args.k,
+        "temperature": temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "max_batch": args.max_batch,
+        "answer_format": answer_format,
         "system_prompt": recipe.data.system_prompt if recipe else data.DEFAULT_SYSTEM_PROMPT,
-        "seed": args.seed, "dtype": args.dtype, "out": str(out), "baseline": args.baseline,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "out": str(out),
+        "baseline": args.baseline,
     }
 
 
@@ -486,8 +523,7 @@ def print_table(result: EvalResult, s: dict) -> None:
     from rich.table import Table
 
     what = s["model"] + (f" + adapter {s['adapter']}" if s["adapter"] else "")
-    table = Table(title=f"{s['task']} ({s['split']}, {result.settings['n_problems']} problems)",
-                  caption=what)
+    table = Table(title=f"{s['task']} ({s['split']}, {result.settings['n_problems']} problems)", caption=what)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI", justify="right")
@@ -495,15 +531,18 @@ def print_table(result: EvalResult, s: dict) -> None:
         table.add_row(name, f"{m.value:.3f}", f"[{m.ci_low:.3f}, {m.ci_high:.3f}]")
     console = Console()
     console.print(table)
-    console.print(f"truncated: {result.settings['truncated_share']:.1%}, "
-                  f"{result.settings['seconds']:.1f}s; per-problem results: {s['out']}")
+    console.print(
+        f"truncated: {result.settings['truncated_share']:.1%}, "
+        f"{result.settings['seconds']:.1f}s; per-problem results: {s['out']}"
+    )
 
 
 def main(argv=None) -> int:
     try:
         s = resolve_args(build_parser().parse_args(argv))
-        problems = data.load_task(s["task"], s["split"], path=s["path"], n=s["n"],
-                                  level=s["level"], seed=EVAL_DATA_SEED)
+        problems = data.load_task(
+            s["task"], s["split"], path=s["path"], n=s["n"], level=s["level"], seed=EVAL_DATA_SEED
+        )
         baseline = read_baseline(s["baseline"]) if s["baseline"] else None
         if baseline is not None:
             check_same_problems(baseline, [p.id for p in problems], s["baseline"])
@@ -527,14 +566,22 @@ def main(argv=None) -> int:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     try:
-        result = evaluate(model, tokenizer, problems, answer_format=s["answer_format"],
-                          system_prompt=s["system_prompt"], k=s["k"], temperature=s["temperature"],
-                          max_new_tokens=s["max_new_tokens"], seed=s["seed"], max_batch=s["max_batch"])
+        result = evaluate(
+            model,
+            tokenizer,
+            problems,
+            answer_format=s["answer_format"],
+            system_prompt=s["system_prompt"],
+            k=s["k"],
+            temperature=s["temperature"],
+            max_new_tokens=s["max_new_tokens"],
+            seed=s["seed"],
+            max_batch=s["max_batch"],
+        )
     except ValueError as exc:  # e.g. a prompt longer than the model's context
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    result.settings.update({key: s[key] for key in ("model", "adapter", "task", "split", "path",
-                                                    "level", "dtype")})
+    result.settings.update({key: s[key] for key in ("model", "adapter", "task", "split", "path", "level", "dtype")})
     doc = result.to_dict()
     paired = compare_to_baseline(result, baseline) if baseline is not None else {}
     if paired:
@@ -544,10 +591,12 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print_table(result, s)
     for name, p in paired.items():
-        print(f"paired vs {s['baseline']}, {name}: {p.difference:+.3f} [{p.ci_low:+.3f}, "
-              f"{p.ci_high:+.3f}]; solved by only the new model {p.only_new}, only the baseline "
-              f"{p.only_baseline}, both {p.both}, neither {p.neither}; McNemar exact "
-              f"p = {p.p_value:.4f}")
+        print(
+            f"paired vs {s['baseline']}, {name}: {p.difference:+.3f} [{p.ci_low:+.3f}, "
+            f"{p.ci_high:+.3f}]; solved by only the new model {p.only_new}, only the baseline "
+            f"{p.only_baseline}, both {p.both}, neither {p.neither}; McNemar exact "
+            f"p = {p.p_value:.4f}"
+        )
     return 0
 
 

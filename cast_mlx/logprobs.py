@@ -40,8 +40,7 @@ def make_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array) -> B
     ctx_len = mx.array([len(c) for c in contexts], dtype=mx.int32)
     positions = ctx_len[:, None] - 1 + mx.arange(length, dtype=mx.int32)[None, :]
     inputs = mx.array(rows, dtype=mx.int32)
-    return Batch(inputs=inputs, positions=positions, tokens=tokens.astype(mx.int32),
-                 mask=mask.astype(mx.float32))
+    return Batch(inputs=inputs, positions=positions, tokens=tokens.astype(mx.int32), mask=mask.astype(mx.float32))
 
 
 def _backbone_and_head(model: nn.Module):
@@ -70,8 +69,9 @@ def _chunk_logprobs(head, hidden, tokens, inv_temp, with_entropy: bool):
     return lp, entropy
 
 
-def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0, *, chunk: int = 64,
-                   with_entropy: bool = False):
+def token_logprobs(
+    model: nn.Module, batch: Batch, temperature: float = 1.0, *, chunk: int = 64, with_entropy: bool = False
+):
     """`log_softmax(logits / T)[token]` in float32 for every completion position: `[N, L]`
     (0 where masked). With `with_entropy`, also the entropy of that distribution `[N, L]`."""
     inv_temp = 1.0 / temperature
@@ -111,7 +111,7 @@ def length_buckets(mask: mx.array, size: int) -> list[list[int]]:
     on padding than one batch padded to the longest completion of the step."""
     lengths = mask.sum(axis=1).tolist()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i: i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def trimmed_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, rows: list[int]) -> Batch:
@@ -121,8 +121,7 @@ def trimmed_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, r
     return make_batch([contexts[i] for i in rows], tokens[idx, :length], mask[idx, :length])
 
 
-def score_in_buckets(score, contexts: list[list[int]], tokens: mx.array, mask: mx.array,
-                     size: int) -> mx.array:
+def score_in_buckets(score, contexts: list[list[int]], tokens: mx.array, mask: mx.array, size: int) -> mx.array:
     """`score(batch) -> [n, l]` applied to length buckets of `size` rows, reassembled `[N, L]`."""
     n, length = tokens.shape
     buckets = length_buckets(mask, size)

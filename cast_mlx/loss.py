@@ -131,8 +131,9 @@ def check_loss_options(*, eps_low: float, eps_high: float, loss_agg: str, beta: 
 # --------------------------------------------------------------------------- the loss
 
 
-def rows_with_loss(advantages: mx.array, mask: mx.array, truncated: mx.array, *, beta: float,
-                   mask_truncated: bool) -> list[int]:
+def rows_with_loss(
+    advantages: mx.array, mask: mx.array, truncated: mx.array, *, beta: float, mask_truncated: bool
+) -> list[int]:
     """The rows whose forward/backward can change the loss: a non-zero advantage somewhere
     (any row with tokens when `beta > 0`: the KL term), and not truncated when those are
     masked. The others add nothing to the loss or the gradient, so the trainer skips them;

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from cast_mlx.advantages import zero_variance_groups
 
+
 def _share(count: mx.array, total: mx.array) -> mx.array:
     return count / mx.maximum(total, 1.0)
 
@@ -75,8 +76,22 @@ def cast_diagnostics(
     return out
 
 
-def step_metrics(rows: dict, *, group_size: int, a_max: float, step: int, epoch: int, loss_value, grad_norm,
-                 aux: dict, lr: float, times: dict, usage: dict, applied: bool, compile_count: int) -> dict:
+def step_metrics(
+    rows: dict,
+    *,
+    group_size: int,
+    a_max: float,
+    step: int,
+    epoch: int,
+    loss_value,
+    grad_norm,
+    aux: dict,
+    lr: float,
+    times: dict,
+    usage: dict,
+    applied: bool,
+    compile_count: int,
+) -> dict:
     """The metrics line of a step from the per-row arrays of the whole batch (`rows`:
     rewards, base, gaps, adv, mask, truncated, lengths, and the strict / lenient / dropped
     flags), the update's results (`aux`: the loss metrics, entropy, rows skipped), the
@@ -95,8 +110,9 @@ def step_metrics(rows: dict, *, group_size: int, a_max: float, step: int, epoch:
         "step": step,
         "epoch": epoch,
         "reward": rewards.mean().item(),
-        "reward_std": float(mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
-                                    / max(g - 1, 1)).mean().item()),
+        "reward_std": float(
+            mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) / max(g - 1, 1)).mean().item()
+        ),
         "frac_reward_zero_std": float(zero_variance_groups(rewards, g).astype(mx.float32).mean().item()),
         "accuracy/strict": sum(rows["strict"].tolist()) / n_rows,
         "accuracy/lenient": sum(rows["lenient"].tolist()) / n_rows,
@@ -134,5 +150,7 @@ def step_metrics(rows: dict, *, group_size: int, a_max: float, step: int, epoch:
 def memory_usage() -> dict[str, float]:
     """MLX's peak memory and the process's peak resident set size, in GB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
-    return {"memory/peak_gb": mx.get_peak_memory() / 2**30,
-            "memory/rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+    return {
+        "memory/peak_gb": mx.get_peak_memory() / 2**30,
+        "memory/rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20),
+    }

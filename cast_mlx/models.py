@@ -117,9 +117,7 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         downloaded = _download_gguf(spec, tmp / "download")
         digest = _sha256(downloaded)
         if digest != spec.sha256:
-            raise ModelLoadError(
-                f"{spec.member}: sha256 {digest} does not match the expected {spec.sha256}"
-            )
+            raise ModelLoadError(f"{spec.member}: sha256 {digest} does not match the expected {spec.sha256}")
         staging = tmp / "model"
         convert_gguf(downloaded, staging)
         (staging / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
@@ -288,9 +286,7 @@ def _causes(exc: BaseException):
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
-    )
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
 def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
@@ -329,8 +325,7 @@ def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
 def cast_floats(model: nn.Module, dtype) -> nn.Module:
     """Cast every floating-point parameter (norms included) to `dtype`."""
     params = [
-        (k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-        for k, v in tree_flatten(model.parameters())
+        (k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in tree_flatten(model.parameters())
     ]
     model.update(tree_unflatten(params))
     return model
@@ -381,8 +376,9 @@ ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, num_layers: int,
-                keys: list[str], seed: int = 0) -> dict:
+def attach_lora(
+    model: nn.Module, *, rank: int, alpha: float, dropout: float, num_layers: int, keys: list[str], seed: int = 0
+) -> dict:
     """Freeze the base model and wrap the `keys` linears of the last `num_layers` blocks
     (-1: all) with mlx-lm LoRA layers; QLoRA when the base is quantized.
 

@@ -31,15 +31,26 @@ ROLLING = 10  # steps in the reward's rolling mean
 
 # (title, y label, [(metric key, line style, series name)])
 PANELS = [
-    ("reward (thin: per step, thick: rolling mean)", "mean reward",
-     [("reward", "-", "reward")]),
-    ("eval accuracy (solid: lenient, dashed: strict)", "accuracy",
-     [("eval/accuracy", "-", "lenient"), ("eval/accuracy_strict", "--", "strict")]),
-    ("group mix (solid: mixed, dashed: all correct, dotted: all wrong)", "share of groups",
-     [("cast/groups/mixed", "-", "mixed"), ("cast/groups/all_correct", "--", "all correct"),
-      ("cast/groups/all_wrong", ":", "all wrong")]),
-    ("CAST flip shares (solid: down, dashed: up)", "share of tokens",
-     [("cast/flip/down_share", "-", "down"), ("cast/flip/up_share", "--", "up")]),
+    ("reward (thin: per step, thick: rolling mean)", "mean reward", [("reward", "-", "reward")]),
+    (
+        "eval accuracy (solid: lenient, dashed: strict)",
+        "accuracy",
+        [("eval/accuracy", "-", "lenient"), ("eval/accuracy_strict", "--", "strict")],
+    ),
+    (
+        "group mix (solid: mixed, dashed: all correct, dotted: all wrong)",
+        "share of groups",
+        [
+            ("cast/groups/mixed", "-", "mixed"),
+            ("cast/groups/all_correct", "--", "all correct"),
+            ("cast/groups/all_wrong", ":", "all wrong"),
+        ],
+    ),
+    (
+        "CAST flip shares (solid: down, dashed: up)",
+        "share of tokens",
+        [("cast/flip/down_share", "-", "down"), ("cast/flip/up_share", "--", "up")],
+    ),
 ]
 
 
@@ -94,8 +105,9 @@ def run_name(run_dir: str | Path) -> str:
     return Path(run_dir).resolve().name
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, width: float = 12.0,
-              height: float = 8.0, dpi: int = 100) -> Path:
+def plot_runs(
+    run_dirs: list[str | Path], out: str | Path, width: float = 12.0, height: float = 8.0, dpi: int = 100
+) -> Path:
     """Write the 2x2 panel figure of `run_dirs` to `out` (PNG of `width*dpi` x
     `height*dpi` pixels). Raises PlotError naming the first run dir that has no metrics."""
     runs = [(run_name(d), read_metrics(d)) for d in run_dirs]  # check all before plotting
@@ -121,11 +133,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, width: float = 12.0,
                     ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.35)
                     values = rolling_mean(values)
                 marker = "o" if key.startswith("eval/") and len(steps) < 30 else None
-                ax.plot(steps, values, color=color, linestyle=style, linewidth=1.8,
-                        marker=marker, markersize=3)
+                ax.plot(steps, values, color=color, linestyle=style, linewidth=1.8, marker=marker, markersize=3)
         if not drawn:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
-                    color="gray")
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -136,8 +146,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, width: float = 12.0,
         ax.grid(alpha=0.3)
     for i, (name, _) in enumerate(runs):
         handles.append(plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2.5, label=name))
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 6), frameon=False,
-               fontsize=10)
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 6), frameon=False, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

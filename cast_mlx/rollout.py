@@ -122,10 +122,12 @@ def as_sampling_params(params) -> SamplingParams:
     """A validated `SamplingParams` from any object with the same attribute names
     (missing attributes take the defaults); a bad value raises a one-line ValueError."""
     d = SamplingParams()
-    p = SamplingParams(**{
-        name: getattr(params, name, getattr(d, name))
-        for name in ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "max_batch")
-    })
+    p = SamplingParams(
+        **{
+            name: getattr(params, name, getattr(d, name))
+            for name in ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "max_batch")
+        }
+    )
     checks = [
         ("temperature", p.temperature >= 0, ">= 0"),
         ("top_p", 0 < p.top_p <= 1, "in (0, 1]"),
@@ -179,7 +181,7 @@ def keep_mask(logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: f
     keep = np.ones(logprobs.shape, dtype=bool)
     active = False
     if 0 < top_k < vocab:
-        kth = np.partition(logprobs, vocab - top_k, axis=-1)[:, vocab - top_k: vocab - top_k + 1]
+        kth = np.partition(logprobs, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
         keep &= logprobs >= kth
         active = True
     if top_p < 1.0:
@@ -312,7 +314,7 @@ def prefill(model, head, prompts: list[list[int]], room: int) -> tuple[list[Batc
         cache = make_prompt_cache(model)
         body = mx.array([p[:-1]], dtype=mx.int32)
         for start in range(0, len(p) - 1, PREFILL_CHUNK):
-            model(body[:, start: start + PREFILL_CHUNK], cache=cache)
+            model(body[:, start : start + PREFILL_CHUNK], cache=cache)
             mx.eval([c.state for c in cache])
         per_prompt.append(cache)
     batch = [BatchKVCache.merge([c[layer] for c in per_prompt]) for layer in range(layers)]
@@ -344,8 +346,7 @@ class _Wave:
     prefill_seconds: float
 
 
-def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray,
-                uniforms: np.ndarray) -> _Wave:
+def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray) -> _Wave:
     """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
     together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws."""
     steps = p.max_new_tokens
@@ -388,8 +389,17 @@ def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.
     return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
 
 
-def generate_groups(model, prompts: list[list[int]], group_size: int, params, eos_ids,
-                    key, *, stream_offset: int = 0, total_streams: int | None = None) -> Rollout:
+def generate_groups(
+    model,
+    prompts: list[list[int]],
+    group_size: int,
+    params,
+    eos_ids,
+    key,
+    *,
+    stream_offset: int = 0,
+    total_streams: int | None = None,
+) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
     model:      an mlx-lm model (float, quantized, LoRA layers attached or not); it is put
@@ -418,9 +428,8 @@ def generate_groups(model, prompts: list[list[int]], group_size: int, params, eo
     n_streams = len(prompts) * group_size
     total = n_streams if total_streams is None else int(total_streams)
     if stream_offset < 0 or stream_offset + n_streams > total:
-        raise ValueError(f"stream_offset: {n_streams} streams from {stream_offset} do not fit in "
-                         f"total_streams={total}")
-    uniforms = uniform_table(key, total, p.max_new_tokens)[stream_offset: stream_offset + n_streams]
+        raise ValueError(f"stream_offset: {n_streams} streams from {stream_offset} do not fit in total_streams={total}")
+    uniforms = uniform_table(key, total, p.max_new_tokens)[stream_offset : stream_offset + n_streams]
 
     per_wave = max(1, p.max_batch // group_size)
     was_training = model.training
@@ -428,7 +437,7 @@ def generate_groups(model, prompts: list[list[int]], group_size: int, params, eo
     try:
         waves = []
         for first in range(0, len(prompts), per_wave):
-            chunk = prompts[first: first + per_wave]
+            chunk = prompts[first : first + per_wave]
             rows = slice(first * group_size, (first + len(chunk)) * group_size)
             waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows]))
     finally:
@@ -462,8 +471,7 @@ def decode_completions(tokenizer, rollout) -> list[str]:
     (`<|im_end|>`) must not reach the verifier: `#### 42<|im_end|>` would not read as 42.
     """
     texts = []
-    for row, n, reason in zip(rollout.tokens.tolist(), rollout.lengths.tolist(),
-                              rollout.finish_reasons):
+    for row, n, reason in zip(rollout.tokens.tolist(), rollout.lengths.tolist(), rollout.finish_reasons):
         ids = row[: n - 1] if reason == "eos" else row[:n]
         texts.append(tokenizer.decode(ids))
     return texts

@@ -42,8 +42,9 @@ def privileged_context(question: str, reference: str) -> str:
     return f"{question}\n\n{REFERENCE_HEADER}\n{reference}\n\n{STUDENT_HEADER}\n"
 
 
-def teacher_contexts(mode: str, tokenizer, questions: list[str], student_prompts: list[list[int]],
-                     references: list[str] | None = None) -> list[list[int]]:
+def teacher_contexts(
+    mode: str, tokenizer, questions: list[str], student_prompts: list[list[int]], references: list[str] | None = None
+) -> list[list[int]]:
     """Token ids of the teacher's context for each prompt (one per prompt, not per row)."""
     if mode == "same":
         return [list(p) for p in student_prompts]
@@ -69,8 +70,7 @@ class Teacher:
     version: int = 0  # optimizer step of the last refresh
 
     @classmethod
-    def create(cls, model: nn.Module, kind: str = "snapshot", refresh: int = 10,
-               ema_decay: float = 0.99) -> "Teacher":
+    def create(cls, model: nn.Module, kind: str = "snapshot", refresh: int = 10, ema_decay: float = 0.99) -> "Teacher":
         if kind not in ("snapshot", "base", "ema"):
             raise ValueError(f"teacher.kind: unknown {kind!r}; choose snapshot, base or ema")
         params = lora_state(model)

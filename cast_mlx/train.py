@@ -36,16 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint directory")
     p.add_argument("--no-dashboard", action="store_true", help="plain log lines instead of rich")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved recipe")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved recipe and exit (no model is loaded)")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved recipe and exit (no model is loaded)"
+    )
     return p
 
 
 def dry_run(recipe: cfg.Recipe) -> int:
     """Load the model, build the first training prompt, generate greedily, verify."""
-    from cast_mlx import blas, data, models, verify
-
     import mlx_lm
+
+    from cast_mlx import blas, data, models, verify
 
     t0 = time.perf_counter()
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
@@ -53,16 +54,13 @@ def dry_run(recipe: cfg.Recipe) -> int:
     problem = data.load_task(
         recipe.data.task, "train", path=recipe.data.path, n=1, level=recipe.data.level, seed=recipe.seed
     )[0]
-    prompt = data.build_prompt(
-        tokenizer, problem, recipe.data.system_prompt, recipe.data.answer_format
-    )
+    prompt = data.build_prompt(tokenizer, problem, recipe.data.system_prompt, recipe.data.answer_format)
     t1 = time.perf_counter()
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=recipe.sampling.max_new_tokens)
     t_gen = time.perf_counter() - t1
     verdict = verify.verify(answer, problem.gold, recipe.data.answer_format)
     print(f"blas: {blas.active_blas()}")
-    print(f"model: {recipe.model.name} (dtype {models.resolve_dtype(recipe.model.dtype)}), "
-          f"loaded in {t_load:.1f}s")
+    print(f"model: {recipe.model.name} (dtype {models.resolve_dtype(recipe.model.dtype)}), loaded in {t_load:.1f}s")
     print(f"problem: {problem.question}")
     print(f"gold: {problem.gold}")
     print(f"answer ({t_gen:.1f}s): {answer}")
@@ -108,8 +106,10 @@ def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
         except TrainingError as exc:
             raise cfg.ConfigError(str(exc)) from exc
     if not dist.same_everywhere(world, cfg.recipe_hash(recipe)):
-        raise cfg.ConfigError("the processes resolved different recipes (their hashes differ); give every "
-                              "host the same recipe file, --set options and checkpoint")
+        raise cfg.ConfigError(
+            "the processes resolved different recipes (their hashes differ); give every "
+            "host the same recipe file, --set options and checkpoint"
+        )
 
 
 def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:

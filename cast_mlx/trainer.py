@@ -92,9 +92,11 @@ def lr_schedule(recipe: cfg.Recipe):
     elif decay == "cosine":
         after = optim.cosine_decay(lr, rest, end)
     else:
+
         def after(s):
             frac = mx.minimum(s.astype(mx.float32) / rest, 1.0)
             return (lr - end) * (1.0 - frac) ** 2 + end
+
     if warmup <= 1:  # a one-step warmup would start at lr / 1 = lr: no warmup at all
         return after
     return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup])
@@ -102,8 +104,7 @@ def lr_schedule(recipe: cfg.Recipe):
 
 def build_optimizer(recipe: cfg.Recipe) -> optim.Optimizer:
     o = recipe.optimizer
-    return optim.AdamW(learning_rate=lr_schedule(recipe), betas=list(o.betas), eps=o.eps,
-                       weight_decay=o.weight_decay)
+    return optim.AdamW(learning_rate=lr_schedule(recipe), betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | None = None) -> Run:
@@ -115,30 +116,52 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         mx.set_memory_limit(int(recipe.system.memory_limit_gb * 2**30))
     if recipe.system.cache_limit_gb is not None:
         mx.set_cache_limit(int(recipe.system.cache_limit_gb * 2**30))
-    problems = data.load_task(recipe.data.task, "train", path=recipe.data.path,
-                              n=recipe.data.train_size, level=recipe.data.level, seed=recipe.seed)
+    problems = data.load_task(
+        recipe.data.task,
+        "train",
+        path=recipe.data.path,
+        n=recipe.data.train_size,
+        level=recipe.data.level,
+        seed=recipe.seed,
+    )
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
     lo = recipe.lora
-    adapter_config = models.attach_lora(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
-                                        num_layers=lo.num_layers, keys=lo.keys, seed=recipe.seed)
+    adapter_config = models.attach_lora(
+        model,
+        rank=lo.rank,
+        alpha=lo.alpha,
+        dropout=lo.dropout,
+        num_layers=lo.num_layers,
+        keys=lo.keys,
+        seed=recipe.seed,
+    )
     model.train(lo.dropout > 0)
     a = recipe.algorithm
     teacher = None
     if get_estimator(a.name).uses_teacher:
-        teacher = Teacher.create(model, kind=recipe.teacher.kind, refresh=recipe.teacher.refresh,
-                                 ema_decay=recipe.teacher.ema_decay)
+        teacher = Teacher.create(
+            model, kind=recipe.teacher.kind, refresh=recipe.teacher.refresh, ema_decay=recipe.teacher.ema_decay
+        )
     ref_params = None
     if recipe.loss.beta > 0:
         ref_params = Teacher.create(model, kind="base").params
     params = {k: v for k, v in asdict(a).items() if k != "name"}
     advantages = CompiledAdvantages(a.name, group_size=recipe.sampling.group_size, **params)
     L = recipe.loss
-    loss_fn = CompiledPolicyLoss(eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg,
-                                 mask_truncated=L.mask_truncated, beta=L.beta)
+    loss_fn = CompiledPolicyLoss(
+        eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg, mask_truncated=L.mask_truncated, beta=L.beta
+    )
     return Run(
-        recipe=recipe, model=model, tokenizer=tokenizer, adapter_config=adapter_config,
-        optimizer=build_optimizer(recipe), teacher=teacher, ref_params=ref_params,
-        problems=problems, advantages=advantages, loss_fn=loss_fn,
+        recipe=recipe,
+        model=model,
+        tokenizer=tokenizer,
+        adapter_config=adapter_config,
+        optimizer=build_optimizer(recipe),
+        teacher=teacher,
+        ref_params=ref_params,
+        problems=problems,
+        advantages=advantages,
+        loss_fn=loss_fn,
         verifier=verify.Verifier(workers=1, timeout=2.0),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
         state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size),
@@ -163,7 +186,7 @@ def next_prompts(run: Run) -> list:
     picked = []
     while len(picked) < p:
         order = epoch_order(len(run.problems), run.recipe.seed, st.epoch, run.recipe.data.shuffle)
-        take = order[st.cursor: st.cursor + p - len(picked)]
+        take = order[st.cursor : st.cursor + p - len(picked)]
         picked += take
         st.cursor += len(take)
         if st.cursor >= len(order):
@@ -183,13 +206,19 @@ def sample(run: Run, problems: list):
     sampled as the same streams of the step's global rollout (so a completion's tokens do
     not depend on the number of processes)."""
     r, world = run.recipe, run.world
-    prompts = [data.prompt_ids(run.tokenizer, p, r.data.system_prompt, r.data.answer_format)
-               for p in problems]
+    prompts = [data.prompt_ids(run.tokenizer, p, r.data.system_prompt, r.data.answer_format) for p in problems]
     eos = set(run.tokenizer.eos_token_ids)
     streams = len(problems) * r.sampling.group_size
-    out = rollout.generate_groups(run.model, prompts, r.sampling.group_size, r.sampling, eos,
-                                  key=step_key(r.seed, run.state.step),
-                                  stream_offset=world.rank * streams, total_streams=world.size * streams)
+    out = rollout.generate_groups(
+        run.model,
+        prompts,
+        r.sampling.group_size,
+        r.sampling,
+        eos,
+        key=step_key(r.seed, run.state.step),
+        stream_offset=world.rank * streams,
+        total_streams=world.size * streams,
+    )
     return prompts, out
 
 
@@ -226,12 +255,12 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     size = run.recipe.optimizer.micro_batch_size
     contexts = row_contexts(run, problems, prompts)
     if run.recipe.teacher.context == "same":
-        lp_old = score_in_buckets(lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)),
-                                  contexts, out.tokens, mask, size)
+        lp_old = score_in_buckets(
+            lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)), contexts, out.tokens, mask, size
+        )
     else:
         lp_old = out.logprobs
-    lp_t = score_in_buckets(lambda b: run.teacher.score(run.model, b, temperature),
-                            contexts, out.tokens, mask, size)
+    lp_t = score_in_buckets(lambda b: run.teacher.score(run.model, b, temperature), contexts, out.tokens, mask, size)
     return (lp_t - lp_old) * mask, lp_t
 
 
@@ -281,8 +310,17 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
         mx.eval(grads, total)
     # the tokens of the rows that went through the forward pass (for the mean entropy)
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
-    stats = dist.sum_values(world, {"loss": total, "entropy": entropy_sum, "tokens": n_tok,
-                                    "rows": len(rows), "all_rows": mask.shape[0], **metric_sums})
+    stats = dist.sum_values(
+        world,
+        {
+            "loss": total,
+            "entropy": entropy_sum,
+            "tokens": n_tok,
+            "rows": len(rows),
+            "all_rows": mask.shape[0],
+            **metric_sums,
+        },
+    )
     aux = {k: stats[k] for k in metric_names} if stats["rows"] else {}
     aux["entropy"] = stats["entropy"] / stats["tokens"] if stats["tokens"] else 0.0
     aux["rows_skipped"] = int(stats["all_rows"] - stats["rows"])
@@ -334,7 +372,11 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
         with swapped_lora(run.model, run.ref_params):
             ref_lp = score_in_buckets(
                 lambda b: mx.stop_gradient(token_logprobs(run.model, b, r.sampling.temperature)),
-                contexts, out.tokens, mask, r.optimizer.micro_batch_size)
+                contexts,
+                out.tokens,
+                mask,
+                r.optimizer.micro_batch_size,
+            )
             mx.eval(ref_lp)  # inside the swap, and timed as teacher work
     mx.eval(gaps)
     times["teacher"] = time.perf_counter() - t
@@ -346,8 +388,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     mx.clear_cache()
     times["update"] = time.perf_counter() - t
 
-    lr = float(run.optimizer.learning_rate.item()) if applied else float(
-        lr_schedule(r)(mx.array(st.step)).item())
+    lr = float(run.optimizer.learning_rate.item()) if applied else float(lr_schedule(r)(mx.array(st.step)).item())
     if applied or aux["rows_skipped"] == mask.shape[0] * world.size:
         st.step += 1
         st.bad_steps = 0
@@ -362,26 +403,56 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
                 f"(last loss {loss_value}, grad norm {grad_norm}); lower optimizer.lr or check the data"
             )
 
-    rows = dist.gather_rows(world, {
-        "rewards": rewards, "base": base, "gaps": gaps, "adv": adv, "mask": mask, "truncated": truncated,
-        "lengths": out.lengths, "strict": mx.array([bool(v and v.strict) for v in verdicts]),
-        "lenient": mx.array([bool(v and v.lenient) for v in verdicts]), "dropped": mx.array(dropped),
-    })
+    rows = dist.gather_rows(
+        world,
+        {
+            "rewards": rewards,
+            "base": base,
+            "gaps": gaps,
+            "adv": adv,
+            "mask": mask,
+            "truncated": truncated,
+            "lengths": out.lengths,
+            "strict": mx.array([bool(v and v.strict) for v in verdicts]),
+            "lenient": mx.array([bool(v and v.lenient) for v in verdicts]),
+            "dropped": mx.array(dropped),
+        },
+    )
     usage = memory_usage()
     # this rank's collectives of the step (all but the timing reduction just below)
-    comm = {"time/comm": world.comm_seconds - comm_start[0], "comm/bytes": world.comm_bytes - comm_start[1],
-            "comm/calls": world.comm_calls - comm_start[2]}
+    comm = {
+        "time/comm": world.comm_seconds - comm_start[0],
+        "comm/bytes": world.comm_bytes - comm_start[1],
+        "comm/calls": world.comm_calls - comm_start[2],
+    }
     slowest = dist.max_values(world, times | usage)  # each phase: the slowest rank's
     times, usage = {k: slowest[k] for k in times}, {k: slowest[k] for k in usage}
-    metrics = step_metrics(rows, group_size=r.sampling.group_size, a_max=r.algorithm.a_max, step=st.step,
-                           epoch=st.epoch, loss_value=loss_value, grad_norm=grad_norm, aux=aux, lr=lr,
-                           times=times, usage=usage, applied=applied, compile_count=compile_count())
+    metrics = step_metrics(
+        rows,
+        group_size=r.sampling.group_size,
+        a_max=r.algorithm.a_max,
+        step=st.step,
+        epoch=st.epoch,
+        loss_value=loss_value,
+        grad_norm=grad_norm,
+        aux=aux,
+        lr=lr,
+        times=times,
+        usage=usage,
+        applied=applied,
+        compile_count=compile_count(),
+    )
     if world.size > 1:
         metrics |= comm
     samples = [
-        {"step": st.step, "problem": problems[i // r.sampling.group_size].question,
-         "gold": problems[i // r.sampling.group_size].gold, "completion": texts[i],
-         "reward": float(rewards[i].item()), "finish": out.finish_reasons[i]}
+        {
+            "step": st.step,
+            "problem": problems[i // r.sampling.group_size].question,
+            "gold": problems[i // r.sampling.group_size].gold,
+            "completion": texts[i],
+            "reward": float(rewards[i].item()),
+            "finish": out.finish_reasons[i],
+        }
         for i in range(min(r.logging.samples_per_step, len(texts)))
     ]
     return metrics, samples
@@ -391,14 +462,22 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
 
 
 def save(run: Run) -> Path:
-    return ckpt_io.save_checkpoint(run.out_dir, run.state, model=run.model, adapter_config=run.adapter_config,
-                                   optimizer=run.optimizer, teacher=run.teacher, recipe=run.recipe)
+    return ckpt_io.save_checkpoint(
+        run.out_dir,
+        run.state,
+        model=run.model,
+        adapter_config=run.adapter_config,
+        optimizer=run.optimizer,
+        teacher=run.teacher,
+        recipe=run.recipe,
+    )
 
 
 def resume(run: Run, ckpt: Path) -> None:
     """Restore a freshly set-up run from checkpoint `ckpt`."""
-    run.state = ckpt_io.load_checkpoint(ckpt, run.world.size, model=run.model, optimizer=run.optimizer,
-                                        teacher=run.teacher)
+    run.state = ckpt_io.load_checkpoint(
+        ckpt, run.world.size, model=run.model, optimizer=run.optimizer, teacher=run.teacher
+    )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -449,17 +528,31 @@ def evaluate_now(run: Run, problems: list) -> dict:
     mine = dist.shard_uneven(problems, world.rank, world.size)
     values = {"greedy/strict": [], "greedy/lenient": []}
     if mine:
-        result = evaluate(run.model, run.tokenizer, mine, answer_format=r.data.answer_format,
-                          system_prompt=r.data.system_prompt, max_new_tokens=r.sampling.max_new_tokens,
-                          max_batch=r.sampling.max_batch, verifier=run.verifier, n_resamples=200)
+        result = evaluate(
+            run.model,
+            run.tokenizer,
+            mine,
+            answer_format=r.data.answer_format,
+            system_prompt=r.data.system_prompt,
+            max_new_tokens=r.sampling.max_new_tokens,
+            max_batch=r.sampling.max_batch,
+            verifier=run.verifier,
+            n_resamples=200,
+        )
         values = per_problem_values(result.problems, k=1)
-    gathered = dist.gather_rows(world, {k: mx.array(v, dtype=mx.float32) for k, v in values.items()},
-                                "gathering eval results")
+    gathered = dist.gather_rows(
+        world, {k: mx.array(v, dtype=mx.float32) for k, v in values.items()}, "gathering eval results"
+    )
     strict, lenient = gathered["greedy/strict"].tolist(), gathered["greedy/lenient"].tolist()
     low, high = bootstrap_ci(lenient, seed=0, n_resamples=200)
-    return {"eval/accuracy": float(np.mean(lenient)), "eval/accuracy_ci_low": low,
-            "eval/accuracy_ci_high": high, "eval/accuracy_strict": float(np.mean(strict)),
-            "eval/n": len(problems), "time/eval": time.perf_counter() - t}
+    return {
+        "eval/accuracy": float(np.mean(lenient)),
+        "eval/accuracy_ci_low": low,
+        "eval/accuracy_ci_high": high,
+        "eval/accuracy_strict": float(np.mean(strict)),
+        "eval/n": len(problems),
+        "time/eval": time.perf_counter() - t,
+    }
 
 
 def run_info(run: Run) -> dict:
@@ -493,8 +586,9 @@ def make_callbacks(run: Run, live: bool, resumed: bool) -> list[cb.TrainingCallb
     if not run.world.is_main:
         return []
     r = run.recipe
-    view = make_view(r.schedule.steps, live and r.logging.dashboard,
-                     force_terminal=run.world.size > 1 and "COLUMNS" in os.environ)
+    view = make_view(
+        r.schedule.steps, live and r.logging.dashboard, force_terminal=run.world.size > 1 and "COLUMNS" in os.environ
+    )
     return [*cb.sinks(r, run.out_dir, run.state.step if resumed else None), view]
 
 
@@ -551,14 +645,15 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             checkpoint()
         dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
         if code:
-            tell(f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
-                 f"resume with {resume_command(run)}")
+            tell(
+                f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
+                f"resume with {resume_command(run)}"
+            )
             return code
         tell(f"done: {run.state.step} steps; adapters in {ckpt_io.find_checkpoint(run.out_dir)}")
     except KeyboardInterrupt:
         if world.is_main:
-            print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: "
-                  f"{resume_command(run)}")
+            print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: {resume_command(run)}")
         return 130
     finally:
         stop.restore()

@@ -40,7 +40,10 @@ def run(n: int, seconds: float, blas_env: str | None) -> dict:
         env["CAST_MLX_BLAS"] = blas_env
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(n), str(seconds)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -52,13 +55,17 @@ def main() -> None:
     args = p.parse_args()
     stock = run(args.n, args.seconds, "none")
     fast = run(args.n, args.seconds, None)
-    print(json.dumps({
-        "n": args.n,
-        "stock_gflops": round(stock["gflops"], 2),
-        "fast_gflops": round(fast["gflops"], 2),
-        "fast_blas": fast["blas"],
-        "ratio": round(fast["gflops"] / stock["gflops"], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "stock_gflops": round(stock["gflops"], 2),
+                "fast_gflops": round(fast["gflops"], 2),
+                "fast_blas": fast["blas"],
+                "ratio": round(fast["gflops"] / stock["gflops"], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

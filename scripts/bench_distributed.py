@@ -40,9 +40,22 @@ def launch(args: list[str], timeout: float = 1800) -> subprocess.CompletedProces
 
 
 def train_args(recipe: str, out: Path, steps: int) -> list[str]:
-    return ["-m", "cast_mlx.train", "--recipe", recipe, "--quiet", "--no-dashboard",
-            "--set", f"logging.out_dir={out}", "--set", f"schedule.steps={steps}",
-            "--set", f"checkpoint.every={steps}", "--set", "logging.eval_every=0"]
+    return [
+        "-m",
+        "cast_mlx.train",
+        "--recipe",
+        recipe,
+        "--quiet",
+        "--no-dashboard",
+        "--set",
+        f"logging.out_dir={out}",
+        "--set",
+        f"schedule.steps={steps}",
+        "--set",
+        f"checkpoint.every={steps}",
+        "--set",
+        "logging.eval_every=0",
+    ]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -57,6 +70,8 @@ def median_after_first(lines: list[dict], key: str) -> float:
 def measure_collectives(grad_floats: int, repeats: int = 20) -> None:
     """Run under mlx.launch: time the collectives alone; rank 0 prints a JSON line."""
     import cast_mlx  # noqa: F401  (fast BLAS first)
+
+    # isort: split
     import mlx.core as mx
 
     from cast_mlx import distributed as dist
@@ -74,8 +89,10 @@ def measure_collectives(grad_floats: int, repeats: int = 20) -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    result = {"allreduce_grad_s": timed(lambda: dist.sum_tree(world, grads)),
-              "small_collective_s": timed(lambda: dist.sum_values(world, scalars))}
+    result = {
+        "allreduce_grad_s": timed(lambda: dist.sum_tree(world, grads)),
+        "small_collective_s": timed(lambda: dist.sum_values(world, scalars)),
+    }
     if world.is_main:
         print(json.dumps(result), flush=True)
 
@@ -95,8 +112,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_dist_") as tmp:
         one, two = Path(tmp) / "n1", Path(tmp) / "n2"
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, *train_args(args.recipe, one, args.steps)], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, *train_args(args.recipe, one, args.steps)], cwd=ROOT, capture_output=True, text=True
+        )
         if proc.returncode:
             raise SystemExit(f"single-process run failed:\n{proc.stderr[-3000:]}")
         wall_one = time.perf_counter() - t
@@ -104,39 +122,47 @@ def main(argv=None) -> int:
         launch(train_args(args.recipe, two, args.steps))
         wall_two = time.perf_counter() - t
         m1, m2 = read_metrics(one), read_metrics(two)
-        import cast_mlx  # noqa: F401
         import mlx.core as mx
+
+        import cast_mlx  # noqa: F401
 
         ckpt = next((two / "checkpoints").glob("step_*"))
         grad_floats = sum(v.size for v in mx.load(str(ckpt / "adapters.safetensors")).values())
-        pure = json.loads(launch([str(Path(__file__).resolve()), "--measure-collectives", str(grad_floats)])
-                          .stdout.strip().splitlines()[-1])
+        pure = json.loads(
+            launch([str(Path(__file__).resolve()), "--measure-collectives", str(grad_floats)])
+            .stdout.strip()
+            .splitlines()[-1]
+        )
 
     n1_step, n2_step = median_after_first(m1, "time/step"), median_after_first(m2, "time/step")
     calls = median_after_first(m2, "comm/calls")
-    print(json.dumps({
-        "bench": "distributed",
-        "recipe": args.recipe,
-        "steps": args.steps,
-        "cpu_cores": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "n1_step_s": round(n1_step, 3),
-        "n2_step_s": round(n2_step, 3),
-        "ratio_n2_over_n1": round(n2_step / n1_step, 3),
-        "n1_run_wall_s": round(wall_one, 1),
-        "n2_run_wall_s": round(wall_two, 1),
-        "n2_comm_s_per_step": round(median_after_first(m2, "time/comm"), 3),
-        "n2_comm_calls_per_step": calls,
-        "bytes_per_step": int(median_after_first(m2, "comm/bytes")),
-        "grad_bytes": 4 * grad_floats,
-        "allreduce_grad_s": round(pure["allreduce_grad_s"], 5),
-        "small_collective_s": round(pure["small_collective_s"], 5),
-        # the step's collectives: one gradient all-sum, the others small, plus two small ones
-        # that comm/calls leaves out (the timing reduction and the agreed stop)
-        "pure_comm_s_per_step": round(pure["allreduce_grad_s"] + (calls + 1) * pure["small_collective_s"], 4),
-        "notes": "n1: default MKL threads; n2: mlx.launch -n 2 ring on loopback, MKL_NUM_THREADS=1 per rank; "
-                 "n2_comm_s_per_step includes waiting for the slower rank",
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "distributed",
+                "recipe": args.recipe,
+                "steps": args.steps,
+                "cpu_cores": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "n1_step_s": round(n1_step, 3),
+                "n2_step_s": round(n2_step, 3),
+                "ratio_n2_over_n1": round(n2_step / n1_step, 3),
+                "n1_run_wall_s": round(wall_one, 1),
+                "n2_run_wall_s": round(wall_two, 1),
+                "n2_comm_s_per_step": round(median_after_first(m2, "time/comm"), 3),
+                "n2_comm_calls_per_step": calls,
+                "bytes_per_step": int(median_after_first(m2, "comm/bytes")),
+                "grad_bytes": 4 * grad_floats,
+                "allreduce_grad_s": round(pure["allreduce_grad_s"], 5),
+                "small_collective_s": round(pure["small_collective_s"], 5),
+                # the step's collectives: one gradient all-sum, the others small, plus two small ones
+                # that comm/calls leaves out (the timing reduction and the agreed stop)
+                "pure_comm_s_per_step": round(pure["allreduce_grad_s"] + (calls + 1) * pure["small_collective_s"], 4),
+                "notes": "n1: default MKL threads; n2: mlx.launch -n 2 ring on loopback, MKL_NUM_THREADS=1 per rank; "
+                "n2_comm_s_per_step includes waiting for the slower rank",
+            }
+        )
+    )
     return 0
 
 

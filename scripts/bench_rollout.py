@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
+# isort: split
 import mlx.core as mx  # noqa: E402
 from mlx_lm import batch_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
@@ -88,8 +89,13 @@ def run_peer(model, tokenizer, prompts, group, max_new, seed) -> dict:
     repeated = [p for p in prompts for _ in range(group)]
     start = time.perf_counter()
     res = batch_generate(
-        model, tokenizer, repeated, max_tokens=max_new, return_token_ids=True,
-        sampler=make_sampler(temp=1.0), completion_batch_size=len(repeated),
+        model,
+        tokenizer,
+        repeated,
+        max_tokens=max_new,
+        return_token_ids=True,
+        sampler=make_sampler(temp=1.0),
+        completion_batch_size=len(repeated),
     )
     seconds = time.perf_counter() - start
     tokens = res.stats.generation_tokens  # includes the EOS of stopped streams

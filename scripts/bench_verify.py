@@ -35,8 +35,10 @@ MATH_ANSWERS = [
 def completions(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     rng = random.Random(seed)
     if GSM8K.exists():
-        golds = [json.loads(line)["answer"].split("####")[-1].strip().replace(",", "")
-                 for line in GSM8K.open(encoding="utf-8")]
+        golds = [
+            json.loads(line)["answer"].split("####")[-1].strip().replace(",", "")
+            for line in GSM8K.open(encoding="utf-8")
+        ]
     else:
         golds = [str(rng.randint(1, 10_000)) for _ in range(1000)]
     items = []
@@ -71,14 +73,18 @@ def main() -> None:
         verifier.verify_batch(items)
         warm = time.perf_counter() - start
         timeouts = verifier.timeouts
-    print(json.dumps({
-        "completions": len(items),
-        "workers": args.workers,
-        "cold_per_s": round(len(items) / cold, 1),
-        "memoised_per_s": round(len(items) / warm, 1),
-        "lenient_accuracy": round(sum(v.lenient for v in verdicts) / len(verdicts), 3),
-        "timeouts": timeouts,
-    }))
+    print(
+        json.dumps(
+            {
+                "completions": len(items),
+                "workers": args.workers,
+                "cold_per_s": round(len(items) / cold, 1),
+                "memoised_per_s": round(len(items) / warm, 1),
+                "lenient_accuracy": round(sum(v.lenient for v in verdicts) / len(verdicts), 3),
+                "timeouts": timeouts,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ from cast_mlx.verify import verify
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--levels", type=int, nargs="+", default=list(data.ARITHMETIC_LEVELS))
     parser.add_argument("--n", type=int, default=200, help="eval problems per level")
@@ -30,8 +29,7 @@ def main() -> None:
     parser.add_argument("--answer-format", choices=("hash", "boxed"), default="hash")
     parser.add_argument("--system-prompt", default=data.DEFAULT_SYSTEM_PROMPT)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--show", type=int, default=0,
-                        help="print this many completions per level")
+    parser.add_argument("--show", type=int, default=0, help="print this many completions per level")
     args = parser.parse_args()
 
     from mlx_lm.generate import batch_generate  # greedy when no sampler is given
@@ -47,24 +45,30 @@ def main() -> None:
             for p in problems
         ]
         start = time.perf_counter()
-        response = batch_generate(model, tokenizer, prompts, max_tokens=args.max_tokens,
-                                  completion_batch_size=args.batch_size)
+        response = batch_generate(
+            model, tokenizer, prompts, max_tokens=args.max_tokens, completion_batch_size=args.batch_size
+        )
         seconds = time.perf_counter() - start
         texts = response.texts
         verdicts = [verify(text, p.gold, args.answer_format) for text, p in zip(texts, problems)]
         for text, p, v in list(zip(texts, problems, verdicts))[: args.show]:
             print(f"--- {p.question} (gold {p.gold}; strict {v.strict}, lenient {v.lenient})")
             print(text)
-        print(json.dumps({
-            "model": args.model,
-            "level": level,
-            "n": len(problems),
-            "answer_format": args.answer_format,
-            "max_tokens": args.max_tokens,
-            "strict": round(sum(v.strict for v in verdicts) / len(verdicts), 3),
-            "lenient": round(sum(v.lenient for v in verdicts) / len(verdicts), 3),
-            "seconds": round(seconds, 1),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "level": level,
+                    "n": len(problems),
+                    "answer_format": args.answer_format,
+                    "max_tokens": args.max_tokens,
+                    "strict": round(sum(v.strict for v in verdicts) / len(verdicts), 3),
+                    "lenient": round(sum(v.lenient for v in verdicts) / len(verdicts), 3),
+                    "seconds": round(seconds, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def check_variants(extra: list[list[str]], taken: set[str]) -> None:
     """ValueError naming the first bad `--variant`."""
     for name, *sets in extra:
         if not VARIANT_NAME.match(name) or RUN_DIR.match(name):
-            raise ValueError(f"--variant {name}: a name takes letters, digits, '.', '_' and '-' "
-                             "and does not end in -seedN")
+            raise ValueError(
+                f"--variant {name}: a name takes letters, digits, '.', '_' and '-' and does not end in -seedN"
+            )
         if name in taken:
             raise ValueError(f"--variant {name}: that name is already a variant")
         taken.add(name)
@@ -105,8 +106,9 @@ def first_bad_recipe(args) -> str | None:
     return None
 
 
-def train_command(recipe: str, run_dir: Path, seed: int, variant_sets: list[str],
-                  user_sets: list[str], steps: int | None) -> list[str]:
+def train_command(
+    recipe: str, run_dir: Path, seed: int, variant_sets: list[str], user_sets: list[str], steps: int | None
+) -> list[str]:
     """The `cast_mlx.train` command line of one run."""
     sets = list(user_sets)
     if steps is not None:
@@ -140,8 +142,11 @@ def run_all(args, compare_command: str) -> list[dict]:
     step times stay comparable. Each job gets an equal share of the BLAS threads."""
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    todo = [(seed, name, sets) for seed in args.seeds
-            for name, sets in variants(args.rlsd, args.ablations, args.variant).items()]
+    todo = [
+        (seed, name, sets)
+        for seed in args.seeds
+        for name, sets in variants(args.rlsd, args.ablations, args.variant).items()
+    ]
     env = dict(os.environ)
     if args.jobs > 1:
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -268,9 +273,12 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     steps = table_steps([c for c in curves.values() if c], wanted_steps)
     lines = [f"# CAST vs GRPO: {out.name}", ""]
     seeds = sorted({s for seed_rows in runs.values() for s in seed_rows})
-    lines += [f"Runs: {', '.join(runs)}; seeds {', '.join(map(str, seeds))}. "
-              "Eval accuracy is `eval/accuracy` (greedy, lenient) on the held-out set, the mean "
-              "over seeds (per-seed values in parentheses).", ""]
+    lines += [
+        f"Runs: {', '.join(runs)}; seeds {', '.join(map(str, seeds))}. "
+        "Eval accuracy is `eval/accuracy` (greedy, lenient) on the held-out set, the mean "
+        "over seeds (per-seed values in parentheses).",
+        "",
+    ]
 
     lines += ["## Eval accuracy at fixed steps", ""]
     if steps:
@@ -288,21 +296,30 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     lines.append("")
 
     lines += ["## First and last eval with 95% CIs", ""]
-    lines += ["Per run: the first and the last eval with their bootstrap 95% CIs. Per variant: "
-              "the change pooled over seeds, with a 95% normal-approximation CI that treats "
-              "the two evals as independent samples (they share their problems, so it is "
-              "conservative). Training reward: the mean sampled accuracy (the reward) of the "
-              f"first and last {REWARD_WINDOW} steps, pooled over seeds.", ""]
+    lines += [
+        "Per run: the first and the last eval with their bootstrap 95% CIs. Per variant: "
+        "the change pooled over seeds, with a 95% normal-approximation CI that treats "
+        "the two evals as independent samples (they share their problems, so it is "
+        "conservative). Training reward: the mean sampled accuracy (the reward) of the "
+        f"first and last {REWARD_WINDOW} steps, pooled over seeds.",
+        "",
+    ]
     lines.append("| run | first eval | last eval |")
     lines.append("|---|---|---|")
     for name, seed_rows in runs.items():
         for seed, rows in sorted(seed_rows.items()):
             pts = eval_points(rows)
             if pts:
-                lines.append(f"| {name}-seed{seed} | step {pts[0]['step']}: {with_ci(pts[0])} "
-                             f"| step {pts[-1]['step']}: {with_ci(pts[-1])} |")
-    lines += ["", "| variant | eval change, seed-pooled [95% CI] | training reward, first "
-              f"{REWARD_WINDOW} -> last {REWARD_WINDOW} steps |", "|---|---|---|"]
+                lines.append(
+                    f"| {name}-seed{seed} | step {pts[0]['step']}: {with_ci(pts[0])} "
+                    f"| step {pts[-1]['step']}: {with_ci(pts[-1])} |"
+                )
+    lines += [
+        "",
+        "| variant | eval change, seed-pooled [95% CI] | training reward, first "
+        f"{REWARD_WINDOW} -> last {REWARD_WINDOW} steps |",
+        "|---|---|---|",
+    ]
     for name, seed_rows in runs.items():
         pairs = []
         for rows in seed_rows.values():
@@ -338,8 +355,7 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     lines.append("")
 
     lines += ["## Wall time per step", ""]
-    lines.append("| variant | mean `time/step` (s; without each run's first step) | ratio to GRPO "
-                 "| steps logged |")
+    lines.append("| variant | mean `time/step` (s; without each run's first step) | ratio to GRPO | steps logged |")
     lines.append("|---|---:|---:|---:|")
     grpo_time = mean_step_time(runs["grpo"]) if "grpo" in runs else None
     for name, seed_rows in runs.items():
@@ -357,8 +373,7 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     record_path = out / COMMANDS_FILE
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        lines += ["The whole comparison:", "", "```", record["compare"], "```", "",
-                  "Each run:", "", "```"]
+        lines += ["The whole comparison:", "", "```", record["compare"], "```", "", "Each run:", "", "```"]
         lines += [f"{r['command']}  # exit {r['exit']}, {r['seconds']:.0f}s" for r in record["runs"]]
         lines.append("```")
     else:
@@ -370,8 +385,7 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
 def write_outputs(out: Path, wanted_steps: list[int] | None) -> None:
     text = report(out, wanted_steps)
     (out / "report.md").write_text(text)
-    run_dirs = [out / f"{name}-seed{seed}" for name, seed_rows in find_runs(out).items()
-                for seed in sorted(seed_rows)]
+    run_dirs = [out / f"{name}-seed{seed}" for name, seed_rows in find_runs(out).items() for seed in sorted(seed_rows)]
     plot_runs(run_dirs, out / "curves.png")
     print(f"[compare] wrote {out / 'report.md'} and {out / 'curves.png'}")
 
@@ -391,20 +405,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the report")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, help="schedule.steps of every run (default: the recipe's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override passed to every run (repeatable)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at the same time (each gets cores/jobs BLAS threads)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override passed to every run (repeatable)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at the same time (each gets cores/jobs BLAS threads)"
+    )
     p.add_argument("--rlsd", action="store_true", help="also run RLSD")
-    p.add_argument("--ablations", action="store_true",
-                   help="also run CAST without flips, with mixed groups only, with a fixed teacher")
-    p.add_argument("--variant", nargs="+", action="append", default=[],
-                   metavar="NAME KEY=VALUE",
-                   help="also run a variant of your own: its name, then its overrides "
-                        "(repeatable), e.g. --variant cast-db1 algorithm.flip_deadband=1.0")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run CAST without flips, with mixed groups only, with a fixed teacher",
+    )
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="also run a variant of your own: its name, then its overrides "
+        "(repeatable), e.g. --variant cast-db1 algorithm.flip_deadband=1.0",
+    )
     p.add_argument("--table-steps", type=int, nargs="+", help="eval steps shown in the table")
-    p.add_argument("--report-only", action="store_true",
-                   help="do not train: rewrite the report and plot from the runs in --out")
+    p.add_argument(
+        "--report-only", action="store_true", help="do not train: rewrite the report and plot from the runs in --out"
+    )
     return p
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cast_mlx  # noqa: F401  (loads the BLAS before mlx.core)
 import pytest
 
+import cast_mlx  # noqa: F401  (loads the BLAS before mlx.core)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +40,6 @@ def hf(smol_gguf: Path):
     pytest.importorskip("gguf")
     kw = dict(gguf_file=smol_gguf.name)
     tok = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smol_gguf.parent), dtype=torch.float32, **kw
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smol_gguf.parent), dtype=torch.float32, **kw)
     model.eval()
     return model, tok

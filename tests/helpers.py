@@ -17,7 +17,11 @@ def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -48,12 +52,25 @@ def launch_loopback(args: list[str], n: int = 2, timeout: float = 900, cwd=None)
     CPU core (mlx 0.32.4), which on a 2-core machine slows the ranks down a lot. Note that
     mlx.launch exits 0 even when a rank fails; it prints `Node with rank R exited ...`."""
     launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
-    cmd = [launcher, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
-           "--env", "MKL_NUM_THREADS=1", "--", sys.executable, *args]
+    cmd = [
+        launcher,
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(free_ports(n)),
+        "--env",
+        "MKL_NUM_THREADS=1",
+        "--",
+        sys.executable,
+        *args,
+    ]
     quiet_stdin, keep_open = os.pipe()
     try:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdin=quiet_stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdin=quiet_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         os.close(quiet_stdin)

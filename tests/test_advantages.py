@@ -2,9 +2,15 @@
 
 import math
 
-from cast_mlx.advantages import (  # first: cast_mlx loads its BLAS before mlx.core
-    ESTIMATORS,
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cast_mlx.advantages import (
     DEFAULT_PARAMS,
+    ESTIMATORS,
     base_advantages,
     cast_token_advantages,
     compute_advantages,
@@ -12,12 +18,6 @@ from cast_mlx.advantages import (  # first: cast_mlx loads its BLAS before mlx.c
     zero_variance_groups,
 )
 from cast_mlx.compiled import CompiledAdvantages, bucket_length, compile_count
-
-import mlx.core as mx
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 try:  # tests/ on sys.path (pytest's default rootdir insertion)
     from reference import torch_cast as ref
@@ -118,9 +118,7 @@ def test_a_max_binds():
     np.testing.assert_allclose(np.array(base)[:2], [1.49970006, -0.49990002], rtol=1e-6)
     # Correct row: 1.4997 * 1.05 = 1.5747 -> clipped to 1.2; down-flip 1.4997 * 1.2 -> -1.2.
     # Wrong row (B = -0.4999): g = 0.2 up-flips to +0.4999 * 1.05; g = -0.5 -> -0.4999 * 1.2.
-    np.testing.assert_allclose(
-        np.array(token)[:2], [[1.2, -1.2], [0.524895021, -0.599880024]], rtol=1e-6
-    )
+    np.testing.assert_allclose(np.array(token)[:2], [[1.2, -1.2], [0.524895021, -0.599880024]], rtol=1e-6)
     token, _ = compute_advantages(
         "cast", rewards, gaps, mx.ones((4, 2)), group_size=4, scale_rewards="group", a_max=2.0
     )
@@ -431,8 +429,7 @@ def test_one_registration_serves_eager_and_compiled():
 
     @advantages.register_estimator("toy", schedule=half_lambda, uses_teacher=False)
     def toy(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, a_max):
-        base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards,
-                               zero_var_value=0.0, eps=eps)
+        base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
         return mx.where(mask != 0, lam * mx.clip(base[:, None], -a_max, a_max), 0.0), base
 
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_cli
 
 from cast_mlx import config as cfg
-from helpers import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -21,8 +21,9 @@ def test_shipped_recipes_validate():
 
 
 def test_defaults_and_overrides():
-    r = cfg.load_recipe(ROOT / "recipes/smoke.yaml", ["algorithm.name=grpo", "sampling.top_p=0.9",
-                                                      "algorithm.wrong_box=[0.9, 1.3]"])
+    r = cfg.load_recipe(
+        ROOT / "recipes/smoke.yaml", ["algorithm.name=grpo", "sampling.top_p=0.9", "algorithm.wrong_box=[0.9, 1.3]"]
+    )
     assert r.algorithm.name == "grpo"
     assert r.sampling.top_p == 0.9
     assert r.algorithm.wrong_box == (0.9, 1.3)
@@ -34,7 +35,10 @@ def test_defaults_and_overrides():
     assert default.algorithm.name == "grpo"
     assert (default.algorithm.scale_rewards, default.teacher.context) == ("group", "plain")
     # an explicit value wins over the algorithm's default
-    assert cfg.load_recipe(None, ["algorithm.name=cast", "algorithm.scale_rewards=group"]).algorithm.scale_rewards == "group"
+    assert (
+        cfg.load_recipe(None, ["algorithm.name=cast", "algorithm.scale_rewards=group"]).algorithm.scale_rewards
+        == "group"
+    )
     # an override changes the hash, the same override gives the same hash
     base = cfg.recipe_hash(cfg.load_recipe(ROOT / "recipes/smoke.yaml"))
     assert cfg.recipe_hash(r) != base
@@ -67,7 +71,11 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("algorithm:\n  name: ppo\n", [], "algorithm.name: 'ppo' is not allowed; choose one of: cast, grpo, rlsd"),
         ("algorithm:\n  correct_box: [0.8]\n", [], "algorithm.correct_box: expected a list of 2 numbers"),
         ("algorithm:\n  correct_box: [1.1, 1.2]\n", [], "algorithm.correct_box: need 0 < low <= 1 <= high"),
-        ("algorithm:\n  name: cast\nteacher:\n  context: privileged\n", [], "teacher.context: 'privileged' shows the gold answer"),
+        (
+            "algorithm:\n  name: cast\nteacher:\n  context: privileged\n",
+            [],
+            "teacher.context: 'privileged' shows the gold answer",
+        ),
         ("sampling: 3\n", [], "sampling: expected a mapping"),
         ("- a\n- b\n", [], "a recipe must be a YAML mapping"),
         ("name: x\n", ["sampling.nope=1"], "--set sampling.nope: unknown key 'sampling.nope'"),
@@ -106,8 +114,9 @@ def test_missing_and_malformed_files(tmp_path: Path):
 
 
 def test_cli_prints_resolved_recipe():
-    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--print-config", "--set",
-                   "algorithm.name=grpo")
+    proc = run_cli(
+        "-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--print-config", "--set", "algorithm.name=grpo"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "name: grpo" in proc.stdout
     assert "scale_rewards: group" in proc.stdout  # the derived default is shown resolved

@@ -82,6 +82,7 @@ def test_arithmetic_train_and_eval_never_overlap(level):
     train = load_task("arithmetic", "train", n=1500, level=level, seed=0)
     evals = load_task("arithmetic", "eval", n=300, level=level, seed=0)
     other_seed_eval = load_task("arithmetic", "test", n=300, level=level, seed=1)
+
     def computations(problems):
         return {p.solution.split(" = ")[0] for p in problems}
 
@@ -105,7 +106,7 @@ def test_arithmetic_golds_are_correct(level):
         assert numbers_in(expression) == numbers_in(problem.question), problem
         for phrase in ("What is ", "Compute ", "Calculate "):
             if problem.question.startswith(phrase):  # the question shows the expression
-                assert ast_value(problem.question[len(phrase):-1]) == int(problem.gold)
+                assert ast_value(problem.question[len(phrase) : -1]) == int(problem.gold)
         # and the gold verifies against itself
         assert verify(f"#### {problem.gold}", problem.gold, "hash").strict
         assert verify(f"\\boxed{{{problem.gold}}}", problem.gold, "boxed").strict
@@ -151,8 +152,7 @@ def test_gsm8k_local_file_and_folder(tmp_path):
     ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     problems = load_task("gsm8k", "train", path=path)
-    assert [(p.question, p.gold) for p in problems] == [
-        ("Q1?", "2"), ("Q2?", "1234"), ("Q3?", "-7")]
+    assert [(p.question, p.gold) for p in problems] == [("Q1?", "2"), ("Q2?", "1234"), ("Q3?", "-7")]
     assert problems[0].solution == "1 + 1 = 2\n#### 2"
     assert problems[0].id == "gsm8k-train-1"
     assert load_task("gsm8k", "train", path=tmp_path) == problems  # folder form

@@ -21,11 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import ROOT, free_ports, launch_loopback, run_cli
 
+from cast_mlx import checkpoint
 from cast_mlx import config as cfg
 from cast_mlx import distributed as dist
-from cast_mlx import checkpoint
-from helpers import ROOT, free_ports, launch_loopback, run_cli
 
 ONE_THREAD = {"MKL_NUM_THREADS": "1"}
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count", "comm/")
@@ -60,8 +60,17 @@ def read(tmp_path: Path, rank: int, stream: str = "err") -> str:
 
 
 def train_args(out: Path, *extra: str) -> list[str]:
-    return ["-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet", "--no-dashboard",
-            "--set", f"logging.out_dir={out}", *extra]
+    return [
+        "-m",
+        "cast_mlx.train",
+        "--recipe",
+        "recipes/smoke.yaml",
+        "--quiet",
+        "--no-dashboard",
+        "--set",
+        f"logging.out_dir={out}",
+        *extra,
+    ]
 
 
 def adapters(run_dir: Path, step: int) -> dict:
@@ -82,7 +91,9 @@ def test_shard_rule_and_slices():
     assert [dist.shard(list("abcdef"), r, 3) for r in range(3)] == [["a", "b"], ["c", "d"], ["e", "f"]]
     assert [dist.shard_uneven(list("abcde"), r, 2) for r in range(2)] == [["a", "b", "c"], ["d", "e"]]
     assert dist.shard_uneven(["a"], 1, 2) == []
-    batch = cfg.load_recipe(None, ["algorithm.name=grpo", "algorithm.scale_rewards=batch", "sampling.prompts_per_step=4"])
+    batch = cfg.load_recipe(
+        None, ["algorithm.name=grpo", "algorithm.scale_rewards=batch", "sampling.prompts_per_step=4"]
+    )
     with pytest.raises(cfg.ConfigError, match="algorithm.scale_rewards"):
         dist.check_recipe(batch, 2)
     dist.check_recipe(batch, 1)  # one process: anything goes
@@ -157,7 +168,8 @@ def test_prompts_that_do_not_split_are_a_config_error(tmp_path):
     assert codes == [2, 2]
     assert read(tmp_path, 0).strip() == (
         "error: sampling.prompts_per_step: 3 prompts per step cannot be split evenly over 2 processes; "
-        "use a multiple of 2 (each process samples prompts_per_step / N)")
+        "use a multiple of 2 (each process samples prompts_per_step / N)"
+    )
     assert read(tmp_path, 1) == ""  # the same decision everywhere: rank 0 says it once
     assert not (tmp_path / "bad").exists()  # stopped before any model was loaded
 
@@ -188,8 +200,11 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
     assert "processes: 2" in proc.stdout
 
     one = tmp_path / "one"
-    ref = run_cli(*train_args(one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2"),
-                  env=ONE_THREAD, timeout=900)
+    ref = run_cli(
+        *train_args(one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2"),
+        env=ONE_THREAD,
+        timeout=900,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     for step in (1, 2):
         a, b = adapters(n2, step), adapters(one, step)
@@ -225,8 +240,7 @@ def test_two_ranks_equal_one_process_accumulating_two_micro_batches(tmp_path):
     proc = launch(train_args(n2, *sets))
     assert proc.returncode == 0 and "Node with rank" not in proc.stderr, proc.stderr[-3000:]
     one = tmp_path / "one"
-    ref = run_cli(*train_args(one, *sets, "--set", "optimizer.micro_batch_size=2"), env=ONE_THREAD,
-                  timeout=900)
+    ref = run_cli(*train_args(one, *sets, "--set", "optimizer.micro_batch_size=2"), env=ONE_THREAD, timeout=900)
     assert ref.returncode == 0, ref.stderr[-3000:]
     for step in (1, 2):
         a, b = adapters(n2, step), adapters(one, step)

@@ -10,21 +10,24 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from cast_mlx import eval as ev
-from helpers import run_cli
 
 # --------------------------------------------------------------------------- pass@k
 
 
-@pytest.mark.parametrize("n,c,k,expected", [
-    (5, 2, 1, 0.4),  # c / n
-    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (5, 0, 3, 0.0),  # nothing correct
-    (5, 3, 3, 1.0),  # n - c = 2 < k = 3: every 3-subset holds a correct one
-    (4, 4, 1, 1.0),
-    (10, 1, 5, 0.5),  # 1 - C(9,5)/C(10,5) = 1 - 126/252
-])
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (5, 2, 1, 0.4),  # c / n
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (5, 0, 3, 0.0),  # nothing correct
+        (5, 3, 3, 1.0),  # n - c = 2 < k = 3: every 3-subset holds a correct one
+        (4, 4, 1, 1.0),
+        (10, 1, 5, 0.5),  # 1 - C(9,5)/C(10,5) = 1 - 126/252
+    ],
+)
 def test_pass_at_k_hand_computed(n, c, k, expected):
     assert ev.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -105,17 +108,26 @@ def test_bootstrap_ci_rejects_empty():
 
 
 def _completion(answer, correct):
-    return ev.Completion(text=f"#### {answer}", answer=answer, strict=correct,
-                         lenient=correct, finish="eos")
+    return ev.Completion(text=f"#### {answer}", answer=answer, strict=correct, lenient=correct, finish="eos")
 
 
 def test_summarize_from_per_problem_results():
     # problem 1: greedy right, samples 2/3 right, majority "4" right
     # problem 2: greedy wrong, samples 1/3 right, majority "9" wrong
-    p1 = ev.ProblemResult("a", "2+2", "4", _completion("4", True),
-                          [_completion("4", True), _completion("5", False), _completion("4", True)])
-    p2 = ev.ProblemResult("b", "3+3", "6", _completion("9", False),
-                          [_completion("9", False), _completion("6", True), _completion("9", False)])
+    p1 = ev.ProblemResult(
+        "a",
+        "2+2",
+        "4",
+        _completion("4", True),
+        [_completion("4", True), _completion("5", False), _completion("4", True)],
+    )
+    p2 = ev.ProblemResult(
+        "b",
+        "3+3",
+        "6",
+        _completion("9", False),
+        [_completion("9", False), _completion("6", True), _completion("9", False)],
+    )
     for p in (p1, p2):
         p.majority = ev.majority_vote([c.answer for c in p.samples])
     summary = ev.summarize([p1, p2], k=3, seed=0)
@@ -134,8 +146,9 @@ def test_decode_completions_drops_the_final_eos_only():
     from cast_mlx.rollout import decode_completions
 
     tokenizer = SimpleNamespace(decode=lambda ids: "|".join(map(str, ids)))
-    rollout = SimpleNamespace(tokens=np.array([[5, 6, 2, 0], [7, 8, 9, 2]]),
-                              lengths=np.array([3, 4]), finish_reasons=["eos", "length"])
+    rollout = SimpleNamespace(
+        tokens=np.array([[5, 6, 2, 0], [7, 8, 9, 2]]), lengths=np.array([3, 4]), finish_reasons=["eos", "length"]
+    )
     assert decode_completions(tokenizer, rollout) == ["5|6", "7|8|9|2"]
 
 
@@ -151,7 +164,8 @@ def _fake_run(tmp_path: Path, answer_format="boxed") -> Path:
     (ckpt / "optimizer.safetensors").write_bytes(b"")  # a complete checkpoint has these too
     (ckpt / "state.json").write_text("{}")
     (ckpt / "recipe.yaml").write_text(
-        f"name: t\ndata:\n  task: arithmetic\n  level: 2\n  answer_format: {answer_format}\n")
+        f"name: t\ndata:\n  task: arithmetic\n  level: 2\n  answer_format: {answer_format}\n"
+    )
     (run / "checkpoints" / "latest").write_text("step_000004\n")
     return run
 
@@ -169,8 +183,9 @@ def test_adapter_recipe_sets_the_prompt_defaults(tmp_path):
     s = ev.resolve_args(args)
     assert s["answer_format"] == "boxed" and s["level"] == 2 and s["n"] == 200
     assert s["out"] == str(run / "eval-arithmetic-test.json")
-    args = ev.build_parser().parse_args(["--task", "arithmetic", "--adapter", str(run),
-                                         "--answer-format", "hash", "--level", "3"])
+    args = ev.build_parser().parse_args(
+        ["--task", "arithmetic", "--adapter", str(run), "--answer-format", "hash", "--level", "3"]
+    )
     s = ev.resolve_args(args)
     assert s["answer_format"] == "hash" and s["level"] == 3
 
@@ -178,13 +193,16 @@ def test_adapter_recipe_sets_the_prompt_defaults(tmp_path):
 # --------------------------------------------------------------------------- paired comparison
 
 
-@pytest.mark.parametrize("only_new, only_baseline, expected", [
-    (10, 2, 2 * (1 + 12 + 66) / 4096),  # 2 * P(X <= 2), X ~ Binomial(12, 1/2)
-    (5, 0, 2 / 32),
-    (0, 5, 2 / 32),
-    (3, 3, 1.0),  # capped at 1
-    (0, 0, 1.0),
-])
+@pytest.mark.parametrize(
+    "only_new, only_baseline, expected",
+    [
+        (10, 2, 2 * (1 + 12 + 66) / 4096),  # 2 * P(X <= 2), X ~ Binomial(12, 1/2)
+        (5, 0, 2 / 32),
+        (0, 5, 2 / 32),
+        (3, 3, 1.0),  # capped at 1
+        (0, 0, 1.0),
+    ],
+)
 def test_mcnemar_exact_hand_computed(only_new, only_baseline, expected):
     assert ev.mcnemar_exact(only_new, only_baseline) == pytest.approx(expected)
 
@@ -207,8 +225,20 @@ def test_paired_comparison_counts_and_interval():
 
 def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
     out = tmp_path / "eval.json"
-    r = run_cli("-m", "cast_mlx.eval", "--model", "smollm2-135m-instruct", "--task", "arithmetic",
-                "--n", "5", "--max-new-tokens", "48", "--out", str(out))
+    r = run_cli(
+        "-m",
+        "cast_mlx.eval",
+        "--model",
+        "smollm2-135m-instruct",
+        "--task",
+        "arithmetic",
+        "--n",
+        "5",
+        "--max-new-tokens",
+        "48",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     problems = result["problems"]
@@ -225,16 +255,26 @@ def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
 def test_baseline_must_hold_the_same_problems_in_order():
     base = {"a": {}, "b": {}}
     ev.check_same_problems(base, ["a", "b"], "f.json")
-    for ids, words in [(["a"], "it holds 2 problems, this eval 1"),
-                       (["a", "c"], "problem 'c' of this eval is not in it"),
-                       (["b", "a"], "its problems come in another order")]:
+    for ids, words in [
+        (["a"], "it holds 2 problems, this eval 1"),
+        (["a", "c"], "problem 'c' of this eval is not in it"),
+        (["b", "a"], "its problems come in another order"),
+    ]:
         with pytest.raises(ev.UsageError, match=f"--baseline f.json: {words}"):
             ev.check_same_problems(base, ids, "f.json")
 
 
 def test_cli_paired_comparison_against_a_baseline(tmp_path):
-    common = ["-m", "cast_mlx.eval", "--model", "smollm2-135m-instruct", "--task", "arithmetic",
-              "--max-new-tokens", "24"]
+    common = [
+        "-m",
+        "cast_mlx.eval",
+        "--model",
+        "smollm2-135m-instruct",
+        "--task",
+        "arithmetic",
+        "--max-new-tokens",
+        "24",
+    ]
     base = tmp_path / "base.json"
     assert run_cli(*common, "--n", "4", "--out", str(base)).returncode == 0
     again = tmp_path / "again.json"
@@ -252,20 +292,24 @@ def test_cli_paired_comparison_against_a_baseline(tmp_path):
     r = run_cli(*common, "--n", "5", "--out", str(other), "--baseline", str(base), timeout=120)
     assert r.returncode == 2 and not other.exists()
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: --baseline {base}: it holds 4 problems, "
-                                                   "this eval 5"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: --baseline {base}: it holds 4 problems, this eval 5"), (
+        r.stderr
+    )
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--task", "chess"], "--task 'chess'"),
-    (["--task", "arithmetic", "--n", "0"], "--n must be >= 1"),
-    (["--task", "arithmetic", "--adapter", "/nonexistent/run"], "--adapter /nonexistent/run"),
-    (["--task", "arithmetic", "--k", "4", "--temperature", "0"], "--temperature > 0"),
-    (["--task", "arithmetic", "--n", "many"], "invalid int value"),
-    (["--n", "3"], "--task"),
-    (["--task", "arithmetic", "--baseline", "/nonexistent.json"], "--baseline /nonexistent.json: no such file"),
-    (["--task", "arithmetic", "--baseline", __file__], "not a cast_mlx.eval result"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--task", "chess"], "--task 'chess'"),
+        (["--task", "arithmetic", "--n", "0"], "--n must be >= 1"),
+        (["--task", "arithmetic", "--adapter", "/nonexistent/run"], "--adapter /nonexistent/run"),
+        (["--task", "arithmetic", "--k", "4", "--temperature", "0"], "--temperature > 0"),
+        (["--task", "arithmetic", "--n", "many"], "invalid int value"),
+        (["--n", "3"], "--task"),
+        (["--task", "arithmetic", "--baseline", "/nonexistent.json"], "--baseline /nonexistent.json: no such file"),
+        (["--task", "arithmetic", "--baseline", __file__], "not a cast_mlx.eval result"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(args, words):
     r = run_cli("-m", "cast_mlx.eval", *args, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -287,5 +331,4 @@ def test_evaluate_with_samples_on_the_embedded_model(smol):
     assert result.summary["mean@3"].value == pytest.approx(sum(c) / 9)
     assert result.summary["pass@3"].value == pytest.approx(sum(x > 0 for x in c) / 3)
     again = ev.evaluate(model, tokenizer, problems, **kw)  # deterministic by seed
-    assert [s.text for p in again.problems for s in p.samples] == \
-        [s.text for p in result.problems for s in p.samples]
+    assert [s.text for p in again.problems for s in p.samples] == [s.text for p in result.problems for s in p.samples]

@@ -2,17 +2,17 @@
 
 import math
 
-from cast_mlx.advantages import compute_advantages  # first: cast_mlx loads its BLAS before mlx.core
-from cast_mlx.compiled import CompiledPolicyLoss, compile_count
-from cast_mlx.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
-from cast_mlx.metrics import cast_diagnostics
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from cast_mlx.advantages import compute_advantages
+from cast_mlx.compiled import CompiledPolicyLoss, compile_count
+from cast_mlx.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
+from cast_mlx.metrics import cast_diagnostics
 
 try:  # tests/ on sys.path (pytest's default rootdir insertion)
     from reference import torch_cast as ref

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import run_cli
 from mlx.utils import tree_flatten
 
 from cast_mlx import models
-from helpers import run_cli
 
 CHAT = [{"role": "user", "content": "What is 12 + 35? Answer briefly."}]
 PROMPTS = [
@@ -32,8 +31,7 @@ TOKENIZER_STRINGS = [
 
 
 def test_converted_folder_layout(smol_dir: Path):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 models.COMPLETE_MARKER):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", models.COMPLETE_MARKER):
         assert (smol_dir / name).is_file(), name
     config = json.loads((smol_dir / "config.json").read_text())
     assert config["rope_traditional"] is False  # q/k were un-permuted to the HF layout
@@ -43,7 +41,10 @@ def test_converted_folder_layout(smol_dir: Path):
     assert config["tie_word_embeddings"] is True
     tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"]) == (
-        "<|im_start|>", "<|im_end|>", "<|im_end|>")
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     assert "<|im_start|>assistant" in tok_cfg["chat_template"]
 
 
@@ -157,8 +158,12 @@ def test_weights_equal_transformers_dequantization(smol, hf):
     hf_model, _ = hf
     hf_state = hf_model.state_dict()
     params = dict(tree_flatten(model.parameters()))
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
-                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.5.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ):
         np.testing.assert_array_equal(np.array(params[name]), hf_state[name].numpy(), err_msg=name)
 
 
@@ -187,7 +192,8 @@ def test_logprobs_and_greedy_match_transformers(smol, hf):
         ours.append(int(np.argmax(_mlx_logprobs(model, ours)[-1])))
     x = torch.tensor([prompt_ids])
     with torch.no_grad():  # explicit mask: the prompt itself contains the pad id (<|im_end|>)
-        theirs = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=20,
-                                   min_new_tokens=20, do_sample=False)[0].tolist()
-    assert 2 not in ours[len(prompt_ids):]  # 20 real tokens, not an early stop
-    assert ours[len(prompt_ids):] == theirs[len(prompt_ids):]
+        theirs = hf_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=20, min_new_tokens=20, do_sample=False
+        )[0].tolist()
+    assert 2 not in ours[len(prompt_ids) :]  # 20 real tokens, not an early stop
+    assert ours[len(prompt_ids) :] == theirs[len(prompt_ids) :]

@@ -23,8 +23,9 @@ except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.reference import torch_cast as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LORA = dict(rank=4, alpha=8.0, dropout=0.0, num_layers=2,
-            keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+LORA = dict(
+    rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+)
 TEMPERATURE = 0.8
 
 
@@ -49,10 +50,14 @@ def test_loss_and_lora_grad_match_pytorch(smol_dir, hf, loss_agg):
     t = teacher.Teacher.create(model)  # the initial adapter = base model
     state = models.lora_state(model)  # give lora_b non-zero values so every grad is non-trivial
     keys = mx.random.split(mx.random.key(7), len(state))
-    model.update(tree_unflatten([
-        (k, v + 0.02 * mx.random.normal(v.shape, key=key)) if k.endswith("lora_b") else (k, v)
-        for key, (k, v) in zip(keys, sorted(state.items()))
-    ]))
+    model.update(
+        tree_unflatten(
+            [
+                (k, v + 0.02 * mx.random.normal(v.shape, key=key)) if k.endswith("lora_b") else (k, v)
+                for key, (k, v) in zip(keys, sorted(state.items()))
+            ]
+        )
+    )
 
     batch = _rows(tok)
     lp_now = logprobs.token_logprobs(model, batch, TEMPERATURE)
@@ -81,16 +86,18 @@ def test_loss_and_lora_grad_match_pytorch(smol_dir, hf, loss_agg):
         params[name] = torch.tensor(np.array(v), device=DEVICE, requires_grad=True)
     for name in {k.rsplit(".", 1)[0] for k in params}:
         a, b = params[f"{name}.lora_a"], params[f"{name}.lora_b"]
-        handles.append(modules[name].register_forward_hook(
-            lambda mod, inp, out, a=a, b=b: out + scale * ((inp[0] @ a) @ b)))
+        handles.append(
+            modules[name].register_forward_hook(lambda mod, inp, out, a=a, b=b: out + scale * ((inp[0] @ a) @ b))
+        )
     try:
         ids = torch.tensor(np.array(batch.inputs), dtype=torch.long, device=DEVICE)
         logits = hf_model(ids).logits
         pos = torch.tensor(np.array(batch.positions), dtype=torch.long, device=DEVICE)
         picked = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))
         lp_t = ref.gather_logprobs(picked, np.array(batch.tokens), TEMPERATURE)
-        value_t = ref.policy_loss(lp_t, np.array(old), np.array(adv), np.array(batch.mask),
-                                  loss_agg=loss_agg, truncated=np.array(truncated))
+        value_t = ref.policy_loss(
+            lp_t, np.array(old), np.array(adv), np.array(batch.mask), loss_agg=loss_agg, truncated=np.array(truncated)
+        )
         value_t.backward()
     finally:
         for h in handles:

@@ -9,21 +9,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cast_mlx import plot
 from helpers import ROOT, run_cli
 
+from cast_mlx import plot
 
-def write_run(run_dir: Path, steps: int = 20, eval_every: int = 5, accuracy=None,
-              step_time: float = 1.0, flips: bool = True) -> Path:
+
+def write_run(
+    run_dir: Path, steps: int = 20, eval_every: int = 5, accuracy=None, step_time: float = 1.0, flips: bool = True
+) -> Path:
     """A metrics.jsonl like the trainer's: one line per step, eval keys every few steps."""
     run_dir.mkdir(parents=True, exist_ok=True)
     accuracy = accuracy or (lambda s: 0.2 + 0.02 * s)
     lines = []
     for s in range(1, steps + 1):
-        m = {"step": s, "reward": 0.5 + 0.3 * math.sin(s), "time/step": step_time,
-             "cast/groups/all_correct": 0.2, "cast/groups/all_wrong": 0.3,
-             "cast/groups/mixed": 0.5}
+        m = {
+            "step": s,
+            "reward": 0.5 + 0.3 * math.sin(s),
+            "time/step": step_time,
+            "cast/groups/all_correct": 0.2,
+            "cast/groups/all_wrong": 0.3,
+            "cast/groups/mixed": 0.5,
+        }
         if flips:
             m |= {"cast/flip/down_share": 0.05, "cast/flip/up_share": 0.01}
         if s % eval_every == 0:
@@ -39,8 +45,21 @@ def test_png_of_two_runs_has_the_expected_size(tmp_path):
     a = write_run(tmp_path / "cast-seed0")
     b = write_run(tmp_path / "grpo-seed0", flips=False)
     out = tmp_path / "curves.png"
-    r = run_cli("-m", "cast_mlx.plot", str(a), str(b), "-o", str(out), "--width", "10",
-                "--height", "6", "--dpi", "80", timeout=120)
+    r = run_cli(
+        "-m",
+        "cast_mlx.plot",
+        str(a),
+        str(b),
+        "-o",
+        str(out),
+        "--width",
+        "10",
+        "--height",
+        "6",
+        "--dpi",
+        "80",
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     image = mpimg.imread(out)
     assert image.shape[:2] == (6 * 80, 10 * 80)
@@ -55,8 +74,12 @@ def test_default_size_in_process(tmp_path):
 
 
 def test_series_keeps_eval_steps_only_and_last_line_of_a_repeated_step():
-    rows = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2, "eval/accuracy": 0.4},
-            {"step": 2, "reward": 0.3, "eval/accuracy": 0.5}, {"step": 3, "reward": True}]
+    rows = [
+        {"step": 1, "reward": 0.1},
+        {"step": 2, "reward": 0.2, "eval/accuracy": 0.4},
+        {"step": 2, "reward": 0.3, "eval/accuracy": 0.5},
+        {"step": 3, "reward": True},
+    ]
     steps, values = plot.series(rows, "eval/accuracy")
     assert steps.tolist() == [2.0] and values.tolist() == [0.5]
     steps, values = plot.series(rows, "reward")
@@ -64,8 +87,7 @@ def test_series_keeps_eval_steps_only_and_last_line_of_a_repeated_step():
 
 
 def test_rolling_mean_is_trailing():
-    assert np.allclose(plot.rolling_mean(np.array([1.0, 2.0, 3.0, 4.0]), window=2),
-                       [1.0, 1.5, 2.5, 3.5])
+    assert np.allclose(plot.rolling_mean(np.array([1.0, 2.0, 3.0, 4.0]), window=2), [1.0, 1.5, 2.5, 3.5])
 
 
 @pytest.mark.parametrize("case", ["missing", "no_metrics", "empty"])
@@ -93,13 +115,11 @@ def test_compare_report_only(tmp_path):
     for seed in (0, 1):
         write_run(out / f"grpo-seed{seed}", accuracy=lambda s: 0.03 * s, flips=False)
         write_run(out / f"cast-seed{seed}", accuracy=lambda s: 0.04 * s, step_time=1.5)
-    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out),
-                timeout=120)
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), timeout=120)
     assert r.returncode == 0, r.stderr
     report = (out / "report.md").read_text()
     assert (out / "curves.png").is_file()
-    assert "| grpo | 0.150 (0.15, 0.15) | 0.300 (0.30, 0.30) | 0.450 (0.45, 0.45) | " \
-           "0.600 (0.60, 0.60) |" in report
+    assert "| grpo | 0.150 (0.15, 0.15) | 0.300 (0.30, 0.30) | 0.450 (0.45, 0.45) | 0.600 (0.60, 0.60) |" in report
     assert "GRPO's final seed-mean eval accuracy: 0.600 (step 20)" in report
     assert "| cast | 15 |" in report
     assert "| grpo | 20 |" in report
@@ -111,11 +131,18 @@ def test_compare_train_command_keeps_its_own_overrides_last():
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
-    cmd = compare.train_command("r.yaml", Path("o/cast-seed1"), 1, ["algorithm.name=cast"],
-                                ["seed=9", "sampling.group_size=4"], 30)
+    cmd = compare.train_command(
+        "r.yaml", Path("o/cast-seed1"), 1, ["algorithm.name=cast"], ["seed=9", "sampling.group_size=4"], 30
+    )
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
-    assert sets == ["seed=9", "sampling.group_size=4", "schedule.steps=30", "algorithm.name=cast",
-                    "logging.out_dir=o/cast-seed1", "seed=1"]
+    assert sets == [
+        "seed=9",
+        "sampling.group_size=4",
+        "schedule.steps=30",
+        "algorithm.name=cast",
+        "logging.out_dir=o/cast-seed1",
+        "seed=1",
+    ]
     assert cmd[-2:] == ["--no-dashboard", "--quiet"]
     curves = [{s: 0.0 for s in range(5, 101, 5)}, {s: 0.0 for s in range(5, 91, 5)}]
     # the steps both have, 5..90, at indices 0, 3, 7, 10, 14, 17
@@ -124,8 +151,7 @@ def test_compare_train_command_keeps_its_own_overrides_last():
 
 
 def test_compare_report_only_without_runs_is_exit_2(tmp_path):
-    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(tmp_path),
-                timeout=120)
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(tmp_path), timeout=120)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "no runs" in r.stderr
 
@@ -145,8 +171,11 @@ def test_compare_pooled_change_and_ci_table(tmp_path):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         for m in lines:
             if "eval/accuracy" in m:
-                m |= {"eval/n": 200, "eval/accuracy_ci_low": m["eval/accuracy"] - 0.05,
-                      "eval/accuracy_ci_high": m["eval/accuracy"] + 0.05}
+                m |= {
+                    "eval/n": 200,
+                    "eval/accuracy_ci_low": m["eval/accuracy"] - 0.05,
+                    "eval/accuracy_ci_high": m["eval/accuracy"] + 0.05,
+                }
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
     text = compare.report(out)
     assert "| grpo-seed0 | step 5: 0.050 [0.000, 0.100] | step 20: 0.200 [0.150, 0.250] |" in text
@@ -155,8 +184,7 @@ def test_compare_pooled_change_and_ci_table(tmp_path):
 
 
 def test_compare_jobs_below_one_is_exit_2(tmp_path):
-    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--jobs", "0", "--out", str(tmp_path),
-                timeout=120)
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--jobs", "0", "--out", str(tmp_path), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --jobs must be >= 1, got 0"
 
@@ -166,8 +194,12 @@ def test_compare_step_time_skips_the_step0_eval_line_and_the_first_step(tmp_path
     import compare
 
     # the trainer's layout: an eval-only line for step 0, then steps (the first one compiles)
-    rows = [{"step": 0, "eval/accuracy": 0.25}, {"step": 1, "time/step": 30.0, "reward": 0.1},
-            {"step": 2, "time/step": 2.0, "reward": 0.1}, {"step": 3, "time/step": 4.0, "reward": 0.2}]
+    rows = [
+        {"step": 0, "eval/accuracy": 0.25},
+        {"step": 1, "time/step": 30.0, "reward": 0.1},
+        {"step": 2, "time/step": 2.0, "reward": 0.1},
+        {"step": 3, "time/step": 4.0, "reward": 0.2},
+    ]
     assert compare.mean_step_time({0: rows}) == pytest.approx(3.0)
     out = tmp_path / "cmp"
     for name in ("grpo-seed0", "cast-seed0"):
@@ -180,8 +212,10 @@ def test_compare_variants_of_ones_own(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
-    extra = [["cast-db1", "algorithm.flip_deadband=1.0"],
-             ["grpo-t07", "algorithm.name=grpo", "sampling.temperature=0.7"]]
+    extra = [
+        ["cast-db1", "algorithm.flip_deadband=1.0"],
+        ["grpo-t07", "algorithm.name=grpo", "sampling.temperature=0.7"],
+    ]
     v = compare.variants(False, False, extra)
     assert list(v) == ["grpo", "cast", "cast-db1", "grpo-t07"]
     assert v["grpo-t07"] == ["algorithm.name=grpo", "sampling.temperature=0.7"]
@@ -192,11 +226,12 @@ def test_compare_variants_of_ones_own(tmp_path):
         (["--variant", "x"], "--variant x: give its overrides"),
         (["--variant", "x", "algorithm.flip"], "--variant x: 'algorithm.flip' is not KEY=VALUE"),
         (["--variant", "x", "algorithm.flip=sideways"], "variant x: algorithm.flip: 'sideways' is not allowed"),
-        (["--variant", "x", "algorithm.flip=none", "--set", "sampling.gruop_size=2"],
-         "variant grpo: --set sampling.gruop_size: unknown key"),
+        (
+            ["--variant", "x", "algorithm.flip=none", "--set", "sampling.gruop_size=2"],
+            "variant grpo: --set sampling.gruop_size: unknown key",
+        ),
     ]:
-        r = run_cli(str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path / "none"), *args,
-                    timeout=120)
+        r = run_cli(str(ROOT / "scripts" / "compare.py"), "--out", str(tmp_path / "none"), *args, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
         assert not (tmp_path / "none").exists()  # refused before anything ran

@@ -42,7 +42,7 @@ def score(model, prompt: list[int], completion: list[int], temperature: float) -
     The normaliser is summed in float64: `mx.logsumexp` over a 49k vocabulary in float32 is
     itself off by up to ~6e-5 (measured), which would eat most of the 1e-4 tolerance."""
     logits = model(mx.array([prompt + completion]))[0].astype(mx.float32)
-    z = np.array(logits[len(prompt) - 1: len(prompt) - 1 + len(completion)] / temperature, dtype=np.float64)
+    z = np.array(logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)] / temperature, dtype=np.float64)
     top = z.max(axis=-1, keepdims=True)
     logp = z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
     return logp[np.arange(len(completion)), completion]
@@ -143,8 +143,9 @@ def test_same_seed_same_ids_different_seed_differs(setup):
 
 def test_waves_give_the_same_results(setup, greedy, sampled):
     model, _, prompts, eos = setup
-    waves = generate_groups(model, prompts, 2, SamplingParams(temperature=0, max_new_tokens=12, max_batch=2),
-                            eos, key=0)
+    waves = generate_groups(
+        model, prompts, 2, SamplingParams(temperature=0, max_new_tokens=12, max_batch=2), eos, key=0
+    )
     assert rows_of(waves) == rows_of(greedy)
     assert waves.finish_reasons == greedy.finish_reasons
     # Sampling too: each stream's random numbers do not depend on its batch.
@@ -163,8 +164,9 @@ def test_a_slice_of_the_streams_reproduces_the_whole_rollout(setup, sampled):
     for i, prompt in enumerate(prompts):
         part = generate_groups(model, [prompt], 3, params, eos, key=2, stream_offset=3 * i, total_streams=9)
         rows += rows_of(part)
-        np.testing.assert_allclose(np.array(part.logprobs), np.array(sampled.logprobs[3 * i: 3 * i + 3,
-                                   : part.logprobs.shape[1]]), atol=1e-4)
+        np.testing.assert_allclose(
+            np.array(part.logprobs), np.array(sampled.logprobs[3 * i : 3 * i + 3, : part.logprobs.shape[1]]), atol=1e-4
+        )
     assert rows == rows_of(sampled)
     alone = generate_groups(model, prompts[1:2], 3, params, eos, key=2)  # its own table: other draws
     assert rows_of(alone) != rows_of(sampled)[3:6]
@@ -206,8 +208,9 @@ def test_bad_settings_are_clear_errors(setup):
 def test_recipe_sampling_config_is_accepted():
     from cast_mlx.config import SamplingConfig
 
-    cfg = SamplingConfig(group_size=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=99,
-                         max_batch=16)
+    cfg = SamplingConfig(
+        group_size=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=99, max_batch=16
+    )
     assert rollout.as_sampling_params(cfg) == SamplingParams(0.7, 0.9, 20, 0.05, 99, 16)
 
     class Partial:  # missing attributes take the defaults
@@ -222,13 +225,20 @@ def test_recipe_sampling_config_is_accepted():
 def test_lora_policy_is_sampled_in_eval_mode(smol_dir, setup, greedy):
     _, tok, prompts, eos = setup
     model, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
-    models.attach_lora(model, rank=4, alpha=8.0, dropout=0.5, num_layers=4,
-                       keys=["self_attn.q_proj", "self_attn.v_proj"], seed=0)
+    models.attach_lora(
+        model, rank=4, alpha=8.0, dropout=0.5, num_layers=4, keys=["self_attn.q_proj", "self_attn.v_proj"], seed=0
+    )
     # Non-zero lora_b so the adapted policy differs from the base model.
     params = dict(tree_flatten(model.trainable_parameters()))
     keys = mx.random.split(mx.random.key(3), len(params))
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape, key=s) * 0.05 if k.endswith("lora_b") else v)
-                                 for s, (k, v) in zip(keys, params.items())]))
+    model.update(
+        tree_unflatten(
+            [
+                (k, mx.random.normal(v.shape, key=s) * 0.05 if k.endswith("lora_b") else v)
+                for s, (k, v) in zip(keys, params.items())
+            ]
+        )
+    )
     model.train()  # dropout on: the engine must switch it off while sampling
     out = generate_groups(model, prompts[:2], 2, SamplingParams(temperature=0, max_new_tokens=8), eos, key=0)
     assert model.training
@@ -237,8 +247,7 @@ def test_lora_policy_is_sampled_in_eval_mode(smol_dir, setup, greedy):
     for i, prompt in enumerate(prompts[:2]):
         ref = greedy_reference(model, prompt, 8, eos)
         assert rows[2 * i] == rows[2 * i + 1] == ref
-        np.testing.assert_allclose(np.array(out.logprobs[2 * i, : len(ref)]), score(model, prompt, ref, 1.0),
-                                   atol=1e-4)
+        np.testing.assert_allclose(np.array(out.logprobs[2 * i, : len(ref)]), score(model, prompt, ref, 1.0), atol=1e-4)
     # The adapter changed the policy: the base model's greedy answers differ.
     assert [r[:8] for r in rows_of(greedy)[:4:2]] != rows[::2]
 
@@ -287,13 +296,16 @@ def test_temperature_scales_the_distribution_and_the_logprobs():
     np.testing.assert_allclose(lps, np.log(want)[ids], atol=1e-6)
 
 
-@pytest.mark.parametrize("kw, kept", [
-    ({"top_k": 2}, [0, 1]),
-    ({"top_p": 0.7}, [0, 1]),  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
-    ({"top_p": 0.4}, [0]),  # the top token is always kept
-    ({"min_p": 0.5}, [0, 1]),  # p >= 0.25
-    ({"top_k": 3, "top_p": 0.9, "min_p": 0.4}, [0, 1]),  # the intersection
-])
+@pytest.mark.parametrize(
+    "kw, kept",
+    [
+        ({"top_k": 2}, [0, 1]),
+        ({"top_p": 0.7}, [0, 1]),  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+        ({"top_p": 0.4}, [0]),  # the top token is always kept
+        ({"min_p": 0.5}, [0, 1]),  # p >= 0.25
+        ({"top_k": 3, "top_p": 0.9, "min_p": 0.4}, [0, 1]),  # the intersection
+    ],
+)
 def test_filters_sample_renormalised_but_report_unfiltered_logprobs(kw, kept):
     ids, lps = draw_all(np.log(PROBS), temperature=1.0, **kw)
     freq = np.bincount(ids, minlength=4) / len(ids)

@@ -10,8 +10,9 @@ from mlx.utils import tree_unflatten
 
 from cast_mlx import logprobs, models, teacher
 
-LORA = dict(rank=4, alpha=8.0, dropout=0.0, num_layers=2,
-            keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+LORA = dict(
+    rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+)
 
 
 @pytest.fixture()
@@ -34,8 +35,7 @@ def _perturb(model, seed=1, scale=0.05):
     """Stand-in for an optimizer step: new (non-zero) LoRA tensors."""
     state = models.lora_state(model)
     keys = mx.random.split(mx.random.key(seed), len(state))
-    new = {k: v + scale * mx.random.normal(v.shape, key=key)
-           for key, (k, v) in zip(keys, sorted(state.items()))}
+    new = {k: v + scale * mx.random.normal(v.shape, key=key) for key, (k, v) in zip(keys, sorted(state.items()))}
     model.update(tree_unflatten(list(new.items())))
 
 
@@ -66,7 +66,7 @@ def test_chunked_scoring_matches_full_forward(lora_model):
         lsm = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         ref = [lsm[len(c) - 1 + j, t[j]].item() for j in range(len(t))]
         np.testing.assert_allclose(np.array(results[2][i, : len(t)]), ref, atol=1e-4)
-        assert np.all(np.array(results[2][i, len(t):]) == 0)  # padding stays 0
+        assert np.all(np.array(results[2][i, len(t) :]) == 0)  # padding stays 0
 
 
 def test_snapshot_lags_and_refreshes(lora_model):
@@ -117,9 +117,11 @@ def test_base_and_ema_kinds(lora_model):
     assert base.after_step(model, 10) is False
     assert ema.after_step(model, 1) is True
     for k in now:
-        np.testing.assert_allclose(np.array(ema.params[k]),
-                                   0.9 * np.array(start[k]) + 0.1 * np.array(now[k]), atol=1e-7)
+        np.testing.assert_allclose(
+            np.array(ema.params[k]), 0.9 * np.array(start[k]) + 0.1 * np.array(now[k]), atol=1e-7
+        )
     # base = adapters disabled: equal to the plain model without LoRA
     plain, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
-    np.testing.assert_allclose(np.array(base.score(model, batch, 1.0)),
-                               np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(base.score(model, batch, 1.0)), np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,18 +14,28 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-
-from cast_mlx import config as cfg
-from cast_mlx import checkpoint, models, trainer
 from helpers import ROOT, run_cli
+
+from cast_mlx import checkpoint, models, trainer
+from cast_mlx import config as cfg
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
 
 
 def _train(tmp_path: Path, name: str, *extra: str, timeout=900):
     out = tmp_path / name
-    proc = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet",
-                   "--no-dashboard", "--set", f"logging.out_dir={out}", *extra, timeout=timeout)
+    proc = run_cli(
+        "-m",
+        "cast_mlx.train",
+        "--recipe",
+        "recipes/smoke.yaml",
+        "--quiet",
+        "--no-dashboard",
+        "--set",
+        f"logging.out_dir={out}",
+        *extra,
+        timeout=timeout,
+    )
     return out, proc
 
 
@@ -43,10 +52,23 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = _metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
-                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy",
-                "learning_rate", "grad_norm", "cast/groups/mixed", "cast/gap/correct_neg/share",
-                "time/sample", "time/update", "memory/peak_gb"):
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "entropy",
+        "learning_rate",
+        "grad_norm",
+        "cast/groups/mixed",
+        "cast/gap/correct_neg/share",
+        "time/sample",
+        "time/update",
+        "memory/peak_gb",
+    ):
         assert key in lines[0], key
     assert all(0.0 <= m["reward"] <= 1.0 and math.isfinite(m["loss"]) for m in lines)
     samples = (out / "samples.jsonl").read_text().splitlines()
@@ -55,8 +77,14 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
     ckpt = checkpoint.find_checkpoint(out)
     assert ckpt.name == "step_000002"
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 1
-    for f in ("adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
-              "teacher.safetensors", "state.json", "recipe.yaml"):
+    for f in (
+        "adapters.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "teacher.safetensors",
+        "state.json",
+        "recipe.yaml",
+    ):
         assert (ckpt / f).is_file(), f
     assert "step 2/2" in proc.stdout and "done: 2 steps" in proc.stdout
     assert "\x1b" not in proc.stdout  # not a TTY: plain lines, no control codes
@@ -67,9 +95,23 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
     model, tok = mlx_lm.load(str(smol_dir), adapter_path=str(ckpt))
     assert isinstance(mlx_lm.generate(model, tok, "1 + 1 =", max_tokens=3), str)
     fused = tmp_path / "fused"
-    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(smol_dir),
-                           "--adapter-path", str(ckpt), "--save-path", str(fused)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(smol_dir),
+            "--adapter-path",
+            str(ckpt),
+            "--save-path",
+            str(fused),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (fused / "config.json").is_file()
 
@@ -77,8 +119,9 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
 def test_resume_is_bit_identical(tmp_path, smol_dir):
     straight, proc = _train(tmp_path, "straight", "--set", "schedule.steps=4", "--set", "checkpoint.every=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    part, proc = _train(tmp_path, "part", "--set", "schedule.steps=4", "--set", "checkpoint.every=2",
-                        "--set", "checkpoint.keep=5")
+    part, proc = _train(
+        tmp_path, "part", "--set", "schedule.steps=4", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=5"
+    )
     assert proc.returncode == 0
     # cut the second run back to its step-2 checkpoint, then resume it
     root = part / checkpoint.CHECKPOINTS
@@ -103,9 +146,21 @@ def test_resume_is_bit_identical(tmp_path, smol_dir):
 
 def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
     out = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet",
-           "--no-dashboard", "--set", f"logging.out_dir={out}", "--set", "schedule.steps=50",
-           "--set", "checkpoint.every=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cast_mlx.train",
+        "--recipe",
+        "recipes/smoke.yaml",
+        "--quiet",
+        "--no-dashboard",
+        "--set",
+        f"logging.out_dir={out}",
+        "--set",
+        "schedule.steps=50",
+        "--set",
+        "checkpoint.every=100",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -119,8 +174,17 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
     assert ckpt.name == f"step_{steps[-1]:06d}"
     assert not list((out / checkpoint.CHECKPOINTS).glob(".tmp-*"))
     # ... and the run resumes from it (one more step)
-    proc = run_cli("-m", "cast_mlx.train", "--resume", str(out), "--quiet", "--no-dashboard",
-                   "--set", f"schedule.steps={steps[-1] + 1}", timeout=600)
+    proc = run_cli(
+        "-m",
+        "cast_mlx.train",
+        "--resume",
+        str(out),
+        "--quiet",
+        "--no-dashboard",
+        "--set",
+        f"schedule.steps={steps[-1] + 1}",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [m["step"] for m in _metrics(out)] == steps + [steps[-1] + 1]
 
@@ -196,9 +260,14 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
     """Micro-batches of 1 and of all rows give the same update (normalised over the batch)."""
     results = []
     for micro in (1, 8):
-        recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [
-            f"logging.out_dir={tmp_path / str(micro)}", f"optimizer.micro_batch_size={micro}",
-            "sampling.group_size=4"])
+        recipe = cfg.load_recipe(
+            ROOT / "recipes/smoke.yaml",
+            [
+                f"logging.out_dir={tmp_path / str(micro)}",
+                f"optimizer.micro_batch_size={micro}",
+                "sampling.group_size=4",
+            ],
+        )
         run = trainer.setup(recipe)
         run.optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient itself
         start = models.lora_state(run.model)
@@ -233,8 +302,9 @@ def test_grpo_skips_zero_variance_groups(smoke_run):
     grpo = CompiledAdvantages("grpo", group_size=run.recipe.sampling.group_size, scale_rewards="group")
     adv, _ = grpo(mx.ones((n,)), mx.zeros(out.mask.shape), out.mask)
     before = models.lora_state(run.model)
-    loss, gnorm, aux, applied = trainer.update(run, [prompts[i // 2] for i in range(n)], out.tokens,
-                                               out.mask, adv, mx.zeros((n,)))
+    loss, gnorm, aux, applied = trainer.update(
+        run, [prompts[i // 2] for i in range(n)], out.tokens, out.mask, adv, mx.zeros((n,))
+    )
     assert not applied and aux["rows_skipped"] == n
     after = models.lora_state(run.model)
     assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
@@ -243,8 +313,7 @@ def test_grpo_skips_zero_variance_groups(smoke_run):
 def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
     """Teacher = policy weights (step 0) and context `same`: g = 0 exactly, so nothing flips
     by numerical noise (old log-probs come from the teacher's own scoring path)."""
-    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml",
-                             [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
     run = trainer.setup(recipe)
     try:
         problems = trainer.next_prompts(run)
@@ -261,8 +330,7 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
 def test_kl_to_the_base_model_is_zero_then_positive(tmp_path, smol_dir):
     """loss.beta > 0: the reference is the base model (LoRA off), so the first step's KL is 0
     (lora_b starts at 0) and after one update it is positive and finite."""
-    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml",
-                             [f"logging.out_dir={tmp_path / 'r'}", "loss.beta=0.1"])
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'r'}", "loss.beta=0.1"])
     run = trainer.setup(recipe)
     try:
         first, _ = trainer.train_step(run)

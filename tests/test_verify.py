@@ -319,8 +319,7 @@ def test_verifier_pool_matches_in_process_on_the_table():
     assert got == [(s, l) for *_, s, l in TABLE]
 
 
-@pytest.mark.parametrize("gold", ["", "   ", "\\overline{AB}", "x \\pm 1", "a < b", "9^9^9",
-                                  "#####", "1" * 2000])
+@pytest.mark.parametrize("gold", ["", "   ", "\\overline{AB}", "x \\pm 1", "a < b", "9^9^9", "#####", "1" * 2000])
 def test_unparseable_gold_gives_none(gold):
     assert parse_gold(gold) is None
     assert verify("#### 1", gold, "hash") is None
@@ -364,7 +363,7 @@ def test_lenient_uses_one_answer_not_any():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=-10**12, max_value=10**12))
+@given(st.integers(min_value=-(10**12), max_value=10**12))
 def test_integer_variants_round_trip(n):
     gold = str(n)
     variants = [str(n), f"{n:,}", f"{n}.00", f"{n:,}.0", f"\\boxed{{{n}}}", f"{n} units"]
@@ -376,9 +375,11 @@ def test_integer_variants_round_trip(n):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=-10**6, max_value=10**6),
-       st.integers(min_value=1, max_value=10**4),
-       st.integers(min_value=1, max_value=50))
+@given(
+    st.integers(min_value=-(10**6), max_value=10**6),
+    st.integers(min_value=1, max_value=10**4),
+    st.integers(min_value=1, max_value=50),
+)
 def test_fraction_variants_round_trip(p, q, k):
     value = Fraction(p, q)
     gold = f"{value.numerator}/{value.denominator}"
@@ -535,7 +536,9 @@ def test_verifier_memoises_by_gold_and_answer():
 def test_verifier_gives_none_for_unparseable_gold():
     with Verifier(workers=0) as verifier:
         assert verifier.verify_batch([("#### 1", "", "hash"), ("#### 1", "1", "hash")]) == [
-            None, Verdict(True, True, "1")]
+            None,
+            Verdict(True, True, "1"),
+        ]
 
 
 def test_verifier_throughput_memoised():

@@ -151,8 +151,7 @@ def _as_sympy(parsed: ParsedAnswer):
 
 # Points where two expressions with free symbols are compared: non-integers of both signs
 # (so that e.g. sqrt(x^2) and x are told apart), a different point for each symbol.
-_SAMPLE_POINTS = tuple(sympy.Rational(p, q) for p, q in
-                       ((-7, 3), (11, 5), (3, 13), (29, 7), (-2, 17), (5, 11)))
+_SAMPLE_POINTS = tuple(sympy.Rational(p, q) for p, q in ((-7, 3), (11, 5), (3, 13), (29, 7), (-2, 17), (5, 11)))
 _NUMERIC_DIGITS = 50
 _RELATIVE_TOLERANCE = 1e-30
 
@@ -162,8 +161,11 @@ def _close(a, b) -> bool | None:
     if a.is_Rational and b.is_Rational:  # exact (e.g. a polynomial at a rational point)
         return a == b
     va, vb = a.evalf(_NUMERIC_DIGITS), b.evalf(_NUMERIC_DIGITS)
-    if not (va.is_number and vb.is_number) or va.has(sympy.zoo, sympy.nan, sympy.oo) \
-            or vb.has(sympy.zoo, sympy.nan, sympy.oo):
+    if (
+        not (va.is_number and vb.is_number)
+        or va.has(sympy.zoo, sympy.nan, sympy.oo)
+        or vb.has(sympy.zoo, sympy.nan, sympy.oo)
+    ):
         return None
     scale = max(abs(va), abs(vb), 1)
     return bool(abs(va - vb) <= _RELATIVE_TOLERANCE * scale)
@@ -222,8 +224,12 @@ def objects_equal(a, b) -> bool:
     if isinstance(a, sequences) and isinstance(b, sequences):
         return _unordered_equal(a.args, b.args)
     if isinstance(a, sympy.Interval) and isinstance(b, sympy.Interval):
-        return (a.left_open == b.left_open and a.right_open == b.right_open
-                and objects_equal(a.start, b.start) and objects_equal(a.end, b.end))
+        return (
+            a.left_open == b.left_open
+            and a.right_open == b.right_open
+            and objects_equal(a.start, b.start)
+            and objects_equal(a.end, b.end)
+        )
     if isinstance(a, sympy.Union) and isinstance(b, sympy.Union):
         return _unordered_equal(a.args, b.args)
     if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
@@ -238,4 +244,3 @@ def objects_equal(a, b) -> bool:
             return a == b
         return expressions_equal(a, b)
     return False
-

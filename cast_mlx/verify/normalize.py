@@ -15,26 +15,63 @@ from cast_mlx.verify.extract import match_braces
 from cast_mlx.verify.limits import MAX_ANSWER_CHARS
 
 _UNICODE = str.maketrans(
-    {"−": "-", "–": "-", "×": "\\times ", "÷": "\\div ", "π": "\\pi ", "∞": "\\infty ",
-     "√": "\\sqrt ", "·": "\\cdot ", "°": "", "∪": "\\cup ", "\u00a0": " ",
-     "€": "", "£": ""}
+    {
+        "−": "-",
+        "–": "-",
+        "×": "\\times ",
+        "÷": "\\div ",
+        "π": "\\pi ",
+        "∞": "\\infty ",
+        "√": "\\sqrt ",
+        "·": "\\cdot ",
+        "°": "",
+        "∪": "\\cup ",
+        "\u00a0": " ",
+        "€": "",
+        "£": "",
+    }
 )
-_TEXT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\textrm", "\\mathrm", "\\mathbf",
-                  "\\mbox", "\\textup", "\\operatorname", "\\boxed", "\\fbox")
+_TEXT_COMMANDS = (
+    "\\text",
+    "\\textbf",
+    "\\textit",
+    "\\textrm",
+    "\\mathrm",
+    "\\mathbf",
+    "\\mbox",
+    "\\textup",
+    "\\operatorname",
+    "\\boxed",
+    "\\fbox",
+)
 _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\quad|\\qquad|\\displaystyle|\\left|\\right|\\limits|~")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree")
-_ANSWER_PREFIX = re.compile(
-    r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*|^therefore,?\s*", re.IGNORECASE
-)
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*|^therefore,?\s*", re.IGNORECASE)
 _VARIABLE_PREFIX = re.compile(r"^[A-Za-z]\s*=\s*(?=[^=]+$)")
-_FUNCTION_WORDS = {"sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "infty", "inf",
-                   "infinity", "frac", "dfrac", "tfrac", "times", "cdot", "binom", "cup"}
+_FUNCTION_WORDS = {
+    "sqrt",
+    "pi",
+    "sin",
+    "cos",
+    "tan",
+    "log",
+    "ln",
+    "exp",
+    "infty",
+    "inf",
+    "infinity",
+    "frac",
+    "dfrac",
+    "tfrac",
+    "times",
+    "cdot",
+    "binom",
+    "cup",
+}
 _UNIT_WORD = re.compile(r"[A-Za-z]{2,}(?:\^\d)?[.,]?")
 
 
-_UNWRAP = re.compile(
-    "(?:" + "|".join(re.escape(name) for name in _TEXT_COMMANDS) + r")\s*\{"
-)
+_UNWRAP = re.compile("(?:" + "|".join(re.escape(name) for name in _TEXT_COMMANDS) + r")\s*\{")
 
 
 def _unwrap_commands(s: str) -> str:
@@ -54,8 +91,11 @@ def _unwrap_commands(s: str) -> str:
 def _strip_units(s: str) -> str:
     """Drop trailing words after a number: "18 dollars", "5 cm^2", "12 eggs per day"."""
     words = s.split(" ")
-    while (len(words) > 1 and _UNIT_WORD.fullmatch(words[-1])
-           and words[-1].rstrip(".,").split("^")[0].lower() not in _FUNCTION_WORDS):
+    while (
+        len(words) > 1
+        and _UNIT_WORD.fullmatch(words[-1])
+        and words[-1].rstrip(".,").split("^")[0].lower() not in _FUNCTION_WORDS
+    ):
         words.pop()
     rest = " ".join(words)
     return rest if rest != s and re.search(r"\d", rest) else s

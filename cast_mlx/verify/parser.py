@@ -45,15 +45,42 @@ _TOKEN = re.compile(
     r"|(?P<op>[-+*/^()\[\]{},!|=_&])"
 )
 # Commands the parser understands; any other LaTeX command is refused.
-_COMMANDS = {"\\frac", "\\sqrt", "\\pi", "\\infty", "\\cdot", "\\times", "\\div", "\\cup",
-             "\\binom", "\\sin", "\\cos", "\\tan", "\\log", "\\ln", "\\exp", "\\{", "\\}",
-             "\\\\"}
+_COMMANDS = {
+    "\\frac",
+    "\\sqrt",
+    "\\pi",
+    "\\infty",
+    "\\cdot",
+    "\\times",
+    "\\div",
+    "\\cup",
+    "\\binom",
+    "\\sin",
+    "\\cos",
+    "\\tan",
+    "\\log",
+    "\\ln",
+    "\\exp",
+    "\\{",
+    "\\}",
+    "\\\\",
+}
 _MATRIX_ENVIRONMENTS = ("pmatrix", "bmatrix", "matrix")
-_WORD_COMMANDS = {"sqrt": "\\sqrt", "pi": "\\pi", "sin": "\\sin", "cos": "\\cos",
-                  "tan": "\\tan", "log": "\\log", "ln": "\\ln", "exp": "\\exp",
-                  "inf": "\\infty", "infty": "\\infty", "infinity": "\\infty", "oo": "\\infty"}
-_FUNCTIONS = {"\\sin": sympy.sin, "\\cos": sympy.cos, "\\tan": sympy.tan,
-              "\\ln": sympy.log, "\\exp": sympy.exp}
+_WORD_COMMANDS = {
+    "sqrt": "\\sqrt",
+    "pi": "\\pi",
+    "sin": "\\sin",
+    "cos": "\\cos",
+    "tan": "\\tan",
+    "log": "\\log",
+    "ln": "\\ln",
+    "exp": "\\exp",
+    "inf": "\\infty",
+    "infty": "\\infty",
+    "infinity": "\\infty",
+    "oo": "\\infty",
+}
+_FUNCTIONS = {"\\sin": sympy.sin, "\\cos": sympy.cos, "\\tan": sympy.tan, "\\ln": sympy.log, "\\exp": sympy.exp}
 _ATOM_COMMANDS = {"\\frac", "\\sqrt", "\\pi", "\\infty", "\\binom", "\\log"}
 _MAX_WORD_AS_PRODUCT = 3  # "xy" = x*y; longer letter runs are words, not products
 
@@ -137,16 +164,16 @@ class _Bracket:
 class _Parser:
     """Recursive descent over the token list. Grammar (lowest to highest precedence):
 
-        answer  := item (('\\cup' item)* | (',' item)* | '=' item)
-        item    := bracket-list | '\\{' list '\\}' | matrix | sum
-        sum     := term (('+' | '-') term)*
-        term    := unary (('*' | '/' | '\\cdot' | '\\times' | '\\div' | implicit) unary)*
-        unary   := ('-' | '+') unary | power
-        power   := postfix ('^' unary)?
-        postfix := atom '!'*
-        atom    := number | letter | '\\pi' | '\\infty' | '(' sum ')' | '{' sum '}'
-                 | '|' sum '|' | '\\frac' group group | '\\sqrt' ('[' sum ']')? group
-                 | '\\binom' group group | function argument
+    answer  := item (('\\cup' item)* | (',' item)* | '=' item)
+    item    := bracket-list | '\\{' list '\\}' | matrix | sum
+    sum     := term (('+' | '-') term)*
+    term    := unary (('*' | '/' | '\\cdot' | '\\times' | '\\div' | implicit) unary)*
+    unary   := ('-' | '+') unary | power
+    power   := postfix ('^' unary)?
+    postfix := atom '!'*
+    atom    := number | letter | '\\pi' | '\\infty' | '(' sum ')' | '{' sum '}'
+             | '|' sum '|' | '\\frac' group group | '\\sqrt' ('[' sum ']')? group
+             | '\\binom' group group | function argument
     """
 
     def __init__(self, tokens: list[tuple[str, str]]):
@@ -250,7 +277,7 @@ class _Parser:
             raise ParseError(f"unsupported environment {env!r}")
         self.pos += 1
         rows: list[list] = [[]]
-        while self.peek() != ("env", "end" + env[len("begin"):]):
+        while self.peek() != ("env", "end" + env[len("begin") :]):
             if self.peek() is None:
                 raise ParseError("unterminated matrix")
             if self.at("\\\\"):
@@ -478,4 +505,3 @@ def parse_expression(text: str):
         if result.has(sympy.zoo, sympy.nan):
             raise ParseError("undefined value")
     return result
-

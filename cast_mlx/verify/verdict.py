@@ -58,8 +58,7 @@ def plan(completion: str, gold: str, answer_format: str) -> Plan | None:
     parsed_gold = parse_gold(gold)
     if parsed_gold is None:
         return None
-    return Plan(gold, parsed_gold, extract_answer(completion, answer_format),
-                lenient_answer(completion, answer_format))
+    return Plan(gold, parsed_gold, extract_answer(completion, answer_format), lenient_answer(completion, answer_format))
 
 
 def judge(completion: str, gold: str, answer_format: str) -> Verdict | None:
