@@ -154,6 +154,7 @@ def base_advantages(
         centered = centered / (std + eps)
 
     flat = zero_variance_groups(rewards, group_size)[:, None]  # [P, 1]
+    flat_value: mx.array | float
     if zero_var_value:
         # +value for an all-correct group, -value for an all-wrong one.
         flat_value = mx.where(grouped[:, :1] > 0, zero_var_value, -zero_var_value)

@@ -88,10 +88,10 @@ class TensorBoardLogger(TrainingCallback):
 
 def _summary_writer(log_dir: Path):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+        from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         try:
-            from tensorboardX import SummaryWriter  # type: ignore[import-not-found,no-redef]
+            from tensorboardX import SummaryWriter  # type: ignore[no-redef]  # the fallback of the same name
         except ImportError:
             return None
     return SummaryWriter(str(log_dir))
@@ -104,7 +104,7 @@ def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[Tr
     log = recipe.logging
     if log.wandb:
         try:
-            import wandb  # type: ignore[import-not-found]
+            import wandb
 
             out.append(WandbLogger(wandb.init(project="cast-mlx", name=recipe.name, config=cfg.to_dict(recipe))))
         except ImportError:

@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -126,9 +127,10 @@ def load_checkpoint(ckpt: Path, world_size: int, *, model, optimizer, teacher) -
     check_world_size(ckpt, world_size)
     state = json.loads((ckpt / "state.json").read_text())
     teacher_version = state.pop("teacher_version", 0)
-    weights = mx.load(str(ckpt / models.ADAPTER_WEIGHTS))
+    weights = cast("dict[str, mx.array]", mx.load(str(ckpt / models.ADAPTER_WEIGHTS)))  # safetensors: a dict
     model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    optimizer_state = cast("dict[str, mx.array]", mx.load(str(ckpt / "optimizer.safetensors")))
+    optimizer.state = tree_unflatten(list(optimizer_state.items()))
     if teacher is not None:
         teacher.params = mx.load(str(ckpt / "teacher.safetensors"))
         teacher.version = teacher_version

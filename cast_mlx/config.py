@@ -17,15 +17,21 @@ import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, TypedDict
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A recipe problem; the message is one line naming the field."""
+
+
+# The choices of the two fields that default per algorithm (see ALGORITHM_DEFAULTS).
+ScaleRewards = Literal["none", "group", "batch"]
+TeacherContext = Literal["plain", "same", "privileged"]
 
 
 def bounds(default, *, ge=None, gt=None, le=None, lt=None):
@@ -74,7 +80,7 @@ class AlgorithmConfig:
     # GRPO is the default: it is what learns with the embedded 135M model (docs/results.md).
     name: Literal["cast", "grpo", "rlsd"] = "grpo"
     # None in a file: the algorithm's default (ALGORITHM_DEFAULTS); load_recipe fills it in.
-    scale_rewards: Optional[Literal["none", "group", "batch"]] = None
+    scale_rewards: Optional[ScaleRewards] = None
     eps: float = bounds(1e-4, ge=0.0)  # added to the reward std before dividing by it
     zero_var_base: float = bounds(1.0, ge=0.0)
     cast_lambda: float = bounds(1.0, ge=0.0)
@@ -105,7 +111,7 @@ class TeacherConfig:
     refresh: int = bounds(10, ge=1)  # optimizer steps between snapshots
     ema_decay: float = bounds(0.99, gt=0.0, lt=1.0)
     # None in a file: the algorithm's default (ALGORITHM_DEFAULTS); load_recipe fills it in.
-    context: Optional[Literal["plain", "same", "privileged"]] = None
+    context: Optional[TeacherContext] = None
 
 
 @dataclass
@@ -318,10 +324,15 @@ def _check_recipe(r: Recipe) -> None:
         raise ConfigError(f"name: must be a non-empty name without '/', got {r.name!r}")
 
 
+class AlgorithmDefaults(TypedDict):
+    scale_rewards: ScaleRewards
+    teacher_context: TeacherContext
+
+
 # What each algorithm uses where the recipe leaves a field at None (spec sections 2 and 3):
 # CAST scales by nothing (the authors' canonical run), GRPO/RLSD by the group std; RLSD's
 # teacher sees the reference solution, the others' teacher is answer-free.
-ALGORITHM_DEFAULTS = {
+ALGORITHM_DEFAULTS: dict[str, AlgorithmDefaults] = {
     "cast": {"scale_rewards": "none", "teacher_context": "plain"},
     "grpo": {"scale_rewards": "group", "teacher_context": "plain"},
     "rlsd": {"scale_rewards": "group", "teacher_context": "privileged"},
@@ -362,7 +373,8 @@ def from_dict(data: dict) -> Recipe:
 
 def _set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
-    node, cls = data, Recipe
+    node = data
+    cls: typing.Any = Recipe  # a section's dataclass
     for i, key in enumerate(keys):
         names = {f.name: f for f in dataclasses.fields(cls)}
         where = ".".join(keys[: i + 1])
@@ -389,7 +401,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from exc
+            # only a MarkedYAMLError has `problem` (a ReaderError, for control characters, has not)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item}: value is not valid YAML ({problem})") from exc
         _set_path(data, key.strip(), value)
     return data
 
@@ -412,7 +426,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe file (or start from defaults with `path=None`) and apply `--set`s."""
     data = read_yaml(path) if path is not None else {}
     return from_dict(apply_overrides(data, list(overrides)))

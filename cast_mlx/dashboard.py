@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -64,7 +64,8 @@ class RichView(TrainingCallback):
     """A live panel: progress/ETA, rewards, group mix, CAST gap table, timings, memory."""
 
     def __init__(self, total: int, console: Console | None = None):
-        self.total, self.info = total, {}
+        self.total = total
+        self.info: dict = {}
         self.console = console or Console()
         self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         self.task = self.progress.add_task("steps", total=total)
@@ -129,7 +130,7 @@ class RichView(TrainingCallback):
         mid.add_row("at ±a_max", _f(g("cast/adv/at_a_max_share"), ".2f"), "", "")
 
         right = Table(title="optimisation", show_header=False, box=None)
-        for label, key, spec in (
+        for label, metric, fmt in (
             ("loss", "loss", ".4f"),
             ("grad norm", "grad_norm", ".3f"),
             ("lr", "learning_rate", ".2e"),
@@ -153,11 +154,11 @@ class RichView(TrainingCallback):
             elif label.startswith("peak"):
                 right.add_row(label, f"{_f(g('memory/peak_gb'), '.2f')} / {_f(g('memory/rss_gb'), '.2f')}")
             else:
-                right.add_row(label, _f(g(key), spec))
+                right.add_row(label, _f(g(metric), fmt))
 
         body = Table.grid(padding=(0, 3))
         body.add_row(left, mid, right)
-        parts = [head, self.progress, body]
+        parts: list[RenderableType] = [head, self.progress, body]
         if samples:
             s = samples[0]
             text = s["completion"].strip().replace("\n", " ")

@@ -41,7 +41,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -214,14 +214,18 @@ def max_int(world: World, value: int, what: str = "agreeing on a value") -> int:
     """The largest `value` over ranks (e.g. an agreed stop code: 0 = go on)."""
     if world.size == 1:
         return int(value)
-    return int(_collective(world, what, mx.distributed.all_max, mx.array([int(value)], dtype=mx.int32)).item())
+    return int(
+        cast(int, _collective(world, what, mx.distributed.all_max, mx.array([int(value)], dtype=mx.int32)).item())
+    )
 
 
 def max_int_vector(world: World, values: list[int], what: str = "agreeing on sizes") -> list[int]:
     """Element-wise maxima over ranks of a list of integers."""
     if world.size == 1:
         return [int(v) for v in values]
-    return _collective(world, what, mx.distributed.all_max, mx.array(values, dtype=mx.int32)).tolist()
+    return cast(
+        "list[int]", _collective(world, what, mx.distributed.all_max, mx.array(values, dtype=mx.int32)).tolist()
+    )
 
 
 def same_everywhere(world: World, text: str, what: str = "comparing recipes") -> bool:
@@ -238,7 +242,7 @@ def same_everywhere(world: World, text: str, what: str = "comparing recipes") ->
 
 
 def _as_float(v) -> float:
-    return float(v.item()) if isinstance(v, mx.array) else float(v)
+    return float(cast(float, v.item())) if isinstance(v, mx.array) else float(v)
 
 
 def _reduce_values(world: World, values: dict, op, what: str) -> dict[str, float]:
@@ -247,7 +251,7 @@ def _reduce_values(world: World, values: dict, op, what: str) -> dict[str, float
     if world.size == 1:
         return {k: _as_float(v) for k, v in values.items()}
     vec = mx.stack([mx.array(v, dtype=mx.float32).reshape(()) for v in values.values()])
-    out = _collective(world, what, op, vec).tolist()
+    out = cast("list[float]", _collective(world, what, op, vec).tolist())
     return dict(zip(values, out))
 
 
@@ -282,7 +286,7 @@ def sum_tree(world: World, tree, what: str = "summing gradients"):
     collective: the leaves are flattened into one float32 buffer, summed, and split back."""
     if world.size == 1:
         return tree
-    leaves = tree_flatten(tree)
+    leaves = cast("list[tuple[str, mx.array]]", tree_flatten(tree))
     flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
     total = _collective(world, what, mx.distributed.all_sum, flat)
     out, start = [], 0
@@ -314,7 +318,7 @@ def gather_rows(world: World, columns: dict[str, mx.array], what: str = "gatheri
         x = x.reshape(n, 1) if f else x
         parts.append(mx.pad(x, [(0, rows - n), (0, span - x.shape[1])]))
     packed = _collective(world, what, mx.distributed.all_gather, mx.concatenate(parts, axis=1))
-    real = [i for i, v in enumerate(packed[:, 0].tolist()) if v > 0]
+    real = [i for i, v in enumerate(cast("list[float]", packed[:, 0].tolist())) if v > 0]
     packed = packed[mx.array(real, dtype=mx.int32)] if real else packed[:0]
     out, col = {}, 1
     for k, f, span in zip(names, flat, spans):

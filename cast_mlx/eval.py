@@ -233,8 +233,8 @@ def mcnemar_exact(only_new: int, only_baseline: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_comparison(baseline: Sequence[bool], new: Sequence[bool]) -> Paired:
-    """Compare per-problem outcomes (same problems, same order)."""
+def paired_comparison(baseline: Sequence[float], new: Sequence[float]) -> Paired:
+    """Compare per-problem outcomes, bools or 0/1 (same problems, same order)."""
     if len(baseline) != len(new) or not new:
         raise ValueError(f"paired comparison needs equal, non-empty lists, got {len(baseline)} and {len(new)}")
     n = len(new)
@@ -344,7 +344,7 @@ def evaluate(
     golds = [p.gold for p in problems]
     eos = set(tokenizer.eos_token_ids)
     own_verifier = verifier is None
-    verifier = verify.Verifier(workers=1) if own_verifier else verifier
+    verifier = verify.Verifier(workers=1) if verifier is None else verifier
     try:
         greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_batch=max_batch)
         greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed)

@@ -13,6 +13,7 @@ position `len(context_i) + j` and is predicted from the hidden state one positio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,7 +37,7 @@ def make_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array) -> B
     if any(len(c) == 0 for c in contexts):
         raise ValueError("every context needs at least one token")
     width = max(len(c) for c in contexts) + length
-    rows = [c + t + [0] * (width - len(c) - length) for c, t in zip(contexts, tokens.tolist())]
+    rows = [c + t + [0] * (width - len(c) - length) for c, t in zip(contexts, cast("list[list[int]]", tokens.tolist()))]
     ctx_len = mx.array([len(c) for c in contexts], dtype=mx.int32)
     positions = ctx_len[:, None] - 1 + mx.arange(length, dtype=mx.int32)[None, :]
     inputs = mx.array(rows, dtype=mx.int32)
@@ -109,7 +110,7 @@ def length_buckets(mask: mx.array, size: int) -> list[list[int]]:
 
     Scoring a group pads only to its own longest row, so sorted groups waste far less work
     on padding than one batch padded to the longest completion of the step."""
-    lengths = mask.sum(axis=1).tolist()
+    lengths = cast("list[float]", mask.sum(axis=1).tolist())
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + size] for i in range(0, len(order), size)]
 
@@ -117,7 +118,7 @@ def length_buckets(mask: mx.array, size: int) -> list[list[int]]:
 def trimmed_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, rows: list[int]) -> Batch:
     """The batch of `rows`, cut to their longest completion (at least one position)."""
     idx = mx.array(rows)
-    length = max(int(mask[idx].sum(axis=1).max().item()), 1)
+    length = max(int(cast(float, mask[idx].sum(axis=1).max().item())), 1)
     return make_batch([contexts[i] for i in rows], tokens[idx, :length], mask[idx, :length])
 
 

@@ -19,7 +19,7 @@ RLSD) and still get the full-batch loss, as long as `beta = 0`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import mlx.core as mx
 
@@ -143,7 +143,7 @@ def rows_with_loss(
         carries = mask.sum(axis=1) > 0
     if mask_truncated:
         carries = mx.logical_and(carries, truncated == 0)
-    return [i for i, c in enumerate(carries.tolist()) if c]
+    return [i for i, c in enumerate(cast("list[bool]", carries.tolist())) if c]
 
 
 def _check_shapes(logp, old_logp, advantages, mask, ref_logp) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import cast
 
 import mlx.core as mx
 
@@ -111,9 +112,11 @@ def step_metrics(
         "epoch": epoch,
         "reward": rewards.mean().item(),
         "reward_std": float(
-            mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) / max(g - 1, 1)).mean().item()
+            cast(
+                float, mx.sqrt(((rew - rew.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) / max(g - 1, 1)).mean().item()
+            )
         ),
-        "frac_reward_zero_std": float(zero_variance_groups(rewards, g).astype(mx.float32).mean().item()),
+        "frac_reward_zero_std": float(cast(float, zero_variance_groups(rewards, g).astype(mx.float32).mean().item())),
         "accuracy/strict": sum(rows["strict"].tolist()) / n_rows,
         "accuracy/lenient": sum(rows["lenient"].tolist()) / n_rows,
         "reward/dropped": sum(rows["dropped"].tolist()),
@@ -143,7 +146,7 @@ def step_metrics(
     if "kl_mean" in aux:
         m["kl"] = aux["kl_mean"]
     for k, v in diag.items():
-        m[f"cast/{k}"] = float(v.item()) if isinstance(v, mx.array) else float(v)
+        m[f"cast/{k}"] = float(cast(float, v.item())) if isinstance(v, mx.array) else float(v)
     return m
 
 

@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,8 +113,8 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         return final
     spec = EMBEDDED[name]
     final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp_name:
+        tmp = Path(tmp_name)
         downloaded = _download_gguf(spec, tmp / "download")
         digest = _sha256(downloaded)
         if digest != spec.sha256:
@@ -186,7 +187,8 @@ def _bits_of(weights: dict, module: str, in_features: int) -> int:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write a llama-architecture GGUF as an mlx-lm model folder (config, weights, tokenizer)."""
-    weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    loaded = mx.load(str(gguf_path), return_metadata=True)
+    weights, meta = cast("tuple[dict[str, mx.array], dict[str, Any]]", loaded)
     meta = {k: _meta_value(v) for k, v in meta.items()}
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -279,7 +281,7 @@ def _offline_error(exc: BaseException) -> bool:
     )
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     while exc is not None:
         yield exc
         exc = exc.__cause__ or exc.__context__
@@ -308,6 +310,7 @@ def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
             m.bits,
             m.mode,
         ).astype(dtype)
+        new: nn.Embedding | nn.Linear
         if isinstance(m, nn.QuantizedEmbedding):
             new = nn.Embedding(*w.shape)
         else:
@@ -324,9 +327,8 @@ def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
 
 def cast_floats(model: nn.Module, dtype) -> nn.Module:
     """Cast every floating-point parameter (norms included) to `dtype`."""
-    params = [
-        (k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in tree_flatten(model.parameters())
-    ]
+    flat = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+    params = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in flat]
     model.update(tree_unflatten(params))
     return model
 
@@ -352,7 +354,7 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "auto"):
     target = resolve(spec)
     want = resolve_dtype(dtype)
     try:
-        model, tokenizer = mlx_lm.load(str(target))
+        model, tokenizer = cast("tuple[nn.Module, Any]", mlx_lm.load(str(target)))  # no return_config
     except Exception as exc:  # noqa: BLE001 - rewrap with a message the user can act on
         if isinstance(target, str) and _offline_error(exc):
             raise ModelLoadError(
@@ -390,13 +392,14 @@ def attach_lora(
     lora_parameters = {"rank": rank, "scale": alpha / rank, "dropout": dropout, "keys": list(keys)}
     model.freeze()
     linear_to_lora_layers(model, num_layers, lora_parameters)
-    names = [k for k, _ in tree_flatten(model.trainable_parameters()) if k.endswith("lora_a")]
+    trainable = cast("list[tuple[str, mx.array]]", tree_flatten(model.trainable_parameters()))
+    names = [k for k, _ in trainable if k.endswith("lora_a")]
     if not names:
         raise ModelLoadError(f"lora.keys {keys}: no such linear layer in this model")
-    keys = mx.random.split(mx.random.key(seed), len(names))
+    init_keys = mx.random.split(mx.random.key(seed), len(names))
     params = dict(tree_flatten(model.trainable_parameters()))
     fresh = []
-    for key, name in zip(keys, sorted(names)):
+    for key, name in zip(init_keys, sorted(names)):
         a = params[name]
         bound = 1.0 / (a.shape[0] ** 0.5)
         fresh.append((name, mx.random.uniform(-bound, bound, a.shape, key=key)))

@@ -122,7 +122,7 @@ def plot_runs(
     handles = []
     for (title, ylabel, keys), ax in zip(PANELS, axes.flat):
         drawn = False
-        for i, (name, rows) in enumerate(runs):
+        for i, (_name, rows) in enumerate(runs):
             color = colors[i % len(colors)]
             for key, style, _ in keys:
                 steps, values = series(rows, key)

@@ -281,7 +281,7 @@ def plain_head(model) -> mx.array | None:
     else:
         layer = getattr(model, "lm_head", None)
         ok = type(layer) is nn.Linear and "bias" not in layer
-    return layer.weight if ok else None
+    return layer.weight if ok and layer is not None else None  # (ok implies a layer)
 
 
 def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.ndarray:

@@ -43,7 +43,11 @@ def privileged_context(question: str, reference: str) -> str:
 
 
 def teacher_contexts(
-    mode: str, tokenizer, questions: list[str], student_prompts: list[list[int]], references: list[str] | None = None
+    mode: str | None,
+    tokenizer,
+    questions: list[str],
+    student_prompts: list[list[int]],
+    references: list[str] | None = None,
 ) -> list[list[int]]:
     """Token ids of the teacher's context for each prompt (one per prompt, not per row)."""
     if mode == "same":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from cast_mlx import config as cfg
 
@@ -71,9 +72,7 @@ def dry_run(recipe: cfg.Recipe) -> int:
     return 0
 
 
-def _resume_recipe(args) -> tuple[cfg.Recipe, "Path"]:
-    from pathlib import Path
-
+def _resume_recipe(args) -> tuple[cfg.Recipe, Path]:
     from cast_mlx.checkpoint import TrainingError, find_checkpoint
 
     try:

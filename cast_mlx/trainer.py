@@ -33,6 +33,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -61,7 +62,7 @@ from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
 class Run:
     recipe: cfg.Recipe
     model: nn.Module
-    tokenizer: object
+    tokenizer: Any  # mlx-lm's TokenizerWrapper
     adapter_config: dict
     optimizer: optim.Optimizer
     teacher: Teacher | None
@@ -183,7 +184,7 @@ def next_prompts(run: Run) -> list:
     """The step's batch of problems (P of them, the global batch), advancing the data
     cursor; every rank of a data-parallel run advances it the same way."""
     st, p = run.state, run.recipe.sampling.prompts_per_step
-    picked = []
+    picked: list[int] = []
     while len(picked) < p:
         order = epoch_order(len(run.problems), run.recipe.seed, st.epoch, run.recipe.data.shuffle)
         take = order[st.cursor : st.cursor + p - len(picked)]
@@ -489,7 +490,7 @@ class StopRequest:
 
     CODES = {"SIGINT": 130, "SIGTERM": 143}
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal_name: str | None = None
 
     def install(self):
@@ -508,6 +509,8 @@ class StopRequest:
 
     @property
     def code(self) -> int:
+        if self.signal_name is None:
+            return 1
         return self.CODES.get(self.signal_name, 1)
 
 
@@ -526,7 +529,7 @@ def evaluate_now(run: Run, problems: list) -> dict:
     r, world = run.recipe, run.world
     t = time.perf_counter()
     mine = dist.shard_uneven(problems, world.rank, world.size)
-    values = {"greedy/strict": [], "greedy/lenient": []}
+    values: dict[str, list[float]] = {"greedy/strict": [], "greedy/lenient": []}
     if mine:
         result = evaluate(
             run.model,
@@ -543,7 +546,8 @@ def evaluate_now(run: Run, problems: list) -> dict:
     gathered = dist.gather_rows(
         world, {k: mx.array(v, dtype=mx.float32) for k, v in values.items()}, "gathering eval results"
     )
-    strict, lenient = gathered["greedy/strict"].tolist(), gathered["greedy/lenient"].tolist()
+    strict = cast("list[float]", gathered["greedy/strict"].tolist())
+    lenient = cast("list[float]", gathered["greedy/lenient"].tolist())
     low, high = bootstrap_ci(lenient, seed=0, n_resamples=200)
     return {
         "eval/accuracy": float(np.mean(lenient)),
@@ -557,7 +561,7 @@ def evaluate_now(run: Run, problems: list) -> dict:
 
 def run_info(run: Run) -> dict:
     r = run.recipe
-    info = {
+    info: dict[str, str | int] = {
         "run": r.name,
         "model": f"{r.model.name} ({models.resolve_dtype(r.model.dtype)})",
         "algorithm": r.algorithm.name,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run_cli
 
 from cast_mlx import config as cfg
+
+from helpers import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -82,6 +83,7 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("name: x\n", ["sampling=1"], "--set sampling: sampling is a section"),
         ("name: x\n", ["sampling.group_size"], "--set sampling.group_size: expected key=value"),
         ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
+        ("name: x\n", ["sampling.temperature=\x01"], "value is not valid YAML"),
         ("name: x\n", ["optimizer.lr=-1e-4"], "optimizer.lr: must be > 0.0, got -0.0001"),
         ("loss:\n  num_iterations: 2\n", [], "loss.num_iterations: only 1 update per batch"),
         ("loss:\n  num_iterations: 1\nsampling:\n  top_k: -1\n", [], "sampling.top_k: must be >= 0"),

@@ -93,6 +93,8 @@ def _numbers_equal(pred: ParsedAnswer, gold: ParsedAnswer) -> bool:
     if pred.number == gold.number:
         return True
     if gold.percent and not pred.percent:
+        if gold.number is None:  # never: callers compare two numeric answers
+            raise TypeError("a percent gold without a number")
         return pred.number == gold.number / 100
     return False
 
@@ -143,6 +145,8 @@ def equivalent(pred: str, gold: ParsedAnswer) -> bool:
 def _as_sympy(parsed: ParsedAnswer):
     if parsed.expr is not None:
         return parsed.expr
+    if parsed.number is None:  # never: callers check that one is set (`equivalent` catches this)
+        raise AttributeError("an answer with neither an expression nor a number")
     return sympy.Rational(parsed.number.numerator, parsed.number.denominator)
 
 

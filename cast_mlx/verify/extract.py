@@ -88,8 +88,8 @@ def extract_last_number(text: str) -> str | None:
     """The last number of the text (searched in its last `EXTRACT_TAIL_CHARS` characters)."""
     tail = text[-EXTRACT_TAIL_CHARS:]
     last = None
-    for last in _NUMBER_IN_TEXT.finditer(tail):
-        pass
+    for match in _NUMBER_IN_TEXT.finditer(tail):
+        last = match
     return last.group(0) if last else None
 
 

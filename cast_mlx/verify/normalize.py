@@ -180,7 +180,7 @@ def parse_number(answer: str) -> tuple[Fraction, bool] | None:
     if s and s[0] in "+-":
         sign = -1 if s[0] == "-" else 1
         s = s[1:]
-    value = None
+    value: Fraction | None = None
     for kind, pattern in _NUMBER_PATTERNS:
         m = pattern.fullmatch(s)
         if not m:
@@ -193,9 +193,9 @@ def parse_number(answer: str) -> tuple[Fraction, bool] | None:
             if mantissa is not None and abs(exponent) <= 400:
                 value = mantissa * Fraction(10) ** exponent
         elif kind == "ratio":
-            num, den = _decimal_fraction(g[0]), _decimal_fraction(g[1])
-            if num is not None and den:
-                value = num / den
+            top, bottom = _decimal_fraction(g[0]), _decimal_fraction(g[1])
+            if top is not None and bottom:
+                value = top / bottom
         elif kind == "frac":
             if int(g[1]) != 0:
                 value = Fraction(int(g[0]), int(g[1]))

@@ -17,6 +17,7 @@ import math
 import re
 from decimal import Decimal
 from fractions import Fraction
+from typing import cast
 
 import sympy
 
@@ -94,7 +95,7 @@ def tokenize(text: str) -> list[tuple[str, str]]:
         if not m:
             raise ParseError(f"unexpected character {text[pos]!r}")
         pos = m.end()
-        kind = m.lastgroup
+        kind = cast(str, m.lastgroup)  # every alternative of _TOKEN is a named group
         value = m.group()
         if kind == "ws":
             continue
@@ -499,7 +500,7 @@ def parse_expression(text: str):
     parser = _Parser(tokens)
     result = parser.parse_answer()
     if parser.pos != len(tokens):
-        raise ParseError(f"unexpected {parser.peek()[1]!r}")
+        raise ParseError(f"unexpected {tokens[parser.pos][1]!r}")  # pos < len(tokens) here
     if isinstance(result, sympy.Basic):
         _check_size(result)
         if result.has(sympy.zoo, sympy.nan):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import OrderedDict, deque
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_connections
-from typing import Sequence
+from typing import Callable, Sequence, cast
 
-from cast_mlx.verify.equivalence import equivalent, is_equivalent, parse_gold, quick_equivalent
+from cast_mlx.verify.equivalence import ParsedAnswer, equivalent, is_equivalent, parse_gold, quick_equivalent
 from cast_mlx.verify.verdict import Verdict, plan
 
 
@@ -78,11 +79,12 @@ class TimeoutPool:
         self._workers: list[_Worker | None] = [None] * workers
 
     def _start_missing(self) -> None:
-        started = []
+        started: list[_Worker] = []
         for slot, worker in enumerate(self._workers):
             if worker is None:
-                self._workers[slot] = _Worker(self._ctx)
-                started.append(self._workers[slot])
+                new = _Worker(self._ctx)
+                self._workers[slot] = new
+                started.append(new)
         for worker in started:
             try:
                 ready = worker.conn.poll(120) and worker.conn.recv() == "ready"
@@ -94,8 +96,15 @@ class TimeoutPool:
                     "the main script: guard it with `if __name__ == '__main__':`)"
                 )
 
+    def _busy(self, slot: int) -> _Worker:
+        """The worker of a slot that has one (every slot after `_start_missing`, until `_retire`)."""
+        worker = self._workers[slot]
+        if worker is None:  # never: a call is only sent to, or awaited from, a started worker
+            raise RuntimeError(f"verifier pool: slot {slot} has no worker")
+        return worker
+
     def _retire(self, slot: int) -> None:
-        self._workers[slot].kill()
+        self._busy(slot).kill()
         self._workers[slot] = None
 
     def run(self, calls: Sequence[tuple], default=None) -> list:
@@ -109,11 +118,12 @@ class TimeoutPool:
                 for slot in range(self.size):
                     if slot not in busy and pending:
                         index = pending.popleft()
-                        self._workers[slot].conn.send(calls[index])
+                        self._busy(slot).conn.send(calls[index])
                         busy[slot] = (index, time.monotonic() + self.timeout)
-            conns = {self._workers[slot].conn: slot for slot in busy}
+            conns = {self._busy(slot).conn: slot for slot in busy}
             next_deadline = min(deadline for _, deadline in busy.values())
-            ready = _wait_connections(list(conns), max(0.0, next_deadline - time.monotonic()))
+            # only Connections are waited on, so only Connections come back
+            ready = cast("list[Connection]", _wait_connections(list(conns), max(0.0, next_deadline - time.monotonic())))
             for conn in ready:
                 slot = conns[conn]
                 index, _ = busy.pop(slot)
@@ -125,7 +135,7 @@ class TimeoutPool:
                 if result is not None:
                     results[index] = result
             now = time.monotonic()
-            for slot, (index, deadline) in list(busy.items()):
+            for slot, (_index, deadline) in list(busy.items()):
                 if now >= deadline:
                     self.timeouts += 1
                     self._retire(slot)
@@ -137,6 +147,13 @@ class TimeoutPool:
             if worker is not None:
                 worker.stop()
                 self._workers[slot] = None
+
+
+def _plan_gold(gold: str) -> ParsedAnswer:
+    """The parsed gold of a `Plan`'s pair: `plan` parsed it already, and `parse_gold` is pure."""
+    parsed = parse_gold(gold)
+    assert parsed is not None, "only golds that a Plan could parse reach the verifier's pairs"
+    return parsed
 
 
 def _equivalence_job(pred: str, gold: str) -> bool:
@@ -178,12 +195,16 @@ class Verifier:
                 for answer in p.answers():
                     pairs[(p.gold, answer)] = None
         decided = self._decide(list(pairs))
+
+        def decide_for(gold: str) -> Callable[[str], bool]:
+            return lambda answer: decided[(gold, answer)]
+
         verdicts: list[Verdict | None] = []
         for p in plans:
             if p is None:
                 verdicts.append(None)
             else:
-                verdicts.append(p.verdict(lambda answer, gold=p.gold: decided[(gold, answer)]))
+                verdicts.append(p.verdict(decide_for(p.gold)))
         return verdicts
 
     def close(self) -> None:
@@ -205,18 +226,19 @@ class Verifier:
                 decided[key] = self._memo[key]
                 continue
             gold, answer = key
-            quick = quick_equivalent(answer, parse_gold(gold))
+            quick = quick_equivalent(answer, _plan_gold(gold))
             if quick is None:
                 slow.append(key)
             else:
                 decided[key] = quick
-        if slow and self._pool is None:
-            for gold, answer in slow:
-                decided[(gold, answer)] = bool(equivalent(answer, parse_gold(gold)))
-        elif slow:
-            calls = [(_equivalence_job, (answer, gold)) for gold, answer in slow]
-            for key, result in zip(slow, self._pool.run(calls, default=False)):
-                decided[key] = bool(result)
+        if slow:
+            if self._pool is None:
+                for gold, answer in slow:
+                    decided[(gold, answer)] = bool(equivalent(answer, _plan_gold(gold)))
+            else:
+                calls = [(_equivalence_job, (answer, gold)) for gold, answer in slow]
+                for key, result in zip(slow, self._pool.run(calls, default=False)):
+                    decided[key] = bool(result)
         for key, value in decided.items():
             self._memo[key] = value
             self._memo.move_to_end(key)
