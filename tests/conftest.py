@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 
 import cast_mlx  # noqa: F401  (loads the BLAS before mlx.core)
+
+# Tests that use these fixtures load the embedded model (and, for `hf`, PyTorch); they are
+# marked so that `pytest -m "not model and not torch"` is the seconds-long tier.
+MODEL_FIXTURES = {"smol_dir", "smol_gguf", "smol", "fresh_smol", "hf"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+        if "hf" in used:
+            item.add_marker(pytest.mark.torch)
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +45,14 @@ def smol(smol_dir):
     from cast_mlx import models
 
     return models.load(models.DEFAULT_MODEL, dtype="float32")
+
+
+@pytest.fixture()
+def fresh_smol(smol):
+    """`(model, tokenizer)`: a copy of the session's float32 model that a test may change
+    (attach LoRA, set weights) without loading it again; the tokenizer is shared."""
+    model, tokenizer = smol
+    return copy.deepcopy(model), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def torch_reference():
+    """`tests/reference/torch_cast.py`, imported when a test asks for it, so that importing
+    a test module never imports torch and the fast tier (`-m "not model and not torch"`)
+    runs without it. Tests that call this carry the `torch` marker."""
+    from reference import torch_cast  # tests/ is on sys.path (pytest's rootdir insertion)
+
+    return torch_cast
+
+
 def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `python ARGS...` from the repository root and capture its output."""
     full_env = dict(os.environ)

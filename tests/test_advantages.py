@@ -19,10 +19,7 @@ from cast_mlx.advantages import (
 )
 from cast_mlx.compiled import CompiledAdvantages, bucket_length, compile_count
 
-try:  # tests/ on sys.path (pytest's default rootdir insertion)
-    from reference import torch_cast as ref
-except ImportError:  # tests/ is a package
-    from tests.reference import torch_cast as ref
+from helpers import torch_reference
 
 
 def f32(x: float) -> float:
@@ -294,6 +291,7 @@ def assert_parity(name, rewards, gaps, mask, group_size, step, params):
     token, base = compute_advantages(
         name, mx.array(rewards), mx.array(gaps), mx.array(mask), group_size=group_size, step=step, **params
     )
+    ref = torch_reference()
     ref_token, ref_base = ref.advantages(name, rewards, gaps, mask, group_size=group_size, step=step, **params)
     np.testing.assert_allclose(np.array(base), ref_base.cpu().numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.array(token), ref_token.cpu().numpy(), rtol=1e-6, atol=1e-6)
@@ -315,6 +313,7 @@ cast_params = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.torch
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches(), params=cast_params, step=st.integers(0, 150))
 def test_cast_parity(batch, params, step):
@@ -331,12 +330,14 @@ rlsd_params = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.torch
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches(), params=rlsd_params, step=st.integers(0, 80))
 def test_rlsd_parity(batch, params, step):
     assert_parity("rlsd", *batch, step, params)
 
 
+@pytest.mark.torch
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=batches(), scale=st.sampled_from([None, "none", "group", "batch"]))
 def test_grpo_parity(batch, scale):

@@ -6,9 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import run_cli
 
 from cast_mlx import blas
+
+from helpers import run_cli
 
 CHILD = """
 import sys, numpy as np

@@ -21,11 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import ROOT, free_ports, launch_loopback, run_cli
 
 from cast_mlx import checkpoint
 from cast_mlx import config as cfg
 from cast_mlx import distributed as dist
+
+from helpers import ROOT, free_ports, launch_loopback, run_cli
 
 ONE_THREAD = {"MKL_NUM_THREADS": "1"}
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count", "comm/")
@@ -142,6 +143,7 @@ dist.barrier(world, "the test barrier")
 """
 
 
+@pytest.mark.model  # runs the model (or mlx.launch) in subprocesses
 def test_collectives_and_the_watchdog(tmp_path):
     """Two ranks: gathered rows, summed trees and agreed values are right on both; then rank
     1 hangs (alive, connections open) and rank 0's watchdog exits within the timeout."""
@@ -228,6 +230,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
     assert state["world_size"] == 2
 
 
+@pytest.mark.model  # runs the model (or mlx.launch) in subprocesses
 def test_two_ranks_equal_one_process_accumulating_two_micro_batches(tmp_path):
     """The literal form: one process with gradient accumulation 2 (micro-batches of 2 rows,
     decode batch of all 4 streams) against N=2 (one micro-batch of 2 rows per rank).

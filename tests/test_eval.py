@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import run_cli
 
 from cast_mlx import eval as ev
+
+from helpers import run_cli
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -223,6 +224,7 @@ def test_paired_comparison_counts_and_interval():
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.model  # runs the model (or mlx.launch) in subprocesses
 def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
     out = tmp_path / "eval.json"
     r = run_cli(
@@ -264,6 +266,7 @@ def test_baseline_must_hold_the_same_problems_in_order():
             ev.check_same_problems(base, ids, "f.json")
 
 
+@pytest.mark.model  # runs the model (or mlx.launch) in subprocesses
 def test_cli_paired_comparison_against_a_baseline(tmp_path):
     common = [
         "-m",

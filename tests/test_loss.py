@@ -5,7 +5,6 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,10 +13,7 @@ from cast_mlx.compiled import CompiledPolicyLoss, compile_count
 from cast_mlx.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
 from cast_mlx.metrics import cast_diagnostics
 
-try:  # tests/ on sys.path (pytest's default rootdir insertion)
-    from reference import torch_cast as ref
-except ImportError:  # tests/ is a package
-    from tests.reference import torch_cast as ref
+from helpers import torch_reference
 
 GARBAGE = 100.0  # log-prob values in the padding, which must not matter
 
@@ -140,7 +136,7 @@ def test_micro_batches_add_up_to_the_full_batch(agg):
         metrics = {}
         for a, b in splits:
             width = max(int(mask[a:b].sum(axis=1).max().item()), 1)  # trim each micro-batch's padding
-            part = lambda x: x[a:b, :width]  # noqa: E731
+            part = lambda x: x[a:b, :width]  # noqa: E731, B023  (used within the iteration)
             inputs = [part(x) for x in (lp, old, adv, mask)]
             loss, m = policy_loss(*inputs, truncated=truncated[a:b], ref_logp=part(ref_logp), norm=norm, **opts)
             total = total + loss
@@ -202,6 +198,7 @@ def loss_cases(draw):
     return logp, old, adv, mask, truncated, ref_logp, opts
 
 
+@pytest.mark.torch
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=loss_cases())
 def test_loss_and_gradient_match_torch(case):
@@ -216,6 +213,7 @@ def test_loss_and_gradient_match_torch(case):
 
     loss, grad = mx.value_and_grad(mlx_loss)(mx.array(logp))
 
+    ref = torch_reference()
     lp = ref.tensor(logp).requires_grad_(True)
     ref_loss = ref.policy_loss(lp, old, adv, mask, truncated=truncated, ref_logp=ref_in, **opts)
     ref_loss.backward()
@@ -223,7 +221,11 @@ def test_loss_and_gradient_match_torch(case):
     np.testing.assert_allclose(np.array(grad), lp.grad.cpu().numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.torch
 def test_reference_gather_logprobs():
+    import torch
+
+    ref = torch_reference()
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 7)) * 4
     ids = rng.integers(0, 7, size=(2, 3))
@@ -313,7 +315,7 @@ def test_compiled_loss_compiles_once_per_bucket():
     rng = np.random.default_rng(4)
     for length in rng.integers(33, 65, size=10):
         logp, old, adv, mask, truncated, _ = (mx.array(x) for x in random_batch(int(length), length=int(length)))
-        loss, grad = mx.value_and_grad(lambda lp: compiled(lp, old, adv, mask, truncated=truncated)[0])(logp)
+        loss, grad = mx.value_and_grad(lambda lp: compiled(lp, old, adv, mask, truncated=truncated)[0])(logp)  # noqa: B023
         mx.eval(loss, grad)
     assert compiled.compile_count == 1
     assert compile_count() - before == 1

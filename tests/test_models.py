@@ -8,10 +8,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import run_cli
 from mlx.utils import tree_flatten
 
 from cast_mlx import models
+
+from helpers import run_cli
 
 CHAT = [{"role": "user", "content": "What is 12 + 35? Answer briefly."}]
 PROMPTS = [

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli
 
 from cast_mlx import plot
+
+from helpers import ROOT, run_cli
 
 
 def write_run(

@@ -14,10 +14,11 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from helpers import ROOT, run_cli
 
 from cast_mlx import checkpoint, models, trainer
 from cast_mlx import config as cfg
+
+from helpers import ROOT, run_cli
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
 

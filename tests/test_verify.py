@@ -316,7 +316,7 @@ def test_verifier_pool_matches_in_process_on_the_table():
     with Verifier(workers=2, timeout=5.0) as verifier:
         verdicts = verifier.verify_batch([(c, g, f) for g, c, f, _, _ in TABLE])
     got = [(v.strict, v.lenient) for v in verdicts]
-    assert got == [(s, l) for *_, s, l in TABLE]
+    assert got == [(strict, lenient) for *_, strict, lenient in TABLE]
 
 
 @pytest.mark.parametrize("gold", ["", "   ", "\\overline{AB}", "x \\pm 1", "a < b", "9^9^9", "#####", "1" * 2000])
