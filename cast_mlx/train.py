@@ -118,10 +118,10 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
 
     out_dir = ckpt.parent.parent if ckpt is not None else None
     try:
-        run = trainer.setup(recipe, out_dir=out_dir, world=world)
-        if ckpt is not None:
-            trainer.resume(run, ckpt)
-        return trainer.fit(run, live=live, resumed_from=ckpt)
+        with trainer.setup(recipe, out_dir=out_dir, world=world) as run:
+            if ckpt is not None:
+                trainer.resume(run, ckpt)
+            return trainer.fit(run, live=live, resumed_from=ckpt)
     except trainer.TrainingError as exc:  # the same on every rank: rank 0 says it
         if world.is_main:
             print(f"error: {exc}", file=sys.stderr)

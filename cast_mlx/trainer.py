@@ -75,6 +75,13 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     world: dist.World = field(default_factory=dist.World)
 
+    # `with setup(recipe) as run:` stops the verifier's worker processes at the end.
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.verifier.close()
+
 
 # --------------------------------------------------------------------------- set-up
 
@@ -663,5 +670,4 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
         stop.restore()
         for c in callbacks:
             c.on_train_end()
-        run.verifier.close()
     return 0

@@ -18,25 +18,14 @@ import pytest
 from cast_mlx import checkpoint, models, trainer
 from cast_mlx import config as cfg
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, smoke_args
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
 
 
 def _train(tmp_path: Path, name: str, *extra: str, timeout=900):
     out = tmp_path / name
-    proc = run_cli(
-        "-m",
-        "cast_mlx.train",
-        "--recipe",
-        "recipes/smoke.yaml",
-        "--quiet",
-        "--no-dashboard",
-        "--set",
-        f"logging.out_dir={out}",
-        *extra,
-        timeout=timeout,
-    )
+    proc = run_cli(*smoke_args(out, *extra), timeout=timeout)
     return out, proc
 
 
@@ -149,14 +138,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, smol_dir):
     out = tmp_path / "sig"
     cmd = [
         sys.executable,
-        "-m",
-        "cast_mlx.train",
-        "--recipe",
-        "recipes/smoke.yaml",
-        "--quiet",
-        "--no-dashboard",
-        "--set",
-        f"logging.out_dir={out}",
+        *smoke_args(out),
         "--set",
         "schedule.steps=50",
         "--set",
@@ -227,9 +209,8 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 @pytest.fixture()
 def smoke_run(tmp_path, smol_dir):
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'r'}"])
-    run = trainer.setup(recipe)
-    yield run
-    run.verifier.close()
+    with trainer.setup(recipe) as run:
+        yield run
 
 
 def test_nan_steps_skip_updates_then_stop(smoke_run):
@@ -269,21 +250,20 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
                 "sampling.group_size=4",
             ],
         )
-        run = trainer.setup(recipe)
-        run.optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient itself
-        start = models.lora_state(run.model)
-        problems = trainer.next_prompts(run)
-        prompts, out = trainer.sample(run, problems)
-        rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-        gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
-        adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
-        truncated = mx.zeros((8,))
-        contexts = [prompts[i // 4] for i in range(8)]
-        loss, gnorm, aux, applied = trainer.update(run, contexts, out.tokens, out.mask, adv, truncated)
-        assert applied
-        now = models.lora_state(run.model)
-        results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
-        run.verifier.close()
+        with trainer.setup(recipe) as run:
+            run.optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient itself
+            start = models.lora_state(run.model)
+            problems = trainer.next_prompts(run)
+            prompts, out = trainer.sample(run, problems)
+            rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+            gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+            adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
+            truncated = mx.zeros((8,))
+            contexts = [prompts[i // 4] for i in range(8)]
+            loss, gnorm, aux, applied = trainer.update(run, contexts, out.tokens, out.mask, adv, truncated)
+            assert applied
+            now = models.lora_state(run.model)
+            results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
     (l1, g1, d1), (l8, g8, d8) = results
     assert abs(l1 - l8) <= 1e-5 * max(1.0, abs(l8))
     assert abs(g1 - g8) <= 1e-4 * g8
@@ -315,8 +295,7 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
     """Teacher = policy weights (step 0) and context `same`: g = 0 exactly, so nothing flips
     by numerical noise (old log-probs come from the teacher's own scoring path)."""
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
-    run = trainer.setup(recipe)
-    try:
+    with trainer.setup(recipe) as run:
         problems = trainer.next_prompts(run)
         prompts, out = trainer.sample(run, problems)
         gaps, lp_t = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
@@ -324,20 +303,16 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
         assert float(mx.abs(lp_t * out.mask).sum()) > 0  # real log-probs, not zeros
         # and the sampler's own log-probs agree with the scoring path to ~1e-4
         assert float(mx.abs((lp_t - out.logprobs) * out.mask).max()) < 5e-4
-    finally:
-        run.verifier.close()
 
 
 def test_kl_to_the_base_model_is_zero_then_positive(tmp_path, smol_dir):
     """loss.beta > 0: the reference is the base model (LoRA off), so the first step's KL is 0
     (lora_b starts at 0) and after one update it is positive and finite."""
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'r'}", "loss.beta=0.1"])
-    run = trainer.setup(recipe)
-    try:
+    with trainer.setup(recipe) as run:
         first, _ = trainer.train_step(run)
         second, _ = trainer.train_step(run)
-    finally:
-        run.verifier.close()
+    assert run.verifier._pool is not None and not any(run.verifier._pool._workers)  # the with closed it
     assert first["update_applied"] and second["update_applied"]
     assert abs(first["kl"]) < 1e-6
     assert 0 < second["kl"] < 1.0
