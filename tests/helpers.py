@@ -21,6 +21,12 @@ def torch_reference():
     return torch_cast
 
 
+def smoke_args(out: Path, *extra: str) -> list[str]:
+    """`python` arguments that train `recipes/smoke.yaml` into `out`, quietly, plain output."""
+    return ["-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet", "--no-dashboard",
+            "--set", f"logging.out_dir={out}", *extra]  # fmt: skip
+
+
 def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `python ARGS...` from the repository root and capture its output."""
     full_env = dict(os.environ)

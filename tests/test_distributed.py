@@ -26,7 +26,7 @@ from cast_mlx import checkpoint
 from cast_mlx import config as cfg
 from cast_mlx import distributed as dist
 
-from helpers import ROOT, free_ports, launch_loopback, run_cli
+from helpers import ROOT, free_ports, launch_loopback, run_cli, smoke_args
 
 ONE_THREAD = {"MKL_NUM_THREADS": "1"}
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count", "comm/")
@@ -58,20 +58,6 @@ def launch(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
 
 def read(tmp_path: Path, rank: int, stream: str = "err") -> str:
     return (tmp_path / f"rank{rank}.{stream}").read_text()
-
-
-def train_args(out: Path, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "cast_mlx.train",
-        "--recipe",
-        "recipes/smoke.yaml",
-        "--quiet",
-        "--no-dashboard",
-        "--set",
-        f"logging.out_dir={out}",
-        *extra,
-    ]
 
 
 def adapters(run_dir: Path, step: int) -> dict:
@@ -165,7 +151,7 @@ def test_collectives_and_the_watchdog(tmp_path):
 
 
 def test_prompts_that_do_not_split_are_a_config_error(tmp_path):
-    procs = start_ranks(tmp_path, train_args(tmp_path / "bad", "--set", "sampling.prompts_per_step=3"))
+    procs = start_ranks(tmp_path, smoke_args(tmp_path / "bad", "--set", "sampling.prompts_per_step=3"))
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [2, 2]
     assert read(tmp_path, 0).strip() == (
@@ -181,7 +167,7 @@ def two_rank_run(tmp_path_factory, smol_dir):
     """2 steps of the smoke recipe under `mlx.launch -n 2 --backend ring` on loopback."""
     tmp = tmp_path_factory.mktemp("dp")
     out = tmp / "n2"
-    proc = launch(train_args(out, "--set", "optimizer.micro_batch_size=1", "--set", "checkpoint.keep=5"))
+    proc = launch(smoke_args(out, "--set", "optimizer.micro_batch_size=1", "--set", "checkpoint.keep=5"))
     return out, proc
 
 
@@ -203,7 +189,7 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
 
     one = tmp_path / "one"
     ref = run_cli(
-        *train_args(one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2"),
+        *smoke_args(one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2"),
         env=ONE_THREAD,
         timeout=900,
     )
@@ -240,10 +226,10 @@ def test_two_ranks_equal_one_process_accumulating_two_micro_batches(tmp_path):
     different batch shapes give the same update up to rounding."""
     sets = ["--set", "algorithm.flip=none"]
     n2 = tmp_path / "n2"
-    proc = launch(train_args(n2, *sets))
+    proc = launch(smoke_args(n2, *sets))
     assert proc.returncode == 0 and "Node with rank" not in proc.stderr, proc.stderr[-3000:]
     one = tmp_path / "one"
-    ref = run_cli(*train_args(one, *sets, "--set", "optimizer.micro_batch_size=2"), env=ONE_THREAD, timeout=900)
+    ref = run_cli(*smoke_args(one, *sets, "--set", "optimizer.micro_batch_size=2"), env=ONE_THREAD, timeout=900)
     assert ref.returncode == 0, ref.stderr[-3000:]
     for step in (1, 2):
         a, b = adapters(n2, step), adapters(one, step)
@@ -286,7 +272,7 @@ def test_a_dead_rank_makes_the_other_exit_with_a_clear_error(tmp_path, smol_dir)
     """SIGKILL rank 1 while training: rank 0 stops at its next collective (at most one step
     later) with a clear error and a non-zero exit code, instead of hanging."""
     out = tmp_path / "run"
-    procs = start_ranks(tmp_path, train_args(out, "--set", "schedule.steps=50", "--set", "checkpoint.every=100"))
+    procs = start_ranks(tmp_path, smoke_args(out, "--set", "schedule.steps=50", "--set", "checkpoint.every=100"))
     deadline = time.time() + 600
     while time.time() < deadline and "run: smoke" not in read(tmp_path, 0, "out"):
         assert procs[0].poll() is None, read(tmp_path, 0)

@@ -44,8 +44,8 @@ def _rows(tok):
 
 
 @pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
-def test_loss_and_lora_grad_match_pytorch(smol_dir, hf, loss_agg):
-    model, tok = models.load(models.DEFAULT_MODEL, dtype="float32")
+def test_loss_and_lora_grad_match_pytorch(fresh_smol, hf, loss_agg):
+    model, tok = fresh_smol
     models.attach_lora(model, seed=0, **LORA)
     t = teacher.Teacher.create(model)  # the initial adapter = base model
     state = models.lora_state(model)  # give lora_b non-zero values so every grad is non-trivial

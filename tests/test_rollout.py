@@ -222,9 +222,9 @@ def test_recipe_sampling_config_is_accepted():
 # --------------------------------------------------------------------------- LoRA / quantized
 
 
-def test_lora_policy_is_sampled_in_eval_mode(smol_dir, setup, greedy):
+def test_lora_policy_is_sampled_in_eval_mode(fresh_smol, setup, greedy):
     _, tok, prompts, eos = setup
-    model, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
+    model, _ = fresh_smol
     models.attach_lora(
         model, rank=4, alpha=8.0, dropout=0.5, num_layers=4, keys=["self_attn.q_proj", "self_attn.v_proj"], seed=0
     )

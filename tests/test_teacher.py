@@ -16,8 +16,8 @@ LORA = dict(
 
 
 @pytest.fixture()
-def lora_model(smol_dir):
-    model, tok = models.load(models.DEFAULT_MODEL, dtype="float32")
+def lora_model(fresh_smol):
+    model, tok = fresh_smol
     models.attach_lora(model, seed=0, **LORA)
     return model, tok
 
@@ -105,7 +105,7 @@ def test_no_gradient_reaches_through_teacher(lora_model):
     assert flat and all(float(mx.abs(g).max()) == 0.0 for _, g in flat)
 
 
-def test_base_and_ema_kinds(lora_model):
+def test_base_and_ema_kinds(lora_model, smol):
     model, tok = lora_model
     _, _, batch = _batch(tok)
     _perturb(model, seed=3)
@@ -121,7 +121,7 @@ def test_base_and_ema_kinds(lora_model):
             np.array(ema.params[k]), 0.9 * np.array(start[k]) + 0.1 * np.array(now[k]), atol=1e-7
         )
     # base = adapters disabled: equal to the plain model without LoRA
-    plain, _ = models.load(models.DEFAULT_MODEL, dtype="float32")
+    plain, _ = smol
     np.testing.assert_allclose(
         np.array(base.score(model, batch, 1.0)), np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6
     )
