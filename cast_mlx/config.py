@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 # The choices of the two fields that default per algorithm (see ALGORITHM_DEFAULTS).
 ScaleRewards = Literal["none", "group", "batch"]
-TeacherContext = Literal["plain", "same", "privileged"]
+TeacherContext = Literal["plain", "instructed", "same", "privileged"]
 
 
 def bounds(default, *, ge=None, gt=None, le=None, lt=None):
@@ -313,7 +313,7 @@ def _check_recipe(r: Recipe) -> None:
     if r.algorithm.name == "cast" and r.teacher.context == "privileged":
         raise ConfigError(
             "teacher.context: 'privileged' shows the gold answer; CAST's teacher is answer-free "
-            "(use plain or same, or algorithm.name=rlsd)"
+            "(use plain, instructed or same, or algorithm.name=rlsd)"
         )
     b1, b2 = r.optimizer.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):

@@ -518,6 +518,19 @@ def resolve_args(args) -> dict:
     }
 
 
+def load_policy(model_spec: str, adapter: str | None, dtype: str = "auto"):
+    """`(model, tokenizer)`: the model, with the LoRA adapters of `adapter` when given."""
+    from cast_mlx import models
+
+    model, tokenizer = models.load(model_spec, dtype=dtype)
+    if adapter:
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, adapter)
+        model.eval()
+    return model, tokenizer
+
+
 def print_table(result: EvalResult, s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -556,12 +569,7 @@ def main(argv=None) -> int:
     from cast_mlx import models
 
     try:
-        model, tokenizer = models.load(s["model"], dtype=s["dtype"])
-        if s["adapter"]:
-            from mlx_lm.tuner.utils import load_adapters
-
-            load_adapters(model, s["adapter"])
-            model.eval()
+        model, tokenizer = load_policy(s["model"], s["adapter"], s["dtype"])
     except (models.ModelLoadError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1

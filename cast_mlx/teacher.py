@@ -14,6 +14,8 @@ Kinds (`teacher.kind`):
 
 Contexts (`teacher.context`), built by `teacher_contexts`:
 - `plain`: problem text, a blank line, `[Student response]`, a newline; no chat template.
+- `instructed`: `plain` with the task's answer instruction after the problem, as the
+  CAST authors build the teacher's context (question + instruction + student header).
 - `same`: exactly the student's chat-templated prompt.
 - `privileged`: `plain` with a `[Reference solution]` block (the gold) before the student
   header: for RLSD and diagnostics, never for CAST.
@@ -30,12 +32,17 @@ from mlx.utils import tree_unflatten
 from cast_mlx.logprobs import Batch, token_logprobs
 from cast_mlx.models import lora_state
 
+TEACHER_CONTEXTS = ("plain", "instructed", "same", "privileged")
 STUDENT_HEADER = "[Student response]"
 REFERENCE_HEADER = "[Reference solution]"
 
 
 def plain_context(question: str) -> str:
     return f"{question}\n\n{STUDENT_HEADER}\n"
+
+
+def instructed_context(question: str, instruction: str) -> str:
+    return f"{question}\n\n{instruction}\n\n{STUDENT_HEADER}\n"
 
 
 def privileged_context(question: str, reference: str) -> str:
@@ -48,18 +55,25 @@ def teacher_contexts(
     questions: list[str],
     student_prompts: list[list[int]],
     references: list[str] | None = None,
+    instruction: str | None = None,
 ) -> list[list[int]]:
-    """Token ids of the teacher's context for each prompt (one per prompt, not per row)."""
+    """Token ids of the teacher's context for each prompt (one per prompt, not per row).
+    `references` (gold or solution) are needed for `privileged`, `instruction` (the task's
+    answer instruction, `data.ANSWER_INSTRUCTIONS`) for `instructed`."""
     if mode == "same":
         return [list(p) for p in student_prompts]
     if mode == "plain":
         texts = [plain_context(q) for q in questions]
+    elif mode == "instructed":
+        if instruction is None:
+            raise ValueError("teacher.context=instructed needs the task's answer instruction")
+        texts = [instructed_context(q, instruction) for q in questions]
     elif mode == "privileged":
         if references is None:
             raise ValueError("teacher.context=privileged needs the reference answers")
         texts = [privileged_context(q, r) for q, r in zip(questions, references)]
     else:
-        raise ValueError(f"teacher.context: unknown mode {mode!r}; choose plain, same or privileged")
+        raise ValueError(f"teacher.context: unknown mode {mode!r}; choose one of {TEACHER_CONTEXTS}")
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 

@@ -245,7 +245,8 @@ def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[lis
     """The teacher's context of every row (one per prompt, repeated G times)."""
     mode = run.recipe.teacher.context
     refs = [p.solution or p.gold for p in problems]
-    ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs)
+    instruction = data.ANSWER_INSTRUCTIONS[run.recipe.data.answer_format]
+    ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs, instruction)
     g = run.recipe.sampling.group_size
     return [ctx[i // g] for i in range(len(problems) * g)]
 

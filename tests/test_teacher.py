@@ -125,3 +125,15 @@ def test_base_and_ema_kinds(lora_model, smol):
     np.testing.assert_allclose(
         np.array(base.score(model, batch, 1.0)), np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6
     )
+
+
+def test_instructed_context_is_the_authors_text():
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens=False: list(text.encode()))
+    (ids,) = teacher.teacher_contexts("instructed", tok, ["What is 2 + 3?"], [[1, 2]], instruction="Say it.")
+    assert bytes(ids).decode() == "What is 2 + 3?\n\nSay it.\n\n[Student response]\n"
+    with pytest.raises(ValueError, match="instructed needs the task's answer instruction"):
+        teacher.teacher_contexts("instructed", tok, ["q"], [[1]])
+    with pytest.raises(ValueError, match="choose one of"):
+        teacher.teacher_contexts("oracle", tok, ["q"], [[1]])
