@@ -57,6 +57,8 @@ import mlx.core as mx
 from cast_mlx import config
 
 SCALE_REWARDS = ("none", "group", "batch")
+SPECIAL_TOKEN_RULES = ("teacher", "verifier")
+SHAPING_PARAMS = ("special_tokens", "gap_centering")  # switches around every kernel (run_estimator)
 FLIP_MODES = ("both", "down", "none")
 LAMBDA_SCHEDULES = ("constant", "linear_decay")
 
@@ -287,7 +289,7 @@ class Estimator:
     @property
     def params(self) -> tuple[str, ...]:
         """Every parameter it reads; the other `DEFAULT_PARAMS` are accepted and ignored."""
-        return self.kernel_params + self.schedule_params
+        return self.kernel_params + self.schedule_params + SHAPING_PARAMS
 
     def resolve(self, params: dict) -> dict:
         """Its parameters from `params` (any of `DEFAULT_PARAMS`), defaults filled in and
@@ -298,6 +300,7 @@ class Estimator:
         p = {k: params.get(k, DEFAULT_PARAMS[k]) for k in self.params}
         p["scale_rewards"] = p["scale_rewards"] or default_scale_rewards(self.name)
         check_base_params(scale_rewards=p["scale_rewards"], eps=p["eps"])
+        _check_choice("special_tokens", p["special_tokens"], SPECIAL_TOKEN_RULES)
         if self.check is not None:
             self.check(**{k: p[k] for k in _keyword_params(self.check)})
         self.lam(0, p)
@@ -335,15 +338,52 @@ def get_estimator(name: str) -> Estimator:
     return ESTIMATORS[name]
 
 
-def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step: int = 0, **params):
+def needs_special(p: dict) -> bool:
+    """Whether resolved parameters `p` read the special-token mask."""
+    return p["special_tokens"] == "verifier" or bool(p["gap_centering"])
+
+
+def center_gaps(gaps: mx.array, content: mx.array) -> mx.array:
+    """`g - mean(g over the row's content tokens)`: removes a row's systematic offset (the
+    context shift) before the sign is read. Rows without content tokens are unchanged."""
+    n = mx.sum(content, axis=1, keepdims=True)
+    mean = mx.sum(gaps * content, axis=1, keepdims=True) / mx.maximum(n, 1.0)
+    return gaps - mean
+
+
+def verifier_special_tokens(
+    token: mx.array, base: mx.array, rewards: mx.array, special: mx.array, group_size: int
+) -> mx.array:
+    """Special tokens take the GRPO advantage of their row: the base in mixed groups, 0 in
+    zero-variance groups (spec 4b); the other tokens keep theirs."""
+    flat = mx.repeat(zero_variance_groups(rewards, group_size), group_size)
+    grpo = mx.where(flat, 0.0, base.astype(mx.float32))[:, None]
+    return mx.where(special != 0, grpo, token)
+
+
+def run_estimator(est: Estimator, p: dict, rewards, gaps, mask, lam, special, group_size: int):
+    """The kernel with the shaping switches around it (gap centring before, the special-token
+    rule after): the one body that both the eager and the compiled path run."""
+    if p["gap_centering"]:
+        gaps = center_gaps(gaps.astype(mx.float32), (mask != 0) * (special == 0))
+    token, base = est.kernel(rewards, gaps, mask, lam, group_size=group_size, **est.static(p))
+    if p["special_tokens"] == "verifier":
+        token = mx.where(mask != 0, verifier_special_tokens(token, base, rewards, special, group_size), 0.0)
+    return token, base
+
+
+def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step: int = 0, special=None, **params):
     """Token advantages `[N, L]` and base advantages `[N]` for algorithm `name`, eagerly.
 
     `params` may hold any of `DEFAULT_PARAMS` (missing ones take their defaults; those
-    another algorithm uses are ignored)."""
+    another algorithm uses are ignored). `special` `[N, L]` marks EOS and other special
+    tokens (needed by `special_tokens="verifier"` and `gap_centering`)."""
     est = get_estimator(name)
     p = est.resolve(params)
     check_inputs(rewards, gaps, mask, group_size)
-    return est.kernel(rewards, gaps, mask, est.lam(step, p), group_size=group_size, **est.static(p))
+    if needs_special(p) and special is None:
+        raise ValueError("special: the special-token mask is needed by special_tokens=verifier and gap_centering")
+    return run_estimator(est, p, rewards, gaps, mask, est.lam(step, p), special, group_size)
 
 
 # --------------------------------------------------------------------------- algorithms

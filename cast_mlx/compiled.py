@@ -77,30 +77,39 @@ class CountingCompiled:
 
 class CompiledAdvantages:
     """The registered estimator `name` with its parameters fixed, compiled: call it with
-    `(rewards, gaps, mask, step=0)`; returns `(token_adv [N, L], base [N])` like
-    `compute_advantages` (same values; the length padding is removed again)."""
+    `(rewards, gaps, mask, step=0, special=None)`; returns `(token_adv [N, L], base [N])`
+    like `compute_advantages` (same values; the length padding is removed again)."""
 
     def __init__(self, name: str, *, group_size: int, multiple: int = 32, **params):
         self.estimator = adv_mod.get_estimator(name)
         self.params = self.estimator.resolve(params)  # validated here, not inside a trace
         self.name, self.group_size, self.multiple = name, group_size, multiple
-        static = tuple(sorted((k, _hashable(v)) for k, v in self.estimator.static(self.params).items()))
+        self.needs_special = adv_mod.needs_special(self.params)
+        keys = self.estimator.kernel_params + adv_mod.SHAPING_PARAMS
+        static = tuple(sorted((k, _hashable(self.params[k])) for k in keys))
         self._fn = _advantage_kernel(name, group_size, static)
 
     @property
     def compile_count(self) -> int:
         return self._fn.compile_count
 
-    def __call__(self, rewards, gaps, mask, step: int = 0):
+    def __call__(self, rewards, gaps, mask, step: int = 0, special=None):
         adv_mod.check_inputs(rewards, gaps, mask, self.group_size)
         length = mask.shape[1]
         target = bucket_length(length, self.multiple)
-        token, base = self._fn(
+        arrays = [
             rewards.astype(mx.float32),
             pad_length(gaps.astype(mx.float32), target),
             pad_length((mask != 0).astype(mx.float32), target),
             mx.array(self.estimator.lam(step, self.params), dtype=mx.float32),
-        )
+        ]
+        if self.needs_special:
+            if special is None:
+                raise ValueError(
+                    "special: the special-token mask is needed by special_tokens=verifier and gap_centering"
+                )
+            arrays.append(pad_length((special != 0).astype(mx.float32), target))
+        token, base = self._fn(*arrays)
         return token[:, :length], base
 
 
@@ -110,11 +119,11 @@ def _hashable(v):
 
 @functools.lru_cache(maxsize=None)
 def _advantage_kernel(name: str, group_size: int, static: tuple) -> CountingCompiled:
-    """One compiled kernel per (estimator, group size, static parameters)."""
-    kernel, kwargs = adv_mod.get_estimator(name).kernel, dict(static)
+    """One compiled `run_estimator` per (estimator, group size, static parameters)."""
+    est, p = adv_mod.get_estimator(name), dict(static)
 
-    def bound(rewards, gaps, mask, lam):
-        return kernel(rewards, gaps, mask, lam, group_size=group_size, **kwargs)
+    def bound(rewards, gaps, mask, lam, special=None):
+        return adv_mod.run_estimator(est, p, rewards, gaps, mask, lam, special, group_size)
 
     return CountingCompiled(bound, f"advantages/{name}")
 

@@ -94,6 +94,10 @@ class AlgorithmConfig:
     rlsd_eps_w: float = bounds(0.2, ge=0.0, lt=1.0)
     rlsd_lambda_start: float = bounds(0.5, ge=0.0, le=1.0)
     rlsd_lambda_steps: int = bounds(50, ge=1)
+    # Spec 4b. teacher: the teacher's gap sets the sign of every token (the paper). verifier:
+    # EOS and other special/template tokens get the GRPO advantage of their row instead.
+    special_tokens: Literal["teacher", "verifier"] = "teacher"
+    gap_centering: bool = False  # g - mean(g over the row's content tokens), before the token rule
 
 
 @dataclass

@@ -128,6 +128,24 @@ class RichView(TrainingCallback):
             _f(g("cast/adv/max"), ".2f"),
         )
         mid.add_row("at ±a_max", _f(g("cast/adv/at_a_max_share"), ".2f"), "", "")
+        mid.add_row(
+            "EOS g<0 / content g<0",
+            _f(g("cast/eos/neg_gap_share"), ".2f"),
+            "",
+            _f(g("cast/content/neg_gap_share"), ".2f"),
+        )
+        mid.add_row(
+            "EOS adv correct/wrong (mixed)",
+            _f(g("cast/eos/adv_mean/mixed_correct"), ".2f"),
+            "",
+            _f(g("cast/eos/adv_mean/mixed_wrong"), ".2f"),
+        )
+        mid.add_row(
+            "EOS adv all-correct/all-wrong",
+            _f(g("cast/eos/adv_mean/all_correct"), ".2f"),
+            "",
+            _f(g("cast/eos/adv_mean/all_wrong"), ".2f"),
+        )
 
         right = Table(title="optimisation", show_header=False, box=None)
         for label, metric, fmt in (

@@ -77,6 +77,40 @@ def cast_diagnostics(
     return out
 
 
+def end_of_turn_diagnostics(
+    rewards: mx.array,
+    gaps: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    special: mx.array,
+    eos: mx.array,
+    *,
+    group_size: int,
+) -> dict[str, mx.array]:
+    """What shows a length drift starting (issue #14): `eos/neg_gap_share` (EOS tokens with
+    g < 0), `eos/adv_mean/{all_correct,all_wrong,mixed_correct,mixed_wrong}` (the mean
+    advantage of the EOS tokens of each trajectory type: a negative value pushes stopping
+    down) and `content/neg_gap_share` (real, non-special tokens with g < 0)."""
+    m = (mask != 0).astype(mx.float32)
+    e = (eos != 0).astype(mx.float32) * m
+    content = m * (special == 0)
+    flat = mx.repeat(zero_variance_groups(rewards, group_size), group_size)[:, None]
+    correct = (rewards > 0)[:, None]
+    out = {
+        "eos/neg_gap_share": _share(mx.sum((gaps < 0) * e), mx.sum(e)),
+        "content/neg_gap_share": _share(mx.sum((gaps < 0) * content), mx.sum(content)),
+    }
+    for name, rows in (
+        ("all_correct", flat & correct),
+        ("all_wrong", flat & ~correct),
+        ("mixed_correct", ~flat & correct),
+        ("mixed_wrong", ~flat & ~correct),
+    ):
+        cell = e * rows
+        out[f"eos/adv_mean/{name}"] = _share(mx.sum(advantages * cell), mx.sum(cell))
+    return out
+
+
 def step_metrics(
     rows: dict,
     *,
@@ -94,8 +128,8 @@ def step_metrics(
     compile_count: int,
 ) -> dict:
     """The metrics line of a step from the per-row arrays of the whole batch (`rows`:
-    rewards, base, gaps, adv, mask, truncated, lengths, and the strict / lenient / dropped
-    flags), the update's results (`aux`: the loss metrics, entropy, rows skipped), the
+    rewards, base, gaps, adv, mask, truncated, lengths, the special-token and EOS masks, and
+    the strict / lenient / dropped flags), the update's results (`aux`: the loss metrics, entropy, rows skipped), the
     phase times and the memory use."""
     g = group_size
     rewards, base, gaps, adv = rows["rewards"], rows["base"], rows["gaps"], rows["adv"]
@@ -107,6 +141,7 @@ def step_metrics(
     gen_tokens = float(rows["lengths"].sum().item())
     n_rows = rewards.shape[0]
     diag = cast_diagnostics(rewards, base, gaps, adv, mask, a_max=a_max, group_size=g)
+    diag |= end_of_turn_diagnostics(rewards, gaps, adv, mask, rows["special"], rows["eos"], group_size=g)
     m = {
         "step": step,
         "epoch": epoch,

@@ -72,6 +72,7 @@ class Run:
     loss_fn: CompiledPolicyLoss
     verifier: verify.Verifier
     out_dir: Path
+    special_ids: list[int]  # EOS and the other special/template token ids
     state: TrainState = field(default_factory=TrainState)
     world: dist.World = field(default_factory=dist.World)
 
@@ -172,6 +173,7 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         loss_fn=loss_fn,
         verifier=verify.Verifier(workers=1, timeout=2.0),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
+        special_ids=sorted(set(tokenizer.eos_token_ids) | set(getattr(tokenizer, "all_special_ids", None) or [])),
         state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size),
         world=world,
     )
@@ -249,6 +251,14 @@ def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[lis
     ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs, instruction)
     g = run.recipe.sampling.group_size
     return [ctx[i // g] for i in range(len(problems) * g)]
+
+
+def special_and_eos(tokens, lengths, truncated, mask, special_ids: list[int]):
+    """`[N, L]` masks of the special/template tokens of each completion (EOS included) and
+    of its final EOS (the last token of a completion that ended by itself)."""
+    special = (tokens[:, :, None] == mx.array(special_ids)[None, None, :]).any(axis=2) * mask
+    last = mx.arange(tokens.shape[1])[None, :] == (lengths - 1)[:, None]
+    return special, last * (1.0 - truncated)[:, None] * mask
 
 
 def teacher_gaps(run: Run, problems, prompts, out, mask):
@@ -372,6 +382,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     keep = mx.array([0.0 if d else 1.0 for d in dropped])[:, None]
     mask = out.mask * keep
     truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
+    special, eos = special_and_eos(out.tokens, out.lengths, truncated, mask, run.special_ids)
 
     t = time.perf_counter()
     contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]  # student's
@@ -391,7 +402,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     times["teacher"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    adv, base = run.advantages(rewards, gaps, mask, step=st.step)
+    adv, base = run.advantages(rewards, gaps, mask, step=st.step, special=special)
     mx.clear_cache()
     loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
     mx.clear_cache()
@@ -422,6 +433,8 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
             "mask": mask,
             "truncated": truncated,
             "lengths": out.lengths,
+            "special": special,
+            "eos": eos,
             "strict": mx.array([bool(v and v.strict) for v in verdicts]),
             "lenient": mx.array([bool(v and v.lenient) for v in verdicts]),
             "dropped": mx.array(dropped),

@@ -417,7 +417,8 @@ def test_registry_matches_the_recipe_schema():
     assert set(ESTIMATORS) == set(names) == set(config.ALGORITHM_DEFAULTS)
     for est in ESTIMATORS.values():
         assert set(est.params) <= set(DEFAULT_PARAMS), est.name  # every parameter is a recipe field
-    assert ESTIMATORS["grpo"].params == ("scale_rewards", "eps")
+    assert ESTIMATORS["grpo"].kernel_params == ("scale_rewards", "eps")
+    assert ESTIMATORS["grpo"].params[-2:] == ("special_tokens", "gap_centering")  # around every kernel
     assert ESTIMATORS["cast"].schedule_params == ("cast_lambda", "lambda_schedule", "lambda_decay_steps")
     assert not ESTIMATORS["grpo"].uses_teacher and ESTIMATORS["cast"].uses_teacher
 
@@ -450,3 +451,103 @@ def test_one_registration_serves_eager_and_compiled():
             advantages.register_estimator("toy")(toy)
     finally:
         advantages.ESTIMATORS.pop("toy", None)
+
+
+# --------------------------------------------------------------------------- spec 4b switches
+
+
+def test_special_tokens_follow_the_verifier_by_hand():
+    # group 0 mixed (rewards 1, 0), group 1 all wrong; the last token of each row is an EOS
+    rewards = mx.array([1.0, 0.0, 0.0, 0.0])
+    gaps = mx.array([[0.5, -1.2], [0.3, -1.2], [-0.1, -1.2], [0.2, -1.2]])
+    mask = mx.ones((4, 2))
+    special = mx.array([[0, 1]] * 4)
+    teacher, base = compute_advantages("cast", rewards, gaps, mask, group_size=2)
+    verifier, _ = compute_advantages(
+        "cast", rewards, gaps, mask, group_size=2, special=special, special_tokens="verifier"
+    )
+    b = np.array(base)
+    assert b.tolist() == [0.5, -0.5, -1.0, -1.0]  # scale none; all-wrong: -zero_var_base
+    # the paper: the EOS of the correct row is teacher-negative, so it is flipped down
+    assert np.array(teacher)[0, 1] < 0
+    # verifier: EOS = B in the mixed group, 0 in the all-wrong group; content tokens unchanged
+    assert np.array(verifier)[:, 1].tolist() == [0.5, -0.5, 0.0, 0.0]
+    np.testing.assert_array_equal(np.array(verifier)[:, 0], np.array(teacher)[:, 0])
+    # GRPO already gives B (0 in zero-variance groups): the switch changes nothing there
+    g_plain, _ = compute_advantages("grpo", rewards, gaps, mask, group_size=2)
+    g_ver, _ = compute_advantages("grpo", rewards, gaps, mask, group_size=2, special=special, special_tokens="verifier")
+    np.testing.assert_array_equal(np.array(g_plain), np.array(g_ver))
+    with pytest.raises(ValueError, match="special-token mask is needed"):
+        compute_advantages("cast", rewards, gaps, mask, group_size=2, special_tokens="verifier")
+    with pytest.raises(ValueError, match="special_tokens"):
+        compute_advantages("cast", rewards, gaps, mask, group_size=2, special=special, special_tokens="eos")
+
+
+def test_gap_centering_by_hand():
+    rewards = mx.array([1.0, 0.0])
+    # row 0: content gaps -1.0, -0.6 (mean -0.8) and a special token; row 1: -0.2 and 0.2
+    gaps = mx.array([[-1.0, -0.6, -3.0], [-0.2, 0.2, 0.0]])
+    mask = mx.array([[1, 1, 1], [1, 1, 0]])
+    special = mx.array([[0, 0, 1], [0, 0, 0]])
+    centred = np.array(advantages_module().center_gaps(gaps, (mask != 0) * (special == 0)))
+    np.testing.assert_allclose(centred, [[-0.2, 0.2, -2.2], [-0.2, 0.2, 0.0]], atol=1e-6)
+    # under CAST the correct row's first token is no longer teacher-negative: not flipped
+    plain, _ = compute_advantages("cast", rewards, gaps, mask, group_size=2)
+    shifted, _ = compute_advantages("cast", rewards, gaps, mask, group_size=2, special=special, gap_centering=True)
+    assert np.array(plain)[0, 1] < 0 < np.array(shifted)[0, 1]
+
+
+def advantages_module():
+    from cast_mlx import advantages
+
+    return advantages
+
+
+@st.composite
+def special_batches(draw):
+    """Smooth gaps (no values at the switch points: centring moves them in float32), random
+    special tokens plus the last real token of each row, and padding."""
+    group_size = draw(st.integers(2, 8))
+    kinds = draw(st.lists(st.sampled_from(["correct", "wrong", "mixed"]), min_size=1, max_size=3))
+    length = draw(st.integers(1, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rewards, _, mask, _ = make_batch(rng, group_size, kinds, length)
+    gaps = rng.normal(scale=0.8, size=mask.shape).astype(np.float32)
+    special = (rng.random(mask.shape) < 0.15).astype(np.float32)
+    lengths = mask.sum(1).astype(int)
+    special[np.arange(len(lengths))[lengths > 0], lengths[lengths > 0] - 1] = 1.0
+    return rewards, gaps, mask, special, group_size
+
+
+@pytest.mark.torch
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=special_batches(),
+    name=st.sampled_from(["cast", "rlsd", "grpo"]),
+    rule=st.sampled_from(["teacher", "verifier"]),
+    centring=st.booleans(),
+    flip=st.sampled_from(["both", "none"]),
+)
+def test_special_tokens_and_centring_parity(batch, name, rule, centring, flip):
+    rewards, gaps, mask, special, group_size = batch
+    params = {"special_tokens": rule, "gap_centering": centring, "flip": flip}
+    token, base = compute_advantages(
+        name,
+        mx.array(rewards),
+        mx.array(gaps),
+        mx.array(mask),
+        group_size=group_size,
+        step=3,
+        special=mx.array(special),
+        **params,
+    )
+    ref = torch_reference()
+    ref_token, ref_base = ref.advantages(
+        name, rewards, gaps, mask, group_size=group_size, step=3, special=special, **params
+    )
+    np.testing.assert_allclose(np.array(base), ref_base.cpu().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(token), ref_token.cpu().numpy(), rtol=1e-5, atol=1e-5)
+    # and the compiled path gives the eager values
+    compiled = CompiledAdvantages(name, group_size=group_size, **params)
+    c_token, _ = compiled(mx.array(rewards), mx.array(gaps), mx.array(mask), step=3, special=mx.array(special))
+    np.testing.assert_allclose(np.array(c_token), np.array(token), rtol=1e-6, atol=1e-6)

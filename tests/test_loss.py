@@ -331,3 +331,22 @@ def test_rows_with_loss():
     assert rows_with_loss(adv, mask, truncated, beta=0.0, mask_truncated=False) == [1, 2, 3]
     # with a KL term every row with tokens carries loss, even at zero advantage
     assert rows_with_loss(adv, mask, truncated, beta=0.1, mask_truncated=False) == [0, 1, 2, 3]
+
+
+def test_end_of_turn_diagnostics_by_hand():
+    from cast_mlx.metrics import end_of_turn_diagnostics
+
+    # group 0 mixed (rows 0 correct, 1 wrong), group 1 all wrong (row 3 truncated: no EOS)
+    rewards = mx.array([1.0, 0.0, 0.0, 0.0])
+    gaps = mx.array([[0.2, -1.0], [-0.3, -0.5], [0.4, 0.1], [-0.2, -0.1]])
+    adv = mx.array([[1.0, -0.8], [-1.0, -1.1], [-1.0, -1.2], [-1.0, -1.0]])
+    mask = mx.ones((4, 2))
+    special = mx.array([[0, 1], [0, 1], [0, 1], [0, 0]])
+    eos = mx.array([[0, 1], [0, 1], [0, 1], [0, 0]])
+    d = {k: float(v) for k, v in end_of_turn_diagnostics(rewards, gaps, adv, mask, special, eos, group_size=2).items()}
+    assert d["eos/neg_gap_share"] == pytest.approx(2 / 3)  # -1.0, -0.5 of -1.0, -0.5, 0.1
+    assert d["content/neg_gap_share"] == pytest.approx(3 / 5)  # -0.3, -0.2, -0.1 of 5 content tokens
+    assert d["eos/adv_mean/mixed_correct"] == pytest.approx(-0.8)
+    assert d["eos/adv_mean/mixed_wrong"] == pytest.approx(-1.1)
+    assert d["eos/adv_mean/all_wrong"] == pytest.approx(-1.2)
+    assert d["eos/adv_mean/all_correct"] == 0.0  # no such EOS: 0 by convention

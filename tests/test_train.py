@@ -55,12 +55,18 @@ def test_smoke_run_writes_metrics_and_mlx_lm_adapters(tmp_path, smol_dir):
         "grad_norm",
         "cast/groups/mixed",
         "cast/gap/correct_neg/share",
+        "cast/eos/neg_gap_share",
+        "cast/eos/adv_mean/all_wrong",
+        "cast/content/neg_gap_share",
         "time/sample",
         "time/update",
         "memory/peak_gb",
     ):
         assert key in lines[0], key
     assert all(0.0 <= m["reward"] <= 1.0 and math.isfinite(m["loss"]) for m in lines)
+    assert all(
+        0.0 <= m["cast/eos/neg_gap_share"] <= 1.0 and 0.0 <= m["cast/content/neg_gap_share"] <= 1.0 for m in lines
+    )
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and "completion" in json.loads(samples[0])
     assert not any(k.startswith("comm/") for k in lines[0])  # one process: no collectives
@@ -316,3 +322,41 @@ def test_kl_to_the_base_model_is_zero_then_positive(tmp_path, smol_dir):
     assert first["update_applied"] and second["update_applied"]
     assert abs(first["kl"]) < 1e-6
     assert 0 < second["kl"] < 1.0
+
+
+def test_special_and_eos_masks():
+    tokens = mx.array([[5, 2, 0], [7, 8, 9], [3, 1, 2]])
+    lengths = mx.array([2, 3, 3])
+    truncated = mx.array([0.0, 1.0, 0.0])
+    mask = mx.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=mx.float32)
+    special, eos = trainer.special_and_eos(tokens, lengths, truncated, mask, [1, 2])
+    assert special.tolist() == [[0, 1, 0], [0, 0, 0], [0, 1, 1]]  # the padding 0 is not special
+    assert eos.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 1]]  # the truncated row has no EOS
+
+
+def test_special_tokens_follow_the_verifier_in_a_step(tmp_path, smol_dir):
+    """The recipe switch reaches the compiled advantages: every final EOS gets its row's GRPO
+    advantage (B in a mixed group, 0 in a zero-variance one); a full step logs the EOS metrics."""
+    sets = [
+        f"logging.out_dir={tmp_path / 'v'}",
+        "algorithm.special_tokens=verifier",
+        "algorithm.gap_centering=true",
+        "sampling.group_size=4",
+        "sampling.max_new_tokens=16",
+    ]
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)
+    with trainer.setup(recipe) as run:
+        problems = trainer.next_prompts(run)
+        prompts, out = trainer.sample(run, problems)
+        truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
+        special, eos = trainer.special_and_eos(out.tokens, out.lengths, truncated, out.mask, run.special_ids)
+        gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+        rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # a mixed and an all-wrong group
+        adv, base = run.advantages(rewards, gaps, out.mask, step=0, special=special)
+        expected = np.where(np.arange(8) < 4, np.array(base), 0.0)[:, None]
+        on = np.array(special) > 0
+        assert on.any()  # the rollout has special tokens (at least its EOS)
+        np.testing.assert_allclose(np.array(adv)[on], np.broadcast_to(expected, on.shape)[on], atol=1e-7)
+        metrics, _ = trainer.train_step(run)
+    for key in ("eos/neg_gap_share", "content/neg_gap_share", "eos/adv_mean/mixed_correct", "eos/adv_mean/all_wrong"):
+        assert 0.0 <= abs(metrics[f"cast/{key}"]) <= 1.2, key

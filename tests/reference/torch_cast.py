@@ -110,8 +110,36 @@ def rlsd_token_advantages(base, gaps, mask, *, step, eps_w=0.2, lambda_start=0.5
     return out
 
 
-def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, **p):
-    """`(token [N, L], base [N])` for "grpo", "cast" or "rlsd"; `p` as in cast_mlx."""
+def center_gaps(gaps, mask, special):
+    """Spec 4b gap centring, row by row: g minus the mean of g over the row's content tokens
+    (real and not special); a row without content tokens is left as it is."""
+    g = tensor(gaps).clone()
+    content = (tensor(mask) != 0) & (tensor(special) == 0)
+    for i in range(g.shape[0]):
+        if bool(content[i].any()):
+            g[i] = g[i] - g[i][content[i]].mean()
+    return g
+
+
+def verifier_special_tokens(token, base, rewards, mask, special, group_size):
+    """Spec 4b: a special token of a real position gets its row's GRPO advantage (the base in
+    a mixed group, 0 in a zero-variance group)."""
+    token = token.clone()
+    r, on, sp = tensor(rewards), tensor(mask) != 0, tensor(special) != 0
+    for i in range(token.shape[0]):
+        group = r[(i // group_size) * group_size : (i // group_size + 1) * group_size]
+        value = 0.0 if bool(torch.all(group == group[0])) else float(base[i])
+        for t in range(token.shape[1]):
+            if on[i, t] and sp[i, t]:
+                token[i, t] = value
+    return token
+
+
+def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, special=None, **p):
+    """`(token [N, L], base [N])` for "grpo", "cast" or "rlsd"; `p` as in cast_mlx, including
+    the spec-4b switches `gap_centering` and `special_tokens` (which need `special`)."""
+    if p.get("gap_centering"):
+        gaps = center_gaps(gaps, mask, special)
     default_scale = "none" if algorithm == "cast" else "group"
     scale = p.get("scale_rewards") or default_scale
     base = base_advantages(
@@ -152,6 +180,8 @@ def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, **p):
         )
     else:
         raise ValueError(algorithm)
+    if p.get("special_tokens", "teacher") == "verifier":
+        token = verifier_special_tokens(token, base, rewards, mask, special, group_size)
     return token, base
 
 
