@@ -343,6 +343,11 @@ def needs_special(p: dict) -> bool:
     return p["special_tokens"] == "verifier" or bool(p["gap_centering"])
 
 
+def require_special(p: dict, special) -> None:
+    if special is None and needs_special(p):
+        raise ValueError("special: the special-token mask is needed by special_tokens=verifier and gap_centering")
+
+
 def center_gaps(gaps: mx.array, content: mx.array) -> mx.array:
     """`g - mean(g over the row's content tokens)`: removes a row's systematic offset (the
     context shift) before the sign is read. Rows without content tokens are unchanged."""
@@ -381,8 +386,7 @@ def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step:
     est = get_estimator(name)
     p = est.resolve(params)
     check_inputs(rewards, gaps, mask, group_size)
-    if needs_special(p) and special is None:
-        raise ValueError("special: the special-token mask is needed by special_tokens=verifier and gap_centering")
+    require_special(p, special)
     return run_estimator(est, p, rewards, gaps, mask, est.lam(step, p), special, group_size)
 
 

@@ -104,10 +104,7 @@ class CompiledAdvantages:
             mx.array(self.estimator.lam(step, self.params), dtype=mx.float32),
         ]
         if self.needs_special:
-            if special is None:
-                raise ValueError(
-                    "special: the special-token mask is needed by special_tokens=verifier and gap_centering"
-                )
+            adv_mod.require_special(self.params, special)
             arrays.append(pad_length((special != 0).astype(mx.float32), target))
         token, base = self._fn(*arrays)
         return token[:, :length], base

@@ -141,11 +141,17 @@ def token_class(text: str, special: bool) -> str:
 
 
 def group_mix(correct: ArrayLike, group_size: int) -> dict[str, float]:
-    g = np.asarray(correct, dtype=bool).reshape(-1, group_size)
-    flat = g.all(1) | ~g.any(1)
+    """Shares of all-correct, all-wrong and mixed groups (zero variance decided as in training)."""
+    import mlx.core as mx
+
+    from cast_mlx.advantages import zero_variance_groups
+
+    ok = np.asarray(correct, dtype=bool)
+    flat = np.array(zero_variance_groups(mx.array(ok.astype(np.float32)), group_size))
+    first = ok.reshape(-1, group_size)[:, 0]
     return {
-        "all_correct": float(g.all(1).mean()),
-        "all_wrong": float((~g.any(1)).mean()),
+        "all_correct": float((flat & first).mean()),
+        "all_wrong": float((flat & ~first).mean()),
         "mixed": float((~flat).mean()),
     }
 
