@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -41,6 +41,7 @@ class TrainState:
     bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient
     recipe_hash: str = ""
     world_size: int = 1  # processes that trained it; a resume must use as many
+    history: list = field(default_factory=list)  # [truncation rate, reward] of every step (drift guard)
 
 
 def checkpoint_root(run_dir: Path) -> Path:

@@ -177,6 +177,13 @@ class SystemConfig:
     cache_limit_gb: Optional[float] = bounds(None, ge=0.0)
     max_bad_steps: int = bounds(3, ge=1)  # consecutive NaN/inf steps before stopping
     dist_timeout: float = bounds(900.0, gt=0.0)  # seconds one collective waits for the other ranks
+    # The length-drift guard (metrics.length_drift): the mean truncation rate of the last
+    # `drift_window` steps is `drift_rise` above its lowest such mean so far while the reward
+    # did not rise. Fitted on the committed runs (docs/results.md): it flags all 20 drifting
+    # CAST runs by step 6-10 and none of the 20 others.
+    drift_window: int = bounds(3, ge=1)
+    drift_rise: float = bounds(0.2, gt=0.0, le=1.0)
+    stop_on_drift: bool = False  # write a checkpoint and stop (exit code 4) when it fires
 
 
 @dataclass

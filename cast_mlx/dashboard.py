@@ -54,6 +54,8 @@ class PlainView(TrainingCallback):
         ]
         if "eval/accuracy" in m:
             parts.append(f"eval {_f(m['eval/accuracy'], '.3f')}")
+        if m.get("health/drift"):
+            parts.append("LENGTH DRIFT")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def on_message(self, text: str) -> None:
@@ -104,6 +106,7 @@ class RichView(TrainingCallback):
             ("mixed", "cast/groups/mixed", ".2f"),
             ("length", "completions/mean_length", ".1f"),
             ("truncated", "completions/clipped_ratio", ".2f"),
+            ("length drift (0/1)", "health/drift", "d"),
         ):
             left.add_row(label, _f(g(key), spec))
 

@@ -192,3 +192,17 @@ def memory_usage() -> dict[str, float]:
         "memory/peak_gb": mx.get_peak_memory() / 2**30,
         "memory/rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20),
     }
+
+
+def length_drift(history: list, window: int, rise: float) -> bool:
+    """The length-drift rule over `history`, one `[truncation rate, reward]` per step: the
+    mean truncation rate of the last `window` steps is at least `rise` above the lowest
+    `window`-step mean so far, and the mean reward of the last `window` steps is no higher
+    than that of the `window` steps before (the policy learns to ramble, not to answer)."""
+    if len(history) < 2 * window:
+        return False
+    trunc = [h[0] for h in history]
+    means = [sum(trunc[t - window : t]) / window for t in range(window, len(trunc) + 1)]
+    reward = [h[1] for h in history]
+    last, before = reward[-window:], reward[-2 * window : -window]
+    return means[-1] - min(means) >= rise and sum(last) <= sum(before)

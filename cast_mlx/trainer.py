@@ -53,7 +53,7 @@ from cast_mlx.dashboard import make_view
 from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
 from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch
 from cast_mlx.loss import loss_norm, rows_with_loss
-from cast_mlx.metrics import memory_usage, step_metrics
+from cast_mlx.metrics import length_drift, memory_usage, step_metrics
 from cast_mlx.rollout import decode_completions
 from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
 
@@ -466,6 +466,8 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     )
     if world.size > 1:
         metrics |= comm
+    st.history.append([metrics["completions/clipped_ratio"], metrics["reward"]])
+    metrics["health/drift"] = int(length_drift(st.history, r.system.drift_window, r.system.drift_rise))
     samples = [
         {
             "step": st.step,
@@ -605,6 +607,20 @@ def resume_command(run: Run) -> str:
 SIGNAL_OF_CODE = {code: name for name, code in StopRequest.CODES.items()}
 
 
+EXIT_DRIFT = 4  # system.stop_on_drift stopped the run
+
+
+def drift_message(run: Run) -> str:
+    w, hist = run.recipe.system.drift_window, run.state.history
+    before, last = hist[-2 * w : -w], hist[-w:]
+    mean = lambda rows, i: sum(h[i] for h in rows) / len(rows)  # noqa: E731
+    return (
+        f"warning: length drift at step {run.state.step}: the truncation rate rose to {mean(last, 0):.2f} "
+        f"(mean of the last {w} steps) while the reward went {mean(before, 1):.3f} -> {mean(last, 1):.3f}; "
+        "see health/drift and the cast/eos/* metrics"
+    )
+
+
 def make_callbacks(run: Run, live: bool, resumed: bool) -> list[cb.TrainingCallback]:
     """Rank 0's sinks and view (under mlx.launch stdout is a pipe; the launcher passes
     COLUMNS when it runs on a terminal); the other ranks of a data-parallel run get none."""
@@ -643,6 +659,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             save(run)
 
     stop = StopRequest().install()
+    drift_seen = False
     last_saved = run.state.step if resumed_from else -1
     every = r.logging.eval_every
     held_out = eval_problems(r) if every else []
@@ -665,6 +682,18 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             if st % r.checkpoint.every == 0 or st == r.schedule.steps:
                 checkpoint()
                 last_saved = st
+            if metrics["health/drift"] and not drift_seen:
+                drift_seen = True
+                tell(drift_message(run))
+                if r.system.stop_on_drift:
+                    if last_saved != st:
+                        checkpoint()
+                    dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
+                    tell(
+                        f"stopped after step {st}: system.stop_on_drift is on; the checkpoint is "
+                        f"{ckpt_io.find_checkpoint(run.out_dir) if world.is_main else 'written by rank 0'}"
+                    )
+                    return EXIT_DRIFT
             code = agreed_stop()
         if last_saved != run.state.step:
             checkpoint()

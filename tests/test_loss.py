@@ -350,3 +350,19 @@ def test_end_of_turn_diagnostics_by_hand():
     assert d["eos/adv_mean/mixed_wrong"] == pytest.approx(-1.1)
     assert d["eos/adv_mean/all_wrong"] == pytest.approx(-1.2)
     assert d["eos/adv_mean/all_correct"] == 0.0  # no such EOS: 0 by convention
+
+
+def test_length_drift_rule_by_hand():
+    from cast_mlx.metrics import length_drift
+
+    # truncation 0.4 for three steps, then 0.7: the last 3-step mean (0.7) is 0.3 above the
+    # lowest (0.4), and the reward fell: drift
+    hist = [[0.4, 0.1]] * 3 + [[0.7, 0.0]] * 3
+    assert length_drift(hist, window=3, rise=0.2)
+    assert not length_drift(hist, window=3, rise=0.35)  # not that much
+    assert not length_drift(hist[:5], window=3, rise=0.2)  # fewer than 2 windows of steps
+    rising_reward = [[0.4, 0.1]] * 3 + [[0.7, 0.2]] * 3
+    assert not length_drift(rising_reward, window=3, rise=0.2)  # longer answers that pay are fine
+    # the lowest mean so far counts, not the first: down to 0.1, then back to 0.4
+    dip = [[0.4, 0.1]] * 3 + [[0.1, 0.1]] * 3 + [[0.4, 0.1]] * 3
+    assert length_drift(dip, window=3, rise=0.2)

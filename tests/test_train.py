@@ -360,3 +360,27 @@ def test_special_tokens_follow_the_verifier_in_a_step(tmp_path, smol_dir):
         metrics, _ = trainer.train_step(run)
     for key in ("eos/neg_gap_share", "content/neg_gap_share", "eos/adv_mean/mixed_correct", "eos/adv_mean/all_wrong"):
         assert 0.0 <= abs(metrics[f"cast/{key}"]) <= 1.2, key
+
+
+def test_stop_on_drift_checkpoints_and_exits_4(tmp_path, smol_dir, capsys):
+    """A history of short, rewarded steps, then a step whose 4-token completions are mostly cut
+    off: the guard fires on that step, says so, writes its checkpoint and stops."""
+    sets = [
+        f"logging.out_dir={tmp_path / 'd'}",
+        "system.stop_on_drift=true",
+        "system.drift_window=1",
+        "sampling.max_new_tokens=4",
+        "schedule.steps=5",
+        "checkpoint.every=10",
+    ]
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)
+    with trainer.setup(recipe) as run:
+        run.state.history = [[0.0, 1.0]]  # as if a step before had answered everything in time
+        code = trainer.fit(run, live=False)
+    assert code == trainer.EXIT_DRIFT == 4
+    lines = _metrics(tmp_path / "d")
+    assert [m["step"] for m in lines] == [1] and lines[0]["health/drift"] == 1
+    assert lines[0]["completions/clipped_ratio"] >= 0.2  # risen by drift_rise from 0
+    assert checkpoint.find_checkpoint(tmp_path / "d").name == "step_000001"
+    out = capsys.readouterr().out
+    assert "warning: length drift at step 1" in out and "stopped after step 1: system.stop_on_drift is on" in out
