@@ -682,29 +682,26 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             if st % r.checkpoint.every == 0 or st == r.schedule.steps:
                 checkpoint()
                 last_saved = st
-            if metrics["health/drift"] and not drift_seen:
+            if metrics["health/drift"] and not drift_seen:  # the same decision on every rank
                 drift_seen = True
                 tell(drift_message(run))
                 if r.system.stop_on_drift:
-                    if last_saved != st:
-                        checkpoint()
-                    dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
-                    tell(
-                        f"stopped after step {st}: system.stop_on_drift is on; the checkpoint is "
-                        f"{ckpt_io.find_checkpoint(run.out_dir) if world.is_main else 'written by rank 0'}"
-                    )
-                    return EXIT_DRIFT
+                    code = EXIT_DRIFT
+                    break
             code = agreed_stop()
         if last_saved != run.state.step:
             checkpoint()
         dist.barrier(world, "finishing (rank 0 writes the last checkpoint)")
-        if code:
+        if code == EXIT_DRIFT:
+            tell(f"stopped after step {run.state.step}: system.stop_on_drift is on; the checkpoint is written")
+        elif code:
             tell(
                 f"{SIGNAL_OF_CODE.get(code, 'stop')}: stopped after step {run.state.step}; "
                 f"resume with {resume_command(run)}"
             )
-            return code
-        tell(f"done: {run.state.step} steps; adapters in {ckpt_io.find_checkpoint(run.out_dir)}")
+        elif callbacks:  # rank 0: the checkpoints are in its folder
+            tell(f"done: {run.state.step} steps; adapters in {ckpt_io.find_checkpoint(run.out_dir)}")
+        return code
     except KeyboardInterrupt:
         if world.is_main:
             print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: {resume_command(run)}")
@@ -713,4 +710,3 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
         stop.restore()
         for c in callbacks:
             c.on_train_end()
-    return 0
