@@ -339,13 +339,14 @@ def collect(
         gaps[name] = np.array((lp_t - out.logprobs) * mask)
         seconds[f"teacher/{name}"] = time.perf_counter() - t
 
-    special_ids = set(getattr(tokenizer, "all_special_ids", [])) | eos_ids
-    ids = np.array(tokens)
-    texts_of = {i: tokenizer.decode([i]) for i in np.unique(ids).tolist()}
-    classes = np.vectorize(lambda i: token_class(texts_of[i], i in special_ids), otypes=[object])(ids)
     finished = np.array([r == "eos" for r in out.finish_reasons])
+    truncated = mx.array((~finished).astype(np.float32))
+    special, eos = rollout.special_and_eos(tokens, out.lengths, truncated, mask, rollout.special_token_ids(tokenizer))
+    ids, is_special = np.array(tokens), np.array(special) > 0
+    texts_of = {i: tokenizer.decode([i]) for i in np.unique(ids).tolist()}
+    classes = np.vectorize(lambda i, sp: token_class(texts_of[i], bool(sp)), otypes=[object])(ids, is_special)
     lengths = np.array(out.lengths)
-    is_eos = tail_mask(lengths, ids.shape[1], share=0.0) & finished[:, None] & np.isin(ids, list(eos_ids))
+    is_eos = np.array(eos) > 0
     return Collected(
         gaps,
         np.array(mask),

@@ -475,3 +475,16 @@ def decode_completions(tokenizer, rollout) -> list[str]:
         ids = row[: n - 1] if reason == "eos" else row[:n]
         texts.append(tokenizer.decode(ids))
     return texts
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """The EOS ids and the tokenizer's other special/template token ids."""
+    return sorted(set(tokenizer.eos_token_ids) | set(getattr(tokenizer, "all_special_ids", None) or []))
+
+
+def special_and_eos(tokens, lengths, truncated, mask, special_ids: list[int]):
+    """`[N, L]` masks of the special/template tokens of each completion (EOS included) and
+    of its final EOS (the last token of a completion that ended by itself)."""
+    special = (tokens[:, :, None] == mx.array(special_ids)[None, None, :]).any(axis=2) * mask
+    last = mx.arange(tokens.shape[1])[None, :] == (lengths - 1)[:, None]
+    return special, last * (1.0 - truncated)[:, None] * mask

@@ -173,7 +173,7 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         loss_fn=loss_fn,
         verifier=verify.Verifier(workers=1, timeout=2.0),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
-        special_ids=sorted(set(tokenizer.eos_token_ids) | set(getattr(tokenizer, "all_special_ids", None) or [])),
+        special_ids=rollout.special_token_ids(tokenizer),
         state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size),
         world=world,
     )
@@ -251,14 +251,6 @@ def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[lis
     ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs, instruction)
     g = run.recipe.sampling.group_size
     return [ctx[i // g] for i in range(len(problems) * g)]
-
-
-def special_and_eos(tokens, lengths, truncated, mask, special_ids: list[int]):
-    """`[N, L]` masks of the special/template tokens of each completion (EOS included) and
-    of its final EOS (the last token of a completion that ended by itself)."""
-    special = (tokens[:, :, None] == mx.array(special_ids)[None, None, :]).any(axis=2) * mask
-    last = mx.arange(tokens.shape[1])[None, :] == (lengths - 1)[:, None]
-    return special, last * (1.0 - truncated)[:, None] * mask
 
 
 def teacher_gaps(run: Run, problems, prompts, out, mask):
@@ -382,7 +374,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     keep = mx.array([0.0 if d else 1.0 for d in dropped])[:, None]
     mask = out.mask * keep
     truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
-    special, eos = special_and_eos(out.tokens, out.lengths, truncated, mask, run.special_ids)
+    special, eos = rollout.special_and_eos(out.tokens, out.lengths, truncated, mask, run.special_ids)
 
     t = time.perf_counter()
     contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]  # student's

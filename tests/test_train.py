@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from cast_mlx import checkpoint, models, trainer
+from cast_mlx import checkpoint, models, rollout, trainer
 from cast_mlx import config as cfg
 
 from helpers import ROOT, run_cli, smoke_args
@@ -329,7 +329,7 @@ def test_special_and_eos_masks():
     lengths = mx.array([2, 3, 3])
     truncated = mx.array([0.0, 1.0, 0.0])
     mask = mx.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=mx.float32)
-    special, eos = trainer.special_and_eos(tokens, lengths, truncated, mask, [1, 2])
+    special, eos = rollout.special_and_eos(tokens, lengths, truncated, mask, [1, 2])
     assert special.tolist() == [[0, 1, 0], [0, 0, 0], [0, 1, 1]]  # the padding 0 is not special
     assert eos.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 1]]  # the truncated row has no EOS
 
@@ -349,7 +349,7 @@ def test_special_tokens_follow_the_verifier_in_a_step(tmp_path, smol_dir):
         problems = trainer.next_prompts(run)
         prompts, out = trainer.sample(run, problems)
         truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
-        special, eos = trainer.special_and_eos(out.tokens, out.lengths, truncated, out.mask, run.special_ids)
+        special, eos = rollout.special_and_eos(out.tokens, out.lengths, truncated, out.mask, run.special_ids)
         gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
         rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # a mixed and an all-wrong group
         adv, base = run.advantages(rewards, gaps, out.mask, step=0, special=special)
