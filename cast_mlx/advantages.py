@@ -1,4 +1,5 @@
-"""Advantage estimators for GRPO, CAST and RLSD (spec sections 2 and 4), registered by name.
+"""Advantage estimators for GRPO, CAST (the paper's and its veRL port's) and RLSD (spec sections 2, 4
+and 4b), registered by name.
 
 An estimator is two pure parts, registered once with `@register_estimator` (after verl's
 `core_algos.register_adv_est`):
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -436,6 +438,53 @@ def cast_kernel(
         a_max=a_max,
         flip=flip,
         flip_deadband=flip_deadband,
+    )
+    return token, base
+
+
+def check_ratio_band(*, ratio_band) -> tuple[float, float]:
+    lo, hi = ratio_band
+    if not 0 < lo <= 1 <= hi:
+        raise ValueError(f"ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
+    return float(lo), float(hi)
+
+
+def dead_band(gaps: mx.array, ratio_band: tuple[float, float]) -> mx.array:
+    """`g = 0` where the teacher/student probability ratio `e^g` lies in `ratio_band`
+    (the veRL port's dead-band: near-agreement is noise, not a signal); `[1, 1]` is off."""
+    lo, hi = check_ratio_band(ratio_band=ratio_band)
+    if lo == hi == 1.0:
+        return gaps
+    ratio = mx.exp(gaps)
+    return mx.where((ratio >= lo) & (ratio <= hi), 0.0, gaps)
+
+
+def check_cast_verl_params(*, correct_box, wrong_box, ratio_band) -> None:
+    check_cast_params(correct_box=correct_box, wrong_box=wrong_box, a_max=math.inf, flip="none", flip_deadband=0.0)
+    check_ratio_band(ratio_band=ratio_band)
+
+
+@register_estimator("cast-verl", schedule=cast_lambda_at, check=check_cast_verl_params)
+def cast_verl_kernel(
+    rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, zero_var_base, correct_box, wrong_box, ratio_band
+):
+    """The authors' later port of CAST (spec 4b, veRL): no flips, so `sign(A) = sign(B)` and
+    the teacher sets only the magnitude (`B * max(0, 1 + lam*(clip(e^{s*g}, box) - 1))`), no
+    final clip, and an optional dead-band on the probability ratio. `scale_rewards`
+    defaults to `group` (the std is divided out); zero-variance groups keep CAST's
+    `±zero_var_base`."""
+    base = base_advantages(
+        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=float(zero_var_base), eps=eps
+    )
+    token = cast_token_advantages(
+        base,
+        dead_band(gaps.astype(mx.float32), ratio_band),
+        mask,
+        lam,
+        correct_box=correct_box,
+        wrong_box=wrong_box,
+        a_max=math.inf,
+        flip="none",
     )
     return token, base
 

@@ -35,16 +35,21 @@ class TrainingCallback:
         pass
 
 
-class MetricsFiles(TrainingCallback):
-    """`metrics.jsonl` (one line per metrics line) and `samples.jsonl` in the run folder.
+PER_PROBLEM = "eval/per_problem"  # a metrics key whose value goes to eval.jsonl, not metrics.jsonl
 
-    A fresh run starts both files anew; a resumed one keeps the lines up to the step it
+
+class MetricsFiles(TrainingCallback):
+    """`metrics.jsonl` (one line per metrics line), `samples.jsonl`, and `eval.jsonl` (the
+    per-problem 0/1 results of each eval, for paired tests) in the run folder.
+
+    A fresh run starts the files anew; a resumed one keeps the lines up to the step it
     resumes from and drops those written after that checkpoint."""
 
     def __init__(self, run_dir: Path, resume_step: int | None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
-        for p in (self.metrics_path, self.samples_path):
+        self.eval_path = run_dir / "eval.jsonl"
+        for p in (self.metrics_path, self.samples_path, self.eval_path):
             if resume_step is None:
                 p.unlink(missing_ok=True)
             elif p.exists():
@@ -52,8 +57,12 @@ class MetricsFiles(TrainingCallback):
                 p.write_text("".join(line + "\n" for line in keep))
 
     def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        per_problem = metrics.get(PER_PROBLEM)
+        if per_problem is not None:
+            with open(self.eval_path, "a") as f:
+                f.write(json.dumps({"step": metrics["step"], **per_problem}) + "\n")
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps({k: v for k, v in metrics.items() if k != PER_PROBLEM}) + "\n")
         with open(self.samples_path, "a") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")

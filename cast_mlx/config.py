@@ -78,7 +78,7 @@ class SamplingConfig:
 @dataclass
 class AlgorithmConfig:
     # GRPO is the default: it is what learns with the embedded 135M model (docs/results.md).
-    name: Literal["cast", "grpo", "rlsd"] = "grpo"
+    name: Literal["cast", "cast-verl", "grpo", "rlsd"] = "grpo"
     # None in a file: the algorithm's default (ALGORITHM_DEFAULTS); load_recipe fills it in.
     scale_rewards: Optional[ScaleRewards] = None
     eps: float = bounds(1e-4, ge=0.0)  # added to the reward std before dividing by it
@@ -98,6 +98,8 @@ class AlgorithmConfig:
     # EOS and other special/template tokens get the GRPO advantage of their row instead.
     special_tokens: Literal["teacher", "verifier"] = "teacher"
     gap_centering: bool = False  # g - mean(g over the row's content tokens), before the token rule
+    # cast-verl only: g = 0 where the probability ratio e^g lies in [low, high]; [1, 1]: off
+    ratio_band: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass
@@ -321,7 +323,10 @@ def _check_recipe(r: Recipe) -> None:
         lo, hi = getattr(r.algorithm, name)
         if not 0 < lo <= 1 <= hi:
             raise ConfigError(f"algorithm.{name}: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
-    if r.algorithm.name == "cast" and r.teacher.context == "privileged":
+    lo, hi = r.algorithm.ratio_band
+    if not 0 < lo <= 1 <= hi:
+        raise ConfigError(f"algorithm.ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
+    if r.algorithm.name in ("cast", "cast-verl") and r.teacher.context == "privileged":
         raise ConfigError(
             "teacher.context: 'privileged' shows the gold answer; CAST's teacher is answer-free "
             "(use plain, instructed or same, or algorithm.name=rlsd)"
@@ -341,10 +346,11 @@ class AlgorithmDefaults(TypedDict):
 
 
 # What each algorithm uses where the recipe leaves a field at None (spec sections 2 and 3):
-# CAST scales by nothing (the authors' canonical run), GRPO/RLSD by the group std; RLSD's
-# teacher sees the reference solution, the others' teacher is answer-free.
+# CAST scales by nothing (the authors' canonical run); its veRL port (cast-verl), GRPO and RLSD
+# by the group std. RLSD's teacher sees the reference solution, the others' is answer-free.
 ALGORITHM_DEFAULTS: dict[str, AlgorithmDefaults] = {
     "cast": {"scale_rewards": "none", "teacher_context": "plain"},
+    "cast-verl": {"scale_rewards": "group", "teacher_context": "plain"},
     "grpo": {"scale_rewards": "group", "teacher_context": "plain"},
     "rlsd": {"scale_rewards": "group", "teacher_context": "privileged"},
 }

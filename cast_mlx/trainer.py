@@ -26,6 +26,8 @@ world of one, every collective is skipped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -41,7 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from cast_mlx import blas, data, models, rollout, verify
+from cast_mlx import __version__, blas, data, models, rollout, verify
 from cast_mlx import callbacks as cb
 from cast_mlx import checkpoint as ckpt_io
 from cast_mlx import config as cfg
@@ -539,8 +541,9 @@ def eval_problems(recipe: cfg.Recipe) -> list:
 
 def evaluate_now(run: Run, problems: list) -> dict:
     """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics (mean and
-    bootstrap CI over problems). In a data-parallel run each rank answers its contiguous
-    slice and the per-problem results are gathered, so no rank waits idle."""
+    bootstrap CI over problems) plus `eval/per_problem` (the 0/1 lists, which the metrics
+    files keep in eval.jsonl for paired tests). In a data-parallel run each rank answers its
+    contiguous slice and the per-problem results are gathered, so no rank waits idle."""
     r, world = run.recipe, run.world
     t = time.perf_counter()
     mine = dist.shard_uneven(problems, world.rank, world.size)
@@ -563,15 +566,61 @@ def evaluate_now(run: Run, problems: list) -> dict:
     )
     strict = cast("list[float]", gathered["greedy/strict"].tolist())
     lenient = cast("list[float]", gathered["greedy/lenient"].tolist())
+    return eval_metrics(lenient, strict) | {"time/eval": time.perf_counter() - t}
+
+
+def eval_metrics(lenient: list[float], strict: list[float]) -> dict:
     low, high = bootstrap_ci(lenient, seed=0, n_resamples=200)
     return {
         "eval/accuracy": float(np.mean(lenient)),
         "eval/accuracy_ci_low": low,
         "eval/accuracy_ci_high": high,
         "eval/accuracy_strict": float(np.mean(strict)),
-        "eval/n": len(problems),
-        "time/eval": time.perf_counter() - t,
+        "eval/n": len(lenient),
+        "eval/per_problem": {"lenient": lenient, "strict": strict},
     }
+
+
+def base_eval_key(run: Run, problems: list) -> str:
+    """What the greedy eval of the base model depends on (the LoRA B matrices start at 0, so a
+    fresh run's step-0 policy is the base model exactly)."""
+    r = run.recipe
+    what = {
+        "cast_mlx": __version__,
+        "mlx": getattr(mx, "__version__", "?"),
+        "model": r.model.name,
+        "dtype": models.resolve_dtype(r.model.dtype),
+        "problems": [[p.id, p.question, p.gold] for p in problems],
+        "answer_format": r.data.answer_format,
+        "system_prompt": r.data.system_prompt,
+        "max_new_tokens": r.sampling.max_new_tokens,
+        "max_batch": r.sampling.max_batch,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def base_model_eval(run: Run, problems: list) -> dict:
+    """The step-0 eval, read from `$CAST_MLX_HOME/evals/` when a run with the same model,
+    problems and eval settings computed it before (compare.py's variants and seeds share
+    it); computed and stored otherwise. Single-process runs only (every rank of a
+    data-parallel run must take the same path)."""
+    path = models.home() / "evals" / f"base-{base_eval_key(run, problems)}.json"
+    if run.world.size == 1 and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            return eval_metrics(stored["lenient"], stored["strict"]) | {"time/eval": 0.0, "eval/cached": True}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: compute it again
+    metrics = evaluate_now(run, problems)
+    if run.world.size == 1:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(metrics["eval/per_problem"]))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache that cannot be written costs only time
+    return metrics
 
 
 def run_info(run: Run) -> dict:
@@ -663,7 +712,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
         if resumed_from:
             tell(f"resumed from {resumed_from} at step {run.state.step}")
         elif every:  # the starting point of the eval curve
-            log({"step": 0, **evaluate_now(run, held_out)}, [])
+            log({"step": 0, **base_model_eval(run, held_out)}, [])
         code = agreed_stop()
         while run.state.step < r.schedule.steps and not code:
             metrics, samples = train_step(run)

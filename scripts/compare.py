@@ -120,11 +120,27 @@ def train_command(
     return cmd + ["--no-dashboard", "--quiet"]
 
 
+def final_step(args, sets: list[str]) -> int:
+    from cast_mlx import config as cfg
+
+    return args.steps or cfg.load_recipe(args.recipe, [*args.overrides, *sets]).schedule.steps
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether `run_dir` holds a run that reached `steps` (its final checkpoint is there), so
+    that a comparison cut short (a session's end) can be rerun without redoing it."""
+    return (run_dir / "checkpoints" / f"step_{steps:06d}" / "adapters.safetensors").is_file()
+
+
 def run_one(args, out: Path, seed: int, name: str, sets: list[str], env: dict) -> dict:
-    """Train one (variant, seed) in a subprocess, its output in `OUT/logs/V-seedS.log`."""
+    """Train one (variant, seed) in a subprocess, its output in `OUT/logs/V-seedS.log`; a run
+    that already finished is kept as it is."""
     run_dir = out / f"{name}-seed{seed}"
     cmd = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
     shown = shlex.join(["python", *cmd[1:]])
+    if finished(run_dir, final_step(args, sets)):
+        print(f"[compare] {name}-seed{seed}: finished before, kept", flush=True)
+        return {"run": run_dir.name, "command": shown, "exit": 0, "seconds": None, "kept": True}
     print(f"[compare] {shown}", flush=True)
     start = time.perf_counter()
     with open(out / "logs" / f"{name}-seed{seed}.log", "w") as log:
@@ -374,12 +390,16 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         lines += ["The whole comparison:", "", "```", record["compare"], "```", "", "Each run:", "", "```"]
-        lines += [f"{r['command']}  # exit {r['exit']}, {r['seconds']:.0f}s" for r in record["runs"]]
+        lines += [f"{r['command']}  # exit {r['exit']}, {run_seconds(r)}" for r in record["runs"]]
         lines.append("```")
     else:
         lines.append(f"Not recorded ({COMMANDS_FILE} is missing from {out}).")
     lines += ["", "![learning curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def run_seconds(r: dict) -> str:
+    return "finished in an earlier invocation" if r.get("seconds") is None else f"{r['seconds']:.0f}s"
 
 
 def write_outputs(out: Path, wanted_steps: list[int] | None) -> None:

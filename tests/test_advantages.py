@@ -43,7 +43,8 @@ def test_default_scale_rewards():
     assert default_scale_rewards("cast") == "none"
     assert default_scale_rewards("grpo") == "group"
     assert default_scale_rewards("rlsd") == "group"
-    assert sorted(ESTIMATORS) == ["cast", "grpo", "rlsd"]
+    assert default_scale_rewards("cast-verl") == "group"
+    assert sorted(ESTIMATORS) == ["cast", "cast-verl", "grpo", "rlsd"]
 
 
 def test_base_advantages_by_hand():
@@ -320,6 +321,56 @@ def test_cast_parity(batch, params, step):
     assert_parity("cast", *batch, step, params)
 
 
+verl_params = st.fixed_dictionaries(
+    {
+        "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
+        "zero_var_base": st.sampled_from([1.0, 0.0]),
+        "cast_lambda": st.sampled_from([1.0, 0.5, 3.0]),
+        "correct_box": st.sampled_from([(0.8, 1.05), (0.8, 1.2)]),
+        "wrong_box": st.sampled_from([(0.95, 1.2), (0.8, 1.2)]),
+        "ratio_band": st.sampled_from([(1.0, 1.0), (0.9, 1.1), (0.5, 2.0)]),
+        # parameters of the paper's rule that the port does not read
+        "a_max": st.sampled_from([1.2, 0.1]),
+        "flip": st.sampled_from(["both", "down"]),
+    }
+)
+
+
+@pytest.mark.torch
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), params=verl_params, step=st.integers(0, 50))
+def test_cast_verl_parity(batch, params, step):
+    assert_parity("cast-verl", *batch, step, params)
+
+
+def test_cast_verl_by_hand():
+    # One mixed group (1, 0) and one all-wrong group (0, 0), one token each, group std scaling:
+    # B = +-0.5 / (std 0.70711 + 1e-4) = +-0.70701; all wrong: -zero_var_base = -1.
+    rewards = mx.array([1.0, 0.0, 0.0, 0.0])
+    gaps = mx.array([[-0.5], [0.5], [0.05], [-0.5]])
+    token, base = compute_advantages("cast-verl", rewards, gaps, mx.ones((4, 1)), group_size=2)
+    b = 0.5 / (math.sqrt(0.5) + 1e-4)
+    np.testing.assert_allclose(np.array(base), [b, -b, -1.0, -1.0], rtol=1e-6)
+    # No flips: a teacher-negative token of the correct row keeps A > 0, shrunk to the low
+    # edge of the correct box (0.8); the wrong row's teacher-positive token is shrunk to
+    # 0.95; all-wrong tokens get -e^{-g} inside the wrong box [0.95, 1.2]: e^-0.05 and 1.2.
+    np.testing.assert_allclose(np.array(token)[:, 0], [0.8 * b, -0.95 * b, -math.exp(-0.05), -1.2], rtol=1e-6)
+    # sign(A) = sign(B) everywhere, and no final clip: B = 2 (zero_var_base) times 1.2.
+    token, _ = compute_advantages("cast-verl", rewards, gaps, mx.ones((4, 1)), group_size=2, zero_var_base=2.0)
+    assert float(token[3, 0]) == pytest.approx(-2.4)
+    # The dead-band: |g| = 0.05 has e^g in [0.9, 1.1] -> g = 0 -> A = B exactly.
+    token, _ = compute_advantages("cast-verl", rewards, gaps, mx.ones((4, 1)), group_size=2, ratio_band=(0.9, 1.1))
+    assert float(token[2, 0]) == -1.0
+    np.testing.assert_allclose(np.array(token)[[0, 1, 3], 0], [0.8 * b, -0.95 * b, -1.2], rtol=1e-6)
+
+
+def test_cast_verl_rejects_a_bad_band():
+    with pytest.raises(ValueError, match="ratio_band"):
+        compute_advantages(
+            "cast-verl", mx.array([1.0, 0.0]), mx.zeros((2, 1)), mx.ones((2, 1)), group_size=2, ratio_band=(1.1, 2.0)
+        )
+
+
 rlsd_params = st.fixed_dictionaries(
     {
         "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
@@ -363,6 +414,8 @@ COMPILED_CASES = [
     ("cast", {"lambda_schedule": "linear_decay", "lambda_decay_steps": 20, "flip": "none", "a_max": 0.6}),
     ("rlsd", {}),
     ("rlsd", {"scale_rewards": "none", "rlsd_eps_w": 0.1}),
+    ("cast-verl", {}),
+    ("cast-verl", {"ratio_band": (f32(0.9), f32(1.1)), "zero_var_base": 0.5}),
 ]
 
 

@@ -69,7 +69,11 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("sampling:\n  temperature: 0\n", [], "sampling.temperature: must be > 0.0, got 0.0"),
         ("sampling:\n  group_size: 1\n", [], "sampling.group_size: must be >= 2, got 1"),
         ("sampling:\n  top_p: 1.5\n", [], "sampling.top_p: must be <= 1.0, got 1.5"),
-        ("algorithm:\n  name: ppo\n", [], "algorithm.name: 'ppo' is not allowed; choose one of: cast, grpo, rlsd"),
+        (
+            "algorithm:\n  name: ppo\n",
+            [],
+            "algorithm.name: 'ppo' is not allowed; choose one of: cast, cast-verl, grpo, rlsd",
+        ),
         ("algorithm:\n  correct_box: [0.8]\n", [], "algorithm.correct_box: expected a list of 2 numbers"),
         ("algorithm:\n  correct_box: [1.1, 1.2]\n", [], "algorithm.correct_box: need 0 < low <= 1 <= high"),
         (

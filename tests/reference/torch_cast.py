@@ -12,6 +12,8 @@ Torch is imported only under `tests/`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -34,7 +36,7 @@ def base_advantages(rewards, group_size, *, algorithm, scale_rewards, eps=1e-4, 
     for start in range(0, r.numel(), group_size):
         group = r[start : start + group_size]
         if bool(torch.all(group == group[0])):
-            if algorithm == "cast":
+            if algorithm in ("cast", "cast-verl"):
                 value = zero_var_base if group[0] > 0 else -zero_var_base
             else:  # grpo, rlsd
                 value = 0.0
@@ -136,10 +138,17 @@ def verifier_special_tokens(token, base, rewards, mask, special, group_size):
 
 
 def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, special=None, **p):
-    """`(token [N, L], base [N])` for "grpo", "cast" or "rlsd"; `p` as in cast_mlx, including
+    """`(token [N, L], base [N])` for "grpo", "cast", "cast-verl" or "rlsd"; `p` as in cast_mlx, including
     the spec-4b switches `gap_centering` and `special_tokens` (which need `special`)."""
     if p.get("gap_centering"):
         gaps = center_gaps(gaps, mask, special)
+    if algorithm == "cast-verl":
+        # The veRL port: no flips, no final clip, g = 0 inside the probability-ratio dead-band.
+        lo, hi = p.get("ratio_band", (1.0, 1.0))
+        if (lo, hi) != (1.0, 1.0):
+            g = tensor(gaps)
+            gaps = torch.where((torch.exp(g) >= lo) & (torch.exp(g) <= hi), torch.zeros_like(g), g)
+        p = {**p, "flip": "none", "a_max": math.inf}
     default_scale = "none" if algorithm == "cast" else "group"
     scale = p.get("scale_rewards") or default_scale
     base = base_advantages(
@@ -153,7 +162,7 @@ def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, special=No
     on = tensor(mask) != 0
     if algorithm == "grpo":
         token = torch.where(on, base[:, None].expand(on.shape), torch.zeros(on.shape, dtype=DTYPE, device=DEVICE))
-    elif algorithm == "cast":
+    elif algorithm in ("cast", "cast-verl"):
         lam = p.get("cast_lambda", 1.0)
         if p.get("lambda_schedule", "constant") == "linear_decay":
             lam = lam * max(0.0, 1.0 - step / p.get("lambda_decay_steps", 300))
