@@ -42,21 +42,31 @@ class MetricsFiles(TrainingCallback):
     """`metrics.jsonl` (one line per metrics line), `samples.jsonl`, and `eval.jsonl` (the
     per-problem 0/1 results of each eval, for paired tests) in the run folder.
 
-    A fresh run starts the files anew; a resumed one keeps the lines up to the step it
-    resumes from and drops those written after that checkpoint."""
+    Nothing is touched until the first line is written (a start-up that fails, or a resume
+    with nothing left to run, leaves the files as they were). Then a fresh run starts the
+    files anew and a resumed one keeps the lines up to the step it resumes from; a line that
+    does not parse (a write torn by a crash or a full disk) is dropped with a warning."""
 
     def __init__(self, run_dir: Path, resume_step: int | None):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.resume_step, self.started = run_dir, resume_step, False
         self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
+
+    def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         for p in (self.metrics_path, self.samples_path, self.eval_path):
-            if resume_step is None:
+            if self.resume_step is None:
                 p.unlink(missing_ok=True)
             elif p.exists():
-                keep = [line for line in p.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+                keep, torn = kept_lines(p.read_text(errors="replace"), self.resume_step)
+                if torn:
+                    print(f"warning: {p}: dropped {len(torn)} unreadable line(s) (line {torn[0]}: a torn write?)")
                 p.write_text("".join(line + "\n" for line in keep))
+        self.started = True
 
     def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        if not self.started:
+            self._start()
         per_problem = metrics.get(PER_PROBLEM)
         if per_problem is not None:
             with open(self.eval_path, "a") as f:
@@ -66,6 +76,24 @@ class MetricsFiles(TrainingCallback):
         with open(self.samples_path, "a") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
+
+
+def kept_lines(text: str, last_step: int) -> tuple[list[str], list[int]]:
+    """The JSON lines of `text` with `step <= last_step`, and the (1-based) numbers of the
+    lines that do not parse."""
+    keep, torn = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            torn.append(n)
+            continue
+        if step <= last_step:
+            keep.append(line)
+    return keep, torn
 
 
 def _numeric(metrics: dict) -> dict:

@@ -5,6 +5,12 @@
 `TrainState` counters) and the resolved `recipe.yaml`. A checkpoint is written to a
 temporary folder and renamed into place; `checkpoints/latest` names the newest.
 
+A run folder belongs to one run: `TrainState.run_id` is drawn when a run starts and kept
+by its resumes, and pruning removes only the checkpoints of the run that writes. Resume
+takes the newest checkpoint that is complete and readable (every file there, every tensor
+finite), falling back to an older one with a warning, and loads it strictly: the names,
+shapes and dtypes must be those of the model and optimizer it is loaded into.
+
 A leaf module: it knows the parts of a run, not the trainer.
 """
 
@@ -13,11 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import cast
+from typing import Callable, cast
 
 import mlx.core as mx
+import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import config as cfg
@@ -31,6 +39,14 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many NaN steps); the message says why."""
 
 
+class CheckpointError(TrainingError):
+    """A checkpoint does not fit the run it is loaded into (an input error: exit 2)."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a checkpoint restores."""
@@ -42,6 +58,7 @@ class TrainState:
     recipe_hash: str = ""
     world_size: int = 1  # processes that trained it; a resume must use as many
     history: list = field(default_factory=list)  # [truncation rate, reward] of every step (drift guard)
+    run_id: str = ""  # which run wrote it ("" in checkpoints older than the field)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -64,7 +81,7 @@ def save_checkpoint(
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
     if teacher is not None:
         mx.save_safetensors(str(tmp / "teacher.safetensors"), teacher.params)
-    meta = asdict(state) | {"teacher_version": teacher.version if teacher else 0}
+    meta = asdict(state) | {"teacher_version": teacher.version if teacher else 0, "has_teacher": teacher is not None}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     (tmp / "recipe.yaml").write_text(cfg.to_yaml(recipe))
     if final.exists():
@@ -73,32 +90,126 @@ def save_checkpoint(
     latest_tmp = root / f".{LATEST}.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / LATEST)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[: -recipe.checkpoint.keep]:
+    mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and _run_id(p) == state.run_id]
+    for old in mine[: -recipe.checkpoint.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _complete(ckpt: Path) -> bool:
-    return all((ckpt / f).is_file() for f in ("state.json", models.ADAPTER_WEIGHTS, "optimizer.safetensors"))
+def _run_id(ckpt: Path) -> str | None:
+    try:
+        return str(json.loads((ckpt / "state.json").read_text()).get("run_id", ""))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The newest complete checkpoint of a run dir or checkpoints dir (or the folder itself).
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # what a run writes besides its checkpoints
+RUN_FOLDERS = (CHECKPOINTS, "tensorboard")
 
-    `latest` names it; if that is missing or points at something incomplete, the newest
-    complete `step_*` folder is used. Half-written `.tmp-*` folders are never candidates.
-    """
-    path = Path(path)
-    if _complete(path):
-        return path
+
+def run_artifacts(run_dir: Path) -> list[Path]:
+    """The files and folders of a run in `run_dir` (other files there are not a run's)."""
+    run_dir = Path(run_dir)
+    return [run_dir / n for n in (*RUN_FILES, *RUN_FOLDERS) if (run_dir / n).exists()]
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an earlier run's artefacts from `run_dir`, so a fresh run does not mix with
+    it (the train CLI refuses such a folder unless --overwrite is given)."""
+    for p in run_artifacts(run_dir):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def remove_later(run_dir: Path, step: int) -> list[Path]:
+    """Remove the checkpoints after `step`: a run resumed from an older checkpoint replaces
+    the steps that came after it (their metrics lines are dropped too)."""
+    later = [p for p in checkpoint_root(run_dir).glob("step_*") if p.is_dir() and _step_of(p) > step]
+    for p in later:
+        shutil.rmtree(p, ignore_errors=True)
+    return later
+
+
+def _step_of(ckpt: Path) -> int:
+    try:
+        return int(ckpt.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+REQUIRED_FILES = ("state.json", models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG, "optimizer.safetensors", "recipe.yaml")
+
+
+def unreadable(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a file missing, unparsable, or a tensor with
+    NaN/inf), or None. Reads every file; the tensors are the small LoRA ones."""
+    missing = [f for f in REQUIRED_FILES if not (ckpt / f).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "state.json has no step"
+        unknown = set(state) - {f.name for f in fields(TrainState)} - {"teacher_version", "has_teacher"}
+        if unknown:
+            return f"state.json has unknown field(s) {sorted(unknown)}"
+        json.loads((ckpt / models.ADAPTER_CONFIG).read_text())
+        yaml.safe_load((ckpt / "recipe.yaml").read_text())
+        files = [models.ADAPTER_WEIGHTS, "optimizer.safetensors"]
+        if state.get("has_teacher"):
+            files.append("teacher.safetensors")
+        for f in files:
+            if not (ckpt / f).is_file():
+                return f"{f} is missing"
+            bad = _nonfinite(cast("dict[str, mx.array]", mx.load(str(ckpt / f))))
+            if bad:
+                return f"{f}: {bad} holds NaN/inf"
+    except (OSError, ValueError, RuntimeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def _dtype(a: mx.array) -> str:
+    return str(a.dtype).removeprefix("mlx.core.")
+
+
+def _nonfinite(tensors: dict[str, mx.array]) -> str | None:
+    for k, v in tensors.items():
+        if mx.issubdtype(v.dtype, mx.floating) and not bool(mx.all(mx.isfinite(v)).item()):
+            return k
+    return None
+
+
+def _candidates(path: Path) -> list[Path]:
+    """`path` itself if it is a checkpoint, else its checkpoints newest first (`latest`
+    first). Half-written `.tmp-*` folders are never candidates."""
+    if (path / "state.json").is_file():
+        return [path]
     for root in (path / CHECKPOINTS, path):
+        steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
         pointer = root / LATEST
-        if pointer.is_file() and _complete(root / pointer.read_text().strip()):
-            return root / pointer.read_text().strip()
-        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and _complete(p))
-        if complete:
-            return complete[-1]
+        named = root / pointer.read_text().strip() if pointer.is_file() else None
+        if named is not None and named in steps:
+            steps.remove(named)
+            steps.insert(0, named)
+        if steps:
+            return steps
+    return []
+
+
+def find_checkpoint(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """The newest complete, readable checkpoint of a run dir or checkpoints dir (or the
+    folder itself). A newer one that is not (a crash, a copy cut short, a bad disk) is
+    skipped, and `warn` hears why; an older complete one is used instead."""
+    path = Path(path)
+    for ckpt in _candidates(path):
+        why = unreadable(ckpt)
+        if why is None:
+            return ckpt
+        if warn is not None:
+            warn(f"warning: skipping checkpoint {ckpt}: {why}")
     raise TrainingError(f"--resume {path}: no complete checkpoint found under {path}/{CHECKPOINTS}")
 
 
@@ -123,17 +234,59 @@ def check_world_size(ckpt: Path, size: int) -> None:
         )
 
 
+def check_tensors(where: str, got: dict[str, mx.array], want: dict[str, mx.array], partial=()) -> None:
+    """CheckpointError (its message starts with `where`, e.g. "--resume X: adapters.safetensors")
+    unless `got` has the names, shapes and dtypes of `want` and is finite. Names under a
+    prefix in `partial` may be absent all together (an optimizer that has not stepped yet
+    has no moments)."""
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise CheckpointError(f"{where} holds {len(extra)} tensor(s) this run does not have, e.g. {extra[0]!r}")
+    missing = sorted(set(want) - set(got))
+    optional = [k for k in want if any(k.startswith(p) for p in partial)]
+    if missing and not (set(missing) == set(optional) and not set(got) & set(optional)):
+        raise CheckpointError(f"{where} lacks {len(missing)} tensor(s) of this run, e.g. {missing[0]!r}")
+    for k, v in got.items():
+        w = want[k]
+        if v.shape != w.shape or v.dtype != w.dtype:
+            raise CheckpointError(
+                f"{where}: {k!r} is {_dtype(v)} {tuple(v.shape)}, this run has {_dtype(w)} {tuple(w.shape)}"
+            )
+    bad = _nonfinite(got)
+    if bad:
+        raise CheckpointError(f"{where}: {bad!r} holds NaN/inf")
+
+
 def load_checkpoint(ckpt: Path, world_size: int, *, model, optimizer, teacher) -> TrainState:
-    """Restore adapters, optimizer and teacher in place; returns the counters."""
+    """Restore adapters, optimizer and teacher in place, strictly (see `check_tensors`);
+    returns the counters."""
     check_world_size(ckpt, world_size)
     state = json.loads((ckpt / "state.json").read_text())
     teacher_version = state.pop("teacher_version", 0)
+    state.pop("has_teacher", None)
+    lora = dict(tree_flatten(model.trainable_parameters()))
     weights = cast("dict[str, mx.array]", mx.load(str(ckpt / models.ADAPTER_WEIGHTS)))  # safetensors: a dict
-    model.load_weights(list(weights.items()), strict=False)
+    check_tensors(f"--resume {ckpt}: {models.ADAPTER_WEIGHTS}", weights, lora)
     optimizer_state = cast("dict[str, mx.array]", mx.load(str(ckpt / "optimizer.safetensors")))
+    optimizer.init(model.trainable_parameters())  # the layout a checkpoint of this run has
+    layout = dict(tree_flatten(optimizer.state))
+    scalars = [k for k in layout if "." not in k]  # step, learning_rate
+    check_tensors(
+        f"--resume {ckpt}: optimizer.safetensors",
+        optimizer_state,
+        layout,
+        partial=tuple(k for k in layout if k not in scalars),
+    )
+    teacher_params = None
+    if teacher is not None:
+        if not (ckpt / "teacher.safetensors").is_file():
+            raise CheckpointError(f"--resume {ckpt}: teacher.safetensors is missing (the run had no teacher)")
+        teacher_params = cast("dict[str, mx.array]", mx.load(str(ckpt / "teacher.safetensors")))
+        check_tensors(f"--resume {ckpt}: teacher.safetensors", teacher_params, lora)
+    model.load_weights(list(weights.items()), strict=False)  # names checked above; the base is not in the file
     optimizer.state = tree_unflatten(list(optimizer_state.items()))
     if teacher is not None:
-        teacher.params = mx.load(str(ckpt / "teacher.safetensors"))
+        teacher.params = teacher_params
         teacher.version = teacher_version
     mx.eval(model.trainable_parameters(), optimizer.state)
     return TrainState(**state)

@@ -14,7 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import reprlib
+import string
+import threading
 import types
 import typing
 from collections.abc import Sequence
@@ -27,6 +31,33 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe problem; the message is one line naming the field."""
+
+
+class _ShortRepr(reprlib.Repr):
+    """Bounded reprs for messages: YAML aliases can nest a value exponentially, and Python
+    refuses to print an integer of more than 4300 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 60, 60
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 10_000:  # about 3000 digits: printing more may raise
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)  # shortened to maxlong characters
+
+
+_short_repr = _ShortRepr()
+
+
+def _show(value) -> str:
+    """`value` for an error message: a short repr, on one line."""
+    return _short_repr.repr(value)
+
+
+def _key(key) -> str:
+    """A mapping key for a field path: as it is when printable, else its short repr."""
+    return key if isinstance(key, str) and key.isprintable() and key else _show(key)
 
 
 # The choices of the two fields that default per algorithm (see ALGORITHM_DEFAULTS).
@@ -48,19 +79,46 @@ class ModelConfig:
     # auto: float32 on the CPU backend (quantized matmuls are ~10x slower there),
     # quantized (QLoRA) on Metal/CUDA.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "quantized"] = "auto"
+    # An mlx-lm LoRA adapter folder (adapter_config.json + adapters.safetensors, e.g. from
+    # `mlx_lm.lora --train`): the starting point of the policy and of the teacher snapshot.
+    adapter_path: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    task: Literal["arithmetic", "gsm8k", "math"] = "arithmetic"
-    path: Optional[str] = None  # local jsonl file/folder; None = hub (gsm8k/math) or generated
+    task: Literal["arithmetic", "gsm8k", "math", "custom"] = "arithmetic"
+    # gsm8k/math: a local jsonl file/folder; None = the hub. custom: a .jsonl/.json/.parquet
+    # file, a folder of split files, or a folder written by `datasets.save_to_disk`.
+    path: Optional[str] = None
+    # custom only: a Hugging Face dataset id (datasets.load_dataset), instead of `path`
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    train_split: str = "train"  # custom: the split names
+    eval_split: str = "test"
+    # custom: the column holding the question (a string, or a chat `messages`/`prompt` list
+    # as TRL's conversational format has it), the gold answer, and an optional worked solution
+    question_field: str = "question"
+    answer_field: str = "answer"
+    solution_field: Optional[str] = None
     level: int = bounds(1, ge=1, le=6)  # arithmetic difficulty (see data.py)
     train_size: Optional[int] = bounds(None, ge=1)  # None: whole split (arithmetic: 10000)
     eval_size: int = bounds(200, ge=1)
     system_prompt: Optional[str] = None  # None: the model's chat-template default
-    answer_format: Literal["hash", "boxed"] = "hash"
+    answer_format: Literal["hash", "boxed", "none"] = "hash"  # none: free-form, judged by reward.functions
     reward: Literal["strict", "lenient"] = "lenient"
     shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    # Empty: the built-in math verifier at data.reward's strictness (0/1). Otherwise a list
+    # of `name` (built-ins: math, math_strict, math_lenient, format, overlong),
+    # `module:function` or `path/to/file.py:function` entries; the reward is their weighted sum.
+    functions: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None  # one per function; None: all 1
+    correct_threshold: float = 0.5  # a completion is correct when its reward is >= this
+    timeout: float = bounds(10.0, gt=0.0)  # seconds one plug-in call may take (in a worker)
+    overlong_buffer: int = bounds(16, ge=1)  # DAPO's soft overlong penalty: the last N tokens
 
 
 @dataclass
@@ -175,10 +233,13 @@ class CheckpointConfig:
 
 @dataclass
 class SystemConfig:
-    memory_limit_gb: Optional[float] = bounds(None, gt=0.0)
-    cache_limit_gb: Optional[float] = bounds(None, ge=0.0)
+    # GB; MLX takes the limits as 64-bit byte counts, so 2**20 GB (1 PiB) is the ceiling here
+    memory_limit_gb: Optional[float] = bounds(None, gt=0.0, le=2.0**20)
+    cache_limit_gb: Optional[float] = bounds(None, ge=0.0, le=2.0**20)
     max_bad_steps: int = bounds(3, ge=1)  # consecutive NaN/inf steps before stopping
-    dist_timeout: float = bounds(900.0, gt=0.0)  # seconds one collective waits for the other ranks
+    # Seconds one collective waits for the other ranks; the watchdog's threading.Timer dies on
+    # more than threading.TIMEOUT_MAX (the run would then wait forever).
+    dist_timeout: float = bounds(900.0, gt=0.0, le=float(int(threading.TIMEOUT_MAX)))
     # The length-drift guard (metrics.length_drift): the mean truncation rate of the last
     # `drift_window` steps is `drift_rise` above its lowest such mean so far while the reward
     # did not rise. Fitted on the committed runs (docs/results.md): it flags all 20 drifting
@@ -190,10 +251,12 @@ class SystemConfig:
 
 @dataclass
 class Recipe:
-    name: str = "run"
-    seed: int = 0
+    name: str = "run"  # the run's folder name in logging.out_dir
+    # mx.random.key takes 0..2**64-1, numpy's legacy seeding 0..2**32-1: the range all accept
+    seed: int = bounds(0, ge=0, lt=2**32)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -238,42 +301,45 @@ def _coerce(value, tp, where: str):
             except ConfigError:
                 if len(args) == 2:
                     raise
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed or isinstance(value, bool):
             choices = ", ".join(str(a) for a in allowed)
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of: {choices}")
+            raise ConfigError(f"{where}: {_show(value)} is not allowed; choose one of: {choices}")
         return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {_show(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         (arg,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+        if not -(2**63) <= value < 2**63:  # counts end up in MLX/numpy int64 arrays
+            raise ConfigError(f"{where}: {_show(value)} is too large (the limit is 2**63 - 1)")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value):
             value = float(value)  # YAML 1.1 reads 4e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+        number = float(value) if not isinstance(value, int) or value.bit_length() <= 1023 else float("inf")
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
 
@@ -290,17 +356,17 @@ def _check_bounds(value, f: dataclasses.Field, where: str) -> None:
     ):
         b = m.get(key)
         if b is not None and not ok(value, b):
-            raise ConfigError(f"{where}: must be {word} {b}, got {value!r}")
+            raise ConfigError(f"{where}: must be {word} {b}, got {_show(value)}")
 
 
 def _build(cls, data, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            where = f"{prefix}.{_key(key)}" if prefix else _key(key)
             raise ConfigError(f"{where}: unknown key; allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
@@ -336,8 +402,71 @@ def _check_recipe(r: Recipe) -> None:
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
     if not r.lora.keys:
         raise ConfigError("lora.keys: at least one layer name is needed")
-    if not r.name or "/" in r.name:
-        raise ConfigError(f"name: must be a non-empty name without '/', got {r.name!r}")
+    if not r.model.name.strip():
+        raise ConfigError("model.name: must not be empty")
+    _check_name(r.name)
+    _check_out_dir(r.logging.out_dir)
+    _check_data_path(r.data, r.logging.eval_every)
+    if r.data.answer_format == "none":  # free-form answers: only reward functions can judge them
+        if not r.reward.functions:
+            raise ConfigError("data.answer_format: 'none' needs reward.functions to judge the answers")
+        if r.logging.eval_every:
+            raise ConfigError(
+                "logging.eval_every: in-training eval scores hash/boxed answers; set it to 0 for answer_format none"
+            )
+    if r.data.task == "custom" and (r.data.path is None) == (r.data.hub_id is None):
+        raise ConfigError("data.path, data.hub_id: a custom task needs exactly one of them")
+    if r.data.task != "custom" and r.data.hub_id is not None:
+        raise ConfigError("data.hub_id: only for data.task custom (gsm8k/math read the hub when data.path is null)")
+    if not math.isfinite(r.reward.correct_threshold):
+        raise ConfigError("reward.correct_threshold: must be a finite number")
+
+
+def _check_name(name: str) -> None:
+    """`name` becomes one folder (logging.out_dir's `{name}`): it must not climb out of it,
+    split into several, or hold characters that a terminal or a file system mangles."""
+    if not name.strip():
+        raise ConfigError(f"name: must not be empty, got {_show(name)}")
+    if name in (".", "..") or "/" in name or "\\" in name or not name.isprintable():
+        raise ConfigError(
+            f"name: must be a plain folder name (no '/', '\\', '.', '..' or control characters), got {_show(name)}"
+        )
+    if len(name.encode()) > 255:  # the longest file name most file systems allow
+        raise ConfigError(f"name: at most 255 bytes, got {len(name.encode())}")
+
+
+def _check_out_dir(template: str) -> None:
+    """`logging.out_dir` is formatted with `name` only (see `out_dir`); anything else in braces
+    would fail (KeyError, IndexError) when the run starts."""
+    where = "logging.out_dir"
+    if not template.strip():
+        raise ConfigError(f"{where}: must not be empty (default: runs/{{name}})")
+    if not template.isprintable():
+        raise ConfigError(f"{where}: holds control characters, got {_show(template)}")
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:  # a lone '{' or '}'
+        raise ConfigError(f"{where}: {exc} in {_show(template)}; write {{{{ and }}}} for literal braces") from None
+    for f, conv, spec in fields:
+        if (f, conv, spec) != ("name", None, ""):
+            shown = "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise ConfigError(f"{where}: unknown placeholder {shown}; the only one is {{name}}")
+
+
+def _check_data_path(d: DataConfig, eval_every: int) -> None:
+    if d.path is None:
+        return
+    if d.task == "arithmetic":
+        raise ConfigError("data.path: the arithmetic task is generated and reads no file; remove data.path")
+    if not d.path.strip():
+        raise ConfigError("data.path: must not be empty (null: the task's hub dataset)")
+    # data.load_task reads `{split}.jsonl` from a folder but a single file for every split, so
+    # in-training eval on a file would score the training problems as if they were held out.
+    if eval_every > 0 and Path(d.path).is_file():
+        raise ConfigError(
+            f"data.path: {d.path} is a single file, so logging.eval_every would evaluate on the training "
+            "problems; give a folder with train.jsonl and test.jsonl, or set logging.eval_every: 0"
+        )
 
 
 class AlgorithmDefaults(TypedDict):
@@ -366,7 +495,7 @@ def _drop_retired(data: dict) -> dict:
         part = data.get(section)
         if isinstance(part, dict) and key in part:
             if part[key] != allowed:
-                raise ConfigError(f"{section}.{key}: {why}; remove the key, got {part[key]!r}")
+                raise ConfigError(f"{section}.{key}: {why}; remove the key, got {_show(part[key])}")
             data[section] = {k: v for k, v in part.items() if k != key}
     return data
 
@@ -416,26 +545,79 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item}: expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            # only a MarkedYAMLError has `problem` (a ReaderError, for control characters, has not)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"--set {item}: value is not valid YAML ({problem})") from exc
+            value = _parse_yaml(raw) if raw.strip() else ""
+        except _YAMLProblem as exc:
+            raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from exc
         _set_path(data, key.strip(), value)
     return data
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no tags that build objects) that also refuses
+    a key given twice in one mapping, which PyYAML would silently resolve to the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _YAMLProblem(Exception):
+    """Why a text is not usable YAML: `problem` (one line) and the 1-based `line`, if known."""
+
+    def __init__(self, problem: str, line: int | None = None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def _parse_yaml(text: str):
+    """The data of a YAML text; every way it can fail becomes a _YAMLProblem."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        problem = ", ".join(part for part in (exc.context, exc.problem) if part) or "unreadable"
+        raise _YAMLProblem(" ".join(problem.split()), mark.line + 1 if mark else None) from exc
+    except yaml.YAMLError as exc:  # a ReaderError (control characters) has no mark
+        raise _YAMLProblem(str(exc).splitlines()[0]) from exc
+    except RecursionError:
+        raise _YAMLProblem("nested too deeply") from None
+    except ValueError as exc:  # a scalar PyYAML cannot convert: 2001-13-14, a 5000-digit number
+        raise _YAMLProblem(str(exc).split(";")[0][:100]) from exc
+
+
 def read_yaml(path: str | Path) -> dict:
+    """The raw mapping of a recipe file (empty file: {}); ConfigError naming the file if it is
+    missing, unreadable, not UTF-8, not YAML, or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a recipe file")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{line}: {problem}") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 at line {line} (byte 0x{raw[exc.start]:02x})") from None
+    try:
+        data = _parse_yaml(text)
+    except _YAMLProblem as exc:
+        at = f" at line {exc.line}" if exc.line else ""
+        raise ConfigError(f"{path}: malformed YAML{at}: {exc.problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +44,7 @@ EXIT_USAGE = 2
 N_RESAMPLES = 1000
 DEFAULT_ARITHMETIC_EVAL_SIZE = 200
 EVAL_DATA_SEED = 0  # the held-out set does not change with --seed: every run sees the same
+EVAL_TASKS = (*data.TASKS, data.CUSTOM_TASK)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -400,9 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the adapter's recipe model, else the embedded one)",
     )
     p.add_argument("--adapter", help="run dir, checkpoints dir, checkpoint or mlx-lm adapter folder")
-    p.add_argument("--task", required=True, help=f"one of {', '.join(data.TASKS)}")
-    p.add_argument("--split", default="test")
-    p.add_argument("--path", help="local .jsonl file or folder (gsm8k/math; default: the hub)")
+    p.add_argument(
+        "--task",
+        required=True,
+        help=f"one of {', '.join(EVAL_TASKS)} (custom: with --adapter, the data mapping of its recipe)",
+    )
+    p.add_argument("--split", help="split name (default: test; custom: the recipe's data.eval_split)")
+    p.add_argument(
+        "--path", help="local .jsonl file or folder (gsm8k/math; default: the hub; custom: instead of the recipe's)"
+    )
     p.add_argument(
         "--level",
         type=int,
@@ -470,8 +477,8 @@ def resolve_args(args) -> dict:
     one, so the prompt matches training); returns the evaluation settings."""
     from cast_mlx import models
 
-    if args.task not in data.TASKS:
-        raise UsageError(f"--task {args.task!r}: expected one of {', '.join(data.TASKS)}")
+    if args.task not in EVAL_TASKS:
+        raise UsageError(f"--task {args.task!r}: expected one of {', '.join(EVAL_TASKS)}")
     for name in ("n", "k", "max_new_tokens", "max_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -483,9 +490,11 @@ def resolve_args(args) -> dict:
         raise UsageError("--k > 1 needs --temperature > 0 (greedy samples are all the same)")
     adapter = resolve_adapter(args.adapter) if args.adapter else None
     recipe = adapter_recipe(adapter)
+    custom = custom_data(args, adapter, recipe) if args.task == data.CUSTOM_TASK else None
     answer_format = args.answer_format or (recipe.data.answer_format if recipe else "hash")
     if answer_format not in ("hash", "boxed"):
-        raise UsageError(f"--answer-format {answer_format!r}: expected hash or boxed")
+        where = "--answer-format" if args.answer_format else "the adapter's recipe: data.answer_format"
+        raise UsageError(f"{where} {answer_format!r}: this evaluation scores hash or boxed answers only")
     level = args.level
     if level is None:
         same_task = recipe is not None and recipe.data.task == "arithmetic"
@@ -493,16 +502,18 @@ def resolve_args(args) -> dict:
     if args.task == "arithmetic" and level not in data.ARITHMETIC_LEVELS:
         raise UsageError(f"--level must be one of {data.ARITHMETIC_LEVELS}, got {level}")
     n = args.n if args.n is not None or args.task != "arithmetic" else DEFAULT_ARITHMETIC_EVAL_SIZE
+    split = args.split or (custom.eval_split if custom else "test")
     if args.out:
         out = Path(args.out)
     else:
-        out = (Path(args.adapter) if adapter else Path.cwd()) / f"eval-{args.task}-{args.split}.json"
+        out = (Path(args.adapter) if adapter else Path.cwd()) / f"eval-{args.task}-{split}.json"
     return {
         "model": args.model or (recipe.model.name if recipe else models.DEFAULT_MODEL),
         "adapter": str(adapter) if adapter else None,
         "task": args.task,
-        "split": args.split,
-        "path": args.path,
+        "split": split,
+        "path": custom.path if custom else args.path,
+        "data": custom,
         "level": level,
         "n": n,
         "k": args.k,
@@ -516,6 +527,29 @@ def resolve_args(args) -> dict:
         "out": str(out),
         "baseline": args.baseline,
     }
+
+
+def custom_data(args, adapter: Path | None, recipe):
+    """The data section that `--task custom` evaluates with: the adapter's training recipe
+    (its columns, splits and format), `--path` replacing its source when given."""
+    if recipe is None or recipe.data.task != data.CUSTOM_TASK:
+        if adapter is None:
+            why = "needs --adapter RUN"
+        elif recipe is None:
+            why = f"needs the adapter's training recipe, and {adapter / 'recipe.yaml'} is missing or invalid"
+        else:
+            why = f"needs an adapter trained on task custom (its recipe has task {recipe.data.task})"
+        raise UsageError(f"--task custom {why}: the data mapping comes from that recipe's data section")
+    if args.path:
+        return replace(recipe.data, path=args.path, hub_id=None)
+    return recipe.data
+
+
+def load_problems(s: dict) -> list[data.Problem]:
+    """The problems of the settings `s` (see `resolve_args`)."""
+    if s["task"] == data.CUSTOM_TASK:
+        return data.load_custom(s["data"], s["split"], s["n"], EVAL_DATA_SEED)
+    return data.load_task(s["task"], s["split"], path=s["path"], n=s["n"], level=s["level"], seed=EVAL_DATA_SEED)
 
 
 def load_policy(model_spec: str, adapter: str | None, dtype: str = "auto"):
@@ -553,9 +587,7 @@ def print_table(result: EvalResult, s: dict) -> None:
 def main(argv=None) -> int:
     try:
         s = resolve_args(build_parser().parse_args(argv))
-        problems = data.load_task(
-            s["task"], s["split"], path=s["path"], n=s["n"], level=s["level"], seed=EVAL_DATA_SEED
-        )
+        problems = load_problems(s)
         baseline = read_baseline(s["baseline"]) if s["baseline"] else None
         if baseline is not None:
             check_same_problems(baseline, [p.id for p in problems], s["baseline"])

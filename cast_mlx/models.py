@@ -52,6 +52,10 @@ EMBEDDED = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".complete"  # written last: a folder without it is never used
+# What `convert_gguf` writes. A fetched folder that lost one (removed by hand or by a cache
+# cleaner) is reported as such: mlx-lm's own error for a missing tokenizer advises installing
+# sentencepiece, which does not help.
+EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "quantized")
 
 
@@ -59,11 +63,17 @@ class ModelLoadError(RuntimeError):
     """A model spec that cannot be loaded, with a message meant for the user."""
 
 
+class ModelCacheError(ModelLoadError):
+    """The model cache (`$CAST_MLX_HOME`) cannot be created or written, or holds an incomplete
+    model: a problem of the set-up, not of the model spec."""
+
+
 # --------------------------------------------------------------------------- cache / fetch
 
 
 def home() -> Path:
-    return Path(os.environ.get("CAST_MLX_HOME", Path.home() / ".cache" / "cast_mlx"))
+    """`$CAST_MLX_HOME` (an empty value counts as unset), default `~/.cache/cast_mlx`."""
+    return Path(os.environ.get("CAST_MLX_HOME") or Path.home() / ".cache" / "cast_mlx")
 
 
 def embedded_dir(name: str) -> Path:
@@ -71,7 +81,29 @@ def embedded_dir(name: str) -> Path:
 
 
 def is_fetched(name: str) -> bool:
-    return (embedded_dir(name) / COMPLETE_MARKER).exists() and gguf_path(name).exists()
+    try:
+        return (embedded_dir(name) / COMPLETE_MARKER).exists() and gguf_path(name).exists()
+    except OSError:  # e.g. a CAST_MLX_HOME without read permission: fetch says what is wrong
+        return False
+
+
+def fetch_command(name: str) -> str:
+    """The command that (re)builds an embedded model's folder."""
+    return f"python -m cast_mlx.models fetch {name} --force"
+
+
+def _writable_dir(path: Path) -> Path:
+    """`path`, created if needed and checked writable; else a one-line ModelCacheError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # mkdir succeeds on an existing read-only folder
+            pass
+    except OSError as exc:
+        raise ModelCacheError(
+            f"model cache {path}: cannot create or write it ({exc.strerror or type(exc).__name__}); "
+            "set CAST_MLX_HOME to a writable folder"
+        ) from exc
+    return path
 
 
 def gguf_path(name: str) -> Path:
@@ -110,9 +142,16 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         raise ModelLoadError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     final = embedded_dir(name)
     if is_fetched(name) and not force:
+        missing = [f for f in EMBEDDED_FILES if not (final / f).is_file()]
+        if missing:
+            raise ModelCacheError(
+                f"{final}: the cached model is incomplete ({', '.join(missing)} missing); "
+                f"rebuild it with `{fetch_command(name)}`"
+            )
         return final
     spec = EMBEDDED[name]
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _writable_dir(final.parent)
+    _writable_dir(gguf_path(name).parent)
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp_name:
         tmp = Path(tmp_name)
         downloaded = _download_gguf(spec, tmp / "download")
@@ -123,7 +162,6 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         convert_gguf(downloaded, staging)
         (staging / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
         keep = gguf_path(name)
-        keep.parent.mkdir(parents=True, exist_ok=True)
         os.replace(downloaded, keep)  # same file system: atomic
         if final.exists():
             shutil.rmtree(final)
@@ -362,7 +400,8 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "auto"):
                 f"reached (no network?): download it elsewhere and pass its folder path. "
                 f"[{type(exc).__name__}]"
             ) from exc
-        raise ModelLoadError(f"model {spec!r} could not be loaded: {exc}") from exc
+        reason = " ".join(str(exc).split())[:300]  # transformers' messages span several lines
+        raise ModelLoadError(f"model {spec!r} could not be loaded: {reason}") from exc
     if want != "quantized":
         dt = getattr(mx, want)
         dequantize(model, dt)

@@ -5,6 +5,12 @@ configuration, and trains (see `cast_mlx.trainer`). `--dry-run` instead loads th
 and greedily answers the first training problem, to check the set-up end to end.
 `--resume RUN_DIR` continues a run from its latest checkpoint with the recipe stored there.
 
+A run folder (`logging.out_dir`) belongs to one run: a folder that holds another run's
+metrics or checkpoints is refused unless `--overwrite` is given. Every input error that can
+be known before the model loads (the recipe, the output folder, the data files) is
+reported before it loads, in one line with exit 2; those that need the model (the context
+length, a checkpoint that does not fit it) right after it loads, the same way.
+
 Data parallel: `mlx.launch -n N -- python -m cast_mlx.train --recipe R` (or `--hosts a,b`,
 `--hostfile hosts.json`) runs N processes that split each step's prompts; the recipe's
 global batch stays the same (see `cast_mlx.distributed`). Only rank 0 prints.
@@ -13,6 +19,8 @@ global batch stays the same (see `cast_mlx.distributed`). Only rank 0 prints.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +28,7 @@ from pathlib import Path
 from cast_mlx import config as cfg
 
 EXIT_CONFIG = 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="load the model and answer one problem")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in logging.out_dir (its metrics and checkpoints)",
+    )
     p.add_argument("--no-dashboard", action="store_true", help="plain log lines instead of rich")
     p.add_argument("--quiet", action="store_true", help="do not print the resolved recipe")
     p.add_argument(
@@ -47,19 +61,19 @@ def dry_run(recipe: cfg.Recipe) -> int:
     """Load the model, build the first training prompt, generate greedily, verify."""
     import mlx_lm
 
-    from cast_mlx import blas, data, models, verify
+    from cast_mlx import blas, data, models, trainer, verify
 
     t0 = time.perf_counter()
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
     t_load = time.perf_counter() - t0
-    problem = data.load_task(
-        recipe.data.task, "train", path=recipe.data.path, n=1, level=recipe.data.level, seed=recipe.seed
-    )[0]
+    problem = trainer.task_problems(recipe, "train")[0]
     prompt = data.build_prompt(tokenizer, problem, recipe.data.system_prompt, recipe.data.answer_format)
     t1 = time.perf_counter()
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=recipe.sampling.max_new_tokens)
     t_gen = time.perf_counter() - t1
-    verdict = verify.verify(answer, problem.gold, recipe.data.answer_format)
+    verdict = (
+        None if recipe.data.answer_format == "none" else verify.verify(answer, problem.gold, recipe.data.answer_format)
+    )
     print(f"blas: {blas.active_blas()}")
     print(f"model: {recipe.model.name} (dtype {models.resolve_dtype(recipe.model.dtype)}), loaded in {t_load:.1f}s")
     print(f"problem: {problem.question}")
@@ -76,18 +90,72 @@ def _resume_recipe(args) -> tuple[cfg.Recipe, Path]:
     from cast_mlx.checkpoint import TrainingError, find_checkpoint
 
     try:
-        ckpt = find_checkpoint(args.resume)
+        ckpt = find_checkpoint(args.resume, warn=lambda text: print(text, file=sys.stderr))
     except TrainingError as exc:
         raise cfg.ConfigError(str(exc)) from exc
     recipe = cfg.load_recipe(ckpt / "recipe.yaml", args.overrides)
     if args.recipe is not None:
         given = cfg.load_recipe(args.recipe, args.overrides)
         if cfg.recipe_hash(given) != cfg.recipe_hash(recipe):
+            fields = differing_fields(cfg.to_dict(recipe), cfg.to_dict(given))
             raise cfg.ConfigError(
-                f"--resume {args.resume}: the checkpoint's recipe differs from {args.recipe}; "
-                "resume without --recipe to use the stored one"
+                f"--resume {args.resume}: the checkpoint's recipe differs from {args.recipe} in "
+                f"{', '.join(fields[:5])}{' ...' if len(fields) > 5 else ''}; resume without --recipe to use the "
+                "stored one"
             )
     return recipe, Path(ckpt)
+
+
+def differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two recipe dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differing_fields(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k} ({x!r} vs {y!r})")
+    return out
+
+
+def check_out_dir(out_dir: Path, fresh: bool, overwrite: bool) -> None:
+    """The run folder must be usable before the model loads: a folder (or creatable as
+    one), writable, and, for a fresh run, not holding another run unless `overwrite`."""
+    from cast_mlx.checkpoint import run_artifacts
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise cfg.ConfigError(f"logging.out_dir: {out_dir} is a file, not a folder")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise cfg.ConfigError(f"logging.out_dir: {out_dir} cannot be written ({existing} is not a writable folder)")
+    if fresh and not overwrite:
+        found = run_artifacts(out_dir) if out_dir.is_dir() else []
+        if found:
+            raise cfg.ConfigError(
+                f"logging.out_dir: {out_dir} already holds a run ({', '.join(p.name for p in found)}); "
+                f"continue it with --resume {out_dir}, replace it with --overwrite, or set another logging.out_dir"
+            )
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    import json
+
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+class StartupSignals:
+    """Until the loop takes over (it stops between steps), SIGINT and SIGTERM interrupt the
+    start-up at once: nothing has been written then, so there is nothing to save."""
+
+    def __enter__(self):
+        def handler(signum, frame):
+            raise KeyboardInterrupt(signum)
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
@@ -114,7 +182,8 @@ def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
 def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
     from cast_mlx import distributed as dist
     from cast_mlx import trainer
-    from cast_mlx.models import ModelLoadError
+    from cast_mlx.checkpoint import CheckpointError
+    from cast_mlx.models import ModelCacheError, ModelLoadError
 
     out_dir = ckpt.parent.parent if ckpt is not None else None
     try:
@@ -122,6 +191,10 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
             if ckpt is not None:
                 trainer.resume(run, ckpt)
             return trainer.fit(run, live=live, resumed_from=ckpt)
+    except (cfg.ConfigError, CheckpointError, ModelCacheError) as exc:  # input errors found at load time
+        if world.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except trainer.TrainingError as exc:  # the same on every rank: rank 0 says it
         if world.is_main:
             print(f"error: {exc}", file=sys.stderr)
@@ -134,12 +207,25 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        with StartupSignals():
+            return run_cli(args)
+    except KeyboardInterrupt as exc:  # before the loop, which handles its own signals
+        signum = exc.args[0] if exc.args else signal.SIGINT
+        print(f"interrupted during start-up ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return EXIT_SIGNAL.get(signum, 130)
+
+
+def run_cli(args) -> int:
     ckpt = None
     try:
         if args.resume:
             recipe, ckpt = _resume_recipe(args)
         else:
             recipe = cfg.load_recipe(args.recipe, args.overrides)
+        if not (args.print_config or args.dry_run):
+            out_dir = ckpt.parent.parent if ckpt is not None else cfg.out_dir(recipe)
+            check_out_dir(Path(out_dir), fresh=ckpt is None, overwrite=args.overwrite)
     except cfg.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -157,6 +243,13 @@ def main(argv=None) -> int:
         except dist.PeerLost as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if world is not None and ckpt is not None and checkpoint_step(ckpt) >= recipe.schedule.steps:
+        if world is None or world.is_main:
+            print(
+                f"nothing to do: {ckpt} is at step {checkpoint_step(ckpt)} and schedule.steps is "
+                f"{recipe.schedule.steps}; raise it with --set schedule.steps=N to train further"
+            )
+        return 0
     if not args.quiet and (world is None or world.is_main):
         print(cfg.to_yaml(recipe).rstrip())
         print(f"# recipe hash: {cfg.recipe_hash(recipe)}")

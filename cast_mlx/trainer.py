@@ -43,7 +43,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from cast_mlx import __version__, blas, data, models, rollout, verify
+from cast_mlx import __version__, blas, data, models, rewards, rollout, verify
 from cast_mlx import callbacks as cb
 from cast_mlx import checkpoint as ckpt_io
 from cast_mlx import config as cfg
@@ -70,11 +70,13 @@ class Run:
     teacher: Teacher | None
     ref_params: dict | None  # adapters disabled (k3 KL reference), only when beta > 0
     problems: list
+    held_out: list  # the fixed eval problems (empty when logging.eval_every is 0)
     advantages: CompiledAdvantages
     loss_fn: CompiledPolicyLoss
     verifier: verify.Verifier
     out_dir: Path
     special_ids: list[int]  # EOS and the other special/template token ids
+    reward_fns: list = field(default_factory=list)  # reward.functions; empty: the math verifier alone
     state: TrainState = field(default_factory=TrainState)
     world: dist.World = field(default_factory=dist.World)
 
@@ -127,15 +129,11 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         mx.set_memory_limit(int(recipe.system.memory_limit_gb * 2**30))
     if recipe.system.cache_limit_gb is not None:
         mx.set_cache_limit(int(recipe.system.cache_limit_gb * 2**30))
-    problems = data.load_task(
-        recipe.data.task,
-        "train",
-        path=recipe.data.path,
-        n=recipe.data.train_size,
-        level=recipe.data.level,
-        seed=recipe.seed,
-    )
+    problems, held_out = load_data(recipe)  # before the model: a data error costs no load time
+    warm = check_warm_start(recipe)
+    reward_fns = rewards.parse_functions(recipe.reward, answer_format=recipe.data.answer_format)
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
+    check_context(recipe, model, tokenizer, problems + held_out)
     lo = recipe.lora
     adapter_config = models.attach_lora(
         model,
@@ -146,6 +144,8 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         keys=lo.keys,
         seed=recipe.seed,
     )
+    if warm is not None:  # before the teacher is created: its first snapshot is this adapter
+        load_warm_start(model, warm)
     model.train(lo.dropout > 0)
     a = recipe.algorithm
     teacher = None
@@ -171,14 +171,102 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         teacher=teacher,
         ref_params=ref_params,
         problems=problems,
+        held_out=held_out,
         advantages=advantages,
         loss_fn=loss_fn,
-        verifier=verify.Verifier(workers=1, timeout=2.0),
+        verifier=verify.Verifier(workers=1, timeout=2.0).start(),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
         special_ids=rollout.special_token_ids(tokenizer),
-        state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size),
+        reward_fns=reward_fns,
+        state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size, run_id=ckpt_io.new_run_id()),
         world=world,
     )
+
+
+def load_data(recipe: cfg.Recipe) -> tuple[list, list]:
+    """The training problems and the held-out eval problems; a data problem (a missing or
+    empty file, rows that do not parse, bytes that are not UTF-8) is a ConfigError."""
+    try:
+        problems = task_problems(recipe, "train")
+        held_out = eval_problems(recipe) if recipe.logging.eval_every else []
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        raise cfg.ConfigError(f"data: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return problems, held_out
+
+
+def check_warm_start(recipe: cfg.Recipe) -> Path | None:
+    """`model.adapter_path`'s folder, after checking (before any model loads) that its
+    adapter_config.json describes the recipe's LoRA: the same rank, scale, layers and keys."""
+    path = recipe.model.adapter_path
+    if path is None:
+        return None
+    folder = Path(path)
+    where = f"model.adapter_path: {folder}"
+    if not (folder / models.ADAPTER_WEIGHTS).is_file() or not (folder / models.ADAPTER_CONFIG).is_file():
+        raise cfg.ConfigError(
+            f"{where} is not an mlx-lm adapter folder (needs {models.ADAPTER_CONFIG} and {models.ADAPTER_WEIGHTS})"
+        )
+    try:
+        saved = json.loads((folder / models.ADAPTER_CONFIG).read_text())
+        params = saved.get("lora_parameters", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise cfg.ConfigError(f"{where}: {models.ADAPTER_CONFIG} is unreadable ({exc})") from exc
+    lo = recipe.lora
+    if saved.get("fine_tune_type", "lora") != "lora":
+        raise cfg.ConfigError(f"{where}: a {saved.get('fine_tune_type')!r} adapter; only LoRA adapters can start a run")
+    checks = [
+        ("lora.num_layers", saved.get("num_layers"), lo.num_layers),
+        ("lora.rank", params.get("rank"), lo.rank),
+        ("lora.alpha (scale = alpha / rank)", params.get("scale"), lo.alpha / lo.rank),
+        ("lora.keys", sorted(params["keys"]) if params.get("keys") else None, sorted(lo.keys)),
+    ]
+    for name, theirs, ours in checks:
+        if theirs is not None and theirs != ours:
+            raise cfg.ConfigError(
+                f"{name}: the recipe has {ours!r}, the adapter in {folder} {theirs!r}; make them match"
+            )
+    return folder
+
+
+def load_warm_start(model, folder: Path) -> None:
+    """Load the adapter tensors into the freshly attached LoRA layers, strictly (the names
+    and shapes of this model; a key list mlx-lm left implicit is checked here)."""
+    weights = cast("dict[str, mx.array]", mx.load(str(folder / models.ADAPTER_WEIGHTS)))
+    try:
+        ckpt_io.check_tensors(
+            f"model.adapter_path: {folder / models.ADAPTER_WEIGHTS}", weights, models.lora_state(model)
+        )
+    except ckpt_io.CheckpointError as exc:
+        raise cfg.ConfigError(str(exc)) from exc
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.trainable_parameters())
+
+
+def context_length(model) -> int | None:
+    """The model's context window, when its config says (mlx-lm models keep it in `args`)."""
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(recipe: cfg.Recipe, model, tokenizer, problems: list) -> None:
+    """The longest prompt plus `sampling.max_new_tokens` must fit the model's context (a
+    ConfigError otherwise; it needs the tokenizer, so it runs right after the load)."""
+    limit = context_length(model)
+    if limit is None or not problems:
+        return
+    d = recipe.data
+    longest = max(
+        len(tokenizer.encode(data.build_prompt(tokenizer, p, d.system_prompt, d.answer_format))) for p in problems
+    )
+    if longest + recipe.sampling.max_new_tokens > limit:
+        raise cfg.ConfigError(
+            f"sampling.max_new_tokens: the longest prompt ({longest} tokens) plus {recipe.sampling.max_new_tokens} "
+            f"new tokens exceed {recipe.model.name}'s context of {limit} tokens"
+        )
 
 
 # --------------------------------------------------------------------------- data order
@@ -234,22 +322,70 @@ def sample(run: Run, problems: list):
     return prompts, out
 
 
-def score_rewards(run: Run, problems: list, texts: list[str]):
-    """Binary rewards `[N]` and the verdicts; None rewards (unusable gold) count as dropped."""
-    g = run.recipe.sampling.group_size
-    fmt = run.recipe.data.answer_format
-    items = [(t, problems[i // g].gold, fmt) for i, t in enumerate(texts)]
-    verdicts = run.verifier.verify_batch(items)
-    rewards = [verify.reward(v, run.recipe.data.reward) for v in verdicts]
-    dropped = [r is None for r in rewards]
-    return mx.array([0.0 if r is None else r for r in rewards], dtype=mx.float32), verdicts, dropped
+def score_rewards(run: Run, problems: list, texts: list[str], prompts: list[list[int]], out) -> dict:
+    """The rewards `[N]` the estimator reads, with per-row `strict` / `lenient` / `dropped`
+    flags and the reward functions' metrics. A dropped row (unusable gold, a function that
+    cannot judge it) carries no loss.
+
+    Without `reward.functions`: the verifier's 0/1 at `data.reward`'s strictness. With them:
+    their weighted sum; CAST and RLSD read the correct/wrong decision (sum >=
+    `reward.correct_threshold`: their trajectory types need one), GRPO the sum itself."""
+    r = run.recipe
+    g, fmt = r.sampling.group_size, r.data.answer_format
+    rows = [problems[i // g] for i in range(len(texts))]
+    if not run.reward_fns:
+        verdicts = run.verifier.verify_batch([(t, p.gold, fmt) for t, p in zip(texts, rows)])
+        values = [verify.reward(v, r.data.reward) for v in verdicts]
+        return {
+            "rewards": mx.array([0.0 if v is None else v for v in values], dtype=mx.float32),
+            "strict": [bool(v and v.strict) for v in verdicts],
+            "lenient": [bool(v and v.lenient) for v in verdicts],
+            "dropped": [v is None for v in values],
+            "metrics": {},
+        }
+    lengths = [int(n) for n in out.lengths.tolist()]
+    prompt_text = [run.tokenizer.decode(prompts[i // g]) for i in range(len(texts))]
+    result = rewards.score(
+        run.reward_fns,
+        completions=texts,
+        prompts=prompt_text,
+        answers=[p.gold for p in rows],
+        columns={
+            "questions": [p.question for p in rows],
+            "solutions": [p.solution for p in rows],
+            "completion_ids": [out.tokens[i, : lengths[i]].tolist() for i in range(len(texts))],
+            "lengths": lengths,
+            "truncated": [f == "length" for f in out.finish_reasons],
+        },
+        pool_or_verifier=run.verifier,
+        answer_format=fmt,
+        strictness=r.data.reward,
+        max_new_tokens=r.sampling.max_new_tokens,
+        buffer=r.reward.overlong_buffer,
+        threshold=r.reward.correct_threshold,
+        timeout=r.reward.timeout,
+    )
+    binary = get_estimator(r.algorithm.name).uses_teacher
+    values = [float(c) if binary else (v or 0.0) for v, c in zip(result.rewards, result.correct)]
+    if result.verdicts is not None:
+        strict = [bool(v and v.strict) for v in result.verdicts]
+        lenient = [bool(v and v.lenient) for v in result.verdicts]
+    else:  # no math function: "correct" is the threshold's decision
+        strict = lenient = list(result.correct)
+    return {
+        "rewards": mx.array(values, dtype=mx.float32),
+        "strict": strict,
+        "lenient": lenient,
+        "dropped": list(result.dropped),
+        "metrics": result.metrics(),
+    }
 
 
 def row_contexts(run: Run, problems: list, prompts: list[list[int]]) -> list[list[int]]:
     """The teacher's context of every row (one per prompt, repeated G times)."""
     mode = run.recipe.teacher.context
     refs = [p.solution or p.gold for p in problems]
-    instruction = data.ANSWER_INSTRUCTIONS[run.recipe.data.answer_format]
+    instruction = data.ANSWER_INSTRUCTIONS.get(run.recipe.data.answer_format, "")  # none: no instruction
     ctx = teacher_contexts(mode, run.tokenizer, [p.question for p in problems], prompts, refs, instruction)
     g = run.recipe.sampling.group_size
     return [ctx[i // g] for i in range(len(problems) * g)]
@@ -354,6 +490,17 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
 # --------------------------------------------------------------------------- one step
 
 
+def first_nonfinite(arrays: dict[str, mx.array], mask: mx.array) -> str | None:
+    """The name of the first array with a NaN/inf (`[N, L]` ones over the real tokens of
+    `mask` only: padding may hold anything), or None."""
+    for name, a in arrays.items():
+        if a.ndim == mask.ndim:
+            a = mx.where(mask != 0, a, 0.0)
+        if not bool(mx.all(mx.isfinite(a)).item()):
+            return name
+    return None
+
+
 def train_step(run: Run) -> tuple[dict, list[dict]]:
     """One full step. Returns the metrics line and a few sample records.
 
@@ -370,7 +517,8 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
 
     t = time.perf_counter()
     texts = decode_completions(run.tokenizer, out)  # without the final EOS token
-    rewards, verdicts, dropped = score_rewards(run, problems, texts)
+    scored = score_rewards(run, problems, texts, prompts, out)
+    rewards, dropped = scored["rewards"], scored["dropped"]
     times["verify"] = time.perf_counter() - t
 
     keep = mx.array([0.0 if d else 1.0 for d in dropped])[:, None]
@@ -397,8 +545,15 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
 
     t = time.perf_counter()
     adv, base = run.advantages(rewards, gaps, mask, step=st.step, special=special)
-    mx.clear_cache()
-    loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
+    # A NaN must not pass for "nothing to learn" (rows are picked by |A| > 0, false for NaN):
+    # every rank takes the same decision, as the update has collectives.
+    nonfinite = first_nonfinite({"rewards": rewards, "teacher gaps": gaps, "advantages": adv}, mask)
+    if dist.max_int(world, int(nonfinite is not None), "agreeing on finite advantages"):
+        loss_value, grad_norm, applied = math.nan, math.nan, False
+        aux = {"entropy": math.nan, "rows_skipped": 0}
+    else:
+        mx.clear_cache()
+        loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
     mx.clear_cache()
     times["update"] = time.perf_counter() - t
 
@@ -412,9 +567,10 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
         st.bad_steps += 1
         st.step += 1  # the batch is consumed; the update is skipped
         if st.bad_steps >= r.system.max_bad_steps:
+            what = f"non-finite {nonfinite}" if nonfinite else f"loss {loss_value}, grad norm {grad_norm}"
             raise TrainingError(
-                f"{st.bad_steps} consecutive steps with a non-finite loss or gradient "
-                f"(last loss {loss_value}, grad norm {grad_norm}); lower optimizer.lr or check the data"
+                f"{st.bad_steps} consecutive steps with non-finite values (last: {what}); "
+                "lower optimizer.lr or check the data and the checkpoint"
             )
 
     rows = dist.gather_rows(
@@ -429,8 +585,8 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
             "lengths": out.lengths,
             "special": special,
             "eos": eos,
-            "strict": mx.array([bool(v and v.strict) for v in verdicts]),
-            "lenient": mx.array([bool(v and v.lenient) for v in verdicts]),
+            "strict": mx.array(scored["strict"]),
+            "lenient": mx.array(scored["lenient"]),
             "dropped": mx.array(dropped),
         },
     )
@@ -460,6 +616,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     )
     if world.size > 1:
         metrics |= comm
+    metrics |= scored["metrics"]  # rewards/<name>/mean and /std (this rank's rows)
     st.history.append([metrics["completions/clipped_ratio"], metrics["reward"]])
     metrics["health/drift"] = int(length_drift(st.history, r.system.drift_window, r.system.drift_rise))
     samples = [
@@ -531,12 +688,22 @@ class StopRequest:
         return self.CODES.get(self.signal_name, 1)
 
 
-def eval_problems(recipe: cfg.Recipe) -> list:
-    """The fixed held-out set for in-training eval (the arithmetic eval split never
-    overlaps the train split; gsm8k/math use their test split)."""
+def task_problems(recipe: cfg.Recipe, which: str) -> list:
+    """The recipe's `train` or held-out `eval` problems: the arithmetic eval split never
+    overlaps the train split; gsm8k/math use their test split, a custom task its
+    `data.eval_split` with the same field mapping."""
     d = recipe.data
-    split = "eval" if d.task == "arithmetic" else "test"
-    return data.load_task(d.task, split, path=d.path, n=d.eval_size, level=d.level, seed=0)
+    train = which == "train"
+    n, seed = (d.train_size, recipe.seed) if train else (d.eval_size, 0)
+    if d.task == "custom":
+        return data.load_custom(d, d.train_split if train else d.eval_split, n, seed)
+    split = "train" if train else ("eval" if d.task == "arithmetic" else "test")
+    return data.load_task(d.task, split, path=d.path, n=n, level=d.level, seed=seed)
+
+
+def eval_problems(recipe: cfg.Recipe) -> list:
+    """The fixed held-out set for in-training eval."""
+    return task_problems(recipe, "eval")
 
 
 def evaluate_now(run: Run, problems: list) -> dict:
@@ -582,8 +749,8 @@ def eval_metrics(lenient: list[float], strict: list[float]) -> dict:
 
 
 def base_eval_key(run: Run, problems: list) -> str:
-    """What the greedy eval of the base model depends on (the LoRA B matrices start at 0, so a
-    fresh run's step-0 policy is the base model exactly)."""
+    """What the greedy eval of a fresh run's step-0 policy depends on: the base model (the
+    LoRA B matrices start at 0) or the warm-start adapter, the problems and the settings."""
     r = run.recipe
     what = {
         "cast_mlx": __version__,
@@ -595,8 +762,16 @@ def base_eval_key(run: Run, problems: list) -> str:
         "system_prompt": r.data.system_prompt,
         "max_new_tokens": r.sampling.max_new_tokens,
         "max_batch": r.sampling.max_batch,
+        "adapter": adapter_digest(r.model.adapter_path),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def adapter_digest(path: str | None) -> str | None:
+    """A warm start's adapter weights, by content (the step-0 policy is that adapter)."""
+    if path is None:
+        return None
+    return hashlib.sha256((Path(path) / models.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
 
 
 def base_model_eval(run: Run, problems: list) -> dict:
@@ -682,6 +857,11 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     same step (the stop is agreed on between steps), and the ranks leave together once
     rank 0's last checkpoint is written."""
     r, world = run.recipe, run.world
+    if world.is_main:  # the run has really started: the folder becomes this run's
+        if resumed_from:
+            ckpt_io.remove_later(run.out_dir, run.state.step)
+        else:
+            ckpt_io.clear_run(run.out_dir)
     callbacks = make_callbacks(run, live, resumed=resumed_from is not None)
 
     def tell(text: str) -> None:
@@ -695,15 +875,17 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     def agreed_stop() -> int:  # 0: go on; else the exit code of the signal some rank got
         return dist.max_int(world, stop.code if stop.signal_name else 0, "agreeing on a stop")
 
+    written: list[Path] = []  # the checkpoints this invocation wrote (rank 0)
+
     def checkpoint() -> None:
         if world.is_main:
-            save(run)
+            written.append(save(run))
 
     stop = StopRequest().install()
     drift_seen = False
     last_saved = run.state.step if resumed_from else -1
     every = r.logging.eval_every
-    held_out = eval_problems(r) if every else []
+    held_out = run.held_out
     try:
         info = run_info(run) if callbacks else {}
         for c in callbacks:
@@ -741,7 +923,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
                 f"resume with {resume_command(run)}"
             )
         elif callbacks:  # rank 0: the checkpoints are in its folder
-            tell(f"done: {run.state.step} steps; adapters in {ckpt_io.find_checkpoint(run.out_dir)}")
+            tell(f"done: {run.state.step} steps; adapters in {written[-1] if written else resumed_from}")
         return code
     except KeyboardInterrupt:
         if world.is_main:

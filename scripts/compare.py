@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cast_mlx.eval import paired_comparison  # noqa: E402
 from cast_mlx.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
 
 EXIT_USAGE = 2
@@ -268,6 +269,59 @@ def pooled_change(pairs: list[tuple[float, int, float, int]]) -> tuple[float, fl
     return p1 - p0, p1 - p0 - half, p1 - p0 + half
 
 
+def per_problem(run_dir: Path, step: int) -> list[float] | None:
+    """The lenient 0/1 results of the run's eval at `step` (eval.jsonl), or None."""
+    path = run_dir / "eval.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step") == step:
+            found = row.get("lenient")
+    return found
+
+
+def paired_against(out: Path, runs: dict, name: str, step: int, baseline: str = "grpo"):
+    """Seed-pooled exact McNemar of `name` against `baseline` at `step`: each seed's two runs
+    answered the same held-out problems, so the pairs are (seed, problem); None when a
+    seed lacks either side."""
+    base_all: list[float] = []
+    new_all: list[float] = []
+    for seed in sorted(set(runs[name]) & set(runs.get(baseline, {}))):
+        a = per_problem(out / f"{baseline}-seed{seed}", step)
+        b = per_problem(out / f"{name}-seed{seed}", step)
+        if a is None or b is None or len(a) != len(b):
+            return None
+        base_all += a
+        new_all += b
+    return paired_comparison(base_all, new_all) if new_all else None
+
+
+MECHANISM = (
+    ("completions/clipped_ratio", "truncation"),
+    ("completions/mean_length", "mean length"),
+    ("cast/eos/neg_gap_share", "EOS g<0"),
+    ("cast/content/neg_gap_share", "content g<0"),
+    ("entropy", "entropy"),
+)
+
+
+def window_mean(seed_rows: dict[int, list[dict]], key: str, first: bool, k: int = 3) -> float | None:
+    values = []
+    for rows in seed_rows.values():
+        _, v = series(rows, key)
+        values += [float(x) for x in (v[:k] if first else v[-k:])]
+    return sum(values) / len(values) if values else None
+
+
+def first_drift(rows: list[dict]) -> int | None:
+    return next((int(r["step"]) for r in rows if r.get("health/drift")), None)
+
+
 def reward_window(rows: list[dict], first: bool, k: int) -> list[float]:
     _, rewards = series(rows, "reward")
     return [float(v) for v in (rewards[:k] if first else rewards[-k:])]
@@ -368,6 +422,59 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
             lines.append(f"| {name} | {'not reached' if reached is None else reached} |")
     else:
         lines.append("No GRPO eval curve: nothing to compare against.")
+    lines.append("")
+
+    lines += ["## Paired test against GRPO at the last common eval step", ""]
+    last_common = max(steps) if steps else None
+    if "grpo" in runs and last_common is not None:
+        lines += [
+            f"Step {last_common}, greedy lenient accuracy on the same held-out problems, pooled over the "
+            "seeds both variants have (pairs: seed x problem). p: exact two-sided McNemar test on the "
+            "discordant pairs; CI: 95% normal approximation of the paired difference.",
+            "",
+            "| variant | n pairs | only variant right | only GRPO right | difference [95% CI] | McNemar p |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        for name in runs:
+            if name == "grpo":
+                continue
+            pc = paired_against(out, runs, name, last_common)
+            if pc is None:
+                lines.append(f"| {name} | — | — | — | no per-problem results (eval.jsonl) | — |")
+            else:
+                lines.append(
+                    f"| {name} | {pc.n} | {pc.only_new} | {pc.only_baseline} | "
+                    f"{pc.difference:+.3f} [{pc.ci_low:+.3f}, {pc.ci_high:+.3f}] | {pc.p_value:.3g} |"
+                )
+        grpo_curve = curves.get("grpo") or {}
+        if grpo_curve:
+            last = max(grpo_curve)
+            lines += [
+                "",
+                f"Steps to GRPO's final seed-mean accuracy ({grpo_curve[last]:.3f} at step {last}) as a share "
+                "of GRPO's steps (the target is <= 75%):",
+                "",
+            ]
+            for name, curve in curves.items():
+                reached = steps_to_reach(curve, grpo_curve[last])
+                share = "not reached" if reached is None else f"step {reached}"
+                if reached is not None and last:
+                    share += f" = {reached / last:.0%}"
+                lines.append(f"- {name}: {share}")
+    else:
+        lines.append("No GRPO runs or no common eval step.")
+    lines.append("")
+
+    lines += ["## Mechanism: first 3 vs last 3 training steps (seed-pooled means)", ""]
+    lines.append("| variant | " + " | ".join(label for _, label in MECHANISM) + " | drift flagged (step, per seed) |")
+    lines.append("|---|" + "---|" * (len(MECHANISM) + 1))
+    for name, seed_rows in runs.items():
+        cells = []
+        for key, _ in MECHANISM:
+            a, b = window_mean(seed_rows, key, True), window_mean(seed_rows, key, False)
+            cells.append("—" if a is None or b is None else f"{a:.2f} -> {b:.2f}")
+        drift = ", ".join(str(first_drift(rows) or "no") for _, rows in sorted(seed_rows.items()))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {drift} |")
     lines.append("")
 
     lines += ["## Wall time per step", ""]

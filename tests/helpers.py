@@ -91,3 +91,32 @@ def launch_loopback(args: list[str], n: int = 2, timeout: float = 900, cwd=None)
         os.close(quiet_stdin)
         os.close(keep_open)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def tiny_model(n: int = 3):
+    """A stand-in for a LoRA model: two trainable tensors, `lora_a` (n, 2) and `lora_b` (2, n)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    model = nn.Module()
+    model.lora_a = mx.ones((n, 2))
+    model.lora_b = mx.zeros((2, n))
+    return model
+
+
+def tiny_checkpoint(run_dir: Path, step: int, run_id: str, keep: int = 2, n: int = 3) -> Path:
+    """A real checkpoint (every file, readable) of a two-tensor model, written by
+    `checkpoint.save_checkpoint`."""
+    import mlx.optimizers as optim
+
+    from cast_mlx import checkpoint
+    from cast_mlx import config as cfg
+
+    model = tiny_model(n)
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.init(model.trainable_parameters())
+    recipe = cfg.from_dict({"checkpoint": {"keep": keep}})
+    state = checkpoint.TrainState(step=step, run_id=run_id)
+    return checkpoint.save_checkpoint(
+        run_dir, state, model=model, adapter_config={}, optimizer=opt, teacher=None, recipe=recipe
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,204 @@ def test_cli_prints_resolved_recipe():
     assert "name: grpo" in proc.stdout
     assert "scale_rewards: group" in proc.stdout  # the derived default is shown resolved
     assert "# recipe hash: " in proc.stdout
+
+
+# --------------------------------------------------------------------------- issue #15
+
+
+# Byte strings a recipe file may hold: each loads or is one ConfigError, never anything else.
+AWKWARD_RECIPES = [
+    b"",  # empty: all defaults
+    b"\n\n# only a comment\n",
+    b"\xef\xbb\xbfname: bom\n",  # a UTF-8 byte-order mark is fine
+    b"\xff\xfe",
+    b"name: caf\xe9\n",  # Latin-1
+    b"\x00\x01\x02",
+    b"name: x\x07\n",
+    b"[1, 2]",
+    b"- a\n- b\n",
+    b"3",
+    b"null",
+    b"'just a string'",
+    b"name: x\nname: y\n",
+    b"sampling:\n  top_p: 0.5\nsampling:\n  group_size: 4\n",
+    b"!!python/object/apply:os.system ['echo pwned']\n",
+    b"name: !!python/name:os.system\n",
+    b"seed: !!python/object:builtins.int {}\n",
+    b"name: !!binary aGk=\n",
+    b"name: 2001-13-14\n",
+    b"seed: 1" + b"0" * 5000 + b"\n",
+    b"seed: 0b" + b"1" * 20000 + b"\n",
+    b"optimizer:\n  lr: 0x" + b"f" * 3000 + b"\n",
+    b"optimizer:\n  lr: 1.0e+999\n",
+    b"a: " + b"[" * 5000,
+    b"sampling: " + b"{a: " * 3000,
+    b"a: &a [1, 1]\nb: &b [*a, *a, *a]\nc: &c [*b, *b, *b]\nname: [*c, *c, *c]\n",
+    b"? [a]\n: 1\n",
+    b"? {a: 1}\n: 1\n",
+    b"1: x\n",
+    b"null: x\n",
+    b'"a\\nb": 1\n',
+    b"sampling:\n  '\\u2028': 1\n",
+    b"---\nname: a\n---\nname: b\n",
+    b"name: x\n  bad indent: 1\n",
+    b"name: 'unterminated\n",
+    b'name: "\\xff"\n',
+    b"\tname: tab\n",
+    b"%YAML 9.9\n---\nname: x\n",
+    b"<<: {name: merged}\nname: own\n",
+    b"name: *undefined\n",
+    b"sampling: !!set {a, b}\n",
+    b"lora:\n  keys: !!omap [{a: 1}]\n",
+]
+
+
+def _mutations(rng, text: bytes, n: int):
+    """Random byte flips, insertions of YAML-significant bytes and truncations of `text`."""
+    pieces = [b":", b"{", b"}", b"[", b"]", b"-", b"\n", b"  ", b"\t", b"'", b'"', b"&a", b"*a", b"!!", b"?",
+              b"#", b"%", b"|", b">", b"\x00", b"\xff", b"\xc3", b"9" * 30, b"{nmae}", b"..", b"\\"]  # fmt: skip
+    for _ in range(n):
+        data = bytearray(text)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data) + 1)
+            kind = rng.randrange(3)
+            if kind == 0 and data:
+                data[min(at, len(data) - 1)] = rng.randrange(256)
+            elif kind == 1:
+                data[at:at] = rng.choice(pieces)
+            else:
+                del data[at:]
+        yield bytes(data)
+
+
+def test_any_bytes_load_or_raise_one_config_error(tmp_path: Path):
+    import random
+
+    rng = random.Random(15)
+    cases = list(AWKWARD_RECIPES)
+    for path in RECIPES:
+        cases += _mutations(rng, path.read_bytes(), 60)
+    outcomes = {"loaded": 0, "error": 0}
+    recipe = tmp_path / "r.yaml"
+    for raw in cases:
+        recipe.write_bytes(raw)
+        try:
+            cfg.load_recipe(recipe)
+            outcomes["loaded"] += 1
+        except cfg.ConfigError as exc:
+            message = str(exc)
+            assert message and "\n" not in message and "\u2028" not in message, (raw[:80], message)
+            assert len(message) < 400, (raw[:80], message)
+            outcomes["error"] += 1
+    assert outcomes["loaded"] > 10 and outcomes["error"] > 100, outcomes
+    # the messages of a few of them
+    for raw, expected in [
+        (b"name: caf\xe9\n", "r.yaml: not UTF-8 at line 1 (byte 0xe9)"),
+        (b"name: x\nseed: 1\nname: y\n", "r.yaml: malformed YAML at line 3: duplicate key 'name'"),
+        (b"!!python/object/apply:os.system ['echo pwned']\n", "could not determine a constructor for the tag"),
+        (b"a: " + b"[" * 5000, "r.yaml: malformed YAML: nested too deeply"),
+        (b"seed: 0b" + b"1" * 20000 + b"\n", "seed: <an integer of 20000 bits> is too large"),
+        (b"3", "r.yaml: a recipe must be a YAML mapping, got int"),
+        (b"---\nname: a\n---\nname: b\n", "expected a single document in the stream, but found another document"),
+    ]:
+        recipe.write_bytes(raw)
+        with pytest.raises(cfg.ConfigError, match=re.escape(expected)):
+            cfg.load_recipe(recipe)
+    recipe.write_bytes(b"")
+    assert cfg.load_recipe(recipe) == cfg.load_recipe(None)  # an empty file: all defaults
+    with pytest.raises(cfg.ConfigError, match=re.escape(f"{tmp_path}: is a folder, not a recipe file")):
+        cfg.load_recipe(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_recipe_file(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\n")
+    recipe.chmod(0)
+    with pytest.raises(cfg.ConfigError, match=re.escape(f"{recipe}: cannot read the recipe (Permission denied)")):
+        cfg.load_recipe(recipe)
+
+
+def test_unreadable_recipes_through_the_cli(tmp_path: Path):
+    """The train CLI prints the ConfigError as its one line and exits 2."""
+    for raw, expected in [
+        (b"name: caf\xe9\n", "not UTF-8 at line 1"),
+        (b"sampling:\n  top_p: 0.5\nsampling:\n  top_p: 0.9\n", "duplicate key 'sampling'"),
+        (b"seed: 4294967296\n", "seed: must be < 4294967296, got 4294967296"),
+    ]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_bytes(raw)
+        proc = run_cli("-m", "cast_mlx.train", "--recipe", str(recipe), "--print-config")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr
+        assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"seed": -1}, "seed: must be >= 0, got -1"),
+        ({"seed": 2**32}, "seed: must be < 4294967296, got 4294967296"),
+        ({"seed": 2**70}, "seed: 1180591620717411303424 is too large (the limit is 2**63 - 1)"),
+        ({"schedule": {"steps": 2**63}}, "schedule.steps: 9223372036854775808 is too large"),
+        (
+            {"logging": {"out_dir": "runs/{nmae}"}},
+            "logging.out_dir: unknown placeholder {nmae}; the only one is {name}",
+        ),
+        ({"logging": {"out_dir": "runs/{}"}}, "logging.out_dir: unknown placeholder {}"),
+        ({"logging": {"out_dir": "runs/{name[0]}"}}, "logging.out_dir: unknown placeholder {name[0]}"),
+        ({"logging": {"out_dir": "runs/{name!r}"}}, "logging.out_dir: unknown placeholder {name!r}"),
+        ({"logging": {"out_dir": "runs/{name:>9}"}}, "logging.out_dir: unknown placeholder {name:>9}"),
+        ({"logging": {"out_dir": "runs/{name"}}, "logging.out_dir: expected '}' before end of string in 'runs/{name'"),
+        ({"logging": {"out_dir": "runs/}"}}, "logging.out_dir: Single '}' encountered"),
+        ({"logging": {"out_dir": ""}}, "logging.out_dir: must not be empty"),
+        ({"logging": {"out_dir": "runs/\x00x"}}, "logging.out_dir: holds control characters"),
+        ({"name": ""}, "name: must not be empty, got ''"),
+        ({"name": "  "}, "name: must not be empty"),
+        ({"name": "."}, "name: must be a plain folder name"),
+        ({"name": ".."}, "name: must be a plain folder name (no '/', '\\', '.', '..' or control characters), got '..'"),
+        ({"name": "../escape"}, "name: must be a plain folder name"),
+        ({"name": "/abs/path"}, "name: must be a plain folder name"),
+        ({"name": "a\\b"}, "name: must be a plain folder name"),
+        ({"name": "a\nb"}, "got 'a\\nb'"),
+        ({"name": "a\x1b[31m"}, "name: must be a plain folder name"),
+        ({"name": "x" * 256}, "name: at most 255 bytes, got 256"),
+        ({"model": {"name": " "}}, "model.name: must not be empty"),
+        ({"data": {"path": "x.jsonl"}}, "data.path: the arithmetic task is generated and reads no file"),
+        ({"data": {"task": "gsm8k", "path": ""}}, "data.path: must not be empty (null: the task's hub dataset)"),
+        ({"system": {"dist_timeout": 1e12}}, "system.dist_timeout: must be <= 9223372036.0"),
+        ({"system": {"memory_limit_gb": 1e30}}, "system.memory_limit_gb: must be <= 1048576.0"),
+        ({"optimizer": {"lr": 2**2000}}, "optimizer.lr: expected a finite number, got 114813069527425452"),
+    ],
+)
+def test_values_the_run_cannot_use(data, expected):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.from_dict(data)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_values_the_run_can_use():
+    for data in (
+        {"seed": 2**32 - 1, "name": "cast-seed1.v2 (ok)"},
+        {"logging": {"out_dir": "runs/{name}/x-{name}"}},
+        {"logging": {"out_dir": "runs/{{literal}}"}},
+        {"data": {"task": "gsm8k", "path": "some/folder"}},
+    ):
+        cfg.from_dict(data)
+    assert cfg.out_dir(cfg.from_dict({"name": "a", "logging": {"out_dir": "r/{{x}}-{name}"}})) == Path("r/{x}-a")
+
+
+def test_a_single_data_file_is_not_used_as_held_out_eval(tmp_path: Path):
+    """data.load_task reads a folder's `{split}.jsonl` but one file for every split: with
+    in-training eval on, the training problems would be scored as held-out ones."""
+    single = tmp_path / "gsm8k.jsonl"
+    single.write_text('{"question": "q", "answer": "#### 1"}\n')
+    data = {"task": "gsm8k", "path": str(single)}
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.from_dict({"data": data, "logging": {"eval_every": 5}})
+    assert str(err.value) == (
+        f"data.path: {single} is a single file, so logging.eval_every would evaluate on the training "
+        "problems; give a folder with train.jsonl and test.jsonl, or set logging.eval_every: 0"
+    )
+    cfg.from_dict({"data": data})  # no in-training eval: the file is only the training data
+    cfg.from_dict({"data": {**data, "path": str(tmp_path)}, "logging": {"eval_every": 5}})  # a folder

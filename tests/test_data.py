@@ -14,6 +14,7 @@ import pytest
 from cast_mlx import data
 from cast_mlx.data import (
     ANSWER_INSTRUCTIONS,
+    DataError,
     MalformedRowsWarning,
     Problem,
     arithmetic_split_of,
@@ -157,7 +158,7 @@ def test_gsm8k_local_file_and_folder(tmp_path):
     assert problems[0].id == "gsm8k-train-1"
     assert load_task("gsm8k", "train", path=tmp_path) == problems  # folder form
     assert len(load_task("gsm8k", "train", path=tmp_path, n=2)) == 2
-    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+    with pytest.raises(DataError, match="no test.jsonl in this data folder"):
         load_task("gsm8k", "test", path=tmp_path)
 
 
@@ -179,21 +180,73 @@ def test_malformed_rows_are_skipped_and_reported_with_line_numbers(tmp_path):
         problems = load_task("gsm8k", path=path)
     assert [p.gold for p in problems] == ["3", "9"]
     assert len(record) == 1
+    assert str(record[0].message) == (
+        f"{path}: kept 2 rows, skipped 7: invalid JSON at line 2; missing field 'question' at line 3; "
+        "missing field 'answer' at line 4; no '####' in 'answer' at line 5; empty gold answer at line 7; "
+        "gold answer cannot be parsed at line 8; not a JSON object at line 10"
+    )
+
+
+def test_skipped_rows_warning_groups_reasons_with_file_line_numbers(tmp_path):
+    """Issue #15: the file's line numbers (not the decoder's column inside a row), grouped
+    by reason, and how many rows were kept."""
+    lines: list = [{"question": "q", "answer": "#### 1"}] * 18
+    for number in (4, 7, 12, 13, 14, 15, 16):  # cut off: json says "line 1 column 37 (char 36)"
+        lines[number - 1] = '{"question": "q", "answer": "#### 1"'
+    lines[9 - 1] = {"question": "q"}
+    path = write_jsonl(tmp_path / "x.jsonl", lines)
+    with pytest.warns(MalformedRowsWarning) as record:
+        assert len(load_task("gsm8k", path=path)) == 10
     message = str(record[0].message)
-    assert "skipped 7 malformed row(s)" in message
-    assert "lines 2, 3, 4, 5, 7, ..." in message
-    assert "rows.jsonl" in message
-    assert "bad JSON" in message
+    assert message == (
+        f"{path}: kept 10 rows, skipped 8: invalid JSON at lines 4, 7, 12, 13, 14 and 2 more; "
+        "missing field 'answer' at line 9"
+    )
+    assert "column" not in message and "char" not in message
 
 
-def test_file_without_usable_rows_is_an_error(tmp_path):
+def test_unusable_data_sources_are_one_line_errors(tmp_path, recwarn):
+    """Issue #15: each a DataError (a ValueError, as cast_mlx.eval catches) of one line naming
+    the file, and for a row problem its line."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty.jsonl"):
-        load_task("gsm8k", path=empty)
-    junk = write_jsonl(tmp_path / "junk.jsonl", ["nope", {"question": "x"}])
-    with pytest.warns(MalformedRowsWarning), pytest.raises(ValueError, match="junk.jsonl"):
-        load_task("gsm8k", path=junk)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    junk = write_jsonl(tmp_path / "junk.jsonl", ["nope", {"question": "x"}, "[1]"])
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "q", "answer": "#### 1"}\n\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"question": "q", "answer": "#### 1"}])
+    cases = [
+        (empty, "train", f"{empty}: empty (no rows)"),
+        (blank, "train", f"{blank}: empty (no rows)"),
+        (
+            junk,
+            "train",
+            f"{junk}: no usable gsm8k row; skipped 3: invalid JSON at line 1; missing field 'answer' at line 2; "
+            "not a JSON object at line 3",
+        ),
+        (latin1, "train", f"{latin1}: line 3 is not UTF-8 (byte 0xe9); save the file as UTF-8"),
+        (folder, "test", f"{folder}: no test.jsonl in this data folder (it needs one file per split)"),
+        (tmp_path / "missing.jsonl", "train", f"{tmp_path / 'missing.jsonl'}: no such data file or folder"),
+        (Path("/dev/null"), "train", "/dev/null: not a regular file"),
+    ]
+    for path, split, expected in cases:
+        with pytest.raises(DataError) as err:
+            load_task("gsm8k", split, path=path)
+        assert isinstance(err.value, ValueError)
+        assert str(err.value) == expected
+    assert not recwarn.list  # an unusable file is an error, not an error and a warning
+
+
+def test_eval_cli_reports_data_errors(tmp_path, capsys):
+    """cast_mlx.eval catches ValueError: a DataError is an input error there (exit 2)."""
+    from cast_mlx import eval as eval_cli
+
+    missing = tmp_path / "none.jsonl"
+    assert eval_cli.main(["--task", "gsm8k", "--path", str(missing)]) == eval_cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"error: {missing}: no such data file or folder\n"
 
 
 def test_math_local_file(tmp_path):
@@ -205,7 +258,7 @@ def test_math_local_file(tmp_path):
         {"problem": "P5", "answer": "", "solution": "\\boxed{(1, 2)}"},
     ]
     path = write_jsonl(tmp_path / "math.jsonl", rows)
-    with pytest.warns(MalformedRowsWarning, match="skipped 2 malformed row.*lines 3, 4"):
+    with pytest.warns(MalformedRowsWarning, match=r"kept 3 rows, skipped 2: no .* at line 3; missing .* at line 4"):
         problems = load_task("math", "test", path=path)
     assert [(p.id, p.gold) for p in problems] == [
         ("test/algebra/1.json", "\\frac{1}{2}"),

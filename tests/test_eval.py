@@ -13,7 +13,7 @@ import pytest
 
 from cast_mlx import eval as ev
 
-from helpers import run_cli
+from helpers import run_cli, tiny_checkpoint
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -158,16 +158,10 @@ def test_decode_completions_drops_the_final_eos_only():
 
 def _fake_run(tmp_path: Path, answer_format="boxed") -> Path:
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "step_000004"
-    ckpt.mkdir(parents=True)
-    (ckpt / "adapters.safetensors").write_bytes(b"")
-    (ckpt / "adapter_config.json").write_text("{}")
-    (ckpt / "optimizer.safetensors").write_bytes(b"")  # a complete checkpoint has these too
-    (ckpt / "state.json").write_text("{}")
+    ckpt = tiny_checkpoint(run, 4, "t")  # every file a checkpoint has, readable
     (ckpt / "recipe.yaml").write_text(
         f"name: t\ndata:\n  task: arithmetic\n  level: 2\n  answer_format: {answer_format}\n"
     )
-    (run / "checkpoints" / "latest").write_text("step_000004\n")
     return run
 
 

@@ -198,3 +198,54 @@ def test_logprobs_and_greedy_match_transformers(smol, hf):
         )[0].tolist()
     assert 2 not in ours[len(prompt_ids) :]  # 20 real tokens, not an early stop
     assert ours[len(prompt_ids) :] == theirs[len(prompt_ids) :]
+
+
+# ---------------------------------------------------------------- cache problems (issue #15)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_unusable_home_is_a_one_line_error(tmp_path, monkeypatch, where):
+    import os
+
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("")
+        home = tmp_path / "file" / "home"
+        reason = "Not a directory"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root may write into a read-only folder")
+        home = tmp_path / "ro"
+        home.mkdir(mode=0o555)
+        reason = "Permission denied"
+    monkeypatch.setenv("CAST_MLX_HOME", str(home))
+    monkeypatch.setattr(models, "_download_gguf", lambda *a: pytest.fail("must not download"))
+    with pytest.raises(models.ModelCacheError) as err:
+        models.load(models.DEFAULT_MODEL)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"model cache {home / 'models'}: cannot create or write it ({reason})")
+    assert "set CAST_MLX_HOME to a writable folder" in message
+
+
+def test_cached_model_without_tokenizer_says_how_to_rebuild(tmp_path, monkeypatch, smol_dir: Path, smol_gguf: Path):
+    """A copy of the fetched folder without its tokenizer: not mlx-lm's advice to install
+    sentencepiece, but the fetch command and the folder."""
+    folder = tmp_path / "models" / models.DEFAULT_MODEL
+    folder.mkdir(parents=True)
+    for f in smol_dir.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (folder / f.name).symlink_to(f)  # the big files are only looked at
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / smol_gguf.name).symlink_to(smol_gguf)
+    monkeypatch.setenv("CAST_MLX_HOME", str(tmp_path))
+    assert models.is_fetched(models.DEFAULT_MODEL)
+    with pytest.raises(models.ModelCacheError) as err:
+        models.load(models.DEFAULT_MODEL)
+    assert str(err.value) == (
+        f"{folder}: the cached model is incomplete (tokenizer.json, tokenizer_config.json missing); "
+        f"rebuild it with `python -m cast_mlx.models fetch {models.DEFAULT_MODEL} --force`"
+    )
+    assert "sentencepiece" not in str(err.value)
+    # the advised command is the CLI's (its parser accepts it)
+    monkeypatch.setattr(models, "fetch", lambda name, force: (name, force))
+    assert models.main(["fetch", models.DEFAULT_MODEL, "--force"]) == 0

@@ -236,3 +236,27 @@ def test_compare_variants_of_ones_own(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
         assert not (tmp_path / "none").exists()  # refused before anything ran
+
+
+def test_compare_paired_mcnemar_pools_seeds_and_keeps_finished_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    out = tmp_path / "cmp"
+    # 10 problems per seed; at step 20 the variant is right on 2 problems GRPO misses and
+    # wrong on none that GRPO gets, in each of 2 seeds: 4 discordant pairs, all one way.
+    for seed in (0, 1):
+        for name, right in (("grpo", [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]), ("cast", [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])):
+            d = write_run(out / f"{name}-seed{seed}", accuracy=lambda s: 0.03 * s, flips=name == "cast")
+            rows = [{"step": 20, "lenient": right, "strict": [0] * 10}]
+            (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = compare.report(out)
+    # p = 2 * 0.5^4 = 0.125; difference 4/20 = +0.200
+    assert "| cast | 20 | 4 | 0 | +0.200 [" in report and "| 0.125 |" in report
+    assert "- cast: step 20 = 100%" in report
+    assert "| cast | " in report.split("## Mechanism")[1]
+    # a run whose final checkpoint exists is not trained again
+    ckpt = out / "cast-seed0" / "checkpoints" / "step_000020"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapters.safetensors").write_text("x")
+    assert compare.finished(out / "cast-seed0", 20) and not compare.finished(out / "cast-seed1", 20)

@@ -18,7 +18,7 @@ import pytest
 from cast_mlx import checkpoint, models, rollout, trainer
 from cast_mlx import config as cfg
 
-from helpers import ROOT, run_cli, smoke_args
+from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
 
@@ -192,22 +192,19 @@ def test_grpo_smoke_run(tmp_path, smol_dir):
 def test_half_written_checkpoint_is_ignored(tmp_path):
     """kill -9 between files leaves a .tmp folder or a step folder without all its files:
     the previous complete checkpoint is the one found."""
-    root = tmp_path / "run" / checkpoint.CHECKPOINTS
-    good = root / "step_000002"
-    good.mkdir(parents=True)
-    for f in ("state.json", "adapters.safetensors", "optimizer.safetensors"):
-        (good / f).write_text("x")
-    (root / checkpoint.LATEST).write_text("step_000002\n")
+    run = tmp_path / "run"
+    root = run / checkpoint.CHECKPOINTS
+    good = tiny_checkpoint(run, 2, "r")
     (root / ".tmp-step_000003-99").mkdir()
     (root / ".tmp-step_000003-99" / "adapters.safetensors").write_text("x")
-    assert checkpoint.find_checkpoint(tmp_path / "run") == good
+    assert checkpoint.find_checkpoint(run) == good
     partial = root / "step_000004"  # e.g. copied by hand and cut short
     partial.mkdir()
     (partial / "adapters.safetensors").write_text("x")
     (root / checkpoint.LATEST).write_text("step_000004\n")
-    assert checkpoint.find_checkpoint(tmp_path / "run") == good
+    assert checkpoint.find_checkpoint(run) == good
     (root / checkpoint.LATEST).unlink()
-    assert checkpoint.find_checkpoint(tmp_path / "run") == good
+    assert checkpoint.find_checkpoint(run) == good
     with pytest.raises(checkpoint.TrainingError, match="no complete checkpoint"):
         checkpoint.find_checkpoint(tmp_path / "elsewhere")
 
@@ -230,7 +227,7 @@ def test_nan_steps_skip_updates_then_stop(smoke_run):
 
     run.loss_fn = nan_loss
     run.recipe.algorithm.name = "cast"  # cast: zero-variance groups still carry loss
-    with pytest.raises(checkpoint.TrainingError, match="consecutive steps with a non-finite"):
+    with pytest.raises(checkpoint.TrainingError, match="consecutive steps with non-finite"):
         for _ in range(run.recipe.system.max_bad_steps):
             trainer.train_step(run)
     after = models.lora_state(run.model)
