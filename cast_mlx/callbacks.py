@@ -8,6 +8,11 @@ dashboard, plain lines) are callbacks too, in `cast_mlx.dashboard`.
 - `on_metrics(metrics, samples)`: each metrics line: the step-0 eval (no samples, no
   `reward`) and every step's line with a few sample completions.
 - `on_message(text)`: a line for the person watching (resumed, stopped, done).
+- `on_phase(phase, done, total, note)`: progress inside a step or an eval. `phase` is one
+  of `PHASES`; the first call of a phase has `done == 0`, later ones increase `done` up to
+  `total` (sampling: decoded tokens of the longest stream of the current wave, of the token
+  cap, `note` says how many streams finished; update: micro-batches; eval: problems
+  answered; verifying, teacher, checkpoint: 0 then 1).
 - `on_train_end()`: once, also after an error or an interrupt.
 """
 
@@ -17,6 +22,8 @@ import json
 from pathlib import Path
 
 from cast_mlx import config as cfg
+
+PHASES = ("sampling", "verifying", "teacher", "update", "eval", "checkpoint")
 
 
 class TrainingCallback:
@@ -31,10 +38,14 @@ class TrainingCallback:
     def on_message(self, text: str) -> None:
         pass
 
+    def on_phase(self, phase: str, done: int, total: int, note: str = "") -> None:
+        pass
+
     def on_train_end(self) -> None:
         pass
 
 
+EVAL_FILE = "eval.jsonl"
 PER_PROBLEM = "eval/per_problem"  # a metrics key whose value goes to eval.jsonl, not metrics.jsonl
 
 
@@ -50,7 +61,7 @@ class MetricsFiles(TrainingCallback):
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.run_dir, self.resume_step, self.started = run_dir, resume_step, False
         self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
-        self.eval_path = run_dir / "eval.jsonl"
+        self.eval_path = run_dir / EVAL_FILE
 
     def _start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

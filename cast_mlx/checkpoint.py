@@ -90,10 +90,30 @@ def save_checkpoint(
     latest_tmp = root / f".{LATEST}.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, root / LATEST)
-    mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and _run_id(p) == state.run_id]
+    kept = best_checkpoint(run_dir)
+    mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and _run_id(p) == state.run_id and p != kept]
     for old in mine[: -recipe.checkpoint.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+BEST = "best"  # file in the checkpoints folder naming the checkpoint with the best eval
+
+
+def mark_best(run_dir: Path, ckpt: Path) -> None:
+    """Point `checkpoints/best` at `ckpt`; pruning keeps it besides the newest ones."""
+    root = checkpoint_root(run_dir)
+    tmp = root / f".{BEST}.tmp"
+    tmp.write_text(Path(ckpt).name + "\n")
+    os.replace(tmp, root / BEST)
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / BEST
+    if not pointer.is_file():
+        return None
+    ckpt = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return ckpt if ckpt.is_dir() else None
 
 
 def _run_id(ckpt: Path) -> str | None:

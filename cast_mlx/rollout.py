@@ -346,9 +346,12 @@ class _Wave:
     prefill_seconds: float
 
 
-def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray) -> _Wave:
+def decode_wave(
+    model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray, progress=None
+) -> _Wave:
     """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
-    together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws."""
+    together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws.
+    `progress(tokens, streams_done)`, if given, hears after every decode step."""
     steps = p.max_new_tokens
     n = len(prompts) * group_size
     head = plain_head(model)
@@ -378,6 +381,8 @@ def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.
         hit = streams[np.isin(ids[live], eos_ids)]
         done[hit] = True
         ended_eos[hit] = True
+        if progress is not None:
+            progress(t + 1, int(done.sum()))
         if t + 1 == steps or done.all():
             break
         finished = done[rows]
@@ -386,6 +391,8 @@ def decode_wave(model, prompts, group_size: int, p: SamplingParams, eos_ids: np.
             filter_cache(cache, keep)
             ids, rows = ids[keep], rows[keep]
         ids, lps = draw(next_logits(model, head, mx.array(ids[:, None]), cache), t + 1)
+    if progress is not None:  # the streams cut at the cap are finished too
+        progress(int(lengths.max()) if n else 0, n)
     return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
 
 
@@ -399,6 +406,7 @@ def generate_groups(
     *,
     stream_offset: int = 0,
     total_streams: int | None = None,
+    progress=None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
@@ -413,6 +421,9 @@ def generate_groups(
                 stream_offset + P*G)` of a rollout of `total_streams` streams (default:
                 the whole rollout), and take those rows of its random-number table. Used
                 by data parallelism: each process samples its slice of the global step.
+    progress:   optional `progress(tokens, cap, streams_done, streams)`, called after each
+                decode step: the tokens of the current wave's longest stream, the token cap,
+                and the streams finished so far (earlier waves count as finished).
 
     Returns a `Rollout` (see its docstring for shapes and conventions).
     """
@@ -439,7 +450,11 @@ def generate_groups(
         for first in range(0, len(prompts), per_wave):
             chunk = prompts[first : first + per_wave]
             rows = slice(first * group_size, (first + len(chunk)) * group_size)
-            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows]))
+            before = first * group_size
+            hear = None
+            if progress is not None:
+                hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
+            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear))
     finally:
         model.train(was_training)
 

@@ -137,6 +137,25 @@ def check_out_dir(out_dir: Path, fresh: bool, overwrite: bool) -> None:
             )
 
 
+def header(recipe: cfg.Recipe, ckpt) -> list[str]:
+    """What this run is, in a few lines (the whole recipe: --print-config)."""
+    import mlx.core as mx
+
+    from cast_mlx import blas
+
+    d = recipe.data
+    source = f"level {d.level}" if d.task == "arithmetic" else (d.path or d.hub_id or "the hub")
+    out = ckpt.parent.parent if ckpt is not None else cfg.out_dir(recipe)
+    changed = [f.split(" (")[0] for f in differing_fields(cfg.to_dict(cfg.from_dict({})), cfg.to_dict(recipe))]
+    return [
+        f"cast-mlx: {recipe.model.name} ({recipe.model.dtype}) on {d.task} ({source}), {recipe.algorithm.name}, "
+        f"{recipe.schedule.steps} steps -> {out}",
+        f"  backend {mx.default_device()}, BLAS {blas.active_blas()}",
+        f"  set in the recipe: {', '.join(changed) if changed else 'nothing (all defaults)'} "
+        "(the whole recipe: --print-config)",
+    ]
+
+
 def checkpoint_step(ckpt: Path) -> int:
     import json
 
@@ -250,11 +269,14 @@ def run_cli(args) -> int:
                 f"{recipe.schedule.steps}; raise it with --set schedule.steps=N to train further"
             )
         return 0
-    if not args.quiet and (world is None or world.is_main):
+    if args.print_config:
         print(cfg.to_yaml(recipe).rstrip())
         print(f"# recipe hash: {cfg.recipe_hash(recipe)}")
-    if args.print_config:
         return 0
+    if not args.quiet and (world is None or world.is_main):
+        for line in header(recipe, ckpt):
+            print(line)
+        print(f"# recipe hash: {cfg.recipe_hash(recipe)}")
     if args.dry_run:
         from cast_mlx.models import ModelLoadError
 

@@ -35,7 +35,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -77,6 +77,8 @@ class Run:
     out_dir: Path
     special_ids: list[int]  # EOS and the other special/template token ids
     reward_fns: list = field(default_factory=list)  # reward.functions; empty: the math verifier alone
+    # on_phase of the callbacks (fit sets it): progress inside a step, for the dashboard
+    phase: Callable[..., None] = field(default=lambda *args: None)
     state: TrainState = field(default_factory=TrainState)
     world: dist.World = field(default_factory=dist.World)
 
@@ -309,6 +311,7 @@ def sample(run: Run, problems: list):
     prompts = [data.prompt_ids(run.tokenizer, p, r.data.system_prompt, r.data.answer_format) for p in problems]
     eos = set(run.tokenizer.eos_token_ids)
     streams = len(problems) * r.sampling.group_size
+    run.phase("sampling", 0, r.sampling.max_new_tokens, f"0/{streams} streams done")
     out = rollout.generate_groups(
         run.model,
         prompts,
@@ -318,6 +321,7 @@ def sample(run: Run, problems: list):
         key=step_key(r.seed, run.state.step),
         stream_offset=world.rank * streams,
         total_streams=world.size * streams,
+        progress=lambda t, cap, done, n: run.phase("sampling", t, cap, f"{done}/{n} streams done"),
     )
     return prompts, out
 
@@ -445,7 +449,8 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
     metric_sums = {k: mx.array(0.0) for k in metric_names}
     # micro-batches of rows of similar length, each padded only to its own longest row
     buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size) if rows else []
-    for mb in ([rows[j] for j in b] for b in buckets):
+    run.phase("update", 0, len(buckets))
+    for done, mb in enumerate(([rows[j] for j in b] for b in buckets), 1):
         idx = mx.array(mb)
         batch = trimmed_batch(contexts, tokens, mask, mb)
         length = batch.tokens.shape[1]
@@ -457,6 +462,7 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
         for k, v in metrics.items():
             metric_sums[k] = metric_sums[k] + v
         mx.eval(grads, total)
+        run.phase("update", done, len(buckets))
     # the tokens of the rows that went through the forward pass (for the mean entropy)
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
     stats = dist.sum_values(
@@ -516,6 +522,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     times["sample"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    run.phase("verifying", 0, 1)
     texts = decode_completions(run.tokenizer, out)  # without the final EOS token
     scored = score_rewards(run, problems, texts, prompts, out)
     rewards, dropped = scored["rewards"], scored["dropped"]
@@ -527,6 +534,8 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     special, eos = rollout.special_and_eos(out.tokens, out.lengths, truncated, mask, run.special_ids)
 
     t = time.perf_counter()
+    if run.teacher is not None or run.ref_params is not None:
+        run.phase("teacher", 0, 1)
     contexts = [prompts[i // r.sampling.group_size] for i in range(mask.shape[0])]  # student's
     gaps, _ = teacher_gaps(run, problems, prompts, out, mask)
     ref_lp = None
@@ -713,6 +722,7 @@ def evaluate_now(run: Run, problems: list) -> dict:
     contiguous slice and the per-problem results are gathered, so no rank waits idle."""
     r, world = run.recipe, run.world
     t = time.perf_counter()
+    run.phase("eval", 0, len(problems))
     mine = dist.shard_uneven(problems, world.rank, world.size)
     values: dict[str, list[float]] = {"greedy/strict": [], "greedy/lenient": []}
     if mine:
@@ -726,6 +736,7 @@ def evaluate_now(run: Run, problems: list) -> dict:
             max_batch=r.sampling.max_batch,
             verifier=run.verifier,
             n_resamples=200,
+            progress=lambda done, n: run.phase("eval", done, n),
         )
         values = per_problem_values(result.problems, k=1)
     gathered = dist.gather_rows(
@@ -807,6 +818,7 @@ def run_info(run: Run) -> dict:
         "backend": str(mx.default_device()),
         "blas": blas.active_blas(),
         "out": str(run.out_dir),
+        "step": run.state.step,  # where this invocation starts (a resumed run: its checkpoint's)
     }
     if run.world.size > 1:
         info["processes"] = run.world.size
@@ -824,6 +836,88 @@ SIGNAL_OF_CODE = {code: name for name, code in StopRequest.CODES.items()}
 
 
 EXIT_DRIFT = 4  # system.stop_on_drift stopped the run
+
+
+def write_run_report(run_dir: Path) -> Path | None:
+    """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page."""
+    try:
+        from cast_mlx.report import write_report
+
+        return write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's own files are already safe
+        print(f"warning: the report page could not be written ({type(exc).__name__}: {exc})")
+        return None
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    """The per-problem eval lines of eval.jsonl (the last line of a repeated step wins)."""
+    path = Path(run_dir) / cb.EVAL_FILE
+    if not path.is_file():
+        return []
+    keep, _ = cb.kept_lines(path.read_text(errors="replace"), 2**62)
+    by_step = {int(row["step"]): row for row in map(json.loads, keep)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def best_saved_eval(run_dir: Path) -> float:
+    """The best eval accuracy among the steps that still have a checkpoint (-1: none)."""
+    root = ckpt_io.checkpoint_root(run_dir)
+    return max(
+        (
+            sum(e["lenient"]) / len(e["lenient"])
+            for e in read_evals(run_dir)
+            if (root / f"step_{e['step']:06d}").is_dir()
+        ),
+        default=-1.0,
+    )
+
+
+def model_folder(recipe: cfg.Recipe) -> str:
+    """What mlx-lm's commands take as --model for this run's base model."""
+    name = recipe.model.name
+    return str(models.embedded_dir(name)) if name in models.EMBEDDED else name
+
+
+def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | None) -> list[str]:
+    """The end-of-run summary: steps and time, the eval first -> last with the paired test of
+    `cast_mlx.eval --baseline` (same problems), the best and last checkpoints, and the
+    commands that use them."""
+    from cast_mlx.eval import paired_comparison
+
+    r = run.recipe
+    minutes, secs = divmod(int(seconds), 60)
+    lines = [f"summary: step {run.state.step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"]
+    evals = read_evals(run.out_dir)
+    if len(evals) >= 2:
+        first, final = evals[0], evals[-1]
+        pc = paired_comparison(first["lenient"], final["lenient"])
+        acc0, acc1 = sum(first["lenient"]) / pc.n, sum(final["lenient"]) / pc.n
+        lines.append(
+            f"  eval accuracy {acc0:.3f} (step {first['step']}) -> {acc1:.3f} (step {final['step']}): "
+            f"{pc.difference:+.3f} [95% CI {pc.ci_low:+.3f}, {pc.ci_high:+.3f}], McNemar p = {pc.p_value:.3g} "
+            f"({pc.n} problems, {pc.only_new} newly right, {pc.only_baseline} newly wrong)"
+        )
+    elif evals:
+        lines.append(
+            f"  eval accuracy {sum(evals[0]['lenient']) / len(evals[0]['lenient']):.3f} (step {evals[0]['step']})"
+        )
+    best = ckpt_io.best_checkpoint(run.out_dir)
+    if last is not None:
+        lines.append(f"  last checkpoint: {last}")
+    if best is not None and best != last:
+        lines.append(f"  best checkpoint (by eval accuracy): {best}")
+    use = best or last
+    if use is not None:
+        folder = model_folder(r)
+        lines += [
+            "  use it:",
+            f'    mlx_lm.generate --model {folder} --adapter-path {use} --prompt "What is 12 + 7?"',
+            f"    mlx_lm.fuse --model {folder} --adapter-path {use} --save-path {run.out_dir / 'fused'}",
+            f"    python -m cast_mlx.eval --adapter {use} --task {r.data.task}",
+        ]
+    if report is not None:
+        lines.append(f"  report: {report}")
+    return lines
 
 
 def drift_message(run: Run) -> str:
@@ -844,7 +938,10 @@ def make_callbacks(run: Run, live: bool, resumed: bool) -> list[cb.TrainingCallb
         return []
     r = run.recipe
     view = make_view(
-        r.schedule.steps, live and r.logging.dashboard, force_terminal=run.world.size > 1 and "COLUMNS" in os.environ
+        r.schedule.steps,
+        live and r.logging.dashboard,
+        force_terminal=run.world.size > 1 and "COLUMNS" in os.environ,
+        eval_every=r.logging.eval_every,
     )
     return [*cb.sinks(r, run.out_dir, run.state.step if resumed else None), view]
 
@@ -864,6 +961,12 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             ckpt_io.clear_run(run.out_dir)
     callbacks = make_callbacks(run, live, resumed=resumed_from is not None)
 
+    def phase(*args) -> None:
+        for c in callbacks:
+            c.on_phase(*args)
+
+    run.phase = phase
+
     def tell(text: str) -> None:
         for c in callbacks:
             c.on_message(text)
@@ -879,6 +982,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
 
     def checkpoint() -> None:
         if world.is_main:
+            run.phase("checkpoint", 0, 1)
             written.append(save(run))
 
     stop = StopRequest().install()
@@ -886,6 +990,20 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     last_saved = run.state.step if resumed_from else -1
     every = r.logging.eval_every
     held_out = run.held_out
+    started = time.perf_counter()
+    best = best_saved_eval(run.out_dir) if resumed_from else -1.0  # the best checkpointed eval so far
+
+    def finish() -> None:  # rank 0: the summary and the report page, once a checkpoint exists
+        if not callbacks or not (written or resumed_from):
+            return
+        report = write_run_report(run.out_dir)
+        try:
+            lines = summary_lines(run, time.perf_counter() - started, written[-1] if written else resumed_from, report)
+        except (OSError, ValueError, KeyError, ZeroDivisionError) as exc:  # the checkpoints are safe already
+            lines = [f"warning: no summary ({type(exc).__name__}: {exc})"]
+        for line in lines:
+            tell(line)
+
     try:
         info = run_info(run) if callbacks else {}
         for c in callbacks:
@@ -905,6 +1023,9 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             if st % r.checkpoint.every == 0 or st == r.schedule.steps:
                 checkpoint()
                 last_saved = st
+                if world.is_main and metrics.get("eval/accuracy", -1.0) > best:
+                    best = metrics["eval/accuracy"]
+                    ckpt_io.mark_best(run.out_dir, written[-1])  # kept by pruning
             if metrics["health/drift"] and not drift_seen:  # the same decision on every rank
                 drift_seen = True
                 tell(drift_message(run))
@@ -924,11 +1045,16 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             )
         elif callbacks:  # rank 0: the checkpoints are in its folder
             tell(f"done: {run.state.step} steps; adapters in {written[-1] if written else resumed_from}")
+        finish()
         return code
     except KeyboardInterrupt:
         if world.is_main:
             print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: {resume_command(run)}")
+            finish()
         return 130
+    except TrainingError:
+        finish()  # what the checkpoints hold, before the error line
+        raise
     finally:
         stop.restore()
         for c in callbacks:

@@ -129,22 +129,37 @@ def final_step(args, sets: list[str]) -> int:
 
 def finished(run_dir: Path, steps: int) -> bool:
     """Whether `run_dir` holds a run that reached `steps` (its final checkpoint is there), so
-    that a comparison cut short (a session's end) can be rerun without redoing it."""
+    that a comparison cut short (a session's end) can be rerun without redoing it; a run
+    with an earlier checkpoint is resumed from it."""
     return (run_dir / "checkpoints" / f"step_{steps:06d}" / "adapters.safetensors").is_file()
+
+
+def run_command(args, run_dir: Path, seed: int, sets: list[str]) -> list[str] | None:
+    """The command that trains (variant, seed) into `run_dir`: a fresh run, the resume of one
+    cut short (a session's end: it has a checkpoint; the resume is bit-identical), or None
+    when it already finished."""
+    steps = final_step(args, sets)
+    if finished(run_dir, steps):
+        return None
+    if (run_dir / "checkpoints").is_dir():
+        return [sys.executable, "-m", "cast_mlx.train", "--resume", str(run_dir), "--set", f"schedule.steps={steps}",
+                "--no-dashboard", "--quiet"]  # fmt: skip
+    return train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
 
 
 def run_one(args, out: Path, seed: int, name: str, sets: list[str], env: dict) -> dict:
     """Train one (variant, seed) in a subprocess, its output in `OUT/logs/V-seedS.log`; a run
     that already finished is kept as it is."""
     run_dir = out / f"{name}-seed{seed}"
-    cmd = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
-    shown = shlex.join(["python", *cmd[1:]])
-    if finished(run_dir, final_step(args, sets)):
+    cmd = run_command(args, run_dir, seed, sets)
+    if cmd is None:
         print(f"[compare] {name}-seed{seed}: finished before, kept", flush=True)
-        return {"run": run_dir.name, "command": shown, "exit": 0, "seconds": None, "kept": True}
+        fresh = train_command(args.recipe, run_dir, seed, sets, args.overrides, args.steps)
+        return {"run": run_dir.name, "command": shlex.join(["python", *fresh[1:]]), "exit": 0, "seconds": None}
+    shown = shlex.join(["python", *cmd[1:]])
     print(f"[compare] {shown}", flush=True)
     start = time.perf_counter()
-    with open(out / "logs" / f"{name}-seed{seed}.log", "w") as log:
+    with open(out / "logs" / f"{name}-seed{seed}.log", "a") as log:  # a resumed run adds to its log
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - start
     print(f"[compare] {name}-seed{seed}: exit {rc}, {seconds:.0f}s", flush=True)
@@ -425,29 +440,31 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     lines.append("")
 
     lines += ["## Paired test against GRPO at the last common eval step", ""]
-    last_common = max(steps) if steps else None
-    if "grpo" in runs and last_common is not None:
+    if "grpo" in runs:
         lines += [
-            f"Step {last_common}, greedy lenient accuracy on the same held-out problems, pooled over the "
-            "seeds both variants have (pairs: seed x problem). p: exact two-sided McNemar test on the "
-            "discordant pairs; CI: 95% normal approximation of the paired difference.",
+            "Per variant, its last eval step that GRPO has too (seed-mean curves), greedy lenient "
+            "accuracy on the same held-out problems, pooled over the seeds both have (pairs: seed x "
+            "problem). p: exact two-sided McNemar test on the discordant pairs; CI: 95% normal "
+            "approximation of the paired difference.",
             "",
-            "| variant | n pairs | only variant right | only GRPO right | difference [95% CI] | McNemar p |",
-            "|---|---:|---:|---:|---|---:|",
+            "| variant | step | n pairs | only variant right | only GRPO right | difference [95% CI] | McNemar p |",
+            "|---|---:|---:|---:|---:|---|---:|",
         ]
         for name in runs:
-            if name == "grpo":
+            common = set(curves.get(name) or {}) & set(curves.get("grpo") or {})
+            if name == "grpo" or not common:
                 continue
-            pc = paired_against(out, runs, name, last_common)
+            step = max(common)
+            pc = paired_against(out, runs, name, step)
             if pc is None:
-                lines.append(f"| {name} | — | — | — | no per-problem results (eval.jsonl) | — |")
+                lines.append(f"| {name} | {step} | — | — | — | no per-problem results (eval.jsonl) | — |")
             else:
                 lines.append(
-                    f"| {name} | {pc.n} | {pc.only_new} | {pc.only_baseline} | "
+                    f"| {name} | {step} | {pc.n} | {pc.only_new} | {pc.only_baseline} | "
                     f"{pc.difference:+.3f} [{pc.ci_low:+.3f}, {pc.ci_high:+.3f}] | {pc.p_value:.3g} |"
                 )
         grpo_curve = curves.get("grpo") or {}
-        if grpo_curve:
+        if grpo_curve and max(grpo_curve):
             last = max(grpo_curve)
             lines += [
                 "",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 
 from rich.console import Console
 
-from cast_mlx.dashboard import PlainView, RichView, make_view
+from cast_mlx.dashboard import PlainView, RichView, hms, make_view, remaining_evals
 
 METRICS = {
     "step": 3,
@@ -83,3 +85,245 @@ def test_plain_view_and_fallback():
     assert lines[1].startswith("step 3/10 | reward 0.375 | acc 0.38 | mixed 0.50 | loss 0.1234")
     assert lines[2] == "step 0 eval accuracy 0.250 (n=200)"
     assert isinstance(make_view(10, live=True), PlainView)  # pytest's stdout is no TTY
+
+
+# ---------------------------------------------------------------- phases, ETA, panels (issue #18)
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def step_line(step: int, **extra) -> dict:
+    return {**METRICS, "step": step, "time/step": 10.0, **extra}
+
+
+def eval_line(step: int, acc: float, seconds: float = 20.0) -> dict:
+    return {"eval/accuracy": acc, "eval/n": 200, "time/eval": seconds, "step": step}
+
+
+def fake_run(view, algorithm: str, steps: int, eval_every: int, samples=SAMPLE) -> None:
+    """What the trainer calls: the step-0 eval, then per step its phases (sampling in two
+    waves), the eval at multiples of eval_every and the last step, the line, a checkpoint."""
+    view.on_train_begin({**INFO, "algorithm": algorithm})
+    if eval_every:
+        for done in range(0, 201, 40):
+            view.on_phase("eval", done, 200)
+        view.on_metrics({"step": 0, **eval_line(0, 0.25)}, [])
+    for step in range(1, steps + 1):
+        for _wave in range(2):
+            for t in range(0, 97, 8):
+                view.on_phase("sampling", t, 96, f"{t // 3}/32 streams done")
+        view.on_phase("verifying", 0, 1)
+        if algorithm != "grpo":
+            view.on_phase("teacher", 0, 1)
+        for mb in range(9):
+            view.on_phase("update", mb, 8)
+        line = step_line(step)
+        if eval_every and (step % eval_every == 0 or step == steps):
+            for done in range(0, 201, 40):
+                view.on_phase("eval", done, 200)
+            line |= eval_line(step, 0.3 + step / 100)
+        view.on_metrics(line, samples)
+        view.on_phase("checkpoint", 0, 1)
+    view.on_message(f"done: {steps} steps")
+    view.on_train_end()
+
+
+def test_remaining_evals_and_clock_format():
+    assert remaining_evals(3, 10, 5) == 2  # 5 and 10
+    assert remaining_evals(3, 10, 4) == 3  # 4, 8 and the last step
+    assert remaining_evals(8, 10, 4) == 1 and remaining_evals(10, 10, 4) == 0
+    assert remaining_evals(3, 10, 0) == 0
+    assert hms(None) == "-:--:--" and hms(70) == "0:01:10" and hms(3725.4) == "1:02:05"
+
+
+def test_plain_view_phases_eta_and_last_eval():
+    buf = io.StringIO()
+    fake_run(PlainView(10, stream=buf, eval_every=5), "cast", steps=10, eval_every=5)
+    out = buf.getvalue()
+    assert "\x1b" not in out  # no control codes at all
+    lines = out.splitlines()
+    # one line per phase start, for the long phases only; the second sampling wave adds none
+    assert lines[1] == "step 0: eval (200 problems)"
+    assert lines[2] == "step 0 eval accuracy 0.250 (n=200)"
+    assert lines[3:7] == [
+        "step 1: sampling (up to 96 tokens)",
+        "step 1: teacher",
+        "step 1: update (8 micro-batches)",
+        lines[6],
+    ]
+    for step in range(1, 11):
+        for phase in ("sampling", "teacher", "update"):
+            assert sum(line.startswith(f"step {step}: {phase}") for line in lines) == 1
+    assert [line for line in lines if ": eval" in line] == [
+        "step 0: eval (200 problems)",
+        "step 5: eval (200 problems)",
+        "step 10: eval (200 problems)",
+    ]
+    assert not any("verifying" in line or "checkpoint" in line for line in lines)
+    steps = {int(line.split("/")[0].split()[1]): line for line in lines if re.match(r"step \d+/10 \|", line)}
+    assert sorted(steps) == list(range(1, 11))
+    # 3 steps of 10 s done, 7 left, and the evals of steps 5 and 10 at 20 s (the step-0 eval's)
+    assert "| eta 0:01:50 |" in steps[3]
+    assert "| eta 0:01:00 |" in steps[6]  # 4 steps of 10 s + the last eval (20 s)
+    assert "eta 0:00:00" in steps[10]
+    # the last eval stays, with its step, until the next one
+    assert steps[1].endswith("| eval 0.250 @ step 0") and steps[4].endswith("| eval 0.250 @ step 0")
+    assert steps[5].endswith("| eval 0.350 @ step 5") and steps[9].endswith("| eval 0.350 @ step 5")
+    assert steps[10].endswith("| eval 0.400 @ step 10")
+    assert lines[-1] == "done: 10 steps"
+
+
+def test_plain_view_eta_without_an_eval_time_names_the_evals():
+    buf = io.StringIO()
+    view = PlainView(10, stream=buf, eval_every=4)
+    view.on_train_begin(INFO)
+    view.on_metrics({"step": 0, **eval_line(0, 0.25, 0.0), "eval/cached": True}, [])  # a cached base eval
+    view.on_phase("sampling", 0, 96, "0/32 streams done")
+    for step in (1, 2, 3):
+        view.on_metrics(step_line(step), SAMPLE)
+    lines = buf.getvalue().splitlines()
+    assert lines[2] == "step 1: sampling (up to 96 tokens)"
+    assert "| eta 0:01:10 + 3 evals |" in lines[-1]  # 7 steps left; evals at 4, 8 and 10 untimed
+    plain = PlainView(10, stream=io.StringIO())  # no evals: the steps alone
+    plain.on_train_begin(INFO)
+    for step in (1, 2, 3):
+        plain.on_metrics(step_line(step), SAMPLE)
+    assert plain.stream.getvalue().splitlines()[-1].endswith("| 10.0s | eta 0:01:10")
+
+
+def test_plain_view_phase_of_a_resumed_run():
+    buf = io.StringIO()
+    view = PlainView(10, stream=buf)
+    view.on_train_begin(INFO)
+    view.on_message("resumed from /tmp/x/checkpoints/step_000004 at step 4")
+    view.on_phase("sampling", 0, 96)
+    assert buf.getvalue().splitlines()[-1] == "step 5: sampling (up to 96 tokens)"
+
+
+def rich_view(clock=None, **kw) -> tuple[RichView, io.StringIO]:
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=150)
+    if clock is None:
+        return RichView(10, console=console, **kw), buf
+    return RichView(10, console=console, clock=clock, **kw), buf
+
+
+def text_since(buf: io.StringIO, pos: int) -> str:
+    return ANSI.sub("", buf.getvalue()[pos:])
+
+
+def test_rich_view_phase_progress_eta_and_eval():
+    clock = FakeClock()
+    view, buf = rich_view(clock, eval_every=5)
+    view.on_train_begin({**INFO, "algorithm": "cast"})
+    assert "eta -:--:--" in text_since(buf, 0)
+    view.on_metrics({"step": 0, **eval_line(0, 0.25)}, [])
+    for step in (1, 2, 3):
+        view.on_phase("sampling", 0, 96, "0/32 streams done")
+        clock.t += 10
+        view.on_metrics(step_line(step), SAMPLE)
+    text = text_since(buf, 0)
+    assert "3/10" in text and "eta 0:01:50" in text and "eval 0.250 @ step 0" in text
+
+    pos = len(buf.getvalue())
+    view.on_phase("sampling", 0, 96, "0/32 streams done")  # a start: drawn at once
+    assert "step 4 · sampling" in text_since(buf, pos) and "0/96 tokens" in text_since(buf, pos)
+    pos = len(buf.getvalue())
+    view.on_phase("sampling", 40, 96, "11/32 streams done")  # within the refresh interval: not drawn
+    assert text_since(buf, pos) == ""
+    clock.t += 1
+    view.on_phase("sampling", 41, 96, "12/32 streams done")
+    text = text_since(buf, pos)
+    assert "step 4 · sampling" in text and "41/96 tokens · 12/32 streams done" in text
+    assert "eta 0:01:49" in text  # the live ETA counts down from the last line's
+    pos = len(buf.getvalue())
+    view.on_phase("update", 0, 8)
+    clock.t += 1
+    view.on_phase("update", 3, 8)
+    assert "step 4 · update" in text_since(buf, pos) and "3/8 micro-batches" in text_since(buf, pos)
+    pos = len(buf.getvalue())
+    view.on_phase("eval", 0, 200)
+    clock.t += 1
+    view.on_phase("eval", 120, 200)
+    assert "step 4 · eval" in text_since(buf, pos) and "120/200 problems" in text_since(buf, pos)
+    view.on_metrics(step_line(4) | eval_line(4, 0.315), SAMPLE)
+    pos = len(buf.getvalue())
+    view.on_phase("checkpoint", 0, 1)
+    text = text_since(buf, pos)
+    assert "step 4 · checkpoint" in text and "eval 0.315 @ step 4" in text
+    view.on_train_end()
+
+
+def test_rich_view_panels_follow_the_algorithm():
+    for algorithm in ("cast", "cast-verl", "rlsd", "grpo"):
+        view, buf = rich_view()
+        fake_run(view, algorithm, steps=2, eval_every=0)
+        text = ANSI.sub("", buf.getvalue())
+        assert "\x1b" in buf.getvalue()  # a live terminal view
+        if algorithm == "grpo":
+            assert "CAST gap table" not in text and "GRPO signal" in text
+            for needle in ("groups mixed", "adv mean/min/max", "0.01 / -1.20 / 1.05", "clip low/high", "rows skipped"):
+                assert needle in text, needle
+        else:
+            assert "CAST gap table" in text and "GRPO signal" not in text
+            assert "correct teacher -" in text and "EOS g<0" in text and "rows skipped" in text
+            assert ("flip down/up" in text) == (algorithm != "rlsd")  # RLSD flips no sign
+            assert ("at ±a_max" in text) == (algorithm != "rlsd")
+
+
+def test_rich_view_sample_alternates_correct_and_wrong():
+    clock = FakeClock()
+    view, buf = rich_view(clock, sample_period=5.0)
+    right = {"problem": "Compute 2 + 2.", "completion": "so 4", "reward": 1.0, "gold": "4", "finish": "eos"}
+    wrong = {"problem": "Compute 3 + 3.", "completion": "so 7", "reward": 0.25, "gold": "6", "finish": "length"}
+    view.on_train_begin({**INFO, "algorithm": "grpo"})
+    view.on_metrics(step_line(1), [wrong, right, wrong])
+    shown = []
+    for _ in range(4):
+        pos = len(buf.getvalue())
+        clock.t += 5
+        view.on_phase("sampling", 7, 96)
+        text = text_since(buf, pos)
+        assert ("so 4" in text) != ("so 7" in text)
+        shown.append("correct" if "so 4" in text else "wrong")
+    assert shown == ["wrong", "correct", "wrong", "correct"]
+    assert "sample (wrong 2/2)" in text_since(buf, 0) and "reward 0.25" in text_since(buf, 0)
+    pos = len(buf.getvalue())
+    view.on_metrics(step_line(2), [right])  # only correct ones: no alternation
+    clock.t += 5
+    view.on_phase("sampling", 8, 96)
+    assert "sample (correct)" in text_since(buf, pos) and "so 7" not in text_since(buf, pos)
+    view.on_train_end()
+
+
+def test_rich_view_on_phase_is_cheap():
+    view, buf = rich_view()
+    drawn = []
+    render = view._render
+    view._render = lambda: drawn.append(1) or render()  # type: ignore[method-assign]
+    view.on_train_begin({**INFO, "algorithm": "cast"})
+    view.on_metrics(step_line(1), SAMPLE)
+    start = time.perf_counter()
+    view.on_phase("sampling", 0, 10_000)
+    for t in range(1, 10_000):
+        view.on_phase("sampling", t, 10_000, f"{t // 500}/32 streams done")
+    seconds = time.perf_counter() - start
+    view.on_train_end()
+    assert seconds < 1.0, seconds
+    assert len(drawn) <= 3 + 4 * seconds + 1, len(drawn)  # begin, line, the start, 4 a second
+
+
+def test_make_view_keeps_its_signature():
+    assert isinstance(make_view(10, True), PlainView)
+    view = make_view(10, live=False, force_terminal=False, eval_every=5)
+    assert isinstance(view, PlainView) and view.state.eval_every == 5
+    rich = make_view(10, live=True, force_terminal=True, eval_every=5)
+    assert isinstance(rich, RichView) and rich.state.eval_every == 5

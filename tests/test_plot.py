@@ -252,7 +252,7 @@ def test_compare_paired_mcnemar_pools_seeds_and_keeps_finished_runs(tmp_path):
             (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = compare.report(out)
     # p = 2 * 0.5^4 = 0.125; difference 4/20 = +0.200
-    assert "| cast | 20 | 4 | 0 | +0.200 [" in report and "| 0.125 |" in report
+    assert "| cast | 20 | 20 | 4 | 0 | +0.200 [" in report and "| 0.125 |" in report
     assert "- cast: step 20 = 100%" in report
     assert "| cast | " in report.split("## Mechanism")[1]
     # a run whose final checkpoint exists is not trained again
@@ -260,3 +260,11 @@ def test_compare_paired_mcnemar_pools_seeds_and_keeps_finished_runs(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "adapters.safetensors").write_text("x")
     assert compare.finished(out / "cast-seed0", 20) and not compare.finished(out / "cast-seed1", 20)
+    args = compare.build_parser().parse_args(["--recipe", "recipes/smoke.yaml", "--steps", "20"])
+    assert compare.run_command(args, out / "cast-seed0", 0, ["algorithm.name=cast"]) is None  # kept
+    (out / "cast-seed1" / "checkpoints" / "step_000008").mkdir(parents=True)  # cut short: resumed
+    cmd = compare.run_command(args, out / "cast-seed1", 1, ["algorithm.name=cast"])
+    assert cmd[1:5] == ["-m", "cast_mlx.train", "--resume", str(out / "cast-seed1")]
+    assert "schedule.steps=20" in cmd
+    fresh = compare.run_command(args, out / "cast-seed2", 2, ["algorithm.name=cast"])
+    assert "--resume" not in fresh and "seed=2" in fresh

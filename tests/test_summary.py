@@ -1,0 +1,83 @@
+"""What a user sees around the loop (issue #18): progress inside a step, the start-up header,
+and the end-of-run summary for a finished, an interrupted and a resumed run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cast_mlx import config as cfg
+from cast_mlx import trainer
+
+from helpers import ROOT, run_cli, smoke_args
+
+
+def test_phase_progress_counts_only_go_up(tmp_path, smol_dir):
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'r'}", "data.eval_size=4"])
+    calls: list[tuple] = []
+    with trainer.setup(recipe) as run:
+        run.phase = lambda *args: calls.append(args)
+        trainer.train_step(run)
+        trainer.evaluate_now(run, run.held_out or trainer.eval_problems(run.recipe))
+    phases = [c[0] for c in calls]
+    # in the order a step runs them, then the eval
+    order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+    assert order == ["sampling", "verifying", "teacher", "update", "eval"]
+    for name in ("sampling", "update", "eval"):
+        seen = [(done, total) for p, done, total, *_ in calls if p == name]
+        assert seen[0][0] == 0, name
+        assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])), name  # monotonic
+        assert all(done <= total for done, total in seen), name
+    sampling = [c for c in calls if c[0] == "sampling"]
+    assert sampling[-1][2] == recipe.sampling.max_new_tokens and "streams done" in sampling[-1][3]
+    assert [c for c in calls if c[0] == "eval"][-1][1:3] == (4, 4)
+
+
+def test_the_header_is_short_and_print_config_keeps_the_recipe(tmp_path, smol_dir):
+    proc = run_cli(
+        "-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--no-dashboard", "--set",
+        f"logging.out_dir={tmp_path / 'o'}", "--set", "schedule.steps=1", "--dry-run",
+    )  # fmt: skip
+    head = proc.stdout.split("# recipe hash")[0].strip().splitlines()
+    assert head[0].startswith("cast-mlx: smollm2-135m-instruct") and "smoke" not in head[0].split("->")[0]
+    assert len(head) == 3 and "set in the recipe: " in head[2] and "schedule.steps" in head[2]
+    full = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--print-config")
+    assert "algorithm:" in full.stdout and "sampling:" in full.stdout
+
+
+def _uses(stdout: str, ckpt: Path) -> None:
+    assert f"last checkpoint: {ckpt}" in stdout
+    assert f"mlx_lm.generate --model {Path.home() / '.cache'}" in stdout or "mlx_lm.generate --model " in stdout
+    assert f"--adapter-path {ckpt}" in stdout or "best checkpoint" in stdout
+    assert "mlx_lm.fuse --model " in stdout and "python -m cast_mlx.eval --adapter " in stdout
+
+
+def test_summary_of_a_finished_an_interrupted_and_a_resumed_run(tmp_path, smol_dir):
+    out = tmp_path / "s"
+    args = smoke_args(out, "--set", "schedule.steps=40", "--set", "logging.eval_every=2", "--set", "data.eval_size=4")
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "checkpoints" / "step_000002").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143, stderr[-2000:]
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert "summary: step " in stdout and " of 40" in stdout
+    _uses(stdout, out / "checkpoints" / steps[-1])
+    assert "eval accuracy " in stdout and "McNemar p = " in stdout  # step 0 -> the last eval
+
+    last = int(steps[-1].removeprefix("step_"))
+    resumed = run_cli(
+        "-m", "cast_mlx.train", "--resume", str(out), "--quiet", "--no-dashboard",
+        "--set", f"schedule.steps={last + 1}",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"summary: step {last + 1} of {last + 1}" in resumed.stdout
+    _uses(resumed.stdout, out / "checkpoints" / f"step_{last + 1:06d}")
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in resumed.stdout
