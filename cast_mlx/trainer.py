@@ -57,6 +57,7 @@ from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, 
 from cast_mlx.loss import loss_norm, rows_with_loss
 from cast_mlx.metrics import length_drift, memory_usage, step_metrics
 from cast_mlx.rollout import decode_completions
+from cast_mlx.summary import best_saved_eval, summary_lines, write_run_report
 from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
 
 
@@ -836,88 +837,6 @@ SIGNAL_OF_CODE = {code: name for name, code in StopRequest.CODES.items()}
 
 
 EXIT_DRIFT = 4  # system.stop_on_drift stopped the run
-
-
-def write_run_report(run_dir: Path) -> Path | None:
-    """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page."""
-    try:
-        from cast_mlx.report import write_report
-
-        return write_report(run_dir)
-    except Exception as exc:  # noqa: BLE001 - the run's own files are already safe
-        print(f"warning: the report page could not be written ({type(exc).__name__}: {exc})")
-        return None
-
-
-def read_evals(run_dir: Path) -> list[dict]:
-    """The per-problem eval lines of eval.jsonl (the last line of a repeated step wins)."""
-    path = Path(run_dir) / cb.EVAL_FILE
-    if not path.is_file():
-        return []
-    keep, _ = cb.kept_lines(path.read_text(errors="replace"), 2**62)
-    by_step = {int(row["step"]): row for row in map(json.loads, keep)}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def best_saved_eval(run_dir: Path) -> float:
-    """The best eval accuracy among the steps that still have a checkpoint (-1: none)."""
-    root = ckpt_io.checkpoint_root(run_dir)
-    return max(
-        (
-            sum(e["lenient"]) / len(e["lenient"])
-            for e in read_evals(run_dir)
-            if (root / f"step_{e['step']:06d}").is_dir()
-        ),
-        default=-1.0,
-    )
-
-
-def model_folder(recipe: cfg.Recipe) -> str:
-    """What mlx-lm's commands take as --model for this run's base model."""
-    name = recipe.model.name
-    return str(models.embedded_dir(name)) if name in models.EMBEDDED else name
-
-
-def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | None) -> list[str]:
-    """The end-of-run summary: steps and time, the eval first -> last with the paired test of
-    `cast_mlx.eval --baseline` (same problems), the best and last checkpoints, and the
-    commands that use them."""
-    from cast_mlx.eval import paired_comparison
-
-    r = run.recipe
-    minutes, secs = divmod(int(seconds), 60)
-    lines = [f"summary: step {run.state.step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"]
-    evals = read_evals(run.out_dir)
-    if len(evals) >= 2:
-        first, final = evals[0], evals[-1]
-        pc = paired_comparison(first["lenient"], final["lenient"])
-        acc0, acc1 = sum(first["lenient"]) / pc.n, sum(final["lenient"]) / pc.n
-        lines.append(
-            f"  eval accuracy {acc0:.3f} (step {first['step']}) -> {acc1:.3f} (step {final['step']}): "
-            f"{pc.difference:+.3f} [95% CI {pc.ci_low:+.3f}, {pc.ci_high:+.3f}], McNemar p = {pc.p_value:.3g} "
-            f"({pc.n} problems, {pc.only_new} newly right, {pc.only_baseline} newly wrong)"
-        )
-    elif evals:
-        lines.append(
-            f"  eval accuracy {sum(evals[0]['lenient']) / len(evals[0]['lenient']):.3f} (step {evals[0]['step']})"
-        )
-    best = ckpt_io.best_checkpoint(run.out_dir)
-    if last is not None:
-        lines.append(f"  last checkpoint: {last}")
-    if best is not None and best != last:
-        lines.append(f"  best checkpoint (by eval accuracy): {best}")
-    use = best or last
-    if use is not None:
-        folder = model_folder(r)
-        lines += [
-            "  use it:",
-            f'    mlx_lm.generate --model {folder} --adapter-path {use} --prompt "What is 12 + 7?"',
-            f"    mlx_lm.fuse --model {folder} --adapter-path {use} --save-path {run.out_dir / 'fused'}",
-            f"    python -m cast_mlx.eval --adapter {use} --task {r.data.task}",
-        ]
-    if report is not None:
-        lines.append(f"  report: {report}")
-    return lines
 
 
 def drift_message(run: Run) -> str:
