@@ -262,10 +262,11 @@ def run_cli(args) -> int:
         except dist.PeerLost as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    if world is not None and ckpt is not None and checkpoint_step(ckpt) >= recipe.schedule.steps:
-        if world is None or world.is_main:
+    done = checkpoint_step(ckpt) if world is not None and ckpt is not None else None
+    if world is not None and done is not None and done >= recipe.schedule.steps:
+        if world.is_main:
             print(
-                f"nothing to do: {ckpt} is at step {checkpoint_step(ckpt)} and schedule.steps is "
+                f"nothing to do: {ckpt} is at step {done} and schedule.steps is "
                 f"{recipe.schedule.steps}; raise it with --set schedule.steps=N to train further"
             )
         return 0

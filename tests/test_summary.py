@@ -3,6 +3,7 @@ and the end-of-run summary for a finished, an interrupted and a resumed run."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 from cast_mlx import config as cfg
-from cast_mlx import trainer
+from cast_mlx import models, trainer
 
 from helpers import ROOT, run_cli, smoke_args
 
@@ -49,10 +50,15 @@ def test_the_header_is_short_and_print_config_keeps_the_recipe(tmp_path, smol_di
 
 
 def _uses(stdout: str, ckpt: Path) -> None:
+    """The summary names `ckpt` as the last checkpoint, and its commands use the best one it
+    names (or `ckpt` when it names none) with the embedded model's folder."""
     assert f"last checkpoint: {ckpt}" in stdout
-    assert f"mlx_lm.generate --model {Path.home() / '.cache'}" in stdout or "mlx_lm.generate --model " in stdout
-    assert f"--adapter-path {ckpt}" in stdout or "best checkpoint" in stdout
-    assert "mlx_lm.fuse --model " in stdout and "python -m cast_mlx.eval --adapter " in stdout
+    best = re.search(r"best checkpoint \(by eval accuracy\): (\S+)", stdout)
+    use = best.group(1) if best else str(ckpt)
+    folder = models.embedded_dir(models.DEFAULT_MODEL)
+    assert f"mlx_lm.generate --model {folder} --adapter-path {use} " in stdout
+    assert f"mlx_lm.fuse --model {folder} --adapter-path {use} " in stdout
+    assert f"python -m cast_mlx.eval --adapter {use} --task arithmetic" in stdout
 
 
 def test_summary_of_a_finished_an_interrupted_and_a_resumed_run(tmp_path, smol_dir):
