@@ -49,6 +49,18 @@ def pad_length(x: mx.array, target: int) -> mx.array:
     return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
+def bucket_rows(rows: int) -> int:
+    """`rows` rounded up to a power of two: micro-batches of any row count (cut by cost,
+    `logprobs.split_by_cost`) then meet a handful of compiled shapes."""
+    return 1 << max(int(rows) - 1, 0).bit_length()
+
+
+def pad_rows(x: mx.array, target: int) -> mx.array:
+    """Zero-pad the first axis of `x` up to `target` (zero mask: no loss, no gradient)."""
+    extra = target - x.shape[0]
+    return x if extra == 0 else mx.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+
 class CountingCompiled:
     """`mx.compile(fn)` that records each new input signature (shapes and dtypes): MLX
     retraces exactly when it sees a new one, so `len(self.signatures)` is this wrapper's
@@ -166,11 +178,11 @@ class CompiledPolicyLoss:
         if fn is None:
             fn = self._fns[with_ref] = _loss_kernel(self.static, with_ref)
 
-        target = bucket_length(mask.shape[1], self.multiple)
+        target, rows = bucket_length(mask.shape[1], self.multiple), bucket_rows(mask.shape[0])
         per_token = [logp, old_logp, advantages, (mask != 0)] + ([ref_logp] if with_ref else [])
-        padded = [pad_length(x.astype(mx.float32), target) for x in per_token]
+        padded = [pad_rows(pad_length(x.astype(mx.float32), target), rows) for x in per_token]
         scalars = [mx.array(v, dtype=mx.float32) for v in (norm.num_tokens, norm.num_seqs, norm.max_len)]
-        return fn(*padded[:4], truncated.astype(mx.float32), *padded[4:], *scalars)
+        return fn(*padded[:4], pad_rows(truncated.astype(mx.float32), rows), *padded[4:], *scalars)
 
 
 @functools.lru_cache(maxsize=None)

@@ -247,6 +247,10 @@ class SystemConfig:
     drift_window: int = bounds(3, ge=1)
     drift_rise: float = bounds(0.2, gt=0.0, le=1.0)
     stop_on_drift: bool = False  # write a checkpoint and stop (exit code 4) when it fires
+    # Score a group's completions after one pass of their shared context (prompt or teacher
+    # context) instead of one per row: same log-probs and gradients to float rounding, fewer
+    # positions to compute (logprobs.py). false: one full forward per row.
+    share_prefix: bool = True
 
 
 @dataclass

@@ -39,9 +39,15 @@ Sampling and log-probs (`sample_tokens`, pure numpy functions over a `[B, V]` lo
   `total_streams` let a process sample a slice of a larger rollout (data parallelism):
   its streams then take their rows of the larger table and get the same draws as there.
 
-Why numpy for sampling: MLX's CPU `exp` is several times slower than numpy's vectorised one,
-and the softmax over a 49k vocabulary for 64 streams is ~3M exponentials per step. The
-sampled ids must come back to the host every step anyway (to see EOS).
+Why numpy for sampling on the CPU: MLX's CPU `exp` is several times slower than numpy's
+vectorised one, and the softmax over a 49k vocabulary for 64 streams is ~3M exponentials per
+step. On a GPU (Metal, CUDA) copying `[B, V]` logits to the host every token is a sync and a
+copy per token instead, so there `sample_tokens_mx` (the same rule in MLX ops, float32 where
+numpy sums in float64) draws on the device, and the decode loop queues step t+1
+(`mx.async_eval`) before it reads step t's ids on the host (as mlx-lm's `generate_step`
+does): only `[B]` ids and log-probs cross, and the host work overlaps the next step.
+`generate_groups(on_device=...)` picks the path (default: on a GPU only); tests run both on
+the CPU and check they draw the same ids.
 
 Why a "plain head": for llama-style models whose logits are `hidden @ W.T` with a plain float
 `W` (tied embedding or bias-free `lm_head`), computing `W @ hidden.T` instead is ~1.5x
@@ -258,6 +264,89 @@ def sample_tokens(
     return ids.astype(np.int32), (z[rows, ids] - lse).astype(np.float32)
 
 
+def keep_mask_mx(lp: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array | None:
+    """`keep_mask` in MLX ops (float32 prefix sums)."""
+    vocab = lp.shape[-1]
+    keep = None
+    if 0 < top_k < vocab:
+        kth = mx.partition(lp, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
+        keep = lp >= kth
+    if top_p < 1.0:
+        desc = -mx.sort(-lp, axis=-1)
+        probs = mx.exp(desc)
+        mass_before = blocked_cumsum(probs) - probs
+        n_keep = mx.maximum((mass_before < top_p).sum(axis=-1), 1)
+        threshold = mx.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+        keep = lp >= threshold if keep is None else keep & (lp >= threshold)
+    if min_p > 0.0:
+        floor = lp >= lp.max(axis=-1, keepdims=True) + float(np.log(min_p))
+        keep = floor if keep is None else keep & floor
+    return keep
+
+
+def blocked_sum(x: mx.array) -> mx.array:
+    """Row sums `[B]` of `[B, V]` as sums of `CDF_BLOCK`-wide blocks (closer to float64 than
+    one float32 pass over the vocabulary)."""
+    pad = (-x.shape[-1]) % CDF_BLOCK
+    return mx.pad(x, [(0, 0), (0, pad)]).reshape(x.shape[0], -1, CDF_BLOCK).sum(axis=-1).sum(axis=-1)
+
+
+def blocked_cumsum(x: mx.array) -> mx.array:
+    """Row prefix sums `[B, V]` in two levels: block totals, then inside each block."""
+    rows, vocab = x.shape
+    pad = (-vocab) % CDF_BLOCK
+    blocks = mx.pad(x, [(0, 0), (0, pad)]).reshape(rows, -1, CDF_BLOCK)
+    totals = mx.cumsum(blocks.sum(axis=-1), axis=-1)
+    before = mx.concatenate([mx.zeros((rows, 1)), totals[:, :-1]], axis=1)
+    return (before[..., None] + mx.cumsum(blocks, axis=-1)).reshape(rows, -1)[:, :vocab]
+
+
+def inverse_cdf_mx(weights: mx.array, uniforms: mx.array) -> mx.array:
+    """`inverse_cdf` in MLX ops (float32 prefix sums: GPUs have no float64)."""
+    rows, vocab = weights.shape
+    pad = (-vocab) % CDF_BLOCK
+    if pad:
+        weights = mx.pad(weights, [(0, 0), (0, pad)])
+    blocks = weights.reshape(rows, -1, CDF_BLOCK)
+    cum_blocks = mx.cumsum(blocks.sum(axis=-1), axis=-1)
+    point = uniforms * cum_blocks[:, -1]
+    block = mx.minimum((cum_blocks <= point[:, None]).sum(axis=-1), cum_blocks.shape[1] - 1)
+    r = mx.arange(rows)
+    before = mx.where(block > 0, cum_blocks[r, mx.maximum(block - 1, 0)], 0.0)
+    inner = blocks[r, block]
+    cum_inner = before[:, None] + mx.cumsum(inner, axis=-1)
+    offset = (cum_inner <= point[:, None]).sum(axis=-1)
+    last = CDF_BLOCK - 1 - mx.argmax(inner[:, ::-1] > 0, axis=-1)
+    return block * CDF_BLOCK + mx.minimum(offset, last)
+
+
+def sample_tokens_mx(
+    logits: mx.array,
+    uniforms: mx.array,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> tuple[mx.array, mx.array]:
+    """`sample_tokens` on the device: `(ids int32 [B], logprobs float32 [B])`, lazy.
+    Non-finite logits are not checked here (that would sync); the host path raises."""
+    z = logits.astype(mx.float32)
+    if temperature != 0 and temperature != 1:
+        z = z / temperature
+    top = z.max(axis=-1, keepdims=True)
+    weights = mx.exp(z - top)
+    lse = top[:, 0] + mx.log(blocked_sum(weights))
+    if temperature == 0:
+        ids = mx.argmax(z, axis=-1)
+    else:
+        keep = keep_mask_mx(z - lse[:, None], top_p, top_k, min_p)
+        if keep is not None:
+            weights = mx.where(keep, weights, 0.0)
+        ids = inverse_cdf_mx(weights, uniforms)
+    ids = ids.astype(mx.int32)
+    return ids, mx.take_along_axis(z, ids[:, None], axis=-1)[:, 0] - lse
+
+
 def uniform_table(key, rows: int, steps: int) -> np.ndarray:
     """`[rows, steps]` float32 uniforms in [0, 1) from `key` (an `mx.random` key or an int
     seed): the random numbers of every stream and step of one rollout."""
@@ -284,12 +373,17 @@ def plain_head(model) -> mx.array | None:
     return layer.weight if ok and layer is not None else None  # (ok implies a layer)
 
 
-def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.ndarray:
-    """float32 `[B, V]` logits after the last position of `inputs` `[B, n]`, as numpy."""
+def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache) -> mx.array:
+    """float32 `[B, V]` logits after the last position of `inputs` `[B, n]` (lazy)."""
     if head is None:
-        return np.array(model(inputs, cache=cache)[:, -1, :].astype(mx.float32))
+        return model(inputs, cache=cache)[:, -1, :].astype(mx.float32)
     hidden = model.model(inputs, cache=cache)[:, -1, :]
-    return np.array((head @ hidden.T).astype(mx.float32)).T  # [V, B] product, viewed as [B, V]
+    return (head @ hidden.T).astype(mx.float32).T  # [V, B] product, viewed as [B, V]
+
+
+def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.ndarray:
+    """`next_logits_mx`, as numpy."""
+    return np.array(next_logits_mx(model, head, inputs, cache))
 
 
 def check_cache_kind(model) -> None:
@@ -300,9 +394,10 @@ def check_cache_kind(model) -> None:
         raise ValueError(f"model cache: only plain KVCache layers are supported, got {sorted(kinds)}")
 
 
-def prefill(model, head, prompts: list[list[int]], room: int) -> tuple[list[BatchKVCache], np.ndarray]:
+def prefill(model, head, prompts: list[list[int]], room: int, on_device: bool = False):
     """Run each prompt through the model once; returns a left-padded `BatchKVCache` per layer
-    (one row per prompt) and the float32 logits `[P, V]` of each prompt's next token.
+    (one row per prompt) and the float32 logits `[P, V]` of each prompt's next token (numpy;
+    an `mx.array` with `on_device`).
 
     All tokens but the last are run prompt by prompt in chunks of `PREFILL_CHUNK` and only
     their cache is evaluated (MLX is lazy: their logits are never computed). The last tokens
@@ -321,7 +416,8 @@ def prefill(model, head, prompts: list[list[int]], room: int) -> tuple[list[Batc
     for c in batch:
         c.step = room  # the next write allocates all the decode positions at once
     last = mx.array([[p[-1]] for p in prompts], dtype=mx.int32)
-    return batch, next_logits(model, head, last, batch)
+    logits = next_logits_mx(model, head, last, batch)
+    return batch, (logits if on_device else np.array(logits))
 
 
 def filter_cache(cache: list[BatchKVCache], rows: np.ndarray) -> None:
@@ -347,11 +443,20 @@ class _Wave:
 
 
 def decode_wave(
-    model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray, progress=None
+    model,
+    prompts,
+    group_size: int,
+    p: SamplingParams,
+    eos_ids: np.ndarray,
+    uniforms: np.ndarray,
+    progress=None,
+    on_device: bool = False,
 ) -> _Wave:
     """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
     together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws.
     `progress(tokens, streams_done)`, if given, hears after every decode step."""
+    if on_device:
+        return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress)
     steps = p.max_new_tokens
     n = len(prompts) * group_size
     head = plain_head(model)
@@ -396,6 +501,74 @@ def decode_wave(
     return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
 
 
+def decode_wave_on_device(
+    model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray, progress=None
+) -> _Wave:
+    """`decode_wave` with the draws on the device, pipelined: step t + 1 is queued
+    (`mx.async_eval`) before the host reads step t's ids. Streams that finish at step t are
+    in step t + 1's batch too (their tokens are dropped); compaction then filters the cache
+    and the queued step's ids alike. Each stream's draws are the same as on the host path."""
+    steps = p.max_new_tokens
+    n = len(prompts) * group_size
+    head = plain_head(model)
+    start = time.perf_counter()
+    cache, logits = prefill(model, head, prompts, room=steps, on_device=True)
+    mx.eval(logits)
+    prefill_seconds = time.perf_counter() - start
+    prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
+    filter_cache(cache, prompt_of_stream)
+    table = mx.array(uniforms)
+    rows = np.arange(n)
+
+    def draw(logits, t, rows):
+        u = table[mx.array(rows.astype(np.int32)), t]
+        return sample_tokens_mx(logits, u, p.temperature, p.top_p, p.top_k, p.min_p)
+
+    current = draw(logits[mx.array(prompt_of_stream.astype(np.int32))], 0, rows)
+    mx.async_eval(current)
+    out_ids = np.zeros((n, steps), dtype=np.int32)
+    out_lps = np.zeros((n, steps), dtype=np.float32)
+    lengths = np.zeros(n, dtype=np.int32)
+    done = np.zeros(n, dtype=bool)
+    ended_eos = np.zeros(n, dtype=bool)
+
+    for t in range(steps):
+        queued = None
+        if t + 1 < steps:  # the next step, from this step's ids still on the device
+            queued = draw(next_logits_mx(model, head, current[0][:, None], cache), t + 1, rows)
+            mx.async_eval(queued)
+        ids, lps = np.array(current[0]), np.array(current[1])
+        if not np.isfinite(lps).all():
+            raise ValueError(f"logits: stream {int(rows[np.argmin(np.isfinite(lps))])} has no finite maximum (NaN/inf)")
+        live = ~done[rows]
+        streams = rows[live]
+        out_ids[streams, t] = ids[live]
+        out_lps[streams, t] = lps[live]
+        lengths[streams] = t + 1
+        hit = streams[np.isin(ids[live], eos_ids)]
+        done[hit] = True
+        ended_eos[hit] = True
+        if progress is not None:
+            progress(t + 1, int(done.sum()))
+        if queued is None or done.all():
+            break
+        finished = done[rows]
+        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
+            keep = np.nonzero(~finished)[0]
+            filter_cache(cache, keep)
+            index = mx.array(keep.astype(np.int32))
+            queued = (queued[0][index], queued[1][index])
+            rows = rows[keep]
+        current = queued
+    if progress is not None:
+        progress(int(lengths.max()) if n else 0, n)
+    return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
 def generate_groups(
     model,
     prompts: list[list[int]],
@@ -407,6 +580,7 @@ def generate_groups(
     stream_offset: int = 0,
     total_streams: int | None = None,
     progress=None,
+    on_device: bool | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
@@ -424,6 +598,7 @@ def generate_groups(
     progress:   optional `progress(tokens, cap, streams_done, streams)`, called after each
                 decode step: the tokens of the current wave's longest stream, the token cap,
                 and the streams finished so far (earlier waves count as finished).
+    on_device:  draw on the device, pipelined (`decode_wave_on_device`); default: on a GPU.
 
     Returns a `Rollout` (see its docstring for shapes and conventions).
     """
@@ -443,6 +618,7 @@ def generate_groups(
     uniforms = uniform_table(key, total, p.max_new_tokens)[stream_offset : stream_offset + n_streams]
 
     per_wave = max(1, p.max_batch // group_size)
+    device = on_gpu() if on_device is None else on_device
     was_training = model.training
     model.eval()
     try:
@@ -454,7 +630,7 @@ def generate_groups(
             hear = None
             if progress is not None:
                 hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
-            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear))
+            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear, device))
     finally:
         model.train(was_training)
 

@@ -406,15 +406,22 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     if run.teacher is None:
         return mx.zeros(mask.shape), None
     temperature = run.recipe.sampling.temperature
-    size = run.recipe.optimizer.micro_batch_size
+    size, share = run.recipe.optimizer.micro_batch_size, run.recipe.system.share_prefix
     contexts = row_contexts(run, problems, prompts)
     if run.recipe.teacher.context == "same":
         lp_old = score_in_buckets(
-            lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)), contexts, out.tokens, mask, size
+            lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)),
+            contexts,
+            out.tokens,
+            mask,
+            size,
+            share,
         )
     else:
         lp_old = out.logprobs
-    lp_t = score_in_buckets(lambda b: run.teacher.score(run.model, b, temperature), contexts, out.tokens, mask, size)
+    lp_t = score_in_buckets(
+        lambda b: run.teacher.score(run.model, b, temperature), contexts, out.tokens, mask, size, share
+    )
     return (lp_t - lp_old) * mask, lp_t
 
 
@@ -449,11 +456,14 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
     metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
     metric_sums = {k: mx.array(0.0) for k in metric_names}
     # micro-batches of rows of similar length, each padded only to its own longest row
-    buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size) if rows else []
+    # (and, with system.share_prefix, of one prompt: scored after one pass of it)
+    share = r.system.share_prefix
+    by_prompt = [contexts[i] for i in rows] if share else None
+    buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size, by_prompt) if rows else []
     run.phase("update", 0, len(buckets))
     for done, mb in enumerate(([rows[j] for j in b] for b in buckets), 1):
         idx = mx.array(mb)
-        batch = trimmed_batch(contexts, tokens, mask, mb)
+        batch = trimmed_batch(contexts, tokens, mask, mb, share)
         length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
         (value, (metrics, ent)), g = grad_fn(run.model, batch, adv[idx, :length], truncated[idx], ref_mb)
@@ -513,15 +523,24 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
 
     In a data-parallel run every rank returns the same global metrics; the sample records
     are this rank's own first rows (rank 0's are the global batch's first rows)."""
-    r, st, world = run.recipe, run.state, run.world
+    world = run.world
     comm_start = (world.comm_seconds, world.comm_bytes, world.comm_calls)
-    times = {}
     t0 = time.perf_counter()
     problems = dist.shard(next_prompts(run), world.rank, world.size)
     prompts, out = sample(run, problems)
     mx.eval(out.tokens, out.logprobs)
-    times["sample"] = time.perf_counter() - t0
+    return learn(run, problems, prompts, out, sample_seconds=time.perf_counter() - t0, comm_start=comm_start)
 
+
+def learn(
+    run: Run, problems: list, prompts: list[list[int]], out, sample_seconds: float = 0.0, comm_start=None
+) -> tuple[dict, list[dict]]:
+    """Everything of a step after sampling: verify, teacher, advantages, update, the metrics
+    line (`train_step`'s second half; `scripts/bench_step.py` times it on a fixed batch)."""
+    r, st, world = run.recipe, run.state, run.world
+    if comm_start is None:
+        comm_start = (world.comm_seconds, world.comm_bytes, world.comm_calls)
+    times = {"sample": sample_seconds}
     t = time.perf_counter()
     run.phase("verifying", 0, 1)
     texts = decode_completions(run.tokenizer, out)  # without the final EOS token
@@ -548,6 +567,7 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
                 out.tokens,
                 mask,
                 r.optimizer.micro_batch_size,
+                r.system.share_prefix,
             )
             mx.eval(ref_lp)  # inside the swap, and timed as teacher work
     mx.eval(gaps)

@@ -366,3 +366,22 @@ def test_length_drift_rule_by_hand():
     # the lowest mean so far counts, not the first: down to 0.1, then back to 0.4
     dip = [[0.4, 0.1]] * 3 + [[0.1, 0.1]] * 3 + [[0.4, 0.1]] * 3
     assert length_drift(dip, window=3, rise=0.2)
+
+
+def test_compiled_loss_pads_rows_to_powers_of_two():
+    """Micro-batches cut by cost have any row count: 1..8 rows meet 4 compiled shapes, and
+    the zero rows added change neither the loss nor the gradient."""
+    from cast_mlx.compiled import bucket_rows
+
+    assert [bucket_rows(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    compiled = CompiledPolicyLoss(eps_low=0.17, loss_agg="seq-mean-token-mean")  # not used elsewhere
+    for rows in range(1, 9):
+        logp, old, adv, mask, truncated, _ = (mx.array(x) for x in random_batch(rows, n=rows, length=40))
+        norm = loss_norm(mask, truncated, mask_truncated=True)
+        eager = lambda lp: policy_loss(lp, old, adv, mask, eps_low=0.17, truncated=truncated, norm=norm)[0]  # noqa: B023,E731
+        comp = lambda lp: compiled(lp, old, adv, mask, truncated=truncated, norm=norm)[0]  # noqa: B023,E731
+        (e_loss, e_grad), (c_loss, c_grad) = mx.value_and_grad(eager)(logp), mx.value_and_grad(comp)(logp)
+        assert c_loss.item() == pytest.approx(e_loss.item(), rel=1e-6, abs=1e-7)
+        assert c_grad.shape == e_grad.shape
+        np.testing.assert_allclose(np.array(c_grad), np.array(e_grad), rtol=1e-6, atol=1e-7)
+    assert compiled.compile_count == 4

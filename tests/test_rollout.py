@@ -329,3 +329,61 @@ def test_greedy_sampler_and_bad_logits():
     assert sample_tokens(masked, np.array([0.99999994]))[0].tolist() == [2]
     with pytest.raises(ValueError, match="logits: row 1"):
         sample_tokens(np.array([[0.0, 1.0], [np.nan, 1.0]], dtype=np.float32), np.array([0.5, 0.5]))
+
+
+# --------------------------------------------------------------------------- on the device
+
+
+@pytest.mark.parametrize(
+    "kw, most_differing",
+    [
+        ({"temperature": 0.7, "top_p": 0.95, "top_k": 20}, 0),  # the authors' regime
+        ({"temperature": 1.0, "min_p": 0.05, "top_k": 100}, 0),
+        ({"temperature": 0}, 0),
+        # 49k candidates: float32 prefix sums (GPUs have no float64) land a draw that falls
+        # within ~1e-7 of a boundary on the neighbouring token (measured: 0.1-0.2% of draws)
+        ({"temperature": 1.0}, 5),
+        ({"temperature": 1.3, "top_p": 0.8}, 5),
+    ],
+)
+def test_device_sampler_draws_the_host_samplers_ids(kw, most_differing):
+    """`sample_tokens_mx` (MLX ops) against `sample_tokens` (numpy, float64 sums) on 512
+    rows of a 49k vocabulary: the same ids (all of them when top-k bounds the candidates),
+    the same log-probs."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((512, 49152)) * 3).astype(np.float32)
+    logits[:64, 7] += 12.0  # some peaked rows
+    u = rng.random(512, dtype=np.float32)
+    ids, lps = sample_tokens(logits, u, **kw)
+    got_ids, got_lps = rollout.sample_tokens_mx(mx.array(logits), mx.array(u), **kw)
+    assert got_ids.dtype == mx.int32
+    same = np.array(got_ids) == ids
+    assert (~same).sum() <= most_differing
+    np.testing.assert_allclose(np.array(got_lps)[same], lps[same], atol=1e-5)
+
+
+def test_device_inverse_cdf_edges():
+    weights = np.zeros((3, 1000), dtype=np.float32)
+    weights[:, [5, 600, 999]] = [0.25, 0.5, 0.25]
+    u = np.array([0.1, 0.5, 0.9], dtype=np.float32)
+    assert np.array(rollout.inverse_cdf_mx(mx.array(weights), mx.array(u))).tolist() == [5, 600, 999]
+    edge = np.array([0.0, 0.99999994], dtype=np.float32)
+    assert np.array(rollout.inverse_cdf_mx(mx.array(weights[:2]), mx.array(edge))).tolist() == [5, 999]
+
+
+def test_device_path_gives_the_host_paths_rollout(setup, sampled):
+    """The pipelined on-device decode (what a GPU runs) gives the host path's streams: same
+    ids, log-probs, lengths and finish reasons, with waves and compaction as well."""
+    model, _, prompts, eos = setup
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12)
+    device = generate_groups(model, prompts, 3, params, eos, key=2, on_device=True)
+    assert rows_of(device) == rows_of(sampled)
+    assert device.finish_reasons == sampled.finish_reasons
+    np.testing.assert_allclose(np.array(device.logprobs), np.array(sampled.logprobs), atol=1e-4)
+    # longer, in waves of one group, where streams finish at different steps (compaction)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, max_new_tokens=40, max_batch=4)
+    host = generate_groups(model, prompts, 4, params, eos, key=3, on_device=False)
+    device = generate_groups(model, prompts, 4, params, eos, key=3, on_device=True)
+    assert len(set(host.lengths.tolist())) > 1  # streams ended at different steps
+    assert rows_of(device) == rows_of(host) and device.finish_reasons == host.finish_reasons
+    np.testing.assert_allclose(np.array(device.logprobs), np.array(host.logprobs), atol=1e-4)

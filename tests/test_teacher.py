@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import logprobs, models, teacher
 
@@ -137,3 +137,90 @@ def test_instructed_context_is_the_authors_text():
         teacher.teacher_contexts("instructed", tok, ["q"], [[1]])
     with pytest.raises(ValueError, match="choose one of"):
         teacher.teacher_contexts("oracle", tok, ["q"], [[1]])
+
+
+# --------------------------------------------------------------------------- shared prefix
+
+
+def _group(tok, lengths=(7, 3, 5)):
+    """One context and three completions of different lengths (right-padded)."""
+    context = tok.encode("What is 12 + 30?\n\n[Student response]\n")
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(10, 40000, size=n).tolist() for n in lengths]
+    width = max(lengths)
+    tokens = mx.array([r + [0] * (width - len(r)) for r in rows])
+    mask = mx.array([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+    return context, tokens, mask
+
+
+def test_length_buckets_keep_contexts_apart():
+    mask = mx.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=mx.float32)
+    assert logprobs.length_buckets(mask, 2) == [[2, 4], [0, 3], [1]]  # longest first, contexts mixed
+    contexts = [[5], [5], [6], [6], [5]]
+    assert logprobs.length_buckets(mask, 2, contexts) == [[4, 0], [1], [2, 3]]
+    assert logprobs.length_buckets(mask, 8, contexts) == [[4, 0, 1], [2, 3]]
+
+
+def test_split_by_cost_cuts_where_padding_costs_more_than_a_pass():
+    split = logprobs.split_by_cost
+    assert split([40, 40, 40], 8, 65) == [(0, 3)]  # equal lengths: one run
+    assert split([100, 5, 5, 5, 5, 5, 5, 5], 8, 65) == [(0, 1), (1, 8)]  # 865 padded vs 235
+    assert split([80, 60, 40, 35, 30, 25, 20, 15], 8, 65) == [(0, 2), (2, 8)]
+    assert split([100, 5, 5, 5], 8, 1000) == [(0, 4)]  # a pass dearer than the padding
+    runs = split([5] * 10, 4, 10)
+    assert [b - a for a, b in runs] == [2, 4, 4] and runs[-1][1] == 10  # at most `size` rows
+    assert split([], 4, 10) == []
+
+
+def test_make_batch_shares_only_one_context():
+    tokens, mask = mx.array([[1, 2], [3, 0]]), mx.array([[1.0, 1.0], [1.0, 0.0]])
+    assert logprobs.make_batch([[7, 8], [7, 8]], tokens, mask).prefix == [7, 8]
+    assert logprobs.make_batch([[7, 8], [7, 9]], tokens, mask).prefix is None
+    assert logprobs.make_batch([[7, 8], [7, 8]], tokens, mask, share_prefix=False).prefix is None
+
+
+def test_shared_prefix_gives_the_per_row_logprobs_and_gradients(lora_model):
+    """One pass of the context into a KV cache that the rows extend: the same log-probs,
+    entropies and LoRA gradients as one full forward per row."""
+    model, tok = lora_model
+    _perturb(model)
+    context, tokens, mask = _group(tok)
+    shared = logprobs.make_batch([context] * 3, tokens, mask)
+    per_row = logprobs.make_batch([context] * 3, tokens, mask, share_prefix=False)
+    assert shared.prefix == context and per_row.prefix is None
+
+    def loss(m, batch):
+        lp, ent = logprobs.token_logprobs(m, batch, 0.7, chunk=2, with_entropy=True)
+        return (lp * mx.arange(1, 8)[None, :]).sum() + ent.sum(), (lp, ent)
+
+    grad = nn.value_and_grad(model, loss)
+    (va, (lp_a, ent_a)), ga = grad(model, shared)
+    (vb, (lp_b, ent_b)), gb = grad(model, per_row)
+    np.testing.assert_allclose(np.array(lp_a), np.array(lp_b), atol=1e-4)
+    np.testing.assert_allclose(np.array(ent_a), np.array(ent_b), atol=1e-4)
+    assert np.all(np.array(lp_a)[1, 3:] == 0) and np.all(np.array(lp_a)[2, 5:] == 0)  # padding
+    assert abs(va.item() - vb.item()) < 1e-3 * abs(vb.item())
+    flat_a, flat_b = dict(tree_flatten(ga)), dict(tree_flatten(gb))
+    assert set(flat_a) == set(flat_b) and any(float(mx.abs(v).max()) > 0 for v in flat_b.values())
+    for k in flat_b:
+        scale = float(mx.abs(flat_b[k]).max()) + 1e-8
+        np.testing.assert_allclose(np.array(flat_a[k]) / scale, np.array(flat_b[k]) / scale, atol=1e-4, err_msg=k)
+
+
+def test_shared_prefix_edge_cases_and_fallback(lora_model, monkeypatch):
+    model, tok = lora_model
+    _perturb(model)
+    context, tokens, mask = _group(tok, lengths=(1, 1))  # one position: the context's last state only
+    one = [logprobs.token_logprobs(model, logprobs.make_batch([context] * 2, tokens, mask, s), 1.0) for s in (1, 0)]
+    np.testing.assert_allclose(np.array(one[0]), np.array(one[1]), atol=1e-4)
+    # a model whose cache is not a plain KVCache (sliding window, recurrent) scores per row
+    context, tokens, mask = _group(tok)
+    batch = logprobs.make_batch([context] * 3, tokens, mask)
+    want = np.array(logprobs.token_logprobs(model, batch, 1.0))
+    monkeypatch.setattr(logprobs, "plain_cache", lambda m: False)
+    calls = []
+    backbone = model.model.__call__
+    monkeypatch.setattr(type(model.model), "__call__", lambda self, *a, **k: calls.append(k) or backbone(*a, **k))
+    got = np.array(logprobs.token_logprobs(model, batch, 1.0))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert calls == [{}]  # one per-row forward, no cache

@@ -242,14 +242,17 @@ def test_nan_steps_skip_updates_then_stop(smoke_run):
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
-    """Micro-batches of 1 and of all rows give the same update (normalised over the batch)."""
-    results = []
-    for micro in (1, 8):
+    """Micro-batches of 1 and of all rows give the same update (normalised over the batch),
+    and so does scoring every row with its own full forward (`system.share_prefix: false`),
+    teacher gaps included."""
+    results, all_gaps = [], []
+    for micro, share in ((1, True), (8, False), (8, True)):
         recipe = cfg.load_recipe(
             ROOT / "recipes/smoke.yaml",
             [
-                f"logging.out_dir={tmp_path / str(micro)}",
+                f"logging.out_dir={tmp_path / f'{micro}-{share}'}",
                 f"optimizer.micro_batch_size={micro}",
+                f"system.share_prefix={str(share).lower()}",
                 "sampling.group_size=4",
             ],
         )
@@ -260,6 +263,7 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
             prompts, out = trainer.sample(run, problems)
             rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
             gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+            all_gaps.append(np.array(gaps))
             adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
             truncated = mx.zeros((8,))
             contexts = [prompts[i // 4] for i in range(8)]
@@ -267,13 +271,16 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
             assert applied
             now = models.lora_state(run.model)
             results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
-    (l1, g1, d1), (l8, g8, d8) = results
-    assert abs(l1 - l8) <= 1e-5 * max(1.0, abs(l8))
-    assert abs(g1 - g8) <= 1e-4 * g8
+    *others, (l8, g8, d8) = results
     scale = max(np.abs(d).max() for d in d8.values())
     assert all(np.abs(d8[k]).max() > 0 for k in d8 if k.endswith("lora_b"))  # lora_a: 0 at step 0
-    for k in d1:
-        np.testing.assert_allclose(d1[k], d8[k], atol=1e-4 * scale, err_msg=k)
+    assert np.abs(all_gaps[-1]).max() > 0.01  # a real teacher gap (plain context)
+    for (l1, g1, d1), gaps in zip(others, all_gaps):
+        np.testing.assert_allclose(gaps, all_gaps[-1], atol=1e-4)
+        assert abs(l1 - l8) <= 1e-5 * max(1.0, abs(l8))
+        assert abs(g1 - g8) <= 1e-4 * g8
+        for k in d1:
+            np.testing.assert_allclose(d1[k], d8[k], atol=1e-4 * scale, err_msg=k)
 
 
 def test_grpo_skips_zero_variance_groups(smoke_run):

@@ -1,0 +1,265 @@
+"""Our GRPO and CAST steps against TRL's `GRPOTrainer` on the same workload, same CPU, one run.
+
+The workload is `bench_step.py`'s (the speed issue's): the embedded SmolLM2-135M-Instruct in
+float32, 2 prompts x 8 completions per step, <= 128 new tokens, T 1.0 / top-p 0.95 / top-k 20,
+LoRA rank 8 (alpha 16) on all seven projections of the last 8 blocks, lr 1e-5, beta 0, one
+update per batch, the same 64 prompts (chat-templated once, here, and given to TRL as text).
+
+Each tool runs `--steps` steps in its own process, one after the other (never side by side):
+
+- ours: `python -m cast_mlx.train` with the workload's `--set` overrides; per-step times from
+  its metrics.jsonl (model load and the step-0 eval excluded: eval is off);
+- TRL 1.16 `GRPOTrainer` (torch 2.13 CPU, float32, LoRA through PEFT, `loss_type="grpo"`, no
+  gradient checkpointing, `use_vllm=False`), in its own venv that this script creates on
+  first use (`--venv`, default ~/.cache/cast-mlx/bench/trl-venv; torch==2.13.0 is the CPU
+  wheel on the package index here, other torch specs pull CUDA builds). Its step time comes
+  from a `TrainerCallback`, its rollout time and tokens from a wrapper around `_generate`.
+
+Per tool: the median step, rollout and rest-of-step seconds over the steps, completion tokens
+per step, rollout tokens/s, peak RSS. Ratios against TRL: `cast_step_vs_trl`,
+`grpo_step_vs_trl` (targets 0.5 and 0.4), `rollout_tok_s_vs_trl` (target 1.5). Our GRPO
+skips the update when every group has zero variance; `grpo_update_steps` says how many of its
+steps had one, and `grpo.step_s_with_update` is the median over those.
+
+Not in CI (it installs TRL and takes ~10 minutes). Prints ONE JSON line.
+Usage: python scripts/bench_peers.py [--steps 3] [--venv DIR] [--skip-trl] [--only cast grpo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import GROUP, MAX_NEW, PROMPTS, cpu_name, workload_overrides, workload_problems, write_workload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PINS = [
+    "torch==2.13.0",
+    "trl==1.16.0",
+    "peft==0.21.2",
+    "transformers==5.24.0",
+    "accelerate==1.15.0",
+    "datasets==5.2.0",
+    "gguf==0.19.0",  # transformers reads the embedded model's GGUF file
+]
+DEFAULT_VENV = Path(os.environ.get("CAST_MLX_HOME", Path.home() / ".cache" / "cast-mlx")) / "bench" / "trl-venv"
+
+TRL_CHILD = r"""
+import json, re, resource, sys, time
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+spec = json.load(open(sys.argv[1]))
+torch.manual_seed(0)
+kw = dict(gguf_file=spec["gguf_name"])
+tok = AutoTokenizer.from_pretrained(spec["gguf_dir"], **kw)
+loaded = AutoModelForCausalLM.from_pretrained(spec["gguf_dir"], dtype=torch.float32, **kw)
+# transformers marks a GGUF-loaded model as quantized and refuses to train it: the same
+# (dequantized, float32) weights in a plain model
+config = loaded.config
+del config.quantization_config
+model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+model.load_state_dict(loaded.state_dict())
+del loaded
+n_layers = model.config.num_hidden_layers
+rows = [json.loads(line) for line in open(spec["prompts"])]
+dataset = Dataset.from_list(rows)
+
+def last_number(text):
+    found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return found[-1] if found else None
+
+def correct(completions, answer, **_):  # lenient: the last number of the completion
+    found = [last_number(c) for c in completions]
+    return [float(x is not None and float(x) == float(a)) for x, a in zip(found, answer)]
+
+steps, gen = [], []
+
+class StepTimer(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        self.t = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        steps.append({"step_s": time.perf_counter() - self.t, "rss_gb": rss})
+
+args = GRPOConfig(
+    output_dir=spec["out"], per_device_train_batch_size=spec["prompts_per_step"] * spec["group"],
+    gradient_accumulation_steps=1, num_generations=spec["group"], max_completion_length=spec["max_new"],
+    temperature=1.0, top_p=0.95, top_k=20, learning_rate=1e-5, beta=0.0, loss_type="grpo",
+    num_iterations=1, gradient_checkpointing=False, use_vllm=False, max_steps=spec["steps"],
+    logging_steps=1, report_to=[], save_strategy="no", bf16=False, fp16=False, use_cpu=True,
+    seed=0, dataloader_num_workers=0, warmup_steps=0, lr_scheduler_type="constant",
+)
+lora = LoraConfig(
+    r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    layers_to_transform=list(range(n_layers - 8, n_layers)),
+)
+trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=dataset,
+                      processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
+inner = trainer._generate
+def timed_generate(prompts):
+    t = time.perf_counter()
+    out = inner(prompts)
+    gen.append({"rollout_s": time.perf_counter() - t, "tokens": sum(len(ids) for ids in out[1])})
+    return out
+trainer._generate = timed_generate
+trainer.train()
+print("RESULT " + json.dumps({"steps": steps, "generate": gen, "torch": torch.__version__,
+                              "threads": torch.get_num_threads()}))
+"""
+
+
+def ensure_venv(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"[bench_peers] creating {venv} ({' '.join(TRL_PINS)})", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PINS], check=True)
+    return python
+
+
+def versions(python: Path) -> dict:
+    code = "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in %r}))" % (
+        ["torch", "trl", "peft", "transformers", "accelerate"],
+    )
+    return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def median(xs):
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
+    sets = workload_overrides(data_dir, algorithm, steps) + [f"logging.out_dir={out}"]
+    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smollm2-135m-arith.yaml", "--no-dashboard"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ours ({algorithm}) exited {done.returncode}: {done.stderr[-2000:]}")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    if len(lines) != steps:  # judge the run by what it wrote
+        raise RuntimeError(f"ours ({algorithm}): {len(lines)} metrics lines for {steps} steps")
+    tokens = [m["tokens_per_s/generate"] * m["time/sample"] for m in lines]
+    result = {
+        "step_s": median([m["time/step"] for m in lines]),
+        "rollout_s": median([m["time/sample"] for m in lines]),
+        "teacher_s": median([m["time/teacher"] for m in lines]),
+        "update_s": median([m["time/update"] for m in lines]),
+        "rest_s": median([m["time/step"] - m["time/sample"] for m in lines]),
+        "tokens_per_step": median(tokens),
+        "rollout_tok_s": median([m["tokens_per_s/generate"] for m in lines]),
+        "rss_gb": round(max(m["memory/rss_gb"] for m in lines), 3),
+        "update_steps": sum(bool(m["update_applied"]) for m in lines),
+        "steps": [round(m["time/step"], 2) for m in lines],
+    }
+    with_update = [m["time/step"] for m in lines if m["update_applied"]]
+    result["step_s_with_update"] = median(with_update)
+    return result
+
+
+def run_trl(python: Path, prompts_file: Path, out: Path, steps: int) -> dict:
+    from cast_mlx import models
+
+    gguf = models.gguf_path(models.DEFAULT_MODEL)
+    spec = {
+        "gguf_dir": str(gguf.parent),
+        "gguf_name": gguf.name,
+        "prompts": str(prompts_file),
+        "out": str(out),
+        "steps": steps,
+        "prompts_per_step": PROMPTS,
+        "group": GROUP,
+        "max_new": MAX_NEW,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec))
+    (out / "child.py").write_text(TRL_CHILD)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([str(python), str(out / "child.py"), str(out / "spec.json")], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    found = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"TRL exited {done.returncode}: {done.stderr[-3000:]}")
+    raw = json.loads(found[-1][len("RESULT ") :])
+    step_s = [s["step_s"] for s in raw["steps"]]
+    rollout = [g["rollout_s"] for g in raw["generate"]][: len(step_s)]
+    tokens = [g["tokens"] for g in raw["generate"]][: len(step_s)]
+    if len(step_s) != steps:
+        raise RuntimeError(f"TRL: {len(step_s)} steps timed for {steps}")
+    return {
+        "step_s": median(step_s),
+        "rollout_s": median(rollout),
+        "rest_s": median([s - r for s, r in zip(step_s, rollout)]),
+        "tokens_per_step": median(tokens),
+        "rollout_tok_s": median([t / r for t, r in zip(tokens, rollout)]),
+        "rss_gb": round(max(s["rss_gb"] for s in raw["steps"]), 3),
+        "torch_threads": raw["threads"],
+        "steps": [round(s, 2) for s in step_s],
+    }
+
+
+def templated_prompts(folder: Path) -> Path:
+    """The workload's prompts exactly as we feed them (chat template and answer instruction),
+    as text for TRL, with their answers."""
+    from mlx_lm.utils import load_tokenizer  # cast_mlx (the BLAS) came first, with bench_step
+
+    from cast_mlx import data, models
+
+    tokenizer = load_tokenizer(models.fetch(models.DEFAULT_MODEL))
+    rows = []
+    for i, r in enumerate(workload_problems()):
+        problem = data.Problem(id=str(i), question=r["question"], gold=r["answer"])
+        rows.append({"prompt": data.build_prompt(tokenizer, problem, None, "hash"), "answer": r["answer"]})
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--only", nargs="+", default=["cast", "grpo"], choices=["cast", "grpo"])
+    args = ap.parse_args(argv)
+    line: dict = {"bench": "peers", "machine": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        data_dir = write_workload(tmp_path / "workload")
+        if not args.skip_trl:
+            python = ensure_venv(args.venv)
+            line["trl_versions"] = versions(python)
+            line["trl"] = run_trl(python, templated_prompts(tmp_path), tmp_path / "trl", args.steps)
+        import mlx.core as mx
+
+        from cast_mlx.blas import active_blas
+
+        line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas()}
+        for algorithm in args.only:
+            line[algorithm] = run_ours(algorithm, data_dir, tmp_path / f"ours-{algorithm}", args.steps)
+    trl = line.get("trl")
+    if trl:
+        for algorithm in args.only:
+            line[f"{algorithm}_step_vs_trl"] = round(line[algorithm]["step_s"] / trl["step_s"], 3)
+            line[f"{algorithm}_rollout_tok_s_vs_trl"] = round(
+                line[algorithm]["rollout_tok_s"] / trl["rollout_tok_s"], 3
+            )
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

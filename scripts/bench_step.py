@@ -1,0 +1,203 @@
+"""One optimizer step without sampling, GRPO vs CAST, on one fixed batch, in one process.
+
+The workload is the one of the speed issue (#16), shared with `scripts/bench_peers.py`: the
+embedded SmolLM2-135M-Instruct in its default dtype (float32 on the CPU), 2 prompts x 8
+completions, <= 128 new tokens, T 1.0 / top-p 0.95 / top-k 20, LoRA rank 8 (scale 2) on all
+seven projections of the last 8 blocks, lr 1e-5, beta 0, one update per batch, the prompts
+"What is a + b?" / "a - b" / "a * b" with 2-digit numbers (`workload_problems`).
+
+The batch is sampled once (not timed): the first pair of workload prompts whose groups both
+hold right and wrong answers. Then each variant runs `trainer.learn` on it
+`--repeats` times (verify, teacher, advantages, loss, backward, AdamW: the trainer's own
+code) and reports the median of each phase:
+
+- `cast`: CAST as in the paper (the teacher forward included);
+- `grpo`: GRPO, which skips the rows of zero-variance groups (they carry no loss);
+- `grpo_same_rows`: GRPO made to update every row CAST updates (zero advantages replaced by
+  1e-9), so that `cast_vs_grpo_same_rows` compares the same work: the paper's overhead.
+
+Memory: `peak_gb` is MLX's peak during a variant's steps (reset before each); `rss_gb` the
+process's peak resident set after it (it only grows; CAST runs first, so its value is the
+sampling + CAST peak). `--micro-batch` sets optimizer.micro_batch_size (default: the
+recipe's); `--share-prefix 0` scores each row with its own full forward (the old path).
+
+Prints ONE JSON line. Usage: python scripts/bench_step.py [--repeats 3] [--micro-batch N]
+[--share-prefix 0|1] [--variants cast grpo grpo_same_rows]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
+
+# isort: split
+import mlx.core as mx  # noqa: E402
+
+from cast_mlx import config as cfg  # noqa: E402
+from cast_mlx import trainer  # noqa: E402
+from cast_mlx.blas import active_blas  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+PROMPTS, GROUP, MAX_NEW = 2, 8, 128
+
+
+def workload_problems(n: int = 64, seed: int = 0) -> list[dict]:
+    """`n` questions "What is a + b?" / "a - b" / "a * b" (2-digit numbers) with answers."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-*")
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        rows.append({"question": f"What is {a} {op} {b}?", "answer": str(value)})
+    return rows
+
+
+def write_workload(folder: Path) -> Path:
+    """The workload as a `task: custom` folder (train.jsonl, test.jsonl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r) + "\n" for r in workload_problems())
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(lines)
+    return folder
+
+
+def workload_overrides(data_dir: Path, algorithm: str, steps: int = 3) -> list[str]:
+    """`--set` overrides of the default recipe that give the workload (for `bench_peers`)."""
+    return [
+        "data.task=custom",
+        f"data.path={data_dir}",
+        "data.reward=lenient",
+        f"sampling.prompts_per_step={PROMPTS}",
+        f"sampling.group_size={GROUP}",
+        f"sampling.max_new_tokens={MAX_NEW}",
+        "sampling.temperature=1.0",
+        "sampling.top_p=0.95",
+        "sampling.top_k=20",
+        "lora.rank=8",
+        "lora.alpha=16",
+        "lora.num_layers=8",
+        "optimizer.lr=1e-5",
+        "loss.beta=0",
+        f"algorithm.name={algorithm}",
+        f"schedule.steps={steps}",
+        "schedule.warmup_ratio=0",
+        "logging.eval_every=0",
+    ]
+
+
+def recipe_for(data_dir: Path, algorithm: str, micro_batch: int | None, share_prefix: bool) -> cfg.Recipe:
+    sets = workload_overrides(data_dir, algorithm) + [f"system.share_prefix={str(share_prefix).lower()}"]
+    if micro_batch:
+        sets.append(f"optimizer.micro_batch_size={micro_batch}")
+    return cfg.load_recipe(RECIPE, sets)
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mixed_batch(run, tries: int = 8):
+    """The first pair of workload prompts whose two groups both have right and wrong
+    answers (so that GRPO updates every row too), sampled at step 0; else the last pair."""
+    for i in range(tries):
+        problems = run.problems[i * PROMPTS : (i + 1) * PROMPTS]
+        prompts, out = trainer.sample(run, problems)
+        mx.eval(out.tokens, out.logprobs)
+        texts = trainer.decode_completions(run.tokenizer, out)
+        correct = trainer.score_rewards(run, problems, texts, prompts, out)["lenient"]
+        groups = [correct[g * GROUP : (g + 1) * GROUP] for g in range(PROMPTS)]
+        if all(0 < sum(g) < GROUP for g in groups):
+            break
+    return problems, prompts, out
+
+
+def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = False) -> dict:
+    if same_rows:  # every row with tokens carries (a negligible) loss, as under CAST
+        compiled = run.advantages
+
+        def all_rows(rewards, gaps, mask, step=0, special=None):
+            adv, base = compiled(rewards, gaps, mask, step=step, special=special)
+            return mx.where((adv == 0) & (mask > 0), 1e-9, adv), base
+
+        run.advantages = all_rows
+    mx.reset_peak_memory()
+    lines = [trainer.learn(run, problems, prompts, out)[0] for _ in range(repeats + 1)][1:]  # first: warm-up
+    med = {k: statistics.median(m[f"time/{k}"] for m in lines) for k in ("verify", "teacher", "update")}
+    return {
+        "step_s": round(sum(med.values()), 3),
+        **{f"{k}_s": round(v, 3) for k, v in med.items()},
+        "rows_updated": PROMPTS * GROUP - int(lines[-1]["rows_skipped"]),
+        "peak_gb": round(mx.get_peak_memory() / 2**30, 3),
+        "rss_gb": round(rss_gb(), 3),
+        "compiles_after_warmup": int(lines[-1]["compile_count"] - lines[0]["compile_count"]),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--share-prefix", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--variants", nargs="+", default=["cast", "grpo", "grpo_same_rows"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = write_workload(Path(tmp) / "workload")
+        results, batch = {}, None
+        for variant in args.variants:
+            algorithm = "cast" if variant == "cast" else "grpo"
+            recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix))
+            with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
+                if batch is None:  # sampled once, by the first variant's (still untrained) model
+                    batch = mixed_batch(run)
+                    rss_sampling = rss_gb()
+                results[variant] = time_variant(run, *batch, args.repeats, same_rows=variant == "grpo_same_rows")
+    problems, prompts, out = batch
+    line = {
+        "bench": "step",
+        "machine": cpu_name(),
+        "blas": active_blas(),
+        "mlx": mx.__version__,
+        "micro_batch": recipe.optimizer.micro_batch_size,
+        "share_prefix": bool(args.share_prefix),
+        "repeats": args.repeats,
+        "completion_tokens": int(out.mask.sum().item()),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "truncated": sum(f == "length" for f in out.finish_reasons),
+        "lengths": [int(n) for n in out.lengths.tolist()],
+        "rss_gb_after_sampling": round(rss_sampling, 3),
+        **{f"{v}": r for v, r in results.items()},
+    }
+    if "cast" in results and "grpo" in results:
+        line["cast_vs_grpo"] = round(results["cast"]["step_s"] / results["grpo"]["step_s"], 3)
+    if "cast" in results and "grpo_same_rows" in results:
+        line["cast_vs_grpo_same_rows"] = round(results["cast"]["step_s"] / results["grpo_same_rows"]["step_s"], 3)
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
