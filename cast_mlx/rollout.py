@@ -68,6 +68,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 CDF_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF search
+TOP_P_CANDIDATES = 256  # most likely tokens top-p looks at before sorting a whole row
 # Model types whose `Model.__call__` is `self.model(...)` then the tied embedding or lm_head.
 PLAIN_HEAD_TYPES = ("llama", "qwen2", "qwen3", "phi3")
 
@@ -181,27 +182,67 @@ def keep_mask(logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: f
     top-k keeps the tokens at least as likely as the k-th most likely one; top-p keeps the
     smallest set of most likely tokens whose mass reaches `top_p` (the most likely token is
     always kept); min-p keeps tokens with probability >= `min_p` * the top probability.
-    Ties at a threshold are kept. top-p sorts the vocabulary, so it is the costly one.
+    Ties at a threshold are kept.
+
+    top-p needs the most likely tokens in order, but only until their mass reaches `top_p`:
+    it sorts the `top_k` largest (or the `TOP_P_CANDIDATES` largest) and sorts the whole
+    vocabulary only for a row whose mass is not reached there. With top-k the intersection
+    of two prefixes of the same order is the shorter one, so such a row keeps its top-k set.
+    The result is the full sort's, at a fraction of its cost (measured ~60 ms per decode
+    step for 16 rows of a 49k vocabulary, most of the sampler's time).
     """
     vocab = logprobs.shape[-1]
     keep = np.ones(logprobs.shape, dtype=bool)
     active = False
-    if 0 < top_k < vocab:
-        kth = np.partition(logprobs, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
-        keep &= logprobs >= kth
+    with_k = 0 < top_k < vocab
+    largest = None
+    if with_k:
+        largest = k_largest(logprobs, top_k)
+        keep &= logprobs >= largest.min(axis=-1, keepdims=True)
         active = True
     if top_p < 1.0:
-        desc = -np.sort(-logprobs, axis=-1)  # most likely first
-        probs = np.exp(desc.astype(np.float64))
-        mass_before = np.cumsum(probs, axis=-1) - probs
-        n_keep = np.maximum((mass_before < top_p).sum(axis=-1), 1)
-        threshold = desc[np.arange(len(desc)), n_keep - 1][:, None]
-        keep &= logprobs >= threshold
+        m = top_k if with_k else min(vocab, TOP_P_CANDIDATES)
+        if largest is None:
+            largest = k_largest(logprobs, m)
+        threshold, reached = _top_p_threshold(-np.sort(-largest, axis=-1), top_p)
+        if not with_k and not reached.all():
+            rest = ~reached  # the mass lies beyond the candidates: sort those rows fully
+            threshold[rest] = _top_p_threshold(-np.sort(-logprobs[rest], axis=-1), top_p)[0]
+            reached[:] = True
+        keep &= logprobs >= np.where(reached, threshold, -np.inf)[:, None]
         active = True
     if min_p > 0.0:
         keep &= logprobs >= logprobs.max(axis=-1, keepdims=True) + np.log(min_p)
         active = True
     return keep if active else None
+
+
+def k_largest(x: np.ndarray, k: int) -> np.ndarray:
+    """The `k` largest values of each row of `x` `[B, V]`, unordered `[B, k]`.
+
+    The k largest values lie in the k blocks (of `CDF_BLOCK`) with the largest maxima, so
+    when those are few the partition runs over k blocks instead of the whole row: ~4x
+    faster for top-k 20 over a 49k vocabulary, and exact (ties included)."""
+    rows, vocab = x.shape
+    n_blocks = -(-vocab // CDF_BLOCK)
+    if 4 * k > n_blocks:
+        return np.partition(x, vocab - k, axis=-1)[:, vocab - k :]
+    pad = n_blocks * CDF_BLOCK - vocab
+    blocks = (np.pad(x, ((0, 0), (0, pad)), constant_values=-np.inf) if pad else x).reshape(rows, n_blocks, -1)
+    best = np.argpartition(blocks.max(axis=-1), n_blocks - k, axis=-1)[:, n_blocks - k :]
+    candidates = np.take_along_axis(blocks, best[:, :, None], axis=1).reshape(rows, -1)
+    return np.partition(candidates, candidates.shape[1] - k, axis=-1)[:, candidates.shape[1] - k :]
+
+
+def _top_p_threshold(desc: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """From log-probs sorted most likely first `[B, m]`: the log-prob of the last token that
+    top-p keeps, and whether the mass reached `top_p` within these `m` (else the kept set
+    may extend past them)."""
+    probs = np.exp(desc.astype(np.float64))
+    mass_before = np.cumsum(probs, axis=-1) - probs
+    inside = (mass_before < top_p).sum(axis=-1)
+    n_keep = np.maximum(inside, 1)
+    return desc[np.arange(len(desc)), n_keep - 1], inside < desc.shape[-1]
 
 
 def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:

@@ -12,8 +12,12 @@ included. Peak memory is `mx.get_peak_memory()` after `mx.reset_peak_memory()` p
 The machine may be shared: `--repeats N` runs both engines N times, alternating which goes
 first, and reports each one's fastest run (default 1).
 
+`--sampling-paths` also times the engine with sampling on the host (numpy, the CPU default)
+and on the device (MLX ops, pipelined with `mx.async_eval`, the GPU default): the before and
+after of the on-device path (same streams, same key).
+
 Prints ONE JSON line. Usage: python scripts/bench_rollout.py [--prompts 8] [--group 8]
-[--max-new 128] [--seed 0] [--repeats 1] [--skip-peer]
+[--max-new 128] [--seed 0] [--repeats 1] [--skip-peer] [--sampling-paths]
 """
 
 from __future__ import annotations
@@ -68,10 +72,10 @@ def rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def run_engine(model, prompts, group, max_new, eos, seed) -> dict:
+def run_engine(model, prompts, group, max_new, eos, seed, on_device: bool | None = None) -> dict:
     mx.reset_peak_memory()
     params = rollout.SamplingParams(temperature=1.0, max_new_tokens=max_new, max_batch=len(prompts) * group)
-    out = rollout.generate_groups(model, prompts, group, params, eos, key=seed)
+    out = rollout.generate_groups(model, prompts, group, params, eos, key=seed, on_device=on_device)
     return {
         "tok_s": round(out.tokens_per_second, 2),
         "tokens": out.decode_tokens,
@@ -118,6 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument(
+        "--sampling-paths", action="store_true",
+        help="also time the engine with host (numpy) and on-device (MLX, pipelined) sampling, "
+        "the before/after of the GPU path",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     model, tokenizer = models.load(models.DEFAULT_MODEL)
@@ -130,13 +139,17 @@ def main(argv=None) -> int:
     rollout.generate_groups(model, prompts[:1], 2, rollout.SamplingParams(max_new_tokens=4), eos, key=0)
 
     ours, peers = [], []
+    paths: dict[str, list] = {"host": [], "device": []} if args.sampling_paths else {}
     for i in range(max(1, args.repeats)):
-        order = ["engine", "peer"] if i % 2 == 0 else ["peer", "engine"]
-        for name in order:
+        order = ["engine", "peer", *paths]
+        for name in order if i % 2 == 0 else reversed(order):
             if name == "engine":
                 ours.append(run_engine(model, prompts, args.group, args.max_new, eos, args.seed))
-            elif not args.skip_peer:
+            elif name == "peer" and not args.skip_peer:
                 peers.append(run_peer(model, tokenizer, prompts, args.group, args.max_new, args.seed))
+            elif name in paths:
+                on_device = name == "device"
+                paths[name].append(run_engine(model, prompts, args.group, args.max_new, eos, args.seed, on_device))
     best = max(ours, key=lambda r: r["tok_s"])
     result = {
         "bench": "rollout",
@@ -149,6 +162,12 @@ def main(argv=None) -> int:
         "prompt_tokens": [len(p) for p in prompts],
         "engine": best,
     }
+    for name, runs in paths.items():
+        result[f"sampling_{name}"] = max(runs, key=lambda r: r["tok_s"])
+    if paths:
+        result["device_vs_host_sampling"] = round(
+            result["sampling_device"]["tok_s"] / result["sampling_host"]["tok_s"], 3
+        )
     if peers:
         peer = max(peers, key=lambda r: r["tok_s"])
         result["batch_generate"] = peer

@@ -387,3 +387,47 @@ def test_device_path_gives_the_host_paths_rollout(setup, sampled):
     assert len(set(host.lengths.tolist())) > 1  # streams ended at different steps
     assert rows_of(device) == rows_of(host) and device.finish_reasons == host.finish_reasons
     np.testing.assert_allclose(np.array(device.logprobs), np.array(host.logprobs), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- fast filters
+
+
+def full_sort_keep_mask(lp, top_p=1.0, top_k=0, min_p=0.0):
+    """The filters' definition, the slow way: each one over the fully sorted vocabulary."""
+    vocab = lp.shape[-1]
+    keep = np.ones(lp.shape, dtype=bool)
+    desc = -np.sort(-lp, axis=-1)
+    if 0 < top_k < vocab:
+        keep &= lp >= desc[:, top_k - 1 : top_k]
+    if top_p < 1.0:
+        probs = np.exp(desc.astype(np.float64))
+        n_keep = np.maximum(((np.cumsum(probs, axis=-1) - probs) < top_p).sum(axis=-1), 1)
+        keep &= lp >= desc[np.arange(len(desc)), n_keep - 1][:, None]
+    if min_p > 0.0:
+        keep &= lp >= lp.max(axis=-1, keepdims=True) + np.log(min_p)
+    return keep
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 300])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"top_k": 20},
+        {"top_k": 20, "top_p": 0.95},
+        {"top_k": 3, "top_p": 0.5},
+        {"top_p": 0.9},
+        {"top_p": 0.999},  # flat rows: the mass lies far beyond the first candidates
+        {"top_k": 60, "top_p": 0.95, "min_p": 0.01},
+    ],
+)
+def test_fast_filters_keep_what_the_full_sort_keeps(vocab, kw):
+    rng = np.random.default_rng(vocab)
+    z = rng.standard_normal((24, vocab)) * np.array([0.1, 1.0, 4.0] * 8)[:, None]  # flat to peaked
+    z[:4] = np.round(z[:4] * 2) / 2  # many ties
+    z = z.astype(np.float32)
+    lp = z - np.log(np.exp(z.astype(np.float64)).sum(axis=-1, keepdims=True)).astype(np.float32)
+    got = keep_mask(lp, **kw)
+    assert np.array_equal(got, full_sort_keep_mask(lp, **kw))
+    if "top_k" in kw:
+        largest = rollout.k_largest(lp, kw["top_k"])
+        np.testing.assert_array_equal(np.sort(largest, axis=-1), np.sort(lp, axis=-1)[:, vocab - kw["top_k"] :])
