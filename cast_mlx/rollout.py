@@ -483,6 +483,52 @@ class _Wave:
     prefill_seconds: float
 
 
+class _Streams:
+    """The outputs of one wave's streams, filled step by step (both decode paths)."""
+
+    def __init__(self, n: int, steps: int, eos_ids: np.ndarray):
+        self.ids = np.zeros((n, steps), dtype=np.int32)
+        self.lps = np.zeros((n, steps), dtype=np.float32)
+        self.lengths = np.zeros(n, dtype=np.int32)
+        self.done = np.zeros(n, dtype=bool)
+        self.eos = np.zeros(n, dtype=bool)
+        self.eos_ids = eos_ids
+
+    def record(self, t: int, rows: np.ndarray, ids: np.ndarray, lps: np.ndarray) -> None:
+        """Step `t`'s draws of batch rows `rows` (stream numbers); finished streams ignore theirs."""
+        live = ~self.done[rows]
+        streams = rows[live]
+        self.ids[streams, t] = ids[live]
+        self.lps[streams, t] = lps[live]
+        self.lengths[streams] = t + 1
+        hit = streams[np.isin(ids[live], self.eos_ids)]
+        self.done[hit] = True
+        self.eos[hit] = True
+
+    def compaction(self, rows: np.ndarray) -> np.ndarray | None:
+        """The batch rows to keep once `COMPACT_FRACTION` of them have finished, else None."""
+        finished = self.done[rows]
+        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
+            return np.nonzero(~finished)[0]
+        return None
+
+    def wave(self, prefill_seconds: float) -> _Wave:
+        return _Wave(self.ids, self.lps, self.lengths, self.eos, prefill_seconds)
+
+
+def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool):
+    """Prefill, then broadcast each prompt's cache row to its `group_size` streams."""
+    head = plain_head(model)
+    start = time.perf_counter()
+    cache, logits = prefill(model, head, prompts, room=steps, on_device=on_device)
+    if on_device:
+        mx.eval(logits)
+    prefill_seconds = time.perf_counter() - start
+    prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
+    filter_cache(cache, prompt_of_stream)
+    return head, cache, logits, prompt_of_stream, prefill_seconds
+
+
 def decode_wave(
     model,
     prompts,
@@ -498,48 +544,29 @@ def decode_wave(
     `progress(tokens, streams_done)`, if given, hears after every decode step."""
     if on_device:
         return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress)
-    steps = p.max_new_tokens
-    n = len(prompts) * group_size
-    head = plain_head(model)
-    start = time.perf_counter()
-    cache, logits = prefill(model, head, prompts, room=steps)
-    prefill_seconds = time.perf_counter() - start
-    prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
-    filter_cache(cache, prompt_of_stream)
+    steps, n = p.max_new_tokens, len(prompts) * group_size
+    head, cache, logits, prompt_of_stream, prefill_seconds = _start_wave(model, prompts, group_size, steps, False)
     rows = np.arange(n)  # rows[j]: the stream (0..n-1) that batch row j decodes
 
     def draw(logits, t):
         return sample_tokens(logits, uniforms[rows, t], p.temperature, p.top_p, p.top_k, p.min_p)
 
     ids, lps = draw(logits[prompt_of_stream], 0)
-    out_ids = np.zeros((n, steps), dtype=np.int32)
-    out_lps = np.zeros((n, steps), dtype=np.float32)
-    lengths = np.zeros(n, dtype=np.int32)
-    done = np.zeros(n, dtype=bool)
-    ended_eos = np.zeros(n, dtype=bool)
-
+    out = _Streams(n, steps, eos_ids)
     for t in range(steps):
-        live = ~done[rows]  # batch rows whose stream was still generating at step t
-        streams = rows[live]
-        out_ids[streams, t] = ids[live]
-        out_lps[streams, t] = lps[live]
-        lengths[streams] = t + 1
-        hit = streams[np.isin(ids[live], eos_ids)]
-        done[hit] = True
-        ended_eos[hit] = True
+        out.record(t, rows, ids, lps)
         if progress is not None:
-            progress(t + 1, int(done.sum()))
-        if t + 1 == steps or done.all():
+            progress(t + 1, int(out.done.sum()))
+        if t + 1 == steps or out.done.all():
             break
-        finished = done[rows]
-        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
-            keep = np.nonzero(~finished)[0]
+        keep = out.compaction(rows)
+        if keep is not None:
             filter_cache(cache, keep)
             ids, rows = ids[keep], rows[keep]
         ids, lps = draw(next_logits(model, head, mx.array(ids[:, None]), cache), t + 1)
     if progress is not None:  # the streams cut at the cap are finished too
-        progress(int(lengths.max()) if n else 0, n)
-    return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
+        progress(int(out.lengths.max()) if n else 0, n)
+    return out.wave(prefill_seconds)
 
 
 def decode_wave_on_device(
@@ -549,15 +576,8 @@ def decode_wave_on_device(
     (`mx.async_eval`) before the host reads step t's ids. Streams that finish at step t are
     in step t + 1's batch too (their tokens are dropped); compaction then filters the cache
     and the queued step's ids alike. Each stream's draws are the same as on the host path."""
-    steps = p.max_new_tokens
-    n = len(prompts) * group_size
-    head = plain_head(model)
-    start = time.perf_counter()
-    cache, logits = prefill(model, head, prompts, room=steps, on_device=True)
-    mx.eval(logits)
-    prefill_seconds = time.perf_counter() - start
-    prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
-    filter_cache(cache, prompt_of_stream)
+    steps, n = p.max_new_tokens, len(prompts) * group_size
+    head, cache, logits, prompt_of_stream, prefill_seconds = _start_wave(model, prompts, group_size, steps, True)
     table = mx.array(uniforms)
     rows = np.arange(n)
 
@@ -567,12 +587,7 @@ def decode_wave_on_device(
 
     current = draw(logits[mx.array(prompt_of_stream.astype(np.int32))], 0, rows)
     mx.async_eval(current)
-    out_ids = np.zeros((n, steps), dtype=np.int32)
-    out_lps = np.zeros((n, steps), dtype=np.float32)
-    lengths = np.zeros(n, dtype=np.int32)
-    done = np.zeros(n, dtype=bool)
-    ended_eos = np.zeros(n, dtype=bool)
-
+    out = _Streams(n, steps, eos_ids)
     for t in range(steps):
         queued = None
         if t + 1 < steps:  # the next step, from this step's ids still on the device
@@ -581,29 +596,21 @@ def decode_wave_on_device(
         ids, lps = np.array(current[0]), np.array(current[1])
         if not np.isfinite(lps).all():
             raise ValueError(f"logits: stream {int(rows[np.argmin(np.isfinite(lps))])} has no finite maximum (NaN/inf)")
-        live = ~done[rows]
-        streams = rows[live]
-        out_ids[streams, t] = ids[live]
-        out_lps[streams, t] = lps[live]
-        lengths[streams] = t + 1
-        hit = streams[np.isin(ids[live], eos_ids)]
-        done[hit] = True
-        ended_eos[hit] = True
+        out.record(t, rows, ids, lps)
         if progress is not None:
-            progress(t + 1, int(done.sum()))
-        if queued is None or done.all():
+            progress(t + 1, int(out.done.sum()))
+        if queued is None or out.done.all():
             break
-        finished = done[rows]
-        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
-            keep = np.nonzero(~finished)[0]
+        keep = out.compaction(rows)
+        if keep is not None:
             filter_cache(cache, keep)
             index = mx.array(keep.astype(np.int32))
             queued = (queued[0][index], queued[1][index])
             rows = rows[keep]
         current = queued
     if progress is not None:
-        progress(int(lengths.max()) if n else 0, n)
-    return _Wave(out_ids, out_lps, lengths, ended_eos, prefill_seconds)
+        progress(int(out.lengths.max()) if n else 0, n)
+    return out.wave(prefill_seconds)
 
 
 def on_gpu() -> bool:
