@@ -349,6 +349,9 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+SHARED_CPU_FILE = "shared-cpu.txt"  # written by --shared-cpu: the report labels the times
+
+
 def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     """Markdown report of the runs in `out` (see the module docstring)."""
     runs = find_runs(out)
@@ -495,6 +498,14 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
     lines.append("")
 
     lines += ["## Wall time per step", ""]
+    shared = out / SHARED_CPU_FILE
+    if shared.is_file():
+        lines += [
+            f"**These runs shared the CPU** ({shared.read_text().strip()}), so the times below are not "
+            "a clean measurement of any variant; compare step times from a quiet run "
+            "(`scripts/bench_step.py`, `scripts/bench_peers.py`).",
+            "",
+        ]
     lines.append("| variant | mean `time/step` (s; without each run's first step) | ratio to GRPO | steps logged |")
     lines.append("|---|---:|---:|---:|")
     grpo_time = mean_step_time(runs["grpo"]) if "grpo" in runs else None
@@ -579,6 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report-only", action="store_true", help="do not train: rewrite the report and plot from the runs in --out"
     )
+    p.add_argument(
+        "--shared-cpu",
+        metavar="NOTE",
+        help="label the runs in --out as having shared the CPU (kept in the folder; the report says so)",
+    )
     return p
 
 
@@ -611,6 +627,9 @@ def main(argv=None) -> int:
     elif not out.is_dir():
         print(f"error: --out {out}: no such folder (nothing to report)", file=sys.stderr)
         return EXIT_USAGE
+    if args.shared_cpu:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SHARED_CPU_FILE).write_text(args.shared_cpu.strip() + "\n")
     try:
         write_outputs(out, args.table_steps)
     except (ValueError, PlotError) as exc:

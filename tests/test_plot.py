@@ -126,6 +126,14 @@ def test_compare_report_only(tmp_path):
     assert "| grpo | 20 |" in report
     assert "CAST/GRPO step-time ratio: **1.50**" in report
     assert "Not recorded" in report  # no commands.json: the runs were not made by compare.py
+    assert "shared the CPU" not in report
+    # runs labelled as having shared the CPU: the label is kept in the folder and reported
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), "--shared-cpu",
+                "2-4 runs at a time", timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (out / "shared-cpu.txt").read_text() == "2-4 runs at a time\n"
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), timeout=120)
+    assert "**These runs shared the CPU** (2-4 runs at a time)" in (out / "report.md").read_text()
 
 
 def test_compare_train_command_keeps_its_own_overrides_last():
