@@ -121,7 +121,8 @@ def cpu_name() -> str:
 
 def mixed_batch(run, tries: int = 8):
     """The first pair of workload prompts whose two groups both have right and wrong
-    answers (so that GRPO updates every row too), sampled at step 0; else the last pair."""
+    answers (so that GRPO updates every row too), sampled at step 0, and whether one was
+    found (else the last pair tried)."""
     for i in range(tries):
         problems = run.problems[i * PROMPTS : (i + 1) * PROMPTS]
         prompts, out = trainer.sample(run, problems)
@@ -130,8 +131,8 @@ def mixed_batch(run, tries: int = 8):
         correct = trainer.score_rewards(run, problems, texts, prompts, out)["lenient"]
         groups = [correct[g * GROUP : (g + 1) * GROUP] for g in range(PROMPTS)]
         if all(0 < sum(g) < GROUP for g in groups):
-            break
-    return problems, prompts, out
+            return problems, prompts, out, True
+    return problems, prompts, out, False
 
 
 def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = False) -> dict:
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix))
             with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
                 if batch is None:  # sampled once, by the first variant's (still untrained) model
-                    batch = mixed_batch(run)
+                    *batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
                 results[variant] = time_variant(run, *batch, args.repeats, same_rows=variant == "grpo_same_rows")
     problems, prompts, out = batch
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
         "truncated": sum(f == "length" for f in out.finish_reasons),
         "lengths": [int(n) for n in out.lengths.tolist()],
         "rss_gb_after_sampling": round(rss_sampling, 3),
+        # False: no tried pair had right and wrong answers in both groups; plain GRPO then
+        # updates fewer rows (maybe none), and grpo_same_rows is the comparison to read
+        "mixed_groups": mixed,
         **{f"{v}": r for v, r in results.items()},
     }
     if "cast" in results and "grpo" in results:
