@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+EXIT_USAGE = 2  # bad command-line input
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`error: ...`) and exit status 2,
+    instead of the usage block (the CLIs of plot, report and scripts/compare.py)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
 
 COMMANDS = {
     "train": ("cast_mlx.train", "train (or --dry-run) from a recipe"),

@@ -395,9 +395,15 @@ class RichView(TrainingCallback):
             "EOS adv correct/wrong",
             f"{_f(g('cast/eos/adv_mean/mixed_correct'), '.2f')} / {_f(g('cast/eos/adv_mean/mixed_wrong'), '.2f')}",
         )
+        self._clip_rows(t)
+        return t
+
+    def _clip_rows(self, t: Table) -> None:
+        """The clip shares and the rows without loss: in the GRPO panel under GRPO, else
+        in the optimisation panel."""
+        g = self.m.get
         t.add_row("clip low/high", f"{_f(g('clip_ratio/low_mean'))} / {_f(g('clip_ratio/high_mean'))}")
         t.add_row("rows skipped", _f(g("rows_skipped"), "d"))
-        return t
 
     def _optimisation(self) -> Table:
         g = self.m.get
@@ -407,8 +413,7 @@ class RichView(TrainingCallback):
         t.add_row("grad norm", _f(g("grad_norm"), ".3f"))
         t.add_row("lr", _f(g("learning_rate"), ".2e"))
         if not grpo:  # under GRPO: in its panel
-            t.add_row("clip low/high", f"{_f(g('clip_ratio/low_mean'))} / {_f(g('clip_ratio/high_mean'))}")
-            t.add_row("rows skipped", _f(g("rows_skipped"), "d"))
+            self._clip_rows(t)
         t.add_row("entropy", _f(g("entropy"), ".3f"))
         t.add_row("kl", _f(g("kl"), ".4f"))
         t.add_row("gen tok/s", _f(g("tokens_per_s/generate"), ".0f"))

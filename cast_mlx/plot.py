@@ -18,14 +18,14 @@ A run dir must hold a non-empty `metrics.jsonl` (written by `cast_mlx.train`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-EXIT_USAGE = 2
+from cast_mlx.cli import EXIT_USAGE, OneLineParser
+
 METRICS = "metrics.jsonl"
 ROLLING = 10  # steps in the reward's rolling mean
 
@@ -155,14 +155,8 @@ def plot_runs(
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m cast_mlx.plot", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m cast_mlx.plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--out", default="curves.png", help="PNG file (default: curves.png)")
     p.add_argument("--width", type=float, default=12.0, help="inches (default 12)")

@@ -23,7 +23,6 @@ on the command line; lines that do not parse (a torn write) are skipped.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
@@ -37,6 +36,7 @@ from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
+from cast_mlx.cli import OneLineParser
 from cast_mlx.plot import EXIT_USAGE, METRICS, PlotError, read_metrics, rolling_mean, series
 
 SAMPLES = "samples.jsonl"
@@ -469,14 +469,8 @@ def write_report(run_dir: Path, out: Path | None = None, samples_per_step: int =
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m cast_mlx.report", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m cast_mlx.report", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help=f"HTML file (default: RUN_DIR/{REPORT})")
     p.add_argument("--samples-per-step", type=int, default=2, help="completions shown per step (default 2)")

@@ -41,10 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
 from cast_mlx.eval import paired_comparison  # noqa: E402
 from cast_mlx.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
 
-EXIT_USAGE = 2
 REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change
 COMMANDS_FILE = "commands.json"
 RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
@@ -548,14 +548,8 @@ def write_outputs(out: Path, wanted_steps: list[int] | None) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python scripts/compare.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python scripts/compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="recipes/smollm2-135m-arith.yaml")
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the report")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
