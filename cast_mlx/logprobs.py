@@ -76,9 +76,11 @@ def _backbone_and_head(model: nn.Module):
     return inner, head
 
 
-def plain_cache(model: nn.Module) -> bool:
-    """Whether every layer's cache is a plain `KVCache` (what the shared prefix extends)."""
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+def plain_cache(model: nn.Module) -> list[KVCache] | None:
+    """A fresh cache of the model when every layer's is a plain `KVCache` (what the shared
+    prefix extends and the rollout engine decodes with), else None."""
+    cache = make_prompt_cache(model)
+    return cache if all(type(c) is KVCache for c in cache) else None
 
 
 def _predicting_states(model: nn.Module, backbone, batch: Batch) -> mx.array:
@@ -87,11 +89,11 @@ def _predicting_states(model: nn.Module, backbone, batch: Batch) -> mx.array:
     Per row: one forward of `context + completion`. Shared prefix: the context once (batch 1),
     its cache repeated to the N rows, then the completions; position 0 is predicted by the
     context's last state, position j by completion position j - 1."""
-    if batch.prefix is None or not plain_cache(model):
+    cache = None if batch.prefix is None else plain_cache(model)
+    if cache is None:
         hidden = backbone(batch.inputs)
         return mx.take_along_axis(hidden, batch.positions[..., None], axis=1)
     n, length = batch.tokens.shape
-    cache = make_prompt_cache(model)
     last = backbone(mx.array([batch.prefix], dtype=mx.int32), cache=cache)[:, -1:, :]
     last = mx.broadcast_to(last, (n, 1, last.shape[-1]))
     if length == 1:

@@ -63,7 +63,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+from cast_mlx.logprobs import plain_cache
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
@@ -430,9 +432,9 @@ def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.nda
 def check_cache_kind(model) -> None:
     """Only models whose own cache is a plain `KVCache` per layer are supported (llama, qwen,
     ...); sliding-window or recurrent caches raise a ValueError."""
-    kinds = {type(c).__name__ for c in make_prompt_cache(model)}
-    if kinds != {KVCache.__name__}:
-        raise ValueError(f"model cache: only plain KVCache layers are supported, got {sorted(kinds)}")
+    if plain_cache(model) is None:
+        kinds = sorted({type(c).__name__ for c in make_prompt_cache(model)})
+        raise ValueError(f"model cache: only plain KVCache layers are supported, got {kinds}")
 
 
 def prefill(model, head, prompts: list[list[int]], room: int, on_device: bool = False):

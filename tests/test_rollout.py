@@ -431,3 +431,21 @@ def test_fast_filters_keep_what_the_full_sort_keeps(vocab, kw):
     if "top_k" in kw:
         largest = rollout.k_largest(lp, kw["top_k"])
         np.testing.assert_array_equal(np.sort(largest, axis=-1), np.sort(lp, axis=-1)[:, vocab - kw["top_k"] :])
+
+
+def test_models_without_a_plain_cache_are_refused_and_scored_per_row():
+    """A sliding-window (or recurrent) cache cannot be shared or batched as the engine does:
+    the rollout refuses it with one clear error, and `plain_cache` says so to the scorer."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from cast_mlx.logprobs import plain_cache
+
+    class Windowed:
+        def make_cache(self):
+            return [KVCache(), RotatingKVCache(max_size=8)]
+
+    assert plain_cache(Windowed()) is None
+    with pytest.raises(
+        ValueError, match=r"only plain KVCache layers are supported, got \['KVCache', 'RotatingKVCache'\]"
+    ):
+        rollout.check_cache_kind(Windowed())

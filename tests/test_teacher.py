@@ -217,7 +217,7 @@ def test_shared_prefix_edge_cases_and_fallback(lora_model, monkeypatch):
     context, tokens, mask = _group(tok)
     batch = logprobs.make_batch([context] * 3, tokens, mask)
     want = np.array(logprobs.token_logprobs(model, batch, 1.0))
-    monkeypatch.setattr(logprobs, "plain_cache", lambda m: False)
+    monkeypatch.setattr(logprobs, "plain_cache", lambda m: None)
     calls = []
     backbone = model.model.__call__
     monkeypatch.setattr(type(model.model), "__call__", lambda self, *a, **k: calls.append(k) or backbone(*a, **k))
