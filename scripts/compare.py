@@ -51,12 +51,15 @@ RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # variant name -> the --set overrides that define it
-BASE_VARIANTS = {"grpo": ["algorithm.name=grpo"], "cast": ["algorithm.name=cast"]}
+# CAST as in the paper, whatever the recipe's algorithm section says (the default recipe
+# runs a CAST variant with these two fields changed)
+PAPER_CAST = ["algorithm.name=cast", "algorithm.special_tokens=teacher", "algorithm.zero_var_base=1"]
+BASE_VARIANTS = {"grpo": ["algorithm.name=grpo"], "cast": PAPER_CAST}
 RLSD_VARIANT = {"rlsd": ["algorithm.name=rlsd"]}
 ABLATIONS = {
-    "cast-noflip": ["algorithm.name=cast", "algorithm.flip=none"],
-    "cast-mixedonly": ["algorithm.name=cast", "algorithm.zero_var_base=0"],
-    "cast-fixedteacher": ["algorithm.name=cast", "teacher.kind=base"],
+    "cast-noflip": [*PAPER_CAST, "algorithm.flip=none"],
+    "cast-mixedonly": [*PAPER_CAST, "algorithm.zero_var_base=0"],
+    "cast-fixedteacher": [*PAPER_CAST, "teacher.kind=base"],
 }
 ORDER = ["grpo", "cast", "rlsd", *ABLATIONS]
 

@@ -246,6 +246,31 @@ def test_compare_variants_of_ones_own(tmp_path):
         assert not (tmp_path / "none").exists()  # refused before anything ran
 
 
+def test_compare_cast_variants_are_the_papers_cast_on_the_default_recipe():
+    """The default recipe runs a CAST variant (cast-verl, EOS following the verifier, no
+    zero-variance base); the comparison's `cast` must still be CAST as in the paper."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+
+    from cast_mlx import config as cfg
+
+    recipe = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+    shipped = cfg.load_recipe(recipe, []).algorithm
+    assert (shipped.name, shipped.special_tokens, shipped.zero_var_base) == ("cast-verl", "verifier", 0.0)
+    v = compare.variants(False, True)
+    paper = cfg.load_recipe(recipe, v["cast"]).algorithm
+    assert (paper.name, paper.special_tokens, paper.zero_var_base, paper.scale_rewards) == (
+        "cast",
+        "teacher",
+        1.0,
+        "none",
+    )
+    assert cfg.load_recipe(recipe, v["cast-mixedonly"]).algorithm.zero_var_base == 0.0
+    noflip = cfg.load_recipe(recipe, v["cast-noflip"]).algorithm
+    assert (noflip.name, noflip.flip, noflip.special_tokens) == ("cast", "none", "teacher")
+    assert cfg.load_recipe(recipe, v["grpo"]).algorithm.name == "grpo"
+
+
 def test_compare_paired_mcnemar_pools_seeds_and_keeps_finished_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
