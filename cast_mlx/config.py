@@ -251,6 +251,11 @@ class SystemConfig:
     # context) instead of one per row: same log-probs and gradients to float rounding, fewer
     # positions to compute (logprobs.py). false: one full forward per row.
     share_prefix: bool = True
+    # With LoRA on the top blocks only, the rollout keeps the states entering the first
+    # adapted block and the update (and a `same`-context teacher, the KL reference) runs only
+    # the blocks above: same log-probs and gradients to float rounding (logprobs.py).
+    # false: every scoring pass runs the whole model.
+    reuse_frozen: bool = True
 
 
 @dataclass

@@ -2,12 +2,18 @@
 
 Used for the policy (with gradients), the old policy, the teacher and the KL reference (under
 `mx.stop_gradient`). Only the sampled token's log-prob (and optionally the entropy) is kept
-per position: the `[rows, length, vocab]` float32 logits exist one chunk at a time, and each
-chunk is wrapped in `mx.checkpoint` so the backward pass recomputes it instead of holding it.
+per position: the `[rows, length, vocab]` float32 logits exist one chunk at a time, and the
+backward pass recomputes a chunk's logits instead of holding them (`_head_logprobs`).
 
 Layout: row `i` is `context_i + tokens_i`, right-padded to a common length (right padding
 never changes a causal model's earlier positions). Completion token `j` of row `i` sits at
 position `len(context_i) + j` and is predicted from the hidden state one position earlier.
+
+Frozen blocks: with LoRA on the top blocks only, the blocks below never change, so the states
+entering the first adapted block are the same in the rollout and in the update. The rollout
+keeps them (`FrozenStates`, `rollout.generate_groups(keep_states=k)`), and a batch that carries
+them (`make_batch(..., states=...)`) runs only the top blocks: the update skips most of its
+forward. Supported for the backbones `frozen_blocks` recognises (llama-style decoders).
 
 Shared prefix: the G completions of a group share their context (the prompt, or the teacher's
 context). When every row of a batch has the same context, it runs through the model once,
@@ -25,7 +31,18 @@ from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+
+@dataclass
+class BatchStates:
+    """A batch's states entering block `split` (from `FrozenStates.of_rows`)."""
+
+    split: int
+    contexts: list[mx.array]  # [len(context_i), H] per row
+    tokens: mx.array  # [N, L, H]: the state of completion token j at [:, j]
 
 
 @dataclass
@@ -37,11 +54,19 @@ class Batch:
     tokens: mx.array  # int32 [N, L]: completion tokens
     mask: mx.array  # float32 [N, L]
     prefix: list[int] | None = None  # the one context of every row, run once (None: per row)
+    states: BatchStates | None = None  # kept frozen-block states: run the top blocks only
 
 
-def make_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, share_prefix: bool = True) -> Batch:
+def make_batch(
+    contexts: list[list[int]],
+    tokens: mx.array,
+    mask: mx.array,
+    share_prefix: bool = True,
+    states: BatchStates | None = None,
+) -> Batch:
     """Assemble right-padded `context + completion` rows for scoring; with `share_prefix`
-    and one context for all rows, the batch is scored after a single pass of that context."""
+    and one context for all rows, the batch is scored after a single pass of that context.
+    With `states`, scoring runs from them through the blocks above `states.split`."""
     n, length = tokens.shape
     if len(contexts) != n:
         raise ValueError(f"{len(contexts)} contexts for {n} completion rows")
@@ -53,13 +78,88 @@ def make_batch(contexts: list[list[int]], tokens: mx.array, mask: mx.array, shar
     positions = ctx_len[:, None] - 1 + mx.arange(length, dtype=mx.int32)[None, :]
     inputs = mx.array(rows, dtype=mx.int32)
     shared = share_prefix and all(c == contexts[0] for c in contexts)
+    if states is not None:
+        widths = [int(c.shape[0]) for c in states.contexts]
+        if widths != [len(c) for c in contexts] or tuple(states.tokens.shape[:2]) != (n, length):
+            raise ValueError("states: they do not match the batch's contexts and completions")
     return Batch(
         inputs=inputs,
         positions=positions,
         tokens=tokens.astype(mx.int32),
         mask=mask.astype(mx.float32),
         prefix=list(contexts[0]) if shared else None,
+        states=states,
     )
+
+
+# --------------------------------------------------------------------------- frozen blocks
+
+SPLIT_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # backbone: embed, full-attention blocks, norm
+
+
+def run_blocks(inner: nn.Module, h: mx.array, cache, start: int, stop: int | None = None) -> mx.array:
+    """Blocks `start:stop` of an mlx-lm decoder backbone on states `h` (as its own loop does)."""
+    layers = inner.layers[start:stop]
+    caches = [None] * len(layers) if cache is None else cache[start:stop]
+    mask = create_attention_mask(h, caches[0])
+    for layer, c in zip(layers, caches):
+        h = layer(h, mask, cache=c)
+    return h
+
+
+def lower_states(inner: nn.Module, inputs: mx.array, cache, split: int) -> mx.array:
+    """The states entering block `split`: embedding, then the blocks below it."""
+    return run_blocks(inner, inner.embed_tokens(inputs), cache, 0, split)
+
+
+def upper_hidden(inner: nn.Module, states: mx.array, cache, split: int) -> mx.array:
+    """The backbone's output (final norm included) from the states entering block `split`."""
+    return inner.norm(run_blocks(inner, states, cache, split))
+
+
+def frozen_blocks(model: nn.Module) -> int:
+    """How many bottom blocks hold no trainable parameter, when the backbone is one whose
+    forward `lower_states` + `upper_hidden` reproduce exactly (checked on a probe); else 0."""
+    inner = getattr(model, "model", None)
+    args = getattr(model, "args", None)
+    if inner is None or getattr(args, "model_type", None) not in SPLIT_MODEL_TYPES or plain_cache(model) is None:
+        return 0
+    if getattr(inner, "swa_idx", None) is not None or tree_flatten(inner.embed_tokens.trainable_parameters()):
+        return 0
+    split = 0
+    for layer in inner.layers:
+        if tree_flatten(layer.trainable_parameters()):
+            break
+        split += 1
+    if split in (0, len(inner.layers)):
+        return 0
+    probe = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
+    training = model.training
+    model.eval()  # no LoRA dropout: the two forwards must be the same computation
+    try:
+        same = mx.array_equal(inner(probe), upper_hidden(inner, lower_states(inner, probe, None, split), None, split))
+        return split if bool(same.item()) else 0
+    finally:
+        model.train(training)
+
+
+@dataclass
+class FrozenStates:
+    """The states entering block `split` of a rollout's prompts and completions."""
+
+    split: int
+    prompts: list[mx.array]  # [len(prompt_p), H] per prompt
+    # [N, L, H]: completion token j of row i at [i, j]; past a row's last fed-back token the
+    # values are zeros or states of discarded draws: right padding, never read unmasked
+    completions: mx.array
+    group_size: int
+
+    def of_rows(self, rows: list[int], length: int) -> BatchStates:
+        """The states of completion rows `rows` (contexts: their prompts), cut to `length`."""
+        idx = mx.array(rows)
+        return BatchStates(
+            self.split, [self.prompts[i // self.group_size] for i in rows], self.completions[idx, :length]
+        )
 
 
 def _backbone_and_head(model: nn.Module):
@@ -88,32 +188,97 @@ def _predicting_states(model: nn.Module, backbone, batch: Batch) -> mx.array:
 
     Per row: one forward of `context + completion`. Shared prefix: the context once (batch 1),
     its cache repeated to the N rows, then the completions; position 0 is predicted by the
-    context's last state, position j by completion position j - 1."""
+    context's last state, position j by completion position j - 1. With kept states
+    (`batch.states`), the same through the blocks above the split only (the caches of the
+    blocks below stay empty)."""
+    st = batch.states
+
+    def forward(ids, states, cache=None):  # with kept states: the top blocks only
+        return backbone(ids, cache=cache) if st is None else upper_hidden(backbone, states, cache, st.split)
+
     cache = None if batch.prefix is None else plain_cache(model)
-    if cache is None:
-        hidden = backbone(batch.inputs)
-        return mx.take_along_axis(hidden, batch.positions[..., None], axis=1)
     n, length = batch.tokens.shape
-    last = backbone(mx.array([batch.prefix], dtype=mx.int32), cache=cache)[:, -1:, :]
+    if cache is None:
+        full = None
+        if st is not None:  # each row's context states, then its completion's, right-padded
+            width = batch.inputs.shape[1]
+            full = mx.stack(
+                [
+                    mx.pad(mx.concatenate([c, t]), [(0, width - c.shape[0] - length), (0, 0)])
+                    for c, t in zip(st.contexts, st.tokens)
+                ]
+            )
+        hidden = forward(batch.inputs, full)
+        return mx.take_along_axis(hidden, batch.positions[..., None], axis=1)
+    prefix = None if st is None else st.contexts[0][None]
+    last = forward(mx.array([batch.prefix], dtype=mx.int32), prefix, cache)[:, -1:, :]
     last = mx.broadcast_to(last, (n, 1, last.shape[-1]))
     if length == 1:
         return last
-    for c in cache:  # gradients flow through the repeat into the context's keys and values
+    for c in cache[0 if st is None else st.split :]:  # gradients flow through the repeat
         c.keys = mx.repeat(c.keys[..., : c.offset, :], n, axis=0)
         c.values = mx.repeat(c.values[..., : c.offset, :], n, axis=0)
-    rest = backbone(batch.tokens[:, :-1], cache=cache)
+    rest = forward(batch.tokens[:, :-1], None if st is None else st.tokens[:, :-1], cache)
     return mx.concatenate([last, rest], axis=1)
 
 
+def _head_transpose(head):
+    """`dz -> dz @ W` for a float head `h -> h @ W.T` (an `nn.Linear` without bias, or a tied
+    `nn.Embedding`), else None: the head's vjp then comes from `mx.vjp`, at one more matmul."""
+    owner = getattr(head, "__self__", head)  # `embed_tokens.as_linear` is a bound method
+    if type(owner) not in (nn.Linear, nn.Embedding) or "bias" in owner:
+        return None
+    weight = owner.weight
+    return lambda dz: dz.astype(weight.dtype) @ weight
+
+
+def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
+    """`h -> (log-prob of tokens, entropy, logsumexp)` under `softmax(head(h) / T)`, with a
+    hand-written vjp.
+
+    The `[rows, positions, vocab]` logits exist only inside it: the backward recomputes them
+    (as `mx.checkpoint` would) and applies the closed-form gradients, d lp / dz = onehot - p and
+    d H / dz = -p (z - E_p[z]), in a few elementwise passes, where autodiff of the forward
+    re-ran every op of the logsumexp and the entropy and then differentiated each of them.
+    On a 49k vocabulary those passes, not the matmul, were most of an update's head cost."""
+    transpose = _head_transpose(head)
+
+    def logits_of(h):
+        return head(h).astype(mx.float32) * inv_temp
+
+    @mx.custom_function
+    def forward(h):
+        z = logits_of(h)
+        picked = mx.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
+        if not with_entropy:
+            lse = mx.logsumexp(z, axis=-1)
+            return picked - lse, mx.zeros_like(picked), lse
+        # one exp pass for both: lse = m + log sum e, H = lse - sum(e z) / sum e, e = exp(z - m)
+        top = mx.stop_gradient(z.max(axis=-1, keepdims=True))
+        e = mx.exp(z - top)
+        total = e.sum(axis=-1)
+        lse = top[..., 0] + mx.log(total)
+        return picked - lse, lse - (e * z).sum(axis=-1) / total, lse
+
+    @forward.vjp
+    def backward(h, cotangents, outputs):  # one primal: MLX passes the array itself
+        g_lp, g_ent, _ = cotangents  # the logsumexp is an internal output: no cotangent reaches it
+        _, entropy, lse = outputs
+        z = logits_of(h)
+        weight = g_lp[..., None]
+        if with_entropy:  # E_p[z] = lse - H
+            weight = weight + g_ent[..., None] * (z - (lse - entropy)[..., None])
+        dz = g_lp[..., None] * (mx.arange(z.shape[-1]) == tokens[..., None]) - mx.exp(z - lse[..., None]) * weight
+        dz = dz * inv_temp
+        if transpose is not None:
+            return transpose(dz).astype(h.dtype)
+        return mx.vjp(lambda x: head(x).astype(mx.float32), [h], [dz])[1][0]
+
+    return forward
+
+
 def _chunk_logprobs(head, hidden, tokens, inv_temp, with_entropy: bool):
-    logits = head(hidden).astype(mx.float32) * inv_temp
-    lse = mx.logsumexp(logits, axis=-1)
-    picked = mx.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    lp = picked - lse
-    if not with_entropy:
-        return lp, mx.zeros_like(lp)
-    probs = mx.exp(logits - lse[..., None])
-    entropy = lse - (probs * logits).sum(axis=-1)
+    lp, entropy, _ = _head_logprobs(head, tokens, inv_temp, with_entropy)(hidden)
     return lp, entropy
 
 
@@ -139,10 +304,7 @@ def token_logprobs(
             h = mx.take_along_axis(full, pos[..., None], axis=1)
             lp, ent = _chunk_logprobs(lambda x: x, h, tok, inv_temp, with_entropy)
         else:
-            h = states[:, start:stop]
-            # tokens enter by closure: checkpoint differentiates every argument it is given
-            fn = mx.checkpoint(lambda hh, tt=tok: _chunk_logprobs(head, hh, tt, inv_temp, with_entropy))
-            lp, ent = fn(h)
+            lp, ent = _chunk_logprobs(head, states[:, start:stop], tok, inv_temp, with_entropy)
         lps.append(lp)
         ents.append(ent)
     mask = batch.mask
@@ -199,16 +361,29 @@ def split_by_cost(widths: list[int], size: int, setup: int) -> list[tuple[int, i
 
 
 def trimmed_batch(
-    contexts: list[list[int]], tokens: mx.array, mask: mx.array, rows: list[int], share_prefix: bool = True
+    contexts: list[list[int]],
+    tokens: mx.array,
+    mask: mx.array,
+    rows: list[int],
+    share_prefix: bool = True,
+    frozen: FrozenStates | None = None,
 ) -> Batch:
-    """The batch of `rows`, cut to their longest completion (at least one position)."""
+    """The batch of `rows`, cut to their longest completion (at least one position); with
+    `frozen` (the rollout's states; `contexts` must be its prompts), scored from them."""
     idx = mx.array(rows)
     length = max(int(cast(float, mask[idx].sum(axis=1).max().item())), 1)
-    return make_batch([contexts[i] for i in rows], tokens[idx, :length], mask[idx, :length], share_prefix)
+    states = None if frozen is None else frozen.of_rows(rows, length)
+    return make_batch([contexts[i] for i in rows], tokens[idx, :length], mask[idx, :length], share_prefix, states)
 
 
 def score_in_buckets(
-    score, contexts: list[list[int]], tokens: mx.array, mask: mx.array, size: int, share_prefix: bool = True
+    score,
+    contexts: list[list[int]],
+    tokens: mx.array,
+    mask: mx.array,
+    size: int,
+    share_prefix: bool = True,
+    frozen: FrozenStates | None = None,
 ) -> mx.array:
     """`score(batch) -> [n, l]` applied to length buckets of `size` rows, reassembled `[N, L]`
     (with `share_prefix`, buckets of one context each, each scored after one pass of it)."""
@@ -216,7 +391,7 @@ def score_in_buckets(
     buckets = length_buckets(mask, size, contexts if share_prefix else None)
     pieces = []
     for rows in buckets:
-        lp = score(trimmed_batch(contexts, tokens, mask, rows, share_prefix))
+        lp = score(trimmed_batch(contexts, tokens, mask, rows, share_prefix, frozen))
         pieces.append(mx.pad(lp, [(0, 0), (0, length - lp.shape[1])]))
     order = [i for rows in buckets for i in rows]
     inverse = mx.argsort(mx.array(order))

@@ -59,13 +59,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from cast_mlx.logprobs import plain_cache
+from cast_mlx.logprobs import FrozenStates, _backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
@@ -104,6 +105,8 @@ class Rollout:
     decode_tokens:  completion tokens kept (`lengths.sum()`).
     seconds:        wall-clock time of the whole call.
     prefill_seconds: the part of `seconds` spent prefilling prompts (all waves).
+    frozen:         with `keep_states=k`, the states entering block k of every prompt and
+                    completion token (`logprobs.FrozenStates`); else None.
     """
 
     tokens: mx.array
@@ -117,6 +120,7 @@ class Rollout:
     decode_tokens: int
     seconds: float
     prefill_seconds: float = 0.0
+    frozen: FrozenStates | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -416,17 +420,25 @@ def plain_head(model) -> mx.array | None:
     return layer.weight if ok and layer is not None else None  # (ok implies a layer)
 
 
-def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache) -> mx.array:
-    """float32 `[B, V]` logits after the last position of `inputs` `[B, n]` (lazy)."""
-    if head is None:
+def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache, split: int = 0, keep=None) -> mx.array:
+    """float32 `[B, V]` logits after the last position of `inputs` `[B, n]` (lazy). With
+    `split` > 0, the states entering block `split` (`[B, n, H]`) are appended to `keep`."""
+    if split:
+        states = lower_states(model.model, inputs, cache, split)
+        keep.append(states)
+        hidden = upper_hidden(model.model, states, cache, split)[:, -1, :]
+        if head is None:
+            return _backbone_and_head(model)[1](hidden).astype(mx.float32)
+    elif head is None:
         return model(inputs, cache=cache)[:, -1, :].astype(mx.float32)
-    hidden = model.model(inputs, cache=cache)[:, -1, :]
+    else:
+        hidden = model.model(inputs, cache=cache)[:, -1, :]
     return (head @ hidden.T).astype(mx.float32).T  # [V, B] product, viewed as [B, V]
 
 
-def next_logits(model, head: mx.array | None, inputs: mx.array, cache) -> np.ndarray:
+def next_logits(model, head: mx.array | None, inputs: mx.array, cache, split: int = 0, keep=None) -> np.ndarray:
     """`next_logits_mx`, as numpy."""
-    return np.array(next_logits_mx(model, head, inputs, cache))
+    return np.array(next_logits_mx(model, head, inputs, cache, split, keep))
 
 
 def check_cache_kind(model) -> None:
@@ -437,30 +449,40 @@ def check_cache_kind(model) -> None:
         raise ValueError(f"model cache: only plain KVCache layers are supported, got {kinds}")
 
 
-def prefill(model, head, prompts: list[list[int]], room: int, on_device: bool = False):
+def prefill(model, head, prompts: list[list[int]], room: int, on_device: bool = False, split: int = 0):
     """Run each prompt through the model once; returns a left-padded `BatchKVCache` per layer
-    (one row per prompt) and the float32 logits `[P, V]` of each prompt's next token (numpy;
-    an `mx.array` with `on_device`).
+    (one row per prompt), the float32 logits `[P, V]` of each prompt's next token (numpy;
+    an `mx.array` with `on_device`) and, with `split` > 0, each prompt's states entering
+    block `split` (`[len(prompt), H]`; else None).
 
     All tokens but the last are run prompt by prompt in chunks of `PREFILL_CHUNK` and only
     their cache is evaluated (MLX is lazy: their logits are never computed). The last tokens
     then run as one batch, which also grows the cache by `room` positions for the decode.
     """
     layers = len(make_prompt_cache(model))
-    per_prompt = []
+    per_prompt, bodies = [], []
     for p in prompts:
         cache = make_prompt_cache(model)
         body = mx.array([p[:-1]], dtype=mx.int32)
+        kept = []
         for start in range(0, len(p) - 1, PREFILL_CHUNK):
-            model(body[:, start : start + PREFILL_CHUNK], cache=cache)
-            mx.eval([c.state for c in cache])
+            chunk = body[:, start : start + PREFILL_CHUNK]
+            if split:
+                kept.append(lower_states(model.model, chunk, cache, split)[0])
+                run_blocks(model.model, kept[-1][None], cache, split)
+            else:
+                model(chunk, cache=cache)
+            mx.eval([c.state for c in cache], kept)
         per_prompt.append(cache)
+        bodies.append(kept)
     batch = [BatchKVCache.merge([c[layer] for c in per_prompt]) for layer in range(layers)]
     for c in batch:
         c.step = room  # the next write allocates all the decode positions at once
     last = mx.array([[p[-1]] for p in prompts], dtype=mx.int32)
-    logits = next_logits_mx(model, head, last, batch)
-    return batch, (logits if on_device else np.array(logits))
+    keep: list[mx.array] = []
+    logits = next_logits_mx(model, head, last, batch, split, keep)
+    states = [mx.concatenate([*kept, keep[0][i]]) for i, kept in enumerate(bodies)] if split else None
+    return batch, (logits if on_device else np.array(logits)), states
 
 
 def filter_cache(cache: list[BatchKVCache], rows: np.ndarray) -> None:
@@ -483,6 +505,8 @@ class _Wave:
     lengths: np.ndarray
     eos: np.ndarray
     prefill_seconds: float
+    prompt_states: list[mx.array] | None = None  # with a split: per prompt [len, H]
+    states: mx.array | None = None  # with a split: [n, max_new_tokens, H]
 
 
 class _Streams:
@@ -495,6 +519,7 @@ class _Streams:
         self.done = np.zeros(n, dtype=bool)
         self.eos = np.zeros(n, dtype=bool)
         self.eos_ids = eos_ids
+        self.kept: list[tuple[np.ndarray, int, list[mx.array]]] = []  # (rows, token t, [states])
 
     def record(self, t: int, rows: np.ndarray, ids: np.ndarray, lps: np.ndarray) -> None:
         """Step `t`'s draws of batch rows `rows` (stream numbers); finished streams ignore theirs."""
@@ -514,21 +539,41 @@ class _Streams:
             return np.nonzero(~finished)[0]
         return None
 
-    def wave(self, prefill_seconds: float) -> _Wave:
-        return _Wave(self.ids, self.lps, self.lengths, self.eos, prefill_seconds)
+    def keep(self, rows: np.ndarray, t: int) -> list[mx.array]:
+        """A list to receive the states of token `t` of batch rows `rows` (`next_logits`)."""
+        self.kept.append((rows.copy(), t, []))
+        return self.kept[-1][2]
+
+    def states(self, like: mx.array) -> mx.array:
+        """`[n, steps, H]`: the kept states of each stream's tokens fed back, zeros where none
+        (`like`: a state, for H and dtype). Finished streams that were still in the batch
+        keep states of their discarded draws too, past their end."""
+        n, steps = self.ids.shape
+        pieces = [kept[0][:, 0, :] for _, _, kept in self.kept]
+        index = np.full((n, steps), sum(len(rows) for rows, _, _ in self.kept), dtype=np.int32)
+        offset = 0
+        for rows, t, _ in self.kept:
+            index[rows, t] = offset + np.arange(len(rows))
+            offset += len(rows)
+        flat = mx.concatenate([*pieces, mx.zeros((1, like.shape[-1]), dtype=like.dtype)])
+        return flat[mx.array(index)]
+
+    def wave(self, prefill_seconds: float, prompt_states=None) -> _Wave:
+        states = None if prompt_states is None else self.states(prompt_states[0])
+        return _Wave(self.ids, self.lps, self.lengths, self.eos, prefill_seconds, prompt_states, states)
 
 
-def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool):
+def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool, split: int = 0):
     """Prefill, then broadcast each prompt's cache row to its `group_size` streams."""
     head = plain_head(model)
     start = time.perf_counter()
-    cache, logits = prefill(model, head, prompts, room=steps, on_device=on_device)
+    cache, logits, prompt_states = prefill(model, head, prompts, room=steps, on_device=on_device, split=split)
     if on_device:
         mx.eval(logits)
     prefill_seconds = time.perf_counter() - start
     prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
     filter_cache(cache, prompt_of_stream)
-    return head, cache, logits, prompt_of_stream, prefill_seconds
+    return head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states
 
 
 def decode_wave(
@@ -540,14 +585,18 @@ def decode_wave(
     uniforms: np.ndarray,
     progress=None,
     on_device: bool = False,
+    split: int = 0,
 ) -> _Wave:
     """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
     together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws.
-    `progress(tokens, streams_done)`, if given, hears after every decode step."""
+    `progress(tokens, streams_done)`, if given, hears after every decode step. With `split`
+    > 0, the states entering block `split` are kept (`_Wave.prompt_states`, `.states`)."""
     if on_device:
-        return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress)
+        return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress, split)
     steps, n = p.max_new_tokens, len(prompts) * group_size
-    head, cache, logits, prompt_of_stream, prefill_seconds = _start_wave(model, prompts, group_size, steps, False)
+    head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states = _start_wave(
+        model, prompts, group_size, steps, False, split
+    )
     rows = np.arange(n)  # rows[j]: the stream (0..n-1) that batch row j decodes
 
     def draw(logits, t):
@@ -565,21 +614,31 @@ def decode_wave(
         if keep is not None:
             filter_cache(cache, keep)
             ids, rows = ids[keep], rows[keep]
-        ids, lps = draw(next_logits(model, head, mx.array(ids[:, None]), cache), t + 1)
+        kept = out.keep(rows, t) if split else None
+        ids, lps = draw(next_logits(model, head, mx.array(ids[:, None]), cache, split, kept), t + 1)
     if progress is not None:  # the streams cut at the cap are finished too
         progress(int(out.lengths.max()) if n else 0, n)
-    return out.wave(prefill_seconds)
+    return out.wave(prefill_seconds, prompt_states)
 
 
 def decode_wave_on_device(
-    model, prompts, group_size: int, p: SamplingParams, eos_ids: np.ndarray, uniforms: np.ndarray, progress=None
+    model,
+    prompts,
+    group_size: int,
+    p: SamplingParams,
+    eos_ids: np.ndarray,
+    uniforms: np.ndarray,
+    progress=None,
+    split: int = 0,
 ) -> _Wave:
     """`decode_wave` with the draws on the device, pipelined: step t + 1 is queued
     (`mx.async_eval`) before the host reads step t's ids. Streams that finish at step t are
     in step t + 1's batch too (their tokens are dropped); compaction then filters the cache
     and the queued step's ids alike. Each stream's draws are the same as on the host path."""
     steps, n = p.max_new_tokens, len(prompts) * group_size
-    head, cache, logits, prompt_of_stream, prefill_seconds = _start_wave(model, prompts, group_size, steps, True)
+    head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states = _start_wave(
+        model, prompts, group_size, steps, True, split
+    )
     table = mx.array(uniforms)
     rows = np.arange(n)
 
@@ -593,7 +652,8 @@ def decode_wave_on_device(
     for t in range(steps):
         queued = None
         if t + 1 < steps:  # the next step, from this step's ids still on the device
-            queued = draw(next_logits_mx(model, head, current[0][:, None], cache), t + 1, rows)
+            kept = out.keep(rows, t) if split else None
+            queued = draw(next_logits_mx(model, head, current[0][:, None], cache, split, kept), t + 1, rows)
             mx.async_eval(queued)
         ids, lps = np.array(current[0]), np.array(current[1])
         if not np.isfinite(lps).all():
@@ -612,7 +672,7 @@ def decode_wave_on_device(
         current = queued
     if progress is not None:
         progress(int(out.lengths.max()) if n else 0, n)
-    return out.wave(prefill_seconds)
+    return out.wave(prefill_seconds, prompt_states)
 
 
 def on_gpu() -> bool:
@@ -631,6 +691,7 @@ def generate_groups(
     total_streams: int | None = None,
     progress=None,
     on_device: bool | None = None,
+    keep_states: int = 0,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
@@ -649,6 +710,9 @@ def generate_groups(
                 decode step: the tokens of the current wave's longest stream, the token cap,
                 and the streams finished so far (earlier waves count as finished).
     on_device:  draw on the device, pipelined (`decode_wave_on_device`); default: on a GPU.
+    keep_states: k > 0 keeps the states entering block k (`logprobs.frozen_blocks(model)`,
+                the first block with trainable parameters) in `Rollout.frozen`, for the
+                update to run the top blocks only.
 
     Returns a `Rollout` (see its docstring for shapes and conventions).
     """
@@ -680,7 +744,7 @@ def generate_groups(
             hear = None
             if progress is not None:
                 hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
-            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear, device))
+            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear, device, keep_states))
     finally:
         model.train(was_training)
 
@@ -690,6 +754,15 @@ def generate_groups(
     ids = np.concatenate([w.tokens for w in waves])[:, :width]
     lps = np.concatenate([w.logprobs for w in waves])[:, :width]
     eos_end = np.concatenate([w.eos for w in waves])
+    frozen = None
+    if keep_states:
+        frozen = FrozenStates(
+            split=keep_states,
+            prompts=[s for w in waves for s in cast("list[mx.array]", w.prompt_states)],
+            completions=mx.concatenate([cast(mx.array, w.states) for w in waves])[:, :width],
+            group_size=group_size,
+        )
+        mx.eval(frozen.prompts, frozen.completions)
     return Rollout(
         tokens=mx.array(np.where(mask, ids, 0).astype(np.int32)),
         mask=mx.array(mask.astype(np.float32)),
@@ -702,6 +775,7 @@ def generate_groups(
         decode_tokens=int(lengths.sum()),
         seconds=time.perf_counter() - start,
         prefill_seconds=sum(w.prefill_seconds for w in waves),
+        frozen=frozen,
     )
 
 

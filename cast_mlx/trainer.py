@@ -53,7 +53,7 @@ from cast_mlx.checkpoint import TrainingError, TrainState
 from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count
 from cast_mlx.dashboard import make_view
 from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
-from cast_mlx.logprobs import length_buckets, score_in_buckets, token_logprobs, trimmed_batch
+from cast_mlx.logprobs import frozen_blocks, length_buckets, score_in_buckets, token_logprobs, trimmed_batch
 from cast_mlx.loss import loss_norm, rows_with_loss
 from cast_mlx.metrics import length_drift, memory_usage, step_metrics
 from cast_mlx.rollout import decode_completions
@@ -323,6 +323,7 @@ def sample(run: Run, problems: list):
         stream_offset=world.rank * streams,
         total_streams=world.size * streams,
         progress=lambda t, cap, done, n: run.phase("sampling", t, cap, f"{done}/{n} streams done"),
+        keep_states=frozen_blocks(run.model) if r.system.reuse_frozen else 0,
     )
     return prompts, out
 
@@ -408,6 +409,9 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
     temperature = run.recipe.sampling.temperature
     size, share = run.recipe.optimizer.micro_batch_size, run.recipe.system.share_prefix
     contexts = row_contexts(run, problems, prompts)
+    g = run.recipe.sampling.group_size
+    # the rollout's frozen-block states are the student's context's (the `same` teacher's)
+    frozen = out.frozen if all(c == prompts[i // g] for i, c in enumerate(contexts)) else None
     if run.recipe.teacher.context == "same":
         lp_old = score_in_buckets(
             lambda b: mx.stop_gradient(token_logprobs(run.model, b, temperature)),
@@ -416,11 +420,12 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
             mask,
             size,
             share,
+            frozen,
         )
     else:
         lp_old = out.logprobs
     lp_t = score_in_buckets(
-        lambda b: run.teacher.score(run.model, b, temperature), contexts, out.tokens, mask, size, share
+        lambda b: run.teacher.score(run.model, b, temperature), contexts, out.tokens, mask, size, share, frozen
     )
     return (lp_t - lp_old) * mask, lp_t
 
@@ -428,8 +433,9 @@ def teacher_gaps(run: Run, problems, prompts, out, mask):
 LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")  # policy_loss's metrics (+ kl_mean)
 
 
-def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
-    """Accumulate gradients over micro-batches, clip, and apply one AdamW step.
+def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None, frozen=None):
+    """Accumulate gradients over micro-batches, clip, and apply one AdamW step (with
+    `frozen`, the rollout's frozen-block states of these rows: only the top blocks run).
 
     Returns (loss, grad_norm, aux metrics, applied?). Rows without loss (zero advantage
     everywhere with beta = 0, or truncated when masked) are skipped: they would add
@@ -463,7 +469,7 @@ def update(run: Run, contexts, tokens, mask, adv, truncated, ref_lp=None):
     run.phase("update", 0, len(buckets))
     for done, mb in enumerate(([rows[j] for j in b] for b in buckets), 1):
         idx = mx.array(mb)
-        batch = trimmed_batch(contexts, tokens, mask, mb, share)
+        batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
         length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
         (value, (metrics, ent)), g = grad_fn(run.model, batch, adv[idx, :length], truncated[idx], ref_mb)
@@ -568,6 +574,7 @@ def learn(
                 mask,
                 r.optimizer.micro_batch_size,
                 r.system.share_prefix,
+                out.frozen,
             )
             mx.eval(ref_lp)  # inside the swap, and timed as teacher work
     mx.eval(gaps)
@@ -583,7 +590,9 @@ def learn(
         aux = {"entropy": math.nan, "rows_skipped": 0}
     else:
         mx.clear_cache()
-        loss_value, grad_norm, aux, applied = update(run, contexts, out.tokens, mask, adv, truncated, ref_lp)
+        loss_value, grad_norm, aux, applied = update(
+            run, contexts, out.tokens, mask, adv, truncated, ref_lp, out.frozen
+        )
     mx.clear_cache()
     times["update"] = time.perf_counter() - t
 

@@ -144,7 +144,7 @@ def median(xs):
 
 def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
     sets = workload_overrides(data_dir, algorithm, steps) + [f"logging.out_dir={out}"]
-    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smollm2-135m-arith.yaml", "--no-dashboard"]
+    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smollm2-135m-arith-grpo.yaml", "--no-dashboard"]
     cmd += [a for s in sets for a in ("--set", s)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:

@@ -19,10 +19,12 @@ code) and reports the median of each phase:
 Memory: `peak_gb` is MLX's peak during a variant's steps (reset before each); `rss_gb` the
 process's peak resident set after it (it only grows; CAST runs first, so its value is the
 sampling + CAST peak). `--micro-batch` sets optimizer.micro_batch_size (default: the
-recipe's); `--share-prefix 0` scores each row with its own full forward (the old path).
+recipe's); `--share-prefix 0` scores each row with its own full forward (the old path);
+`--reuse-frozen 0` runs the whole model in the update instead of the top blocks from the
+rollout's kept states.
 
 Prints ONE JSON line. Usage: python scripts/bench_step.py [--repeats 3] [--micro-batch N]
-[--share-prefix 0|1] [--variants cast grpo grpo_same_rows]
+[--share-prefix 0|1] [--reuse-frozen 0|1] [--variants cast grpo grpo_same_rows]
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from cast_mlx import trainer  # noqa: E402
 from cast_mlx.blas import active_blas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "smollm2-135m-arith.yaml"
+RECIPE = ROOT / "recipes" / "smollm2-135m-arith-grpo.yaml"
 PROMPTS, GROUP, MAX_NEW = 2, 8, 128
 
 
@@ -98,8 +100,13 @@ def workload_overrides(data_dir: Path, algorithm: str, steps: int = 3) -> list[s
     ]
 
 
-def recipe_for(data_dir: Path, algorithm: str, micro_batch: int | None, share_prefix: bool) -> cfg.Recipe:
-    sets = workload_overrides(data_dir, algorithm) + [f"system.share_prefix={str(share_prefix).lower()}"]
+def recipe_for(
+    data_dir: Path, algorithm: str, micro_batch: int | None, share_prefix: bool, reuse_frozen: bool = True
+) -> cfg.Recipe:
+    sets = workload_overrides(data_dir, algorithm) + [
+        f"system.share_prefix={str(share_prefix).lower()}",
+        f"system.reuse_frozen={str(reuse_frozen).lower()}",
+    ]
     if micro_batch:
         sets.append(f"optimizer.micro_batch_size={micro_batch}")
     return cfg.load_recipe(RECIPE, sets)
@@ -162,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--share-prefix", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--reuse-frozen", type=int, default=1, choices=(0, 1))
     ap.add_argument("--variants", nargs="+", default=["cast", "grpo", "grpo_same_rows"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
         results, batch = {}, None
         for variant in args.variants:
             algorithm = "cast" if variant == "cast" else "grpo"
-            recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix))
+            recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen))
             with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
                 if batch is None:  # sampled once, by the first variant's (still untrained) model
                     *batch, mixed = mixed_batch(run)
@@ -184,6 +192,7 @@ def main(argv=None) -> int:
         "mlx": mx.__version__,
         "micro_batch": recipe.optimizer.micro_batch_size,
         "share_prefix": bool(args.share_prefix),
+        "reuse_frozen": bool(args.reuse_frozen),
         "repeats": args.repeats,
         "completion_tokens": int(out.mask.sum().item()),
         "prompt_tokens": sum(len(p) for p in prompts),

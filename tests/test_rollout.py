@@ -389,6 +389,34 @@ def test_device_path_gives_the_host_paths_rollout(setup, sampled):
     np.testing.assert_allclose(np.array(device.logprobs), np.array(host.logprobs), atol=1e-4)
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_kept_frozen_states_are_the_fresh_forwards_and_change_nothing(setup, on_device):
+    """`keep_states=k` (both decode paths, in waves with compaction) leaves the rollout as it
+    was and keeps, for every prompt token and every completion token fed back, the state
+    entering block k that a fresh forward of prompt + completion computes (to rounding)."""
+    from cast_mlx import logprobs
+
+    model, _, prompts, eos = setup
+    split = 20
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, max_new_tokens=24, max_batch=4)
+    plain = generate_groups(model, prompts, 4, params, eos, key=3, on_device=on_device)
+    kept = generate_groups(model, prompts, 4, params, eos, key=3, on_device=on_device, keep_states=split)
+    assert plain.frozen is None and kept.frozen is not None and kept.frozen.split == split
+    assert rows_of(kept) == rows_of(plain) and kept.finish_reasons == plain.finish_reasons
+    np.testing.assert_array_equal(np.array(kept.logprobs), np.array(plain.logprobs))
+    assert len(set(kept.lengths.tolist())) > 1  # streams ended at different steps (compaction)
+    states = kept.frozen
+    assert [s.shape[0] for s in states.prompts] == [len(p) for p in prompts]
+    assert states.completions.shape == (*kept.tokens.shape, model.args.hidden_size)
+    for i, row in enumerate(rows_of(kept)):
+        prompt = prompts[i // 4]
+        fresh = logprobs.lower_states(model.model, mx.array([prompt + row]), None, split)[0]
+        n = len(row)
+        np.testing.assert_allclose(np.array(states.prompts[i // 4]), np.array(fresh[: len(prompt)]), atol=2e-3)
+        got = np.array(states.completions[i, : n - 1])
+        np.testing.assert_allclose(got, np.array(fresh[len(prompt) : len(prompt) + n - 1]), atol=2e-3)
+
+
 # --------------------------------------------------------------------------- fast filters
 
 

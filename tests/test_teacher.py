@@ -223,4 +223,90 @@ def test_shared_prefix_edge_cases_and_fallback(lora_model, monkeypatch):
     monkeypatch.setattr(type(model.model), "__call__", lambda self, *a, **k: calls.append(k) or backbone(*a, **k))
     got = np.array(logprobs.token_logprobs(model, batch, 1.0))
     np.testing.assert_allclose(got, want, atol=1e-4)
-    assert calls == [{}]  # one per-row forward, no cache
+    assert len(calls) == 1 and calls[0].get("cache") is None  # one per-row forward, no cache
+
+
+@pytest.mark.parametrize("kind", ["linear", "tied-embedding", "linear-with-bias"])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_head_vjp_equals_autodiff_of_the_plain_formula(kind, with_entropy):
+    """The head's hand-written backward (closed-form softmax gradients, logits recomputed)
+    gives autodiff's values and gradients; a head it cannot transpose (a bias) takes mx.vjp."""
+    mx.random.seed(3)
+    vocab, width = 37, 8
+    layer = nn.Embedding(vocab, width) if kind == "tied-embedding" else nn.Linear(width, vocab, bias=kind != "linear")
+    head = layer.as_linear if kind == "tied-embedding" else layer
+    assert (logprobs._head_transpose(head) is None) == (kind == "linear-with-bias")
+    h = mx.random.normal((2, 5, width))
+    tokens = mx.random.randint(0, vocab, (2, 5))
+    w_lp, w_ent = mx.random.normal((2, 5)), mx.random.normal((2, 5))
+    inv_temp = 1 / 0.7
+
+    def plain(x):  # the textbook formula, differentiated by MLX
+        z = head(x).astype(mx.float32) * inv_temp
+        lse = mx.logsumexp(z, axis=-1)
+        lp = mx.take_along_axis(z, tokens[..., None], axis=-1)[..., 0] - lse
+        ent = lse - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
+        return lp, ent
+
+    def objective(fn):
+        def f(x):
+            lp, ent = fn(x)
+            return (lp * w_lp).sum() + ((ent * w_ent).sum() if with_entropy else 0.0)
+
+        return f
+
+    ours = lambda x: logprobs._chunk_logprobs(head, x, tokens, inv_temp, with_entropy)  # noqa: E731
+    (lp_a, ent_a), (lp_b, ent_b) = ours(h), plain(h)
+    np.testing.assert_allclose(np.array(lp_a), np.array(lp_b), atol=1e-5)
+    if with_entropy:
+        np.testing.assert_allclose(np.array(ent_a), np.array(ent_b), atol=1e-5)
+    else:
+        assert float(mx.abs(ent_a).max()) == 0.0
+    g_a, g_b = mx.grad(objective(ours))(h), mx.grad(objective(plain))(h)
+    assert float(mx.abs(g_b).max()) > 1e-3
+    np.testing.assert_allclose(np.array(g_a), np.array(g_b), atol=1e-5)
+
+
+def test_frozen_blocks_is_the_first_adapted_block(lora_model):
+    model, _ = lora_model
+    assert logprobs.frozen_blocks(model) == len(model.model.layers) - LORA["num_layers"]
+    model.args.model_type = "gemma"  # a backbone it does not know
+    assert logprobs.frozen_blocks(model) == 0
+    model.args.model_type = "llama"
+    model.model.layers[0].unfreeze()  # the bottom block trains: nothing to keep
+    assert logprobs.frozen_blocks(model) == 0
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_scoring_from_kept_states_gives_the_full_forwards_logprobs_and_gradients(lora_model, share):
+    """A batch that carries the states entering the first adapted block runs only the top
+    blocks: the log-probs, entropies and LoRA gradients of the full forward, to rounding."""
+    model, tok = lora_model
+    _perturb(model)
+    split = logprobs.frozen_blocks(model)
+    context, tokens, mask = _group(tok)
+    n, length = tokens.shape
+    inputs = mx.array([context + row for row in tokens.tolist()])
+    fresh = logprobs.lower_states(model.model, inputs, None, split)  # [3, len(context) + L, H]
+    states = logprobs.BatchStates(split, [fresh[i, : len(context)] for i in range(n)], fresh[:, len(context) :])
+    full = logprobs.make_batch([context] * n, tokens, mask, share)
+    kept = logprobs.make_batch([context] * n, tokens, mask, share, states)
+
+    def loss(m, batch):
+        lp, ent = logprobs.token_logprobs(m, batch, 0.7, chunk=2, with_entropy=True)
+        return (lp * mx.arange(1, length + 1)[None, :]).sum() + ent.sum(), (lp, ent)
+
+    grad = nn.value_and_grad(model, loss)
+    (va, (lp_a, ent_a)), ga = grad(model, kept)
+    (vb, (lp_b, ent_b)), gb = grad(model, full)
+    np.testing.assert_allclose(np.array(lp_a), np.array(lp_b), atol=1e-4)
+    np.testing.assert_allclose(np.array(ent_a), np.array(ent_b), atol=1e-4)
+    flat_a, flat_b = dict(tree_flatten(ga)), dict(tree_flatten(gb))
+    assert any(float(mx.abs(v).max()) > 0 for v in flat_b.values())
+    for k in flat_b:
+        scale = float(mx.abs(flat_b[k]).max()) + 1e-8
+        np.testing.assert_allclose(np.array(flat_a[k]) / scale, np.array(flat_b[k]) / scale, atol=1e-4, err_msg=k)
+    # states that are not this batch's are refused
+    short = logprobs.BatchStates(split, states.contexts, states.tokens[:, :-1])
+    with pytest.raises(ValueError, match="states: they do not match"):
+        logprobs.make_batch([context] * n, tokens, mask, share, short)

@@ -243,16 +243,18 @@ def test_nan_steps_skip_updates_then_stop(smoke_run):
 
 def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
     """Micro-batches of 1 and of all rows give the same update (normalised over the batch),
-    and so does scoring every row with its own full forward (`system.share_prefix: false`),
-    teacher gaps included."""
+    and so do scoring every row with its own full forward (`system.share_prefix: false`) and
+    running the update from the rollout's frozen-block states (`system.reuse_frozen`, last
+    case without), teacher gaps included."""
     results, all_gaps = [], []
-    for micro, share in ((1, True), (8, False), (8, True)):
+    for micro, share, reuse in ((1, True, True), (8, False, True), (8, True, True), (8, True, False)):
         recipe = cfg.load_recipe(
             ROOT / "recipes/smoke.yaml",
             [
-                f"logging.out_dir={tmp_path / f'{micro}-{share}'}",
+                f"logging.out_dir={tmp_path / f'{micro}-{share}-{reuse}'}",
                 f"optimizer.micro_batch_size={micro}",
                 f"system.share_prefix={str(share).lower()}",
+                f"system.reuse_frozen={str(reuse).lower()}",
                 "sampling.group_size=4",
             ],
         )
@@ -261,13 +263,16 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
             start = models.lora_state(run.model)
             problems = trainer.next_prompts(run)
             prompts, out = trainer.sample(run, problems)
+            assert (out.frozen is not None) == reuse and (not reuse or out.frozen.split == 30 - recipe.lora.num_layers)
             rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
             gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
             all_gaps.append(np.array(gaps))
             adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
             truncated = mx.zeros((8,))
             contexts = [prompts[i // 4] for i in range(8)]
-            loss, gnorm, aux, applied = trainer.update(run, contexts, out.tokens, out.mask, adv, truncated)
+            loss, gnorm, aux, applied = trainer.update(
+                run, contexts, out.tokens, out.mask, adv, truncated, None, out.frozen
+            )
             assert applied
             now = models.lora_state(run.model)
             results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
