@@ -162,7 +162,7 @@ class FrozenStates:
         )
 
 
-def _backbone_and_head(model: nn.Module):
+def backbone_and_head(model: nn.Module):
     """(hidden-states function, output head) for mlx-lm decoder models."""
     inner = getattr(model, "model", None)
     if inner is None:
@@ -288,7 +288,7 @@ def token_logprobs(
     """`log_softmax(logits / T)[token]` in float32 for every completion position: `[N, L]`
     (0 where masked). With `with_entropy`, also the entropy of that distribution `[N, L]`."""
     inv_temp = 1.0 / temperature
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     if backbone is None:  # unknown layout: full logits (fine for small vocabularies)
         states = None
     else:

@@ -66,7 +66,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from cast_mlx.logprobs import FrozenStates, _backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
+from cast_mlx.logprobs import FrozenStates, backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
@@ -428,7 +428,7 @@ def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache, split:
         keep.append(states)
         hidden = upper_hidden(model.model, states, cache, split)[:, -1, :]
         if head is None:
-            return _backbone_and_head(model)[1](hidden).astype(mx.float32)
+            return backbone_and_head(model)[1](hidden).astype(mx.float32)
     elif head is None:
         return model(inputs, cache=cache)[:, -1, :].astype(mx.float32)
     else:

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     contexts, rows = [prompt] * args.rows, list(range(args.rows))
     full = logprobs.trimmed_batch(contexts, out.tokens, out.mask, rows)
     kept = logprobs.trimmed_batch(contexts, out.tokens, out.mask, rows, frozen=out.frozen)
-    backbone, head = logprobs._backbone_and_head(model)
+    backbone, head = logprobs.backbone_and_head(model)
     states = logprobs._predicting_states(model, backbone, full)
     mx.eval(states)
     line["backbone_all_blocks_s"] = median_time(
