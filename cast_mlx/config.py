@@ -243,7 +243,7 @@ class SystemConfig:
     # The length-drift guard (metrics.length_drift): the mean truncation rate of the last
     # `drift_window` steps is `drift_rise` above its lowest such mean so far while the reward
     # did not rise. Fitted on the committed runs (docs/results.md): it flags all 20 drifting
-    # CAST runs of the first 40 by step 6-10 and none of the 20 others (25 of 26 of the 50 now).
+    # CAST runs of the first 40 by step 6-10 and none of the 20 others (28 of 29 of the 61 now).
     drift_window: int = bounds(3, ge=1)
     drift_rise: float = bounds(0.2, gt=0.0, le=1.0)
     stop_on_drift: bool = False  # write a checkpoint and stop (exit code 4) when it fires
