@@ -77,6 +77,9 @@ class Run:
     verifier: verify.Verifier
     out_dir: Path
     special_ids: list[int]  # EOS and the other special/template token ids
+    # the blocks below the first LoRA block, whose output the rollout keeps for the update
+    # (logprobs.frozen_blocks; 0: none, or system.reuse_frozen false); fixed for the run
+    frozen_split: int = 0
     reward_fns: list = field(default_factory=list)  # reward.functions; empty: the math verifier alone
     # on_phase of the callbacks (fit sets it): progress inside a step, for the dashboard
     phase: Callable[..., None] = field(default=lambda *args: None)
@@ -180,6 +183,7 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         verifier=verify.Verifier(workers=1, timeout=2.0).start(),
         out_dir=Path(out_dir) if out_dir else cfg.out_dir(recipe),
         special_ids=rollout.special_token_ids(tokenizer),
+        frozen_split=frozen_blocks(model) if recipe.system.reuse_frozen else 0,
         reward_fns=reward_fns,
         state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size, run_id=ckpt_io.new_run_id()),
         world=world,
@@ -323,7 +327,7 @@ def sample(run: Run, problems: list):
         stream_offset=world.rank * streams,
         total_streams=world.size * streams,
         progress=lambda t, cap, done, n: run.phase("sampling", t, cap, f"{done}/{n} streams done"),
-        keep_states=frozen_blocks(run.model) if r.system.reuse_frozen else 0,
+        keep_states=run.frozen_split,
     )
     return prompts, out
 
