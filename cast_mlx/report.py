@@ -36,8 +36,8 @@ from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
-from cast_mlx.cli import OneLineParser
-from cast_mlx.plot import EXIT_USAGE, METRICS, PlotError, read_metrics, rolling_mean, series
+from cast_mlx.cli import EXIT_USAGE, OneLineParser
+from cast_mlx.plot import METRICS, PlotError, read_metrics, rolling_mean, series
 
 SAMPLES = "samples.jsonl"
 REPORT = "report.html"
