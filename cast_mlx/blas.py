@@ -70,9 +70,12 @@ def load() -> str:
     if _LOADED:
         return _ACTIVE or "unknown"
     _LOADED = True
-    # mlx-lm imports transformers, which loads torch's OpenMP runtime; with its default
-    # spin-waiting, small MKL matmuls were measured 16-24x slower. Passive waiting fixes it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # After a parallel region MKL's OpenMP threads spin for KMP_BLOCKTIME ms before they
+    # sleep, so the many small matmuls of attention and decoding do not each pay a wake-up.
+    # Passive waiting (OMP_WAIT_POLICY=PASSIVE, this loader's earlier default) made a CAST
+    # step 25% slower and attention's batched matmuls 13x (docs/speed.md). 20 ms bounds the
+    # spinning while the host works between steps. A user's own setting wins.
+    os.environ.setdefault("KMP_BLOCKTIME", "20")
     if not sys.platform.startswith("linux"):
         _ACTIVE = "Accelerate (macOS)" if sys.platform == "darwin" else "MLX default"
         return _ACTIVE
@@ -106,6 +109,14 @@ def load() -> str:
         return _ACTIVE
     _ACTIVE = "stock (no MKL/OpenBLAS found; pip install 'cast-mlx[mkl]')"
     return _ACTIVE
+
+
+THREAD_SETTINGS = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_settings() -> dict[str, str]:
+    """The environment settings that govern the BLAS's threads, those set (for benchmarks)."""
+    return {k: os.environ[k] for k in THREAD_SETTINGS if k in os.environ}
 
 
 def active_blas() -> str:

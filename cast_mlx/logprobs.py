@@ -35,6 +35,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from cast_mlx import fastmath
+
 
 @dataclass
 class BatchStates:
@@ -250,14 +252,13 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
     def forward(h):
         z = logits_of(h)
         picked = mx.take_along_axis(z, tokens[..., None], axis=-1)[..., 0]
-        if not with_entropy:
-            lse = mx.logsumexp(z, axis=-1)
-            return picked - lse, mx.zeros_like(picked), lse
         # one exp pass for both: lse = m + log sum e, H = lse - sum(e z) / sum e, e = exp(z - m)
         top = mx.stop_gradient(z.max(axis=-1, keepdims=True))
-        e = mx.exp(z - top)
+        e = fastmath.exp(z - top)
         total = e.sum(axis=-1)
         lse = top[..., 0] + mx.log(total)
+        if not with_entropy:
+            return picked - lse, mx.zeros_like(picked), lse
         return picked - lse, lse - (e * z).sum(axis=-1) / total, lse
 
     @forward.vjp
@@ -268,7 +269,7 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
         weight = g_lp[..., None]
         if with_entropy:  # E_p[z] = lse - H
             weight = weight + g_ent[..., None] * (z - (lse - entropy)[..., None])
-        dz = g_lp[..., None] * (mx.arange(z.shape[-1]) == tokens[..., None]) - mx.exp(z - lse[..., None]) * weight
+        dz = g_lp[..., None] * (mx.arange(z.shape[-1]) == tokens[..., None]) - fastmath.exp(z - lse[..., None]) * weight
         dz = dz * inv_temp
         if transpose is not None:
             return transpose(dz).astype(h.dtype)

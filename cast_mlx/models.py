@@ -36,6 +36,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from cast_mlx import fastmath
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -412,6 +414,8 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "auto"):
         dt = getattr(mx, want)
         dequantize(model, dt)
         cast_floats(model, dt)
+    if fastmath.on_cpu():  # MLX's CPU sigmoid is slow; the fast SwiGLU computes the same
+        fastmath.use_fast_swiglu(model)
     mx.eval(model.parameters())
     model.eval()
     return model, tokenizer

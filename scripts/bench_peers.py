@@ -187,7 +187,7 @@ def run_trl(python: Path, prompts_file: Path, out: Path, steps: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     (out / "child.py").write_text(TRL_CHILD)
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")  # torch keeps its own thread defaults
     done = subprocess.run([str(python), str(out / "child.py"), str(out / "spec.json")], env=env,
                           capture_output=True, text=True)  # fmt: skip
     found = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -245,9 +245,9 @@ def main(argv=None) -> int:
             line["trl"] = run_trl(python, templated_prompts(tmp_path), tmp_path / "trl", args.steps)
         import mlx.core as mx
 
-        from cast_mlx.blas import active_blas
+        from cast_mlx.blas import active_blas, thread_settings
 
-        line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas()}
+        line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas(), "threads": thread_settings()}
         for algorithm in args.only:
             line[algorithm] = run_ours(algorithm, data_dir, tmp_path / f"ours-{algorithm}", args.steps)
     trl = line.get("trl")

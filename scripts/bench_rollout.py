@@ -24,16 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
 from pathlib import Path
-
-# mlx-lm imports transformers, which loads torch and its own OpenMP runtime; with MKL's
-# threads spinning beside it, small matmuls were measured 3-20x slower here. Passive waiting
-# avoids that (same setting for both engines).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
@@ -154,7 +148,8 @@ def main(argv=None) -> int:
     result = {
         "bench": "rollout",
         "device": str(mx.default_device()),
-        "blas": cast_mlx.blas.active_blas() if hasattr(cast_mlx.blas, "active_blas") else None,
+        "blas": cast_mlx.blas.active_blas(),
+        "threads": cast_mlx.blas.thread_settings(),
         "prompts": len(prompts),
         "group": args.group,
         "max_new_tokens": args.max_new,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import resource
@@ -40,8 +39,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
 # isort: split
@@ -49,7 +46,7 @@ import mlx.core as mx  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx import trainer  # noqa: E402
-from cast_mlx.blas import active_blas  # noqa: E402
+from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith-grpo.yaml"
@@ -189,6 +186,7 @@ def main(argv=None) -> int:
         "bench": "step",
         "machine": cpu_name(),
         "blas": active_blas(),
+        "threads": thread_settings(),
         "mlx": mx.__version__,
         "micro_batch": recipe.optimizer.micro_batch_size,
         "share_prefix": bool(args.share_prefix),

@@ -28,8 +28,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
 # isort: split
@@ -38,7 +36,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from cast_mlx import logprobs, models, rollout  # noqa: E402
-from cast_mlx.blas import active_blas  # noqa: E402
+from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import cpu_name  # noqa: E402
@@ -78,6 +76,7 @@ def main(argv=None) -> int:
         "bench": "update_profile",
         "machine": cpu_name(),
         "blas": active_blas(),
+        "threads": thread_settings(),
         "mlx": mx.__version__,
         "rows": args.rows,
         "length": args.length,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -67,3 +69,17 @@ def test_warns_once_when_mlx_came_first():
     count, name = proc.stdout.strip().splitlines()
     assert count == "1"
     assert name.startswith("stock (mlx.core imported before cast_mlx)")
+
+
+def test_threads_spin_briefly_unless_the_user_says_otherwise():
+    code = "import os, cast_mlx; print(os.environ.get('KMP_BLOCKTIME'), os.environ.get('OMP_WAIT_POLICY'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("KMP_BLOCKTIME", "OMP_WAIT_POLICY")}
+
+    def child(**env):
+        proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()[-2:]
+
+    assert child() == ["20", "None"]  # MKL's threads spin 20 ms; passive waiting is not forced
+    assert child(KMP_BLOCKTIME="0", OMP_WAIT_POLICY="PASSIVE") == ["0", "PASSIVE"]
+    assert blas.thread_settings()["KMP_BLOCKTIME"] == os.environ["KMP_BLOCKTIME"]

@@ -1,0 +1,78 @@
+"""The CPU's fast exponentials: the same values and gradients as MLX's own ops, both paths."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from cast_mlx import fastmath
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_exp_matches_mlx_exp_both_ways(cpu):
+    x = mx.concatenate([mx.linspace(-87.0, 88.0, 20001), mx.array([0.0, -1e-8, 1e-8, -mx.inf])])
+    got, want = np.array(fastmath.exp(x, cpu=cpu)), np.array(mx.exp(x))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert got[-1] == 0.0  # a masked logit stays masked
+    if not cpu:
+        assert np.array_equal(got, want)  # other backends: MLX's exp itself
+
+
+def test_swiglu_matches_silu_times_up_in_values_and_gradients():
+    gate = mx.random.normal((4, 7, 96), key=mx.random.key(0)) * 6
+    up = mx.random.normal((4, 7, 96), key=mx.random.key(1))
+    np.testing.assert_allclose(fastmath.swiglu(gate, up), nn.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    extreme = mx.array([-200.0, -90.0, 0.0, 90.0, 200.0])
+    np.testing.assert_allclose(fastmath.swiglu(extreme, mx.ones(5)), nn.silu(extreme), rtol=1e-6, atol=1e-30)
+    fast = mx.grad(lambda g, u: (fastmath.swiglu(g, u) ** 2).sum(), argnums=(0, 1))(gate, up)
+    slow = mx.grad(lambda g, u: ((nn.silu(g) * u) ** 2).sum(), argnums=(0, 1))(gate, up)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _tiny(arch: str):
+    from mlx_lm.models import llama, qwen2, qwen3
+
+    module = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}[arch]
+    common = dict(
+        model_type=arch, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+        rms_norm_eps=1e-5, vocab_size=50, num_key_value_heads=2, rope_theta=10000.0,
+    )  # fmt: skip
+    if arch == "qwen3":
+        common.update(head_dim=8, max_position_embeddings=128, tie_word_embeddings=True)
+    mx.random.seed(3)
+    model = module.Model(module.ModelArgs(**common))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_use_fast_swiglu_keeps_the_model_and_its_parameter_names(arch):
+    model = _tiny(arch)
+    ids = mx.array([[1, 5, 9, 2, 7]])
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    before = model(ids)
+    assert fastmath.use_fast_swiglu(model) == 2
+    assert all(type(layer.mlp) is fastmath.SwiGLU for layer in model.model.layers)
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    np.testing.assert_allclose(model(ids), before, rtol=1e-4, atol=1e-5)
+    assert fastmath.use_fast_swiglu(model) == 0  # already swapped: nothing to do
+
+
+def test_use_fast_swiglu_leaves_other_models_alone():
+    other = nn.Module()
+    other.model = nn.Module()
+    other.model.layers = [nn.Module()]
+    other.model.layers[0].mlp = nn.Linear(4, 4)
+    assert fastmath.use_fast_swiglu(other) == 0
+    assert type(other.model.layers[0].mlp) is nn.Linear
+    assert fastmath.use_fast_swiglu(nn.Linear(2, 2)) == 0
+
+
+def test_the_embedded_model_loads_with_the_fast_swiglu_on_the_cpu(smol):
+    model, _ = smol
+    assert mx.default_device() == mx.cpu
+    assert all(type(layer.mlp) is fastmath.SwiGLU for layer in model.model.layers)
