@@ -22,7 +22,8 @@ skips the update when every group has zero variance; `grpo_update_steps` says ho
 steps had one, and `grpo.step_s_with_update` is the median over those.
 
 Not in CI (it installs TRL and takes ~10 minutes). Prints ONE JSON line.
-Usage: python scripts/bench_peers.py [--steps 3] [--venv DIR] [--skip-trl] [--only cast grpo]
+Usage: python scripts/bench_peers.py [--steps 3] [--venv DIR] [--skip-trl] [--only [cast] [grpo]]
+(`--only` with no name: TRL alone)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import GROUP, MAX_NEW, PROMPTS, cpu_name, workload_overrides, workload_problems, write_workload  # noqa: E402
+
+from cast_mlx.blas import thread_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--skip-trl", action="store_true")
-    ap.add_argument("--only", nargs="+", default=["cast", "grpo"], choices=["cast", "grpo"])
+    ap.add_argument("--only", nargs="*", default=["cast", "grpo"], choices=["cast", "grpo"])  # none: TRL only
     args = ap.parse_args(argv)
     line: dict = {"bench": "peers", "machine": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,10 +245,11 @@ def main(argv=None) -> int:
         if not args.skip_trl:
             python = ensure_venv(args.venv)
             line["trl_versions"] = versions(python)
+            line["trl_threads"] = thread_settings()  # its environment: ours, as inherited
             line["trl"] = run_trl(python, templated_prompts(tmp_path), tmp_path / "trl", args.steps)
         import mlx.core as mx
 
-        from cast_mlx.blas import active_blas, thread_settings
+        from cast_mlx.blas import active_blas
 
         line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas(), "threads": thread_settings()}
         for algorithm in args.only:
