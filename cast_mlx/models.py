@@ -463,6 +463,43 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+class merged_lora:
+    """Context manager: every LoRA linear over a float `nn.Linear` is replaced by a plain
+    linear whose weight has the adapter merged in (`W + scale * B^T A^T`, mlx-lm's `fuse`);
+    the LoRA layers are put back on exit. For sampling, where no gradient is taken: a
+    decode step then runs one matmul per adapted projection instead of three matmuls and two
+    elementwise ops. Quantized bases keep their LoRA layers (a merge would re-quantize)."""
+
+    def __init__(self, model: nn.Module):
+        from mlx_lm.tuner.lora import LoRALinear
+
+        self.model = model
+        self.saved = [
+            (name, m)
+            for name, m in model.named_modules()
+            if type(m) is LoRALinear and type(m.linear) is nn.Linear and not m.training
+        ]
+
+    def __enter__(self) -> nn.Module:
+        fused = [(name, m.fuse()) for name, m in self.saved]
+        mx.eval([m.parameters() for _, m in fused])
+        _put_modules(self.model, fused)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        _put_modules(self.model, self.saved)
+
+
+def _put_modules(model: nn.Module, named: list) -> None:
+    """Set submodules by their dotted names (`model.layers.3.mlp.up_proj`), in place."""
+    for name, module in named:
+        *path, leaf = name.split(".")
+        parent = model
+        for part in path:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        parent[leaf] = module
+
+
 def save_adapters(model: nn.Module, folder: str | Path, adapter_config: dict) -> None:
     """Write `adapters.safetensors` + `adapter_config.json` in mlx-lm's format, so that
     `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` load them."""

@@ -15,7 +15,10 @@
    batch rows are done, the cache and the batch are compacted (`filter`) so that finished
    streams stop costing compute. The loop ends when every stream is done or
    `max_new_tokens` is reached.
-4. **Waves.** `max_batch` bounds the decode batch (and so the KV-cache memory): the prompts
+4. **Merged adapters.** While sampling, each LoRA projection over a float linear runs as one
+   linear with the adapter merged into its weight (`models.merged_lora`): one matmul a
+   decode step instead of three. The log-probs equal the adapted layers' to float rounding.
+5. **Waves.** `max_batch` bounds the decode batch (and so the KV-cache memory): the prompts
    are split into waves of whole groups, `max(1, max_batch // G)` prompts per wave (a wave
    always holds at least one whole group, even when `G > max_batch`).
 
@@ -67,6 +70,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from cast_mlx.logprobs import FrozenStates, backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
+from cast_mlx.models import merged_lora
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
@@ -734,17 +738,18 @@ def generate_groups(
     per_wave = max(1, p.max_batch // group_size)
     device = on_gpu() if on_device is None else on_device
     was_training = model.training
-    model.eval()
+    model.eval()  # no dropout, so the adapters can be merged for decoding
     try:
         waves = []
-        for first in range(0, len(prompts), per_wave):
-            chunk = prompts[first : first + per_wave]
-            rows = slice(first * group_size, (first + len(chunk)) * group_size)
-            before = first * group_size
-            hear = None
-            if progress is not None:
-                hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
-            waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear, device, keep_states))
+        with merged_lora(model):
+            for first in range(0, len(prompts), per_wave):
+                chunk = prompts[first : first + per_wave]
+                rows = slice(first * group_size, (first + len(chunk)) * group_size)
+                before = first * group_size
+                hear = None
+                if progress is not None:
+                    hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
+                waves.append(decode_wave(model, chunk, group_size, p, eos, uniforms[rows], hear, device, keep_states))
     finally:
         model.train(was_training)
 

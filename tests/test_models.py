@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import models
 
@@ -249,3 +250,56 @@ def test_cached_model_without_tokenizer_says_how_to_rebuild(tmp_path, monkeypatc
     # the advised command is the CLI's (its parser accepts it)
     monkeypatch.setattr(models, "fetch", lambda name, force: (name, force))
     assert models.main(["fetch", models.DEFAULT_MODEL, "--force"]) == 0
+
+
+def _tiny_lora_llama(hidden: int = 64, dropout: float = 0.0):
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=hidden, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
+        rms_norm_eps=1e-5, vocab_size=40, num_key_value_heads=2, rope_theta=10000.0,
+    )  # fmt: skip
+    mx.random.seed(5)
+    model = llama.Model(args)
+    models.attach_lora(
+        model, rank=4, alpha=8.0, dropout=dropout, num_layers=2, keys=["self_attn.q_proj", "mlp.down_proj"]
+    )
+    lora = dict(tree_flatten(model.trainable_parameters()))
+    model.update(tree_unflatten([(k, v + 0.1 if k.endswith("lora_b") else v) for k, v in lora.items()]))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_merged_lora_decodes_the_adapted_model_and_puts_the_adapters_back():
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model = _tiny_lora_llama()
+    model.eval()
+    ids = mx.array([[3, 1, 4, 1, 5, 9]])
+    adapted, before = model(ids), dict(tree_flatten(model.trainable_parameters()))
+    layers = model.model.layers
+    originals = [layers[i].self_attn.q_proj for i in (1, 2)]
+    with models.merged_lora(model):
+        assert [type(layers[i].self_attn.q_proj) for i in range(3)] == [nn.Linear] * 3
+        assert type(layers[2].mlp.down_proj) is nn.Linear
+        np.testing.assert_allclose(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    assert [layers[i].self_attn.q_proj for i in (1, 2)] == originals  # the same layers, untouched
+    assert type(layers[2].mlp.down_proj) is LoRALinear
+    after = dict(tree_flatten(model.trainable_parameters()))
+    assert after.keys() == before.keys() and all(mx.array_equal(after[k], before[k]) for k in before)
+    assert mx.array_equal(model(ids), adapted)
+
+
+def test_merged_lora_keeps_training_mode_and_quantized_adapters():
+    model = _tiny_lora_llama(dropout=0.5)
+    model.train()  # dropout active: merging would change what the layer computes
+    with models.merged_lora(model):
+        assert type(model.model.layers[2].self_attn.q_proj).__name__ == "LoRALinear"
+    quantized = _tiny_lora_llama()
+    nn.quantize(quantized.model.layers[2], group_size=32, bits=4, class_predicate=lambda _, m: type(m) is nn.Linear)
+    quantized.eval()
+    with pytest.raises(RuntimeError, match="inside"):
+        with models.merged_lora(quantized):
+            assert type(quantized.model.layers[2].self_attn.q_proj).__name__ == "LoRALinear"
+            raise RuntimeError("inside")
+    assert type(quantized.model.layers[1].self_attn.q_proj).__name__ == "LoRALinear"  # restored after the error
