@@ -19,6 +19,7 @@ GGUF layout notes (what `convert_gguf` undoes):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -465,7 +466,7 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
 
 class merged_lora:
     """Context manager: every LoRA linear over a float `nn.Linear` is replaced by a plain
-    linear whose weight has the adapter merged in (`W + scale * B^T A^T`, mlx-lm's `fuse`);
+    linear whose weight has the adapter merged in (`W + scale * B^T A^T`, as mlx-lm's `fuse`);
     the LoRA layers are put back on exit. For sampling, where no gradient is taken: a
     decode step then runs one matmul per adapted projection instead of three matmuls and two
     elementwise ops. Quantized bases keep their LoRA layers (a merge would re-quantize)."""
@@ -481,13 +482,22 @@ class merged_lora:
         ]
 
     def __enter__(self) -> nn.Module:
-        fused = [(name, m.fuse()) for name, m in self.saved]
+        fused = [(name, _merged_linear(m)) for name, m in self.saved]
         mx.eval([m.parameters() for _, m in fused])
         _put_modules(self.model, fused)
         return self.model
 
     def __exit__(self, *exc) -> None:
         _put_modules(self.model, self.saved)
+
+
+def _merged_linear(lora) -> nn.Linear:
+    """A copy of the LoRA layer's linear with the adapter in its weight (as mlx-lm's `fuse`,
+    without building a fresh `nn.Linear`, whose random init would draw from the global RNG
+    that LoRA dropout uses)."""
+    linear = copy.copy(lora.linear)  # the same bias; a weight of its own below
+    linear.weight = lora.linear.weight + ((lora.scale * lora.lora_b.T) @ lora.lora_a.T).astype(linear.weight.dtype)
+    return linear
 
 
 def _put_modules(model: nn.Module, named: list) -> None:

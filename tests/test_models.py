@@ -279,7 +279,9 @@ def test_merged_lora_decodes_the_adapted_model_and_puts_the_adapters_back():
     adapted, before = model(ids), dict(tree_flatten(model.trainable_parameters()))
     layers = model.model.layers
     originals = [layers[i].self_attn.q_proj for i in (1, 2)]
+    rng = mx.random.state[0]
     with models.merged_lora(model):
+        assert mx.array_equal(mx.random.state[0], rng)  # the global RNG (LoRA dropout's) is not drawn from
         assert [type(layers[i].self_attn.q_proj) for i in range(3)] == [nn.Linear] * 3
         assert type(layers[2].mlp.down_proj) is nn.Linear
         np.testing.assert_allclose(model(ids), adapted, rtol=1e-5, atol=1e-5)
