@@ -8,7 +8,11 @@ Times, in one process, medians of `--repeats` runs after a warm-up:
 - the head's exponential pass over `[8, 64, 49152]` logits: `mx.exp` against `fastmath.exp`;
 - matmuls, in ms: attention's batched `[8, 3, 3, 64, 64] @ [8, 3, 1, 64, 64]` (hundreds of small
   GEMM calls: where waking BLAS threads costs most), and `[M, 576] @ [576, 1536]` for M = 16
-  (a decode step) and 512 (a micro-batch).
+  (a decode step) and 512 (a micro-batch);
+- a decode step of 16 streams of the embedded model with 100 positions cached, in ms: one
+  block, that block's seven matmuls alone (the rest is the cost of its other ~30 small ops),
+  all 30 blocks, the head's matmul; then all blocks with the recipes' LoRA attached (rank 8,
+  last 8 blocks), as trained and merged as for sampling.
 
 Run it under different thread settings to compare them, e.g. `OMP_WAIT_POLICY=PASSIVE python
 scripts/bench_cpu_ops.py`; the line records them (`threads`). Prints ONE JSON line.
@@ -28,8 +32,10 @@ import cast_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_attention_mask
 
-from cast_mlx import fastmath
+from cast_mlx import fastmath, models, rollout
 from cast_mlx.blas import active_blas, thread_settings
 
 
@@ -43,11 +49,63 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def decode_costs(model, repeats: int) -> dict:
+    """One decode step of 16 streams of the embedded model, 100 positions cached: a block (with
+    its cache), the seven matmuls of a block alone, all 30 blocks, and the head's matmul."""
+    head = rollout.plain_head(model)
+    cache, _, _ = rollout.prefill(model, head, [[1] + [28] * 99, [1] + [29] * 99], room=8)
+    rollout.filter_cache(cache, np.repeat(np.arange(2), 8))
+    mx.eval([c.state for c in cache])
+    x = mx.random.normal((16, 1, model.args.hidden_size), key=mx.random.key(7))
+    mx.eval(x)
+    layers = model.model.layers
+
+    def rewind(caches):  # the step's write is undone, so every repeat sees 100 positions
+        for c in caches:
+            c.offset = c.offset - 1
+            c._idx -= 1
+
+    mask = create_attention_mask(x, cache[0])  # as the decode loop builds it
+
+    def blocks(n):
+        h = x
+        for layer, c in zip(layers[:n], cache[:n]):
+            h = layer(h, mask, c)
+        mx.eval(h)
+        rewind(cache[:n])
+        return h
+
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    weights = [m.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    weights += [m.weight for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    flat = x[:, 0, :]
+    inputs = [flat if w.shape[1] == flat.shape[1] else mx.zeros((16, w.shape[1])) for w in weights]
+    mx.eval(inputs)
+    out = {
+        "one_block": round(median_ms(lambda: blocks(1), repeats), 3),
+        "its_seven_matmuls": round(median_ms(lambda: [a @ w.T for a, w in zip(inputs, weights)], repeats), 3),
+        "all_blocks": round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1),
+        "head_matmul": round(median_ms(lambda: head @ flat.T, repeats), 3),
+    }
+    # the recipes' LoRA (rank 8, all seven projections of the last 8 blocks), as trained and
+    # as sampled (merged into the linears, `models.merged_lora`)
+    keys = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
+    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=keys)
+    model.eval()
+    out["all_blocks_lora"] = round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1)
+    with models.merged_lora(model):
+        out["all_blocks_lora_merged"] = round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     r = args.repeats
+    # First, as in training: loading imports transformers, and with it torch's OpenMP runtime,
+    # which changes how MKL's threads behave (passive waiting costs most with it loaded).
+    model, _ = models.load(models.DEFAULT_MODEL, "auto")
     keys = mx.random.split(mx.random.key(0), 6)
     g = mx.random.normal((8, 64, 1536), key=keys[0]) * 3
     u = mx.random.normal((8, 64, 1536), key=keys[1])
@@ -64,6 +122,7 @@ def main(argv=None) -> int:
         "device": str(mx.default_device()),
         "blas": active_blas(),
         "threads": thread_settings(),
+        "torch_loaded": "torch" in sys.modules,
         "ns_per_element": {
             "add": per_element(lambda: g + u),
             "exp": per_element(lambda: mx.exp(g)),
@@ -89,6 +148,7 @@ def main(argv=None) -> int:
         mx.eval(x)
         matmul[f"m{m}_576x1536"] = round(median_ms(lambda x=x: x @ w.T, r), 3)
     line["matmul_ms"] = matmul
+    line["decode_ms"] = decode_costs(model, r)
     print(json.dumps(line))
     return 0
 
