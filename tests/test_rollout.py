@@ -252,6 +252,20 @@ def test_lora_policy_is_sampled_in_eval_mode(fresh_smol, setup, greedy):
     assert [r[:8] for r in rows_of(greedy)[:4:2]] != rows[::2]
 
 
+def test_lora_layers_are_merged_while_sampling_and_back_after(fresh_smol, setup):
+    _, _, prompts, eos = setup
+    model, _ = fresh_smol
+    models.attach_lora(model, rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj"], seed=0)
+    seen = []
+
+    def probe(*_):
+        seen.append(type(model.model.layers[-1].self_attn.q_proj).__name__)
+
+    generate_groups(model, prompts[:1], 2, SamplingParams(temperature=0, max_new_tokens=3), eos, key=0, progress=probe)
+    assert seen and set(seen) == {"Linear"}
+    assert type(model.model.layers[-1].self_attn.q_proj).__name__ == "LoRALinear"
+
+
 def test_quantized_model(smol_dir, setup):
     _, _, prompts, eos = setup
     model, _ = models.load(models.DEFAULT_MODEL, dtype="quantized")
