@@ -484,11 +484,11 @@ class merged_lora:
     def __enter__(self) -> nn.Module:
         fused = [(name, _merged_linear(m)) for name, m in self.saved]
         mx.eval([m.parameters() for _, m in fused])
-        _put_modules(self.model, fused)
+        self.model.update_modules(tree_unflatten(fused))
         return self.model
 
     def __exit__(self, *exc) -> None:
-        _put_modules(self.model, self.saved)
+        self.model.update_modules(tree_unflatten(self.saved))
 
 
 def _merged_linear(lora) -> nn.Linear:
@@ -498,16 +498,6 @@ def _merged_linear(lora) -> nn.Linear:
     linear = copy.copy(lora.linear)  # the same bias; a weight of its own below
     linear.weight = lora.linear.weight + ((lora.scale * lora.lora_b.T) @ lora.lora_a.T).astype(linear.weight.dtype)
     return linear
-
-
-def _put_modules(model: nn.Module, named: list) -> None:
-    """Set submodules by their dotted names (`model.layers.3.mlp.up_proj`), in place."""
-    for name, module in named:
-        *path, leaf = name.split(".")
-        parent = model
-        for part in path:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        parent[leaf] = module
 
 
 def save_adapters(model: nn.Module, folder: str | Path, adapter_config: dict) -> None:
