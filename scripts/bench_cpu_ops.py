@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,6 +38,9 @@ from mlx_lm.models.base import create_attention_mask
 
 from cast_mlx import fastmath, models, rollout
 from cast_mlx.blas import active_blas, thread_settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_update import KEYS  # noqa: E402  (the recipes' LoRA projections)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -89,8 +93,7 @@ def decode_costs(model, repeats: int) -> dict:
     }
     # the recipes' LoRA (rank 8, all seven projections of the last 8 blocks), as trained and
     # as sampled (merged into the linears, `models.merged_lora`)
-    keys = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
-    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=keys)
+    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=KEYS)
     model.eval()
     out["all_blocks_lora"] = round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1)
     with models.merged_lora(model):
