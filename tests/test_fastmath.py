@@ -72,7 +72,7 @@ def test_use_fast_swiglu_leaves_other_models_alone():
     assert fastmath.use_fast_swiglu(nn.Linear(2, 2)) == 0
 
 
-def test_the_embedded_model_loads_with_the_fast_swiglu_on_the_cpu(smol):
+def test_the_embedded_model_loads_with_the_fast_swiglu_on_the_cpu_only(smol):
     model, _ = smol
-    assert mx.default_device() == mx.cpu
-    assert all(type(layer.mlp) is fastmath.SwiGLU for layer in model.model.layers)
+    kinds = {type(layer.mlp).__name__ for layer in model.model.layers}
+    assert kinds == ({"SwiGLU"} if mx.default_device() == mx.cpu else {"MLP"})
