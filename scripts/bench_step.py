@@ -16,6 +16,11 @@ code) and reports the median of each phase:
 - `grpo_same_rows`: GRPO made to update every row CAST updates (zero advantages replaced by
   1e-9), so that `cast_vs_grpo_same_rows` compares the same work: the paper's overhead.
 
+`teacher_floor` bounds that overhead from below: the teacher's matmul FLOPs on this batch
+(`forward_gflop`) at the best rate this process reaches on a block's largest matmul gives
+`teacher_floor_s`, and `cast_vs_grpo_same_rows_floor` is the ratio if the teacher took only
+that: what an exact teacher allows on this machine with the GRPO step as measured.
+
 Memory: `peak_gb` is MLX's peak during a variant's steps (reset before each); `rss_gb` the
 process's peak resident set after it (it only grows; CAST runs first, so its value is the
 sampling + CAST peak). `--micro-batch` sets optimizer.micro_batch_size (default: the
@@ -37,12 +42,14 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
 # isort: split
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx import trainer  # noqa: E402
@@ -161,6 +168,46 @@ def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = Fa
     }
 
 
+def matmul_gflops(hidden: int, inner: int, rows: int = 512, repeats: int = 10) -> float:
+    """This process's rate on a block's largest matmul, `[rows, hidden] @ [hidden, inner]`
+    (the MLP's; the forward's other matmuls are smaller and run slower)."""
+    keys = mx.random.split(mx.random.key(0))
+    x, w = mx.random.normal((rows, hidden), key=keys[0]), mx.random.normal((inner, hidden), key=keys[1])
+    mx.eval(x, w)
+    mx.eval(x @ w.T)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(x @ w.T)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * hidden * inner / statistics.median(times) / 1e9
+
+
+def forward_gflop(model, positions: int, head_positions: int) -> float:
+    """The matmul GFLOP of a forward: `positions` through every block's linear layers and
+    `head_positions` through the vocabulary head (attention's and the elementwise work left out)."""
+    linears = [m for layer in model.model.layers for _, m in layer.named_modules() if type(m) is nn.Linear]
+    block_params = sum(m.weight.size for m in linears)
+    args = model.args
+    return (2 * block_params * positions + 2 * args.vocab_size * args.hidden_size * head_positions) / 1e9
+
+
+def teacher_floor(run, problems, prompts, out) -> dict:
+    """A lower bound on the teacher's time on this batch: `forward_gflop` of its forward
+    (each prompt's teacher context once, then every completion token) at `matmul_gflops`, the
+    best rate this process reaches. An exact teacher cannot take less on this machine."""
+    contexts = {tuple(c) for c in trainer.row_contexts(run, problems, prompts)}
+    completion = int(out.mask.sum().item())
+    gflop = forward_gflop(run.model, sum(len(c) for c in contexts) + completion, completion)
+    args = run.model.args
+    rate = matmul_gflops(args.hidden_size, args.intermediate_size)
+    return {
+        "teacher_gflop": round(gflop, 1),
+        "matmul_gflops": round(rate, 1),
+        "teacher_floor_s": round(gflop / rate, 3),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -172,7 +219,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_workload(Path(tmp) / "workload")
-        results, batch = {}, None
+        results, batch, floor = {}, None, {}
         for variant in args.variants:
             algorithm = "cast" if variant == "cast" else "grpo"
             recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen))
@@ -181,6 +228,8 @@ def main(argv=None) -> int:
                     *batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
                 results[variant] = time_variant(run, *batch, args.repeats, same_rows=variant == "grpo_same_rows")
+                if variant == "cast":
+                    floor = teacher_floor(run, *batch)
     problems, prompts, out = batch
     line = {
         "bench": "step",
@@ -206,6 +255,11 @@ def main(argv=None) -> int:
         line["cast_vs_grpo"] = round(results["cast"]["step_s"] / results["grpo"]["step_s"], 3)
     if "cast" in results and "grpo_same_rows" in results:
         line["cast_vs_grpo_same_rows"] = round(results["cast"]["step_s"] / results["grpo_same_rows"]["step_s"], 3)
+    if floor:
+        line["teacher_floor"] = floor
+        if "grpo_same_rows" in results:  # the best CAST / GRPO an exact teacher allows here
+            grpo = results["grpo_same_rows"]["step_s"]
+            floor["cast_vs_grpo_same_rows_floor"] = round((grpo + floor["teacher_floor_s"]) / grpo, 3)
     print(json.dumps(line))
     return 0
 

@@ -1,0 +1,30 @@
+"""The pure parts of the benchmark scripts (the benchmarks themselves are not run in CI)."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models import llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_step  # noqa: E402
+
+from cast_mlx import models  # noqa: E402
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_forward_gflop_counts_the_block_linears_and_the_head(lora):
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+        rms_norm_eps=1e-5, vocab_size=50, num_key_value_heads=2, rope_theta=10000.0,
+    )  # fmt: skip
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    if lora:  # adapters add no base matmul: the count stays the same
+        models.attach_lora(model, rank=2, alpha=4, dropout=0.0, num_layers=1, keys=["self_attn.q_proj", "mlp.up_proj"])
+    # per block (head_dim 8): q, o 32x32; k, v 16x32; gate, up 48x32; down 32x48
+    per_block = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 48 * 32
+    assert per_block == 7680
+    expected = 2 * (2 * per_block) * 10 + 2 * 50 * 32 * 4
+    assert bench_step.forward_gflop(model, positions=10, head_positions=4) == pytest.approx(expected / 1e9)
