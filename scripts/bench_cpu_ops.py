@@ -9,10 +9,16 @@ Times, in one process, medians of `--repeats` runs after a warm-up:
 - matmuls, in ms: attention's batched `[8, 3, 3, 64, 64] @ [8, 3, 1, 64, 64]` (hundreds of small
   GEMM calls: where waking BLAS threads costs most), and `[M, 576] @ [576, 1536]` for M = 16
   (a decode step) and 512 (a micro-batch);
-- a decode step of 16 streams of the embedded model with 100 positions cached, in ms: one
-  block, that block's seven matmuls alone (the rest is the cost of its other ~30 small ops),
-  all 30 blocks, the head's matmul; then all blocks with the recipes' LoRA attached (rank 8,
-  last 8 blocks), as trained and merged as for sampling.
+- a micro-batch's attention in one block (`[8, 9, 64, 64]` queries after a 40-token context):
+  MLX's `scaled_dot_product_attention`, and the softmax of its scores alone, MLX's and with
+  `power(2, .)` for the exponential;
+- a decode step of the embedded model with 100 positions cached, in ms: the whole step
+  (blocks, norm, head) for 16 streams and for 1; for 16 streams: one block, that block's
+  seven matmuls alone (the rest is the cost of its other ~30 small ops), all 30 blocks, the
+  head's matmul; then all blocks with the recipes' LoRA attached (rank 8, last 8 blocks), as
+  trained and merged as for sampling;
+- `read_weights_ms`: numpy's sum over all the model's weights, the bytes every decode step
+  reads once: that step's floor on this machine's memory.
 
 Run it under different thread settings to compare them, e.g. `OMP_WAIT_POLICY=PASSIVE python
 scripts/bench_cpu_ops.py`; the line records them (`threads`). Prints ONE JSON line.
@@ -24,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import cast_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
 
@@ -34,23 +38,19 @@ import cast_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from cast_mlx import fastmath, models, rollout
 from cast_mlx.blas import active_blas, thread_settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import median_seconds  # noqa: E402
 from profile_update import KEYS  # noqa: E402  (the recipes' LoRA projections)
 
 
 def median_ms(fn, repeats: int) -> float:
-    mx.eval(fn())  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def decode_costs(model, repeats: int) -> dict:
@@ -85,7 +85,20 @@ def decode_costs(model, repeats: int) -> dict:
     flat = x[:, 0, :]
     inputs = [flat if w.shape[1] == flat.shape[1] else mx.zeros((16, w.shape[1])) for w in weights]
     mx.eval(inputs)
+
+    def step(rows):  # a whole decode step (blocks, norm, head) of `rows` streams
+        ids = mx.full((rows, 1), 30, dtype=mx.int32)
+        caches = cache if rows == 16 else one
+        logits = rollout.next_logits_mx(model, head, ids, caches)
+        mx.eval(logits)
+        rewind(caches)
+        return logits
+
+    one, _, _ = rollout.prefill(model, head, [[1] + [28] * 99], room=8)
+    mx.eval([c.state for c in one])
     out = {
+        "step_16_streams": round(median_ms(lambda: step(16), max(3, repeats // 3)), 1),
+        "step_1_stream": round(median_ms(lambda: step(1), max(3, repeats // 3)), 1),
         "one_block": round(median_ms(lambda: blocks(1), repeats), 3),
         "its_seven_matmuls": round(median_ms(lambda: [a @ w.T for a, w in zip(inputs, weights)], repeats), 3),
         "all_blocks": round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1),
@@ -99,6 +112,28 @@ def decode_costs(model, repeats: int) -> dict:
     with models.merged_lora(model):
         out["all_blocks_lora_merged"] = round(median_ms(lambda: blocks(len(layers)), max(3, repeats // 3)), 1)
     return out
+
+
+def attention_costs(repeats: int) -> dict:
+    """A micro-batch's attention in one block (8 rows of 64 positions after a 40-token
+    context; 9 query heads over 3 key/value heads): MLX's fused call, then the softmax of its
+    scores alone, as MLX computes it and with `power(2, .)` for the exponential."""
+    keys = mx.random.split(mx.random.key(1), 3)
+    q = mx.random.normal((8, 9, 64, 64), key=keys[0])
+    k, v = (mx.random.normal((8, 3, 104, 64), key=key) for key in keys[1:])
+    scores = mx.random.normal((8, 9, 64, 104))
+    mx.eval(q, k, v, scores)
+
+    def power2_softmax(x):
+        e = mx.power(2.0, (x - x.max(axis=-1, keepdims=True)) * fastmath.LOG2E)
+        return e / e.sum(axis=-1, keepdims=True)
+
+    sdpa = mx.fast.scaled_dot_product_attention
+    return {
+        "sdpa_causal": round(median_ms(lambda: sdpa(q, k, v, scale=0.125, mask="causal"), repeats), 3),
+        "softmax": round(median_ms(lambda: mx.softmax(scores, axis=-1, precise=True), repeats), 3),
+        "softmax_power2": round(median_ms(lambda: power2_softmax(scores), repeats), 3),
+    }
 
 
 def main(argv=None) -> int:
@@ -151,6 +186,12 @@ def main(argv=None) -> int:
         mx.eval(x)
         matmul[f"m{m}_576x1536"] = round(median_ms(lambda x=x: x @ w.T, r), 3)
     line["matmul_ms"] = matmul
+    line["attention_ms"] = attention_costs(r)
+    # a decode step reads every weight once: reading them (numpy's sum) is its floor
+    weights = np.concatenate([np.array(v).ravel() for _, v in tree_flatten(model.parameters())])
+    line["read_weights_ms"] = {
+        f"{weights.nbytes / 1e6:.0f}_MB": round(median_ms(lambda: mx.array(weights.sum()), r), 1)
+    }
     line["decode_ms"] = decode_costs(model, r)
     print(json.dumps(line))
     return 0

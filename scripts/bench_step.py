@@ -168,19 +168,31 @@ def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = Fa
     }
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall time of `fn()`, its result evaluated, over `repeats` calls after a
+    warm-up call (the scripts' one timer)."""
+
+    def call():
+        out = fn()
+        if out is not None:
+            mx.eval(out)
+
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def matmul_gflops(hidden: int, inner: int, rows: int = 512, repeats: int = 10) -> float:
     """This process's rate on a block's largest matmul, `[rows, hidden] @ [hidden, inner]`
     (the MLP's; the forward's other matmuls are smaller and run slower)."""
     keys = mx.random.split(mx.random.key(0))
     x, w = mx.random.normal((rows, hidden), key=keys[0]), mx.random.normal((inner, hidden), key=keys[1])
     mx.eval(x, w)
-    mx.eval(x @ w.T)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(x @ w.T)
-        times.append(time.perf_counter() - start)
-    return 2 * rows * hidden * inner / statistics.median(times) / 1e9
+    return 2 * rows * hidden * inner / median_seconds(lambda: x @ w.T, repeats) / 1e9
 
 
 def forward_gflop(model, positions: int, head_positions: int) -> float:

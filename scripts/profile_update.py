@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import cast_mlx  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
@@ -39,19 +37,13 @@ from cast_mlx import logprobs, models, rollout  # noqa: E402
 from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import cpu_name  # noqa: E402
+from bench_step import cpu_name, median_seconds  # noqa: E402
 
 KEYS = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times), 4)
+    return round(median_seconds(fn, repeats), 4)
 
 
 def main(argv=None) -> int:
