@@ -22,6 +22,8 @@ SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.mode
 
 
 def on_cpu() -> bool:
+    """Whether MLX computes on the CPU (the one test of the backend: the CPU-only fast paths
+    here, `models.resolve_dtype`'s `auto`, the rollout's on-device sampling on a GPU)."""
     return mx.default_device() == mx.cpu
 
 

@@ -386,7 +386,7 @@ def resolve_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype == "auto":
-        return "float32" if mx.default_device() == mx.cpu else "quantized"
+        return "float32" if fastmath.on_cpu() else "quantized"
     return dtype
 
 

@@ -69,6 +69,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
+from cast_mlx import fastmath
 from cast_mlx.logprobs import FrozenStates, backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
 from cast_mlx.models import merged_lora
 
@@ -679,10 +680,6 @@ def decode_wave_on_device(
     return out.wave(prefill_seconds, prompt_states)
 
 
-def on_gpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.gpu
-
-
 def generate_groups(
     model,
     prompts: list[list[int]],
@@ -736,7 +733,7 @@ def generate_groups(
     uniforms = uniform_table(key, total, p.max_new_tokens)[stream_offset : stream_offset + n_streams]
 
     per_wave = max(1, p.max_batch // group_size)
-    device = on_gpu() if on_device is None else on_device
+    device = not fastmath.on_cpu() if on_device is None else on_device
     was_training = model.training
     model.eval()  # no dropout, so the adapters can be merged for decoding
     try:
