@@ -93,13 +93,24 @@ class RewardResult:
     values: dict[str, list[float | None]]  # by RewardFn.name, unweighted, in the recipe's order
     verdicts: list[Verdict | None] | None  # the math built-ins' verdicts; None when none ran
 
+    def judged(self) -> dict[str, list[float]]:
+        """Every function's values, NaN where the row was not judged (dropped, or None)."""
+        return {
+            name: [math.nan if dropped or v is None else v for v, dropped in zip(column, self.dropped)]
+            for name, column in self.values.items()
+        }
+
     def metrics(self) -> dict[str, float]:
-        """`rewards/<name>/mean` and `rewards/<name>/std` (TRL's names) over the judged rows."""
-        out: dict[str, float] = {}
-        for name, column in self.values.items():
-            judged = [v for v, dropped in zip(column, self.dropped) if not dropped and v is not None]
-            out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = mean_std(judged)
-        return out
+        return metrics_of(self.judged())
+
+
+def metrics_of(judged: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """`rewards/<name>/mean` and `rewards/<name>/std` (TRL's names) over the judged rows
+    (`RewardResult.judged`; in a data-parallel step, gathered from every rank)."""
+    out: dict[str, float] = {}
+    for name, column in judged.items():
+        out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = mean_std([v for v in column if not math.isnan(v)])
+    return out
 
 
 # ---- parsing (before any model loads) ---------------------------------------------------

@@ -56,6 +56,7 @@ from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
 from cast_mlx.logprobs import frozen_blocks, length_buckets, score_in_buckets, token_logprobs, trimmed_batch
 from cast_mlx.loss import loss_norm, rows_with_loss
 from cast_mlx.metrics import length_drift, memory_usage, step_metrics
+from cast_mlx.rewards import metrics_of as reward_metrics
 from cast_mlx.rollout import decode_completions
 from cast_mlx.summary import best_saved_eval, summary_lines, write_run_report
 from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
@@ -351,7 +352,7 @@ def score_rewards(run: Run, problems: list, texts: list[str], prompts: list[list
             "strict": [bool(v and v.strict) for v in verdicts],
             "lenient": [bool(v and v.lenient) for v in verdicts],
             "dropped": [v is None for v in values],
-            "metrics": {},
+            "judged": {},
         }
     lengths = [int(n) for n in out.lengths.tolist()]
     prompt_text = [run.tokenizer.decode(prompts[i // g]) for i in range(len(texts))]
@@ -387,7 +388,7 @@ def score_rewards(run: Run, problems: list, texts: list[str], prompts: list[list
         "strict": strict,
         "lenient": lenient,
         "dropped": list(result.dropped),
-        "metrics": result.metrics(),
+        "judged": result.judged(),  # every reward function's values (NaN: not judged)
     }
 
 
@@ -631,6 +632,7 @@ def learn(
             "strict": mx.array(scored["strict"]),
             "lenient": mx.array(scored["lenient"]),
             "dropped": mx.array(dropped),
+            **{f"reward_fn/{name}": mx.array(values, dtype=mx.float32) for name, values in scored["judged"].items()},
         },
     )
     usage = memory_usage()
@@ -659,7 +661,8 @@ def learn(
     )
     if world.size > 1:
         metrics |= comm
-    metrics |= scored["metrics"]  # rewards/<name>/mean and /std (this rank's rows)
+    # rewards/<name>/mean and /std, over the rows of every rank
+    metrics |= reward_metrics({n: cast("list[float]", rows[f"reward_fn/{n}"].tolist()) for n in scored["judged"]})
     st.history.append([metrics["completions/clipped_ratio"], metrics["reward"]])
     metrics["health/drift"] = int(length_drift(st.history, r.system.drift_window, r.system.drift_rise))
     samples = [

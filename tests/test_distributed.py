@@ -162,12 +162,22 @@ def test_prompts_that_do_not_split_are_a_config_error(tmp_path):
     assert not (tmp_path / "bad").exists()  # stopped before any model was loaded
 
 
+def spread_reward(folder: Path) -> list[str]:
+    """`--set`s adding a reward plug-in at weight 0 (it changes no reward) whose value differs
+    from row to row (the completion's length / 100): its metrics differ between one rank's
+    rows and the global batch's."""
+    plugin = folder / "spread.py"
+    plugin.write_text("def spread(completions, **kw):\n    return [len(c) / 100 for c in completions]\n")
+    return ["--set", f"reward.functions=[math, {plugin}:spread]", "--set", "reward.weights=[1, 0]"]
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, smol_dir):
     """2 steps of the smoke recipe under `mlx.launch -n 2 --backend ring` on loopback."""
     tmp = tmp_path_factory.mktemp("dp")
     out = tmp / "n2"
-    proc = launch(smoke_args(out, "--set", "optimizer.micro_batch_size=1", "--set", "checkpoint.keep=5"))
+    sets = ["--set", "optimizer.micro_batch_size=1", "--set", "checkpoint.keep=5", *spread_reward(tmp)]
+    proc = launch(smoke_args(out, *sets))
     return out, proc
 
 
@@ -189,7 +199,9 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
 
     one = tmp_path / "one"
     ref = run_cli(
-        *smoke_args(one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2"),
+        *smoke_args(
+            one, "--set", "optimizer.micro_batch_size=1", "--set", "sampling.max_batch=2", *spread_reward(tmp_path)
+        ),
         env=ONE_THREAD,
         timeout=900,
     )
@@ -202,9 +214,10 @@ def test_two_ranks_equal_one_process_with_accumulation(tmp_path, two_rank_run):
     moved = max(float(np.abs(np.array(v)).max()) for k, v in adapters(n2, 2).items() if k.endswith("lora_b"))
     assert moved > 1e-4  # lora_b starts at 0: the runs did train
 
-    # the global metrics line is the single-process one
+    # the global metrics line is the single-process one, the reward functions' included
     ma, mb = metrics(n2), metrics(one)
     assert [m["step"] for m in ma] == [1, 2]
+    assert all(m["rewards/spread/std"] > 0 for m in mb)  # the rows differ: one rank's would not do
     for x, y in zip(ma, mb):
         for k, v in y.items():
             if isinstance(v, bool):
