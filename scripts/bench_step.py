@@ -207,7 +207,8 @@ def forward_gflop(model, positions: int, head_positions: int) -> float:
 def teacher_floor(run, problems, prompts, out) -> dict:
     """A lower bound on the teacher's time on this batch: `forward_gflop` of its forward
     (each prompt's teacher context once, then every completion token) at `matmul_gflops`, the
-    best rate this process reaches. An exact teacher cannot take less on this machine."""
+    best rate this process reaches. An exact teacher cannot take less on this machine. For a
+    teacher on its own context (`plain`, `instructed`): it runs all blocks."""
     contexts = {tuple(c) for c in trainer.row_contexts(run, problems, prompts)}
     completion = int(out.mask.sum().item())
     gflop = forward_gflop(run.model, sum(len(c) for c in contexts) + completion, completion)
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
                     *batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
                 results[variant] = time_variant(run, *batch, args.repeats, same_rows=variant == "grpo_same_rows")
-                if variant == "cast":
+                if variant == "cast" and recipe.teacher.context != "same":  # (`same`: the top blocks only)
                     floor = teacher_floor(run, *batch)
     problems, prompts, out = batch
     line = {
