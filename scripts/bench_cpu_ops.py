@@ -66,8 +66,7 @@ def decode_costs(model, repeats: int) -> dict:
 
     def rewind(caches):  # the step's write is undone, so every repeat sees 100 positions
         for c in caches:
-            c.offset = c.offset - 1
-            c._idx -= 1
+            c.trim(1)
 
     mask = create_attention_mask(x, cache[0])  # as the decode loop builds it
 
