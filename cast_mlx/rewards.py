@@ -100,9 +100,6 @@ class RewardResult:
             for name, column in self.values.items()
         }
 
-    def metrics(self) -> dict[str, float]:
-        return metrics_of(self.judged())
-
 
 def metrics_of(judged: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """`rewards/<name>/mean` and `rewards/<name>/std` (TRL's names) over the judged rows

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import GROUP, MAX_NEW, PROMPTS, cpu_name, workload_overrides, workload_problems, write_workload  # noqa: E402
 
-from cast_mlx.blas import thread_settings  # noqa: E402
+from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
@@ -248,8 +248,6 @@ def main(argv=None) -> int:
             line["trl_threads"] = thread_settings()  # its environment: ours, as inherited
             line["trl"] = run_trl(python, templated_prompts(tmp_path), tmp_path / "trl", args.steps)
         import mlx.core as mx
-
-        from cast_mlx.blas import active_blas
 
         line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas(), "threads": thread_settings()}
         for algorithm in args.only:

@@ -16,6 +16,7 @@ from cast_mlx.rewards import (
     RewardError,
     RewardFn,
     format_reward,
+    metrics_of,
     overlong_penalty,
     parse_functions,
     score,
@@ -168,7 +169,7 @@ def test_builtins_through_score_weighted_sum_threshold_and_metrics(verifier):
     assert result.rewards == [1.5, 0.0, 0.5, -0.5]
     assert result.correct == [True, False, False, False]
     assert result.dropped == [False] * 4
-    metrics = result.metrics()
+    metrics = metrics_of(result.judged())
     assert metrics["rewards/format/mean"] == 0.75
     assert metrics["rewards/overlong/std"] == pytest.approx(statistics.stdev([0.0, -0.5, 0.0, -1.0]))
     assert set(metrics) == {f"rewards/{n}/{s}" for n in ("math_lenient", "format", "overlong") for s in ("mean", "std")}
@@ -179,7 +180,7 @@ def test_an_unparseable_gold_drops_the_row(verifier):
     assert result.rewards == [None, 2.0]
     assert result.dropped == [True, False]
     assert result.correct == [False, True]
-    assert result.metrics()["rewards/format/mean"] == 1.0  # over the judged row only
+    assert metrics_of(result.judged())["rewards/format/mean"] == 1.0  # over the judged row only
     assert weighted_sum([1.0, None], [1.0, 0.0]) is None  # even at weight 0
 
 
