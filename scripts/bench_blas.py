@@ -24,7 +24,7 @@ import sys
 CHILD = r"""
 import json, sys, time
 import cast_mlx
-from cast_mlx.blas import active_blas
+from cast_mlx.engine.blas import active_blas
 import mlx.core as mx
 seconds = float(sys.argv[1])
 out = {"blas": active_blas()}
@@ -50,7 +50,7 @@ def variants() -> dict[str, dict[str, str]]:
     """name -> environment changes."""
     found = {"stock": {"CAST_MLX_BLAS": "none"}, "default": {}}
     from_default = subprocess.run(
-        [sys.executable, "-c", "import cast_mlx.blas as b; print(b.load())"], capture_output=True, text=True
+        [sys.executable, "-c", "import cast_mlx.engine.blas as b; print(b.load())"], capture_output=True, text=True
     ).stdout
     if "MKL" in from_default:
         found["mkl_avx2"] = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}

@@ -41,8 +41,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
-from cast_mlx import fastmath, models, rollout
-from cast_mlx.blas import active_blas, thread_settings
+from cast_mlx.engine import fastmath, models, rollout
+from cast_mlx.engine.blas import active_blas, thread_settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import median_seconds  # noqa: E402

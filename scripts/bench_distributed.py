@@ -74,7 +74,7 @@ def measure_collectives(grad_floats: int, repeats: int = 20) -> None:
     # isort: split
     import mlx.core as mx
 
-    from cast_mlx import distributed as dist
+    from cast_mlx.engine import distributed as dist
 
     world = dist.init_world()
     grads = {"g": mx.ones((grad_floats,))}

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import GROUP, MAX_NEW, PROMPTS, cpu_name, workload_overrides, workload_problems, write_workload  # noqa: E402
 
-from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
+from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PINS = [
@@ -174,7 +174,7 @@ def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
 
 
 def run_trl(python: Path, prompts_file: Path, out: Path, steps: int) -> dict:
-    from cast_mlx import models
+    from cast_mlx.engine import models
 
     gguf = models.gguf_path(models.DEFAULT_MODEL)
     spec = {
@@ -219,7 +219,8 @@ def templated_prompts(folder: Path) -> Path:
     as text for TRL, with their answers."""
     from mlx_lm.utils import load_tokenizer  # cast_mlx (the BLAS) came first, with bench_step
 
-    from cast_mlx import data, models
+    from cast_mlx.engine import models
+    from cast_mlx.tasks import data
 
     tokenizer = load_tokenizer(models.fetch(models.DEFAULT_MODEL))
     rows = []

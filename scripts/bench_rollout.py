@@ -36,7 +36,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm import batch_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from cast_mlx import models, rollout  # noqa: E402
+from cast_mlx.engine import models, rollout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     result = {
         "bench": "rollout",
         "device": str(mx.default_device()),
-        "blas": cast_mlx.blas.active_blas(),
-        "threads": cast_mlx.blas.thread_settings(),
+        "blas": cast_mlx.engine.blas.active_blas(),
+        "threads": cast_mlx.engine.blas.thread_settings(),
         "prompts": len(prompts),
         "group": args.group,
         "max_new_tokens": args.max_new,

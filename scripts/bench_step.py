@@ -52,8 +52,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
-from cast_mlx import trainer  # noqa: E402
-from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
+from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
+from cast_mlx.training import trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith-grpo.yaml"

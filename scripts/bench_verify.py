@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from cast_mlx.verify import Verifier
+from cast_mlx.tasks.verify import Verifier
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 # (gold, equivalent forms, wrong forms)

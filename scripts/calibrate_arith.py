@@ -15,8 +15,9 @@ import json
 import time
 
 import cast_mlx  # noqa: F401  (loads the fast BLAS before mlx)
-from cast_mlx import data, models
-from cast_mlx.verify import verify
+from cast_mlx.engine import models
+from cast_mlx.tasks import data
+from cast_mlx.tasks.verify import verify
 
 
 def main() -> None:

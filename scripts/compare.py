@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
-from cast_mlx.eval import paired_comparison  # noqa: E402
-from cast_mlx.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
+from cast_mlx.training.evaluation import paired_comparison  # noqa: E402
+from cast_mlx.training.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
 
 REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change
 COMMANDS_FILE = "commands.json"

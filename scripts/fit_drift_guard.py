@@ -1,4 +1,4 @@
-"""Where the length-drift guard (`cast_mlx.metrics.length_drift`) fires on the committed runs.
+"""Where the length-drift guard (`cast_mlx.training.metrics.length_drift`) fires on the committed runs.
 
 `python scripts/fit_drift_guard.py [--window 3] [--rise 0.2]` reads every
 `docs/runs/**/metrics.jsonl`, calls a run *drifting* when its truncation rate rose by more
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cast_mlx.metrics import length_drift
+from cast_mlx.training.metrics import length_drift
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cast_mlx import config as cfg  # noqa: E402
-from cast_mlx import data, models  # noqa: E402
+from cast_mlx.engine import models  # noqa: E402
+from cast_mlx.tasks import data  # noqa: E402
 
 BATCH = 4  # mlx-lm's batch size in the config
 

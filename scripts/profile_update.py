@@ -33,8 +33,8 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from cast_mlx import logprobs, models, rollout  # noqa: E402
-from cast_mlx.blas import active_blas, thread_settings  # noqa: E402
+from cast_mlx.engine import logprobs, models, rollout  # noqa: E402
+from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import cpu_name, median_seconds  # noqa: E402

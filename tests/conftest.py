@@ -27,14 +27,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The converted embedded model folder (fetched on first use)."""
-    from cast_mlx import models
+    from cast_mlx.engine import models
 
     return models.fetch(models.DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def smol_gguf(smol_dir) -> Path:
-    from cast_mlx import models
+    from cast_mlx.engine import models
 
     return models.gguf_path(models.DEFAULT_MODEL)
 
@@ -42,7 +42,7 @@ def smol_gguf(smol_dir) -> Path:
 @pytest.fixture(scope="session")
 def smol(smol_dir):
     """`(model, tokenizer)`: the embedded SmolLM2 dequantized to float32, loaded once."""
-    from cast_mlx import models
+    from cast_mlx.engine import models
 
     return models.load(models.DEFAULT_MODEL, dtype="float32")
 

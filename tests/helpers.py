@@ -109,8 +109,8 @@ def tiny_checkpoint(run_dir: Path, step: int, run_id: str, keep: int = 2, n: int
     `checkpoint.save_checkpoint`."""
     import mlx.optimizers as optim
 
-    from cast_mlx import checkpoint
     from cast_mlx import config as cfg
+    from cast_mlx.training import checkpoint
 
     model = tiny_model(n)
     opt = optim.AdamW(learning_rate=1e-3)

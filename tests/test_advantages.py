@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cast_mlx.advantages import (
+from cast_mlx.algorithm.advantages import (
     DEFAULT_PARAMS,
     ESTIMATORS,
     base_advantages,
@@ -17,7 +17,7 @@ from cast_mlx.advantages import (
     default_scale_rewards,
     zero_variance_groups,
 )
-from cast_mlx.compiled import CompiledAdvantages, bucket_length, compile_count
+from cast_mlx.algorithm.compiled import CompiledAdvantages, bucket_length, compile_count
 
 from helpers import torch_reference
 
@@ -477,7 +477,7 @@ def test_registry_matches_the_recipe_schema():
 
 
 def test_one_registration_serves_eager_and_compiled():
-    from cast_mlx import advantages
+    from cast_mlx.algorithm import advantages
 
     def half_lambda(step, *, cast_lambda):
         return cast_lambda / (1 + step)
@@ -551,7 +551,7 @@ def test_gap_centering_by_hand():
 
 
 def advantages_module():
-    from cast_mlx import advantages
+    from cast_mlx.algorithm import advantages
 
     return advantages
 

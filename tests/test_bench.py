@@ -10,7 +10,7 @@ from mlx_lm.models import llama
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_step  # noqa: E402
 
-from cast_mlx import models  # noqa: E402
+from cast_mlx.engine import models  # noqa: E402
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from cast_mlx import blas
+from cast_mlx.engine import blas
 
 from helpers import run_cli
 
 CHILD = """
 import sys, numpy as np
 import cast_mlx
-from cast_mlx.blas import active_blas
+from cast_mlx.engine.blas import active_blas
 import mlx.core as mx
 a = mx.random.normal((256, 192), key=mx.random.key(3))
 b = mx.random.normal((192, 128), key=mx.random.key(4))
@@ -59,7 +59,7 @@ def test_warns_once_when_mlx_came_first():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    import cast_mlx\n"
-        "    from cast_mlx.blas import active_blas, load\n"
+        "    from cast_mlx.engine.blas import active_blas, load\n"
         "    load(); active_blas()\n"
         "print(len([x for x in w if 'imported before cast_mlx' in str(x.message)]))\n"
         "print(active_blas())\n"

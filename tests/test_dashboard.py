@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from cast_mlx.dashboard import PlainView, RichView, hms, make_view, remaining_evals
+from cast_mlx.training.dashboard import PlainView, RichView, hms, make_view, remaining_evals
 
 METRICS = {
     "step": 3,

@@ -1,4 +1,4 @@
-"""Tests of cast_mlx.data: loaders, malformed-row reporting, the arithmetic generator,
+"""Tests of cast_mlx.tasks.data: loaders, malformed-row reporting, the arithmetic generator,
 and prompt building."""
 
 import ast
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cast_mlx import data
-from cast_mlx.data import (
+from cast_mlx.tasks import data
+from cast_mlx.tasks.data import (
     ANSWER_INSTRUCTIONS,
     DataError,
     MalformedRowsWarning,
@@ -22,7 +22,7 @@ from cast_mlx.data import (
     evaluate_arithmetic,
     load_task,
 )
-from cast_mlx.verify import parse_gold, verify
+from cast_mlx.tasks.verify import parse_gold, verify
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
@@ -242,7 +242,7 @@ def test_unusable_data_sources_are_one_line_errors(tmp_path, recwarn):
 
 def test_eval_cli_reports_data_errors(tmp_path, capsys):
     """cast_mlx.eval catches ValueError: a DataError is an input error there (exit 2)."""
-    from cast_mlx import eval as eval_cli
+    from cast_mlx.training import evaluation as eval_cli
 
     missing = tmp_path / "none.jsonl"
     assert eval_cli.main(["--task", "gsm8k", "--path", str(missing)]) == eval_cli.EXIT_USAGE
@@ -356,7 +356,7 @@ def test_build_prompt_appends_the_format_instruction():
 
 
 def test_build_prompt_with_the_embedded_tokenizer():
-    models = pytest.importorskip("cast_mlx.models")
+    models = pytest.importorskip("cast_mlx.engine.models")
     if not models.is_fetched(models.DEFAULT_MODEL):
         pytest.skip("embedded model not fetched")
     from transformers import AutoTokenizer

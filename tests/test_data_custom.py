@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cast_mlx import data
-from cast_mlx import eval as ev
 from cast_mlx.config import DataConfig
-from cast_mlx.data import DataError, MalformedRowsWarning, Problem, build_prompt, load_custom
+from cast_mlx.tasks import data
+from cast_mlx.tasks.data import DataError, MalformedRowsWarning, Problem, build_prompt, load_custom
+from cast_mlx.training import evaluation as ev
 
 from helpers import run_cli, tiny_checkpoint
 
@@ -343,7 +343,7 @@ def test_hub_with_the_real_datasets_package_offline(tmp_path):
     """The real `datasets` with no network (offline mode, so no retries): one line."""
     pytest.importorskip("datasets")
     code = (
-        "from cast_mlx import data; from cast_mlx.config import DataConfig\n"
+        "from cast_mlx.tasks import data; from cast_mlx.config import DataConfig\n"
         "try:\n"
         "    data.load_custom(DataConfig(task='custom', hub_id='someone/no-such-set'), 'train', None, 0)\n"
         "except data.DataError as exc:\n"
@@ -381,7 +381,7 @@ MATH_BOXED_PROMPT = (
 
 @pytest.fixture(scope="module")
 def smol_tokenizer():
-    models = pytest.importorskip("cast_mlx.models")
+    models = pytest.importorskip("cast_mlx.engine.models")
     if not models.is_fetched(models.DEFAULT_MODEL):
         pytest.skip("embedded model not fetched")
     transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cast_mlx import diagnose as dg
+from cast_mlx.training import diagnose as dg
 
 from helpers import ROOT, run_cli
 
@@ -135,9 +135,9 @@ def fake_scorer(seen):
 
 
 def test_collect_with_a_fake_teacher_on_the_embedded_model(smol):
-    from cast_mlx import data
+    from cast_mlx.algorithm.teacher import REFERENCE_HEADER, STUDENT_HEADER
     from cast_mlx.config import SamplingConfig
-    from cast_mlx.teacher import REFERENCE_HEADER, STUDENT_HEADER
+    from cast_mlx.tasks import data
 
     model, tok = smol
     problems = data.load_task("arithmetic", "train", n=3, level=1, seed=0)

@@ -22,9 +22,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cast_mlx import checkpoint
 from cast_mlx import config as cfg
-from cast_mlx import distributed as dist
+from cast_mlx.engine import distributed as dist
+from cast_mlx.training import checkpoint
 
 from helpers import ROOT, free_ports, launch_loopback, run_cli, smoke_args
 
@@ -112,7 +112,7 @@ COLLECTIVES = """
 import json
 import cast_mlx
 import mlx.core as mx
-from cast_mlx import distributed as dist
+from cast_mlx.engine import distributed as dist
 
 world = dist.init_world()
 r = world.rank

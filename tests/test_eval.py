@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cast_mlx import eval as ev
+from cast_mlx.training import evaluation as ev
 
 from helpers import run_cli, tiny_checkpoint
 
@@ -144,7 +144,7 @@ def test_summarize_from_per_problem_results():
 
 
 def test_decode_completions_drops_the_final_eos_only():
-    from cast_mlx.rollout import decode_completions
+    from cast_mlx.engine.rollout import decode_completions
 
     tokenizer = SimpleNamespace(decode=lambda ids: "|".join(map(str, ids)))
     rollout = SimpleNamespace(
@@ -316,7 +316,7 @@ def test_cli_bad_input_is_one_line_exit_2(args, words):
 
 @pytest.mark.slow
 def test_evaluate_with_samples_on_the_embedded_model(smol):
-    from cast_mlx import data
+    from cast_mlx.tasks import data
 
     model, tokenizer = smol
     problems = data.load_task("arithmetic", "test", n=3, level=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from cast_mlx import fastmath
+from cast_mlx.engine import fastmath
 
 
 @pytest.mark.parametrize("cpu", [True, False])

@@ -26,9 +26,9 @@ def imported_after(module: str, watch: set[str]) -> list[str]:
 @pytest.mark.parametrize(
     "module, absent",
     [
-        ("cast_mlx.eval", {"cast_mlx.trainer"}),  # eval never imports the trainer (the old cycle)
-        ("cast_mlx.checkpoint", {"cast_mlx.trainer", "cast_mlx.eval", "cast_mlx.rollout"}),
-        ("cast_mlx.metrics", {"cast_mlx.trainer", "cast_mlx.loss"}),
+        ("cast_mlx.eval", {"cast_mlx.training.trainer"}),  # eval never imports the trainer (the old cycle)
+        ("cast_mlx.training.checkpoint", {"cast_mlx.training.trainer", "cast_mlx.eval", "cast_mlx.engine.rollout"}),
+        ("cast_mlx.training.metrics", {"cast_mlx.training.trainer", "cast_mlx.algorithm.loss"}),
         ("cast_mlx.config", {"mlx.core"}),  # recipes validate before anything heavy loads
     ],
 )

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cast_mlx.advantages import compute_advantages
-from cast_mlx.compiled import CompiledPolicyLoss, compile_count
-from cast_mlx.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
-from cast_mlx.metrics import cast_diagnostics
+from cast_mlx.algorithm.advantages import compute_advantages
+from cast_mlx.algorithm.compiled import CompiledPolicyLoss, compile_count
+from cast_mlx.algorithm.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
+from cast_mlx.training.metrics import cast_diagnostics
 
 from helpers import torch_reference
 
@@ -322,7 +322,7 @@ def test_compiled_loss_compiles_once_per_bucket():
 
 
 def test_rows_with_loss():
-    from cast_mlx.loss import rows_with_loss
+    from cast_mlx.algorithm.loss import rows_with_loss
 
     adv = mx.array([[0.0, 0.0], [0.5, 0.0], [0.0, -1.0], [0.3, 0.3]])
     mask = mx.array([[1, 1], [1, 0], [1, 1], [1, 1]])
@@ -334,7 +334,7 @@ def test_rows_with_loss():
 
 
 def test_end_of_turn_diagnostics_by_hand():
-    from cast_mlx.metrics import end_of_turn_diagnostics
+    from cast_mlx.training.metrics import end_of_turn_diagnostics
 
     # group 0 mixed (rows 0 correct, 1 wrong), group 1 all wrong (row 3 truncated: no EOS)
     rewards = mx.array([1.0, 0.0, 0.0, 0.0])
@@ -353,7 +353,7 @@ def test_end_of_turn_diagnostics_by_hand():
 
 
 def test_length_drift_rule_by_hand():
-    from cast_mlx.metrics import length_drift
+    from cast_mlx.training.metrics import length_drift
 
     # truncation 0.4 for three steps, then 0.7: the last 3-step mean (0.7) is 0.3 above the
     # lowest (0.4), and the reward fell: drift
@@ -371,7 +371,7 @@ def test_length_drift_rule_by_hand():
 def test_compiled_loss_pads_rows_to_powers_of_two():
     """Micro-batches cut by cost have any row count: 1..8 rows meet 4 compiled shapes, and
     the zero rows added change neither the loss nor the gradient."""
-    from cast_mlx.compiled import bucket_rows
+    from cast_mlx.algorithm.compiled import bucket_rows
 
     assert [bucket_rows(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     compiled = CompiledPolicyLoss(eps_low=0.17, loss_agg="seq-mean-token-mean")  # not used elsewhere

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx import models
+from cast_mlx.engine import models
 
 from helpers import run_cli
 
@@ -88,7 +88,7 @@ def test_bad_specs():
 
 def test_hub_id_offline_says_so():
     code = (
-        "from cast_mlx.models import load, ModelLoadError\n"
+        "from cast_mlx.engine.models import load, ModelLoadError\n"
         "try:\n    load('mlx-community/Qwen2.5-0.5B-Instruct-4bit')\n"
         "except ModelLoadError as e:\n    print(e)\n"
     )

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from cast_mlx import config as cfg
-from cast_mlx import models, trainer
-from cast_mlx.logprobs import token_logprobs, trimmed_batch
+from cast_mlx.engine import models
+from cast_mlx.engine.logprobs import token_logprobs, trimmed_batch
+from cast_mlx.training import trainer
 
 from helpers import ROOT, run_cli
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx import advantages, logprobs, loss, models, teacher
+from cast_mlx.algorithm import advantages, loss, teacher
+from cast_mlx.engine import logprobs, models
 
 torch = pytest.importorskip("torch")
 try:

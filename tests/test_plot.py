@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cast_mlx import plot
+from cast_mlx.training import plot
 
 from helpers import ROOT, run_cli
 

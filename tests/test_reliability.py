@@ -19,8 +19,8 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from cast_mlx import callbacks, checkpoint, trainer
 from cast_mlx import config as cfg
+from cast_mlx.training import callbacks, checkpoint, trainer
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint, tiny_model
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cast_mlx import plot, report
+from cast_mlx.training import plot, report
 
 from helpers import ROOT, run_cli
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from cast_mlx.checkpoint import TrainingError
 from cast_mlx.config import ConfigError, RewardConfig
-from cast_mlx.rewards import (
+from cast_mlx.tasks.rewards import (
     RewardError,
     RewardFn,
     format_reward,
@@ -22,7 +21,8 @@ from cast_mlx.rewards import (
     score,
     weighted_sum,
 )
-from cast_mlx.verify import TimeoutPool, Verifier
+from cast_mlx.tasks.verify import TimeoutPool, Verifier
+from cast_mlx.training.checkpoint import TrainingError
 
 L, B = 32, 8  # sampling.max_new_tokens, reward.overlong_buffer in these tests
 

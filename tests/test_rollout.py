@@ -11,8 +11,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
 
-from cast_mlx import models, rollout
-from cast_mlx.rollout import SamplingParams, generate_groups, inverse_cdf, keep_mask, sample_tokens
+from cast_mlx.engine import models, rollout
+from cast_mlx.engine.rollout import SamplingParams, generate_groups, inverse_cdf, keep_mask, sample_tokens
 
 QUESTIONS = [
     "What is 2+3?",
@@ -409,7 +409,7 @@ def test_kept_frozen_states_are_the_fresh_forwards_and_change_nothing(setup, mon
     product or the model's own head) leaves the rollout as it was and keeps, for every prompt
     token and every completion token fed back, the state entering block k that a fresh
     forward of prompt + completion computes (to rounding)."""
-    from cast_mlx import logprobs
+    from cast_mlx.engine import logprobs
 
     model, _, prompts, eos = setup
     if not plain_head:
@@ -483,7 +483,7 @@ def test_models_without_a_plain_cache_are_refused_and_scored_per_row():
     the rollout refuses it with one clear error, and `plain_cache` says so to the scorer."""
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-    from cast_mlx.logprobs import plain_cache
+    from cast_mlx.engine.logprobs import plain_cache
 
     class Windowed:
         def make_cache(self):

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from cast_mlx import config as cfg
-from cast_mlx import models, trainer
+from cast_mlx.engine import models
+from cast_mlx.training import trainer
 
 from helpers import ROOT, run_cli, smoke_args
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx import logprobs, models, teacher
+from cast_mlx.algorithm import teacher
+from cast_mlx.engine import logprobs, models
 
 LORA = dict(
     rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]

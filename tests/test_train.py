@@ -15,8 +15,9 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from cast_mlx import checkpoint, models, rollout, trainer
 from cast_mlx import config as cfg
+from cast_mlx.engine import models, rollout
+from cast_mlx.training import checkpoint, trainer
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint
 
@@ -293,7 +294,7 @@ def test_grpo_skips_zero_variance_groups(smoke_run):
     problems = trainer.next_prompts(run)
     prompts, out = trainer.sample(run, problems)
     n = out.tokens.shape[0]
-    from cast_mlx.compiled import CompiledAdvantages
+    from cast_mlx.algorithm.compiled import CompiledAdvantages
 
     grpo = CompiledAdvantages("grpo", group_size=run.recipe.sampling.group_size, scale_rewards="group")
     adv, _ = grpo(mx.ones((n,)), mx.zeros(out.mask.shape), out.mask)

@@ -1,4 +1,4 @@
-"""Tests of cast_mlx.verify: extraction, the equivalence ladder, safety and time bounds."""
+"""Tests of cast_mlx.tasks.verify: extraction, the equivalence ladder, safety and time bounds."""
 
 import json
 import time
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cast_mlx.verify import (
+from cast_mlx.tasks.verify import (
     TimeoutPool,
     Verdict,
     Verifier,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cast_mlx.verify import TimeoutPool, Verifier, parse_gold, quick_equivalent
+from cast_mlx.tasks.verify import TimeoutPool, Verifier, parse_gold, quick_equivalent
 
 ROOT = Path(__file__).resolve().parents[1]
 _fresh = itertools.count(2)  # each batch its own golds, so the memo never answers for the workers
@@ -162,7 +162,7 @@ def test_a_call_that_kills_its_worker_twice_is_given_up_like_a_timeout():
 CHILD = textwrap.dedent(
     """
     import json, signal, sys, time
-    from cast_mlx.verify import TimeoutPool, Verifier
+    from cast_mlx.tasks.verify import TimeoutPool, Verifier
 
     KEEP = []
 

@@ -22,9 +22,9 @@ from functools import lru_cache
 
 import sympy
 
-from cast_mlx.verify.limits import MAX_ANSWER_CHARS
-from cast_mlx.verify.normalize import normalize_answer, parse_number, string_key
-from cast_mlx.verify.parser import ParseError, parse_expression
+from cast_mlx.tasks.verify.limits import MAX_ANSWER_CHARS
+from cast_mlx.tasks.verify.normalize import normalize_answer, parse_number, string_key
+from cast_mlx.tasks.verify.parser import ParseError, parse_expression
 
 # Short prose answers (a name, "(C)") and numbers in a base ("4210_5"), compared as text.
 _TEXT_ANSWER = re.compile(r"^\(?[A-Za-z][A-Za-z '\-]{0,58}\)?$|^[0-9A-Za-z]+_\d{1,2}$")

@@ -1,6 +1,6 @@
 """What a run shows while it trains: a `rich` live dashboard on a terminal, plain lines
 elsewhere (CI, pipes, `--no-dashboard`). Both are training callbacks
-(`cast_mlx.callbacks.TrainingCallback`):
+(`cast_mlx.training.callbacks.TrainingCallback`):
 
     view = make_view(total_steps, live=True, eval_every=recipe.logging.eval_every)
     view.on_train_begin(info); view.on_phase(phase, done, total, note)
@@ -36,7 +36,7 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from cast_mlx.callbacks import TrainingCallback
+from cast_mlx.training.callbacks import TrainingCallback
 
 TEACHER_ALGORITHMS = ("cast", "cast-verl", "rlsd")  # a teacher gap exists: the CAST gap table
 FLIP_ALGORITHMS = ("cast", "cast-verl")  # a token's advantage may flip sign, and is clipped at a_max

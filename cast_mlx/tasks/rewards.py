@@ -52,11 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cast_mlx import verify
-from cast_mlx.checkpoint import TrainingError
 from cast_mlx.config import ConfigError, RewardConfig
-from cast_mlx.verify import TimeoutPool, Verdict, Verifier
-from cast_mlx.verify.extract import extract_answer
+from cast_mlx.tasks import verify
+from cast_mlx.tasks.verify import TimeoutPool, Verdict, Verifier
+from cast_mlx.tasks.verify.extract import extract_answer
+from cast_mlx.training.checkpoint import TrainingError
 
 BUILTINS = ("math", "math_strict", "math_lenient", "format", "overlong")
 _MATH_MODES = {"math_strict": "strict", "math_lenient": "lenient"}  # `math`: the caller's strictness

@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from cast_mlx import fastmath
+from cast_mlx.engine import fastmath
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import cast
 
 import sympy
 
-from cast_mlx.verify.limits import (
+from cast_mlx.tasks.verify.limits import (
     MAX_ANSWER_CHARS,
     MAX_DEPTH,
     MAX_EXPONENT,

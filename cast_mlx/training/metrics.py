@@ -13,7 +13,7 @@ from typing import cast
 
 import mlx.core as mx
 
-from cast_mlx.advantages import zero_variance_groups
+from cast_mlx.algorithm.advantages import zero_variance_groups
 
 
 def _share(count: mx.array, total: mx.array) -> mx.array:

@@ -11,8 +11,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from cast_mlx.verify.extract import match_braces
-from cast_mlx.verify.limits import MAX_ANSWER_CHARS
+from cast_mlx.tasks.verify.extract import match_braces
+from cast_mlx.tasks.verify.limits import MAX_ANSWER_CHARS
 
 _UNICODE = str.maketrans(
     {

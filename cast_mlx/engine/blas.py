@@ -81,7 +81,7 @@ def load() -> str:
         return _ACTIVE
     if "mlx.core" in sys.modules:
         warnings.warn(
-            "cast_mlx.blas: mlx.core was imported before cast_mlx; the fast BLAS cannot be "
+            "cast_mlx.engine.blas: mlx.core was imported before cast_mlx; the fast BLAS cannot be "
             "loaded now. Import cast_mlx first (or set CAST_MLX_BLAS=none to silence this).",
             RuntimeWarning,
             stacklevel=2,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from cast_mlx.verify.equivalence import ParsedAnswer, equivalent, parse_gold
-from cast_mlx.verify.extract import ANSWER_FORMATS, extract_answer, lenient_answer
+from cast_mlx.tasks.verify.equivalence import ParsedAnswer, equivalent, parse_gold
+from cast_mlx.tasks.verify.extract import ANSWER_FORMATS, extract_answer, lenient_answer
 
 
 @dataclass

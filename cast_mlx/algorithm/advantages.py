@@ -5,7 +5,7 @@ An estimator is two pure parts, registered once with `@register_estimator` (afte
 `core_algos.register_adv_est`):
 
 - a *kernel* `(rewards, gaps, mask, lam, *, group_size, <its static parameters>) ->
-  (token_adv, base)`: MLX ops only, so `cast_mlx.compiled` can `mx.compile` it as it is.
+  (token_adv, base)`: MLX ops only, so `cast_mlx.algorithm.compiled` can `mx.compile` it as it is.
   Its keyword-only parameters are the recipe fields (`AlgorithmConfig`) it reads.
 - a host-side *schedule* `(step, *, <its schedule parameters>) -> lam`: the lambda at a
   step, a Python float (passed to the kernel as a scalar, so a decaying lambda does not

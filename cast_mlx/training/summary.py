@@ -10,19 +10,19 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cast_mlx import callbacks as cb
-from cast_mlx import checkpoint as ckpt_io
 from cast_mlx import config as cfg
-from cast_mlx import models
+from cast_mlx.engine import models
+from cast_mlx.training import callbacks as cb
+from cast_mlx.training import checkpoint as ckpt_io
 
 if TYPE_CHECKING:
-    from cast_mlx.trainer import Run
+    from cast_mlx.training.trainer import Run
 
 
 def write_run_report(run_dir: Path) -> Path | None:
     """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page."""
     try:
-        from cast_mlx.report import write_report
+        from cast_mlx.training.report import write_report
 
         return write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - the run's own files are already safe
@@ -63,7 +63,7 @@ def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | No
     """The end-of-run summary: steps and time, the eval first -> last with the paired test of
     `cast_mlx.eval --baseline` (same problems), the best and last checkpoints, and the
     commands that use them."""
-    from cast_mlx.eval import paired_comparison
+    from cast_mlx.training.evaluation import paired_comparison
 
     r = run.recipe
     minutes, secs = divmod(int(seconds), 60)

@@ -29,8 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from cast_mlx.logprobs import Batch, token_logprobs
-from cast_mlx.models import lora_state
+from cast_mlx.engine.logprobs import Batch, token_logprobs
+from cast_mlx.engine.models import lora_state
 
 TEACHER_CONTEXTS = ("plain", "instructed", "same", "privileged")
 STUDENT_HEADER = "[Student response]"

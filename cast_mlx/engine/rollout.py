@@ -69,9 +69,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
-from cast_mlx import fastmath
-from cast_mlx.logprobs import FrozenStates, backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
-from cast_mlx.models import merged_lora
+from cast_mlx.engine import fastmath
+from cast_mlx.engine.logprobs import (
+    FrozenStates,
+    backbone_and_head,
+    lower_states,
+    plain_cache,
+    run_blocks,
+    upper_hidden,
+)
+from cast_mlx.engine.models import merged_lora
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished

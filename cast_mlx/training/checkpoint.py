@@ -29,7 +29,7 @@ import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import config as cfg
-from cast_mlx import models
+from cast_mlx.engine import models
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # file in the checkpoints folder naming the newest complete checkpoint

@@ -21,8 +21,8 @@ import functools
 
 import mlx.core as mx
 
-from cast_mlx import advantages as adv_mod
-from cast_mlx.loss import LossNorm, check_loss_options, loss_norm, policy_loss
+from cast_mlx.algorithm import advantages as adv_mod
+from cast_mlx.algorithm.loss import LossNorm, check_loss_options, loss_norm, policy_loss
 
 _TRACES = 0  # total traces over all wrappers
 

@@ -46,8 +46,8 @@ from typing import Sequence, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from cast_mlx.algorithm.loss import LossNorm
 from cast_mlx.config import ConfigError
-from cast_mlx.loss import LossNorm
 
 TIMEOUT_ENV = "CAST_MLX_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 900.0  # seconds one collective may wait for the other ranks

@@ -19,7 +19,7 @@ loss instead of counting as a wrong answer.
 
 from __future__ import annotations
 
-from cast_mlx.verify.equivalence import (
+from cast_mlx.tasks.verify.equivalence import (
     ParsedAnswer,
     expressions_equal,
     is_equivalent,
@@ -27,7 +27,7 @@ from cast_mlx.verify.equivalence import (
     parse_gold,
     quick_equivalent,
 )
-from cast_mlx.verify.extract import (
+from cast_mlx.tasks.verify.extract import (
     ANSWER_FORMATS,
     extract_answer,
     extract_boxed,
@@ -35,7 +35,7 @@ from cast_mlx.verify.extract import (
     extract_last_number,
     lenient_answer,
 )
-from cast_mlx.verify.limits import (
+from cast_mlx.tasks.verify.limits import (
     EXTRACT_TAIL_CHARS,
     MAX_ANSWER_CHARS,
     MAX_DEPTH,
@@ -46,10 +46,10 @@ from cast_mlx.verify.limits import (
     MAX_SYMBOLIC_EXPONENT,
     MAX_TOKENS,
 )
-from cast_mlx.verify.normalize import normalize_answer, parse_number
-from cast_mlx.verify.parser import ParseError, parse_expression, tokenize
-from cast_mlx.verify.pool import TimeoutPool, Verifier
-from cast_mlx.verify.verdict import Verdict, judge
+from cast_mlx.tasks.verify.normalize import normalize_answer, parse_number
+from cast_mlx.tasks.verify.parser import ParseError, parse_expression, tokenize
+from cast_mlx.tasks.verify.pool import TimeoutPool, Verifier
+from cast_mlx.tasks.verify.verdict import Verdict, judge
 
 REWARD_MODES = ("strict", "lenient", "strict_or_lenient")
 

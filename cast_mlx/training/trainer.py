@@ -7,12 +7,12 @@ The loop is a handful of functions over a `Run` (the objects a run holds) and a
 2. `score_rewards`: decode, verify, binary rewards.
 3. `teacher_gaps`: teacher log-probs on the teacher context + the same tokens, minus the
    old policy's log-probs (skipped under GRPO).
-4. advantages: the recipe's registered estimator (`cast_mlx.advantages`), compiled.
+4. advantages: the recipe's registered estimator (`cast_mlx.algorithm.advantages`), compiled.
 5. `update`: micro-batched forward/backward with the loss normalised over the whole
    batch, gradient-norm clip, AdamW on the LoRA tensors; NaN/inf skips the update.
-6. teacher refresh and the metrics line (`cast_mlx.metrics`); `fit` hands it to the
-   callbacks (sinks and view, `cast_mlx.callbacks`) and writes checkpoints
-   (`cast_mlx.checkpoint`).
+6. teacher refresh and the metrics line (`cast_mlx.training.metrics`); `fit` hands it to the
+   callbacks (sinks and view, `cast_mlx.training.callbacks`) and writes checkpoints
+   (`cast_mlx.training.checkpoint`).
 
 Randomness is derived from `(seed, step)` and the data order from `(seed, epoch)`, so a
 run resumed from a checkpoint continues bit-identically on the same machine.
@@ -20,7 +20,7 @@ run resumed from a checkpoint continues bit-identically on the same machine.
 Data parallelism (`mlx.launch -n N`): `Run.world` says which of the N processes this is.
 Each one samples, verifies, scores and computes advantages for its slice of the step's
 prompts; the loss normaliser, gradients and metrics are reduced over processes (see
-`cast_mlx.distributed`); rank 0 alone prints and writes metrics and checkpoints. With a
+`cast_mlx.engine.distributed`); rank 0 alone prints and writes metrics and checkpoints. With a
 world of one, every collective is skipped.
 """
 
@@ -43,23 +43,25 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from cast_mlx import __version__, blas, data, models, rewards, rollout, verify
-from cast_mlx import callbacks as cb
-from cast_mlx import checkpoint as ckpt_io
+from cast_mlx import __version__
 from cast_mlx import config as cfg
-from cast_mlx import distributed as dist
-from cast_mlx.advantages import get_estimator
-from cast_mlx.checkpoint import TrainingError, TrainState
-from cast_mlx.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count
-from cast_mlx.dashboard import make_view
-from cast_mlx.eval import bootstrap_ci, evaluate, per_problem_values
-from cast_mlx.logprobs import frozen_blocks, length_buckets, score_in_buckets, token_logprobs, trimmed_batch
-from cast_mlx.loss import loss_norm, rows_with_loss
-from cast_mlx.metrics import length_drift, memory_usage, step_metrics
-from cast_mlx.rewards import metrics_of as reward_metrics
-from cast_mlx.rollout import decode_completions
-from cast_mlx.summary import best_saved_eval, summary_lines, write_run_report
-from cast_mlx.teacher import Teacher, swapped_lora, teacher_contexts
+from cast_mlx.algorithm.advantages import get_estimator
+from cast_mlx.algorithm.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count
+from cast_mlx.algorithm.loss import loss_norm, rows_with_loss
+from cast_mlx.algorithm.teacher import Teacher, swapped_lora, teacher_contexts
+from cast_mlx.engine import blas, models, rollout
+from cast_mlx.engine import distributed as dist
+from cast_mlx.engine.logprobs import frozen_blocks, length_buckets, score_in_buckets, token_logprobs, trimmed_batch
+from cast_mlx.engine.rollout import decode_completions
+from cast_mlx.tasks import data, rewards, verify
+from cast_mlx.tasks.rewards import metrics_of as reward_metrics
+from cast_mlx.training import callbacks as cb
+from cast_mlx.training import checkpoint as ckpt_io
+from cast_mlx.training.checkpoint import TrainingError, TrainState
+from cast_mlx.training.dashboard import make_view
+from cast_mlx.training.evaluation import bootstrap_ci, evaluate, per_problem_values
+from cast_mlx.training.metrics import length_drift, memory_usage, step_metrics
+from cast_mlx.training.summary import best_saved_eval, summary_lines, write_run_report
 
 
 @dataclass

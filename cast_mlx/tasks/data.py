@@ -1,6 +1,6 @@
 """Tasks: GSM8K, MATH and a synthetic arithmetic generator, and chat prompts for them.
 
-Every task yields `Problem`s with a gold answer that `cast_mlx.verify` can parse; rows
+Every task yields `Problem`s with a gold answer that `cast_mlx.tasks.verify` can parse; rows
 that are malformed (missing fields, empty or unparseable gold, invalid JSON) are skipped and
 reported in one `MalformedRowsWarning`, by reason with their first few 1-based line numbers.
 A source that cannot be used (missing, unreadable, not UTF-8, empty, no usable row) raises
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
-from cast_mlx.verify import extract_boxed, parse_gold
+from cast_mlx.tasks.verify import extract_boxed, parse_gold
 
 if TYPE_CHECKING:
     from cast_mlx.config import DataConfig

@@ -2,7 +2,7 @@
 
 The loop calls every callback of the list at the same points; rank 0 of a data-parallel
 run holds the list, the other ranks an empty one. The sinks are here; the views (rich
-dashboard, plain lines) are callbacks too, in `cast_mlx.dashboard`.
+dashboard, plain lines) are callbacks too, in `cast_mlx.training.dashboard`.
 
 - `on_train_begin(info)`: once, before the first metrics line (`info`: run, model, ...).
 - `on_metrics(metrics, samples)`: each metrics line: the step-0 eval (no samples, no

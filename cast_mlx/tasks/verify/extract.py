@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from cast_mlx.verify.limits import EXTRACT_TAIL_CHARS, MAX_ANSWER_CHARS
+from cast_mlx.tasks.verify.limits import EXTRACT_TAIL_CHARS, MAX_ANSWER_CHARS
 
 ANSWER_FORMATS = ("hash", "boxed", "last_number")
 

@@ -25,8 +25,8 @@ from multiprocessing.connection import wait as _wait_connections
 from multiprocessing.util import Finalize
 from typing import Callable, Sequence, cast
 
-from cast_mlx.verify.equivalence import ParsedAnswer, equivalent, is_equivalent, parse_gold, quick_equivalent
-from cast_mlx.verify.verdict import Verdict, plan
+from cast_mlx.tasks.verify.equivalence import ParsedAnswer, equivalent, is_equivalent, parse_gold, quick_equivalent
+from cast_mlx.tasks.verify.verdict import Verdict, plan
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # POSIX only: without it (Windows) there are no process-group signals to shield workers from

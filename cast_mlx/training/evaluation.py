@@ -1,0 +1,647 @@
+"""Evaluate a model (optionally with LoRA adapters) on a task: greedy accuracy and k-sample
+metrics, each with a bootstrap 95% confidence interval.
+
+`python -m cast_mlx.eval --model SPEC [--adapter DIR] --task arithmetic [--n N] [--k K] ...`
+
+What is measured, per problem, with the prompt, rollout engine and verifier of training:
+
+- **greedy** (always): one completion at temperature 0; `greedy/strict` (the required
+  answer format was used and is right) and `greedy/lenient` (the first answer found in
+  any format is right, the reward used for training).
+- **k samples** (when `temperature > 0`): `k` completions per problem, scored lenient;
+  `mean@k` = the share of correct samples, `pass@k` = the unbiased estimator
+  `1 - C(n-c, k) / C(n, k)` (with `n = k` samples it is "any sample correct"), `maj@k` =
+  whether the majority answer is correct (see `majority_vote` for grouping and ties).
+
+Every metric is a mean over problems; its CI comes from resampling the problems
+(`bootstrap_ci`, percentile method, deterministic by seed).
+
+`--baseline FILE` (an earlier result on the same problems, e.g. of the base model) adds a
+*paired* comparison of the greedy metrics (`paired_comparison`): problems only the new model
+solves vs only the baseline solves, the difference with a 95% CI, and the exact McNemar
+p-value. Paired, because two evals on the same problems are far from independent.
+
+The pure helpers (`pass_at_k`, `answer_key`, `majority_vote`, `bootstrap_ci`,
+`paired_comparison`) do not load a model and are tested on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cast_mlx.tasks import data, verify
+
+EXIT_USAGE = 2
+N_RESAMPLES = 1000
+DEFAULT_ARITHMETIC_EVAL_SIZE = 200
+EVAL_DATA_SEED = 0  # the held-out set does not change with --seed: every run sees the same
+EVAL_TASKS = (*data.TASKS, data.CUSTOM_TASK)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct (Chen et al., 2021):
+    the probability that a random subset of `k` of the `n` samples holds a correct one,
+    `1 - C(n-c, k) / C(n, k)`; exactly 1 when fewer than `k` samples are wrong."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def answer_key(answer: str | None):
+    """What answers are grouped by for a vote: the exact value (and `%` flag) of a numeric
+    answer, so that `18`, `18.0` and `$18` agree; else the normalised text without spaces.
+    None (no answer found) stays None."""
+    if answer is None:
+        return None
+    normal = verify.normalize_answer(answer)
+    number = verify.parse_number(normal)
+    if number is not None:
+        return ("number", number[0], number[1])
+    return ("text", "".join(normal.split()))
+
+
+def majority_vote(answers: Sequence[str | None]) -> int | None:
+    """Index of the completion whose answer wins the vote, or None if no answer was found.
+
+    Answers are grouped by `answer_key`; completions without an answer do not vote. The
+    group with the most members wins; a tie goes to the group whose first member comes
+    earliest in `answers` (sample order, fixed by the seed). The returned index is that
+    first member, so its verdict is the vote's verdict.
+    """
+    counts: dict = {}
+    first: dict = {}
+    for i, answer in enumerate(answers):
+        key = answer_key(answer)
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, i)
+    if not counts:
+        return None
+    winner = max(counts, key=lambda key: (counts[key], -first[key]))
+    return first[winner]
+
+
+def bootstrap_ci(
+    values: Sequence[float], seed: int = 0, n_resamples: int = N_RESAMPLES, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile bootstrap `(low, high)` of the mean of `values` (one per problem).
+
+    Problems are resampled with replacement `n_resamples` times from a numpy generator
+    seeded with `seed`, so the interval is reproducible; `alpha = 0.05` gives a 95% CI.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("bootstrap_ci: need a non-empty list of per-problem values")
+    if not 0 < alpha < 1:
+        raise ValueError(f"bootstrap_ci: alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:
+        raise ValueError(f"bootstrap_ci: n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_resamples, len(x)))
+    means = x[idx].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Metric:
+    """A mean over problems and its bootstrap CI."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
+class Completion:
+    text: str
+    answer: str | None  # the answer the lenient chain found (what is voted on)
+    strict: bool
+    lenient: bool
+    finish: str  # "eos" or "length"
+
+
+@dataclass
+class ProblemResult:
+    id: str
+    question: str
+    gold: str
+    greedy: Completion
+    samples: list[Completion] = field(default_factory=list)
+    majority: int | None = None  # index into samples of the vote's winner
+
+    @property
+    def n_correct(self) -> int:
+        """Correct (lenient) samples."""
+        return sum(s.lenient for s in self.samples)
+
+    @property
+    def majority_correct(self) -> bool:
+        return self.majority is not None and self.samples[self.majority].lenient
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.samples:
+            d["n_correct"] = self.n_correct
+            d["majority_answer"] = None if self.majority is None else self.samples[self.majority].answer
+            d["majority_correct"] = self.majority_correct
+        return d
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Metric]  # "greedy/strict", "greedy/lenient", "mean@k", "pass@k", "maj@k"
+    problems: list[ProblemResult]
+    settings: dict  # k, temperature, seed, ... and timing
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "summary": {name: asdict(m) for name, m in self.summary.items()},
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def per_problem_values(problems: Sequence[ProblemResult], k: int) -> dict[str, list[float]]:
+    """The per-problem 0..1 value of every metric (their means are the summary)."""
+    values = {
+        "greedy/strict": [float(p.greedy.strict) for p in problems],
+        "greedy/lenient": [float(p.greedy.lenient) for p in problems],
+    }
+    if problems and problems[0].samples:
+        values[f"mean@{k}"] = [p.n_correct / len(p.samples) for p in problems]
+        values[f"pass@{k}"] = [pass_at_k(len(p.samples), p.n_correct, k) for p in problems]
+        values[f"maj@{k}"] = [float(p.majority_correct) for p in problems]
+    return values
+
+
+def summarize(
+    problems: Sequence[ProblemResult], k: int, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> dict[str, Metric]:
+    """Mean and bootstrap CI of every metric (the same resamples for all: same seed)."""
+    summary = {}
+    for name, vals in per_problem_values(problems, k).items():
+        low, high = bootstrap_ci(vals, seed=seed, n_resamples=n_resamples)
+        summary[name] = Metric(float(np.mean(vals)), low, high)
+    return summary
+
+
+PAIRED_METRICS = ("greedy/strict", "greedy/lenient")
+
+
+@dataclass
+class Paired:
+    """One 0/1 metric of two evaluations on the same problems."""
+
+    n: int
+    both: int
+    only_new: int
+    only_baseline: int
+    neither: int
+    difference: float  # new minus baseline accuracy
+    ci_low: float  # 95% normal-approximation CI of the paired difference
+    ci_high: float
+    p_value: float  # exact two-sided McNemar test (a sign test on the discordant problems)
+
+
+def mcnemar_exact(only_new: int, only_baseline: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference" each discordant problem is
+    equally likely to favour either side, so the smaller count is Binomial(b + c, 1/2)."""
+    n = only_new + only_baseline
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_new, only_baseline) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(baseline: Sequence[float], new: Sequence[float]) -> Paired:
+    """Compare per-problem outcomes, bools or 0/1 (same problems, same order)."""
+    if len(baseline) != len(new) or not new:
+        raise ValueError(f"paired comparison needs equal, non-empty lists, got {len(baseline)} and {len(new)}")
+    n = len(new)
+    both = sum(1 for a, b in zip(baseline, new) if a and b)
+    only_new = sum(1 for a, b in zip(baseline, new) if b and not a)
+    only_base = sum(1 for a, b in zip(baseline, new) if a and not b)
+    diff = (only_new - only_base) / n
+    # the per-problem difference is -1, 0 or +1: its variance is (b + c)/n - diff^2
+    se = math.sqrt(max((only_new + only_base) / n - diff**2, 0.0) / n)
+    return Paired(
+        n,
+        both,
+        only_new,
+        only_base,
+        n - both - only_new - only_base,
+        diff,
+        diff - 1.96 * se,
+        diff + 1.96 * se,
+        mcnemar_exact(only_new, only_base),
+    )
+
+
+def read_baseline(path: str) -> dict[str, dict[str, bool]]:
+    """The greedy outcomes of an earlier eval JSON, by problem id; UsageError if unreadable."""
+    try:
+        problems = json.loads(Path(path).read_text())["problems"]
+        return {p["id"]: {m: bool(p["greedy"][m.split("/")[1]]) for m in PAIRED_METRICS} for p in problems}
+    except FileNotFoundError:
+        raise UsageError(f"--baseline {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise UsageError(
+            f"--baseline {path}: not a cast_mlx.eval result (needs problems with an id and greedy strict/lenient)"
+        ) from None
+
+
+def check_same_problems(baseline: dict, ids: Sequence[str], path: str) -> None:
+    if list(baseline) == list(ids):
+        return
+    missing = next((i for i in ids if i not in baseline), None)
+    if len(baseline) != len(ids):
+        detail = f"it holds {len(baseline)} problems, this eval {len(ids)}"
+    elif missing is not None:
+        detail = f"problem {missing!r} of this eval is not in it"
+    else:
+        detail = "its problems come in another order"
+    raise UsageError(f"--baseline {path}: {detail}; evaluate both with the same task, level, split and --n")
+
+
+def compare_to_baseline(result: "EvalResult", baseline: dict) -> dict[str, Paired]:
+    new = per_problem_values(result.problems, k=1)  # 0/1 per problem for the greedy metrics
+    return {m: paired_comparison([baseline[p.id][m] for p in result.problems], new[m]) for m in PAIRED_METRICS}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _completions(tokenizer, rollout, golds: list[str], answer_format: str, verifier) -> list[Completion]:
+    """Decode and verify every row of a rollout (row i answers `golds[i]`)."""
+    from cast_mlx.engine.rollout import decode_completions
+
+    texts = decode_completions(tokenizer, rollout)
+    verdicts = verifier.verify_batch([(t, g, answer_format) for t, g in zip(texts, golds)])
+    out = []
+    for text, v, finish in zip(texts, verdicts, rollout.finish_reasons):
+        # A None verdict (unparseable gold) counts as wrong; load_task already drops such rows.
+        out.append(Completion(text, None if v is None else v.pred, bool(v and v.strict), bool(v and v.lenient), finish))
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    problems: Sequence[data.Problem],
+    *,
+    answer_format: str = "hash",
+    system_prompt: str | None = None,
+    k: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    max_batch: int = 64,
+    verifier: verify.Verifier | None = None,
+    n_resamples: int = N_RESAMPLES,
+    progress=None,
+) -> EvalResult:
+    """Greedy (and, with `temperature > 0`, `k`-sample) evaluation of `model` on `problems`.
+    `progress(problems_answered, problems)`, if given, hears during the greedy pass.
+
+    The prompt is `data.build_prompt` (as in training), completions come from
+    `rollout.generate_groups` (greedy: one per problem at temperature 0), answers are
+    checked by `verifier` (a fresh one-worker `Verifier` when None). `seed` drives the
+    samples and the bootstrap.
+    """
+    from cast_mlx.engine import rollout
+
+    if not problems:
+        raise ValueError("evaluate: no problems")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if k > 1 and temperature == 0:
+        raise ValueError("k > 1 samples need temperature > 0 (greedy samples are all the same)")
+    if answer_format not in verify.ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {verify.ANSWER_FORMATS}, got {answer_format!r}")
+
+    start = time.perf_counter()
+    prompts = [data.prompt_ids(tokenizer, p, system_prompt, answer_format) for p in problems]
+    golds = [p.gold for p in problems]
+    eos = set(tokenizer.eos_token_ids)
+    own_verifier = verifier is None
+    verifier = verify.Verifier(workers=1) if verifier is None else verifier
+    try:
+        greedy_params = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_batch=max_batch)
+        hear = None if progress is None else (lambda t, cap, done, n: progress(done, n))  # noqa: E731
+        greedy_out = rollout.generate_groups(model, prompts, 1, greedy_params, eos, key=seed, progress=hear)
+        greedy = _completions(tokenizer, greedy_out, golds, answer_format, verifier)
+        samples: list[list[Completion]] = [[] for _ in problems]
+        if temperature > 0:
+            params = rollout.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, max_batch=max_batch)
+            out = rollout.generate_groups(model, prompts, k, params, eos, key=seed)
+            flat = _completions(tokenizer, out, [g for g in golds for _ in range(k)], answer_format, verifier)
+            samples = [flat[i * k : (i + 1) * k] for i in range(len(problems))]
+    finally:
+        if own_verifier:
+            verifier.close()
+
+    results = []
+    for p, g, s in zip(problems, greedy, samples):
+        majority = majority_vote([c.answer for c in s]) if s else None
+        results.append(ProblemResult(p.id, p.question, p.gold, g, s, majority))
+    every = [c for r in results for c in [r.greedy, *r.samples]]
+    settings = {
+        "n_problems": len(results),
+        "k": k,
+        "samples_per_problem": k if temperature > 0 else 0,
+        "temperature": temperature,
+        "answer_format": answer_format,
+        "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "bootstrap_resamples": n_resamples,
+        "truncated_share": sum(c.finish == "length" for c in every) / len(every),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return EvalResult(summarize(results, k, seed, n_resamples), results, settings)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cast_mlx.eval", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        help="embedded name, local mlx-lm folder or hub id "
+        "(default: the adapter's recipe model, else the embedded one)",
+    )
+    p.add_argument("--adapter", help="run dir, checkpoints dir, checkpoint or mlx-lm adapter folder")
+    p.add_argument(
+        "--task",
+        required=True,
+        help=f"one of {', '.join(EVAL_TASKS)} (custom: with --adapter, the data mapping of its recipe)",
+    )
+    p.add_argument("--split", help="split name (default: test; custom: the recipe's data.eval_split)")
+    p.add_argument(
+        "--path", help="local .jsonl file or folder (gsm8k/math; default: the hub; custom: instead of the recipe's)"
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        help=f"arithmetic level (default: the adapter's recipe, else {data.DEFAULT_ARITHMETIC_LEVEL})",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        help=f"number of problems (default: the whole split; arithmetic: {DEFAULT_ARITHMETIC_EVAL_SIZE})",
+    )
+    p.add_argument("--k", type=int, default=1, help="samples per problem for mean/pass/maj@k")
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: 0 = greedy only when k = 1, else 1.0)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=64, help="decode streams per wave")
+    p.add_argument("--answer-format", help="hash or boxed (default: the adapter's recipe, else hash)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    p.add_argument(
+        "--out",
+        help="JSON file (default: eval-TASK-SPLIT.json in the adapter folder given, else in the current folder)",
+    )
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 or quantized")
+    p.add_argument(
+        "--baseline",
+        help="an earlier eval JSON on the same problems: adds a paired comparison (McNemar) of the greedy metrics",
+    )
+    return p
+
+
+def resolve_adapter(path: str) -> Path:
+    """The folder holding `adapters.safetensors` for a run dir, checkpoints dir, checkpoint
+    folder or plain mlx-lm adapter folder; UsageError if there is none."""
+    from cast_mlx.engine import models
+    from cast_mlx.training.checkpoint import TrainingError, find_checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--adapter {path}: no such folder")
+    if not (folder / models.ADAPTER_WEIGHTS).is_file():
+        try:
+            folder = find_checkpoint(folder)
+        except TrainingError:
+            raise UsageError(f"--adapter {path}: no {models.ADAPTER_WEIGHTS} and no checkpoint found there") from None
+    for name in (models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise UsageError(f"--adapter {path}: {folder / name} is missing")
+    return folder
+
+
+def adapter_recipe(folder: Path | None):
+    """The training recipe stored next to the adapters (checkpoints have one), or None."""
+    if folder is None or not (folder / "recipe.yaml").is_file():
+        return None
+    from cast_mlx import config as cfg
+
+    try:
+        return cfg.load_recipe(folder / "recipe.yaml", [])
+    except cfg.ConfigError:
+        return None
+
+
+def resolve_args(args) -> dict:
+    """Validate the arguments and fill defaults (from the adapter's recipe when there is
+    one, so the prompt matches training); returns the evaluation settings."""
+    from cast_mlx.engine import models
+
+    if args.task not in EVAL_TASKS:
+        raise UsageError(f"--task {args.task!r}: expected one of {', '.join(EVAL_TASKS)}")
+    for name in ("n", "k", "max_new_tokens", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.k > 1 else 0.0)
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {temperature}")
+    if args.k > 1 and temperature == 0:
+        raise UsageError("--k > 1 needs --temperature > 0 (greedy samples are all the same)")
+    adapter = resolve_adapter(args.adapter) if args.adapter else None
+    recipe = adapter_recipe(adapter)
+    custom = custom_data(args, adapter, recipe) if args.task == data.CUSTOM_TASK else None
+    answer_format = args.answer_format or (recipe.data.answer_format if recipe else "hash")
+    if answer_format not in ("hash", "boxed"):
+        where = "--answer-format" if args.answer_format else "the adapter's recipe: data.answer_format"
+        raise UsageError(f"{where} {answer_format!r}: this evaluation scores hash or boxed answers only")
+    level = args.level
+    if level is None:
+        same_task = recipe is not None and recipe.data.task == "arithmetic"
+        level = recipe.data.level if same_task else data.DEFAULT_ARITHMETIC_LEVEL
+    if args.task == "arithmetic" and level not in data.ARITHMETIC_LEVELS:
+        raise UsageError(f"--level must be one of {data.ARITHMETIC_LEVELS}, got {level}")
+    n = args.n if args.n is not None or args.task != "arithmetic" else DEFAULT_ARITHMETIC_EVAL_SIZE
+    split = args.split or (custom.eval_split if custom else "test")
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = (Path(args.adapter) if adapter else Path.cwd()) / f"eval-{args.task}-{split}.json"
+    return {
+        "model": args.model or (recipe.model.name if recipe else models.DEFAULT_MODEL),
+        "adapter": str(adapter) if adapter else None,
+        "task": args.task,
+        "split": split,
+        "path": custom.path if custom else args.path,
+        "data": custom,
+        "level": level,
+        "n": n,
+        "k": args.k,
+        "temperature": temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "max_batch": args.max_batch,
+        "answer_format": answer_format,
+        "system_prompt": recipe.data.system_prompt if recipe else data.DEFAULT_SYSTEM_PROMPT,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "out": str(out),
+        "baseline": args.baseline,
+    }
+
+
+def custom_data(args, adapter: Path | None, recipe):
+    """The data section that `--task custom` evaluates with: the adapter's training recipe
+    (its columns, splits and format), `--path` replacing its source when given."""
+    if recipe is None or recipe.data.task != data.CUSTOM_TASK:
+        if adapter is None:
+            why = "needs --adapter RUN"
+        elif recipe is None:
+            why = f"needs the adapter's training recipe, and {adapter / 'recipe.yaml'} is missing or invalid"
+        else:
+            why = f"needs an adapter trained on task custom (its recipe has task {recipe.data.task})"
+        raise UsageError(f"--task custom {why}: the data mapping comes from that recipe's data section")
+    if args.path:
+        return replace(recipe.data, path=args.path, hub_id=None)
+    return recipe.data
+
+
+def load_problems(s: dict) -> list[data.Problem]:
+    """The problems of the settings `s` (see `resolve_args`)."""
+    if s["task"] == data.CUSTOM_TASK:
+        return data.load_custom(s["data"], s["split"], s["n"], EVAL_DATA_SEED)
+    return data.load_task(s["task"], s["split"], path=s["path"], n=s["n"], level=s["level"], seed=EVAL_DATA_SEED)
+
+
+def load_policy(model_spec: str, adapter: str | None, dtype: str = "auto"):
+    """`(model, tokenizer)`: the model, with the LoRA adapters of `adapter` when given."""
+    from cast_mlx.engine import models
+
+    model, tokenizer = models.load(model_spec, dtype=dtype)
+    if adapter:
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, adapter)
+        model.eval()
+    return model, tokenizer
+
+
+def print_table(result: EvalResult, s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    what = s["model"] + (f" + adapter {s['adapter']}" if s["adapter"] else "")
+    table = Table(title=f"{s['task']} ({s['split']}, {result.settings['n_problems']} problems)", caption=what)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, m in result.summary.items():
+        table.add_row(name, f"{m.value:.3f}", f"[{m.ci_low:.3f}, {m.ci_high:.3f}]")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"truncated: {result.settings['truncated_share']:.1%}, "
+        f"{result.settings['seconds']:.1f}s; per-problem results: {s['out']}"
+    )
+
+
+def main(argv=None) -> int:
+    try:
+        s = resolve_args(build_parser().parse_args(argv))
+        problems = load_problems(s)
+        baseline = read_baseline(s["baseline"]) if s["baseline"] else None
+        if baseline is not None:
+            check_same_problems(baseline, [p.id for p in problems], s["baseline"])
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # the hub could not be reached
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    from cast_mlx.engine import models
+
+    try:
+        model, tokenizer = load_policy(s["model"], s["adapter"], s["dtype"])
+    except (models.ModelLoadError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    try:
+        result = evaluate(
+            model,
+            tokenizer,
+            problems,
+            answer_format=s["answer_format"],
+            system_prompt=s["system_prompt"],
+            k=s["k"],
+            temperature=s["temperature"],
+            max_new_tokens=s["max_new_tokens"],
+            seed=s["seed"],
+            max_batch=s["max_batch"],
+        )
+    except ValueError as exc:  # e.g. a prompt longer than the model's context
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    result.settings.update({key: s[key] for key in ("model", "adapter", "task", "split", "path", "level", "dtype")})
+    doc = result.to_dict()
+    paired = compare_to_baseline(result, baseline) if baseline is not None else {}
+    if paired:
+        doc["paired"] = {"baseline": s["baseline"], **{m: asdict(p) for m, p in paired.items()}}
+    out = Path(s["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print_table(result, s)
+    for name, p in paired.items():
+        print(
+            f"paired vs {s['baseline']}, {name}: {p.difference:+.3f} [{p.ci_low:+.3f}, "
+            f"{p.ci_high:+.3f}]; solved by only the new model {p.only_new}, only the baseline "
+            f"{p.only_baseline}, both {p.both}, neither {p.neither}; McNemar exact "
+            f"p = {p.p_value:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
