@@ -53,7 +53,8 @@ import mlx.nn as nn  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
-from cast_mlx.training import trainer  # noqa: E402
+from cast_mlx.training import trainer  # noqa
+from cast_mlx.training.trajectory import judge, teacher_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-arith-grpo.yaml"
@@ -136,17 +137,17 @@ def mixed_batch(run, tries: int = 8):
     found (else the last pair tried)."""
     for i in range(tries):
         problems = run.problems[i * PROMPTS : (i + 1) * PROMPTS]
-        prompts, out = trainer.sample(run, problems)
-        mx.eval(out.tokens, out.logprobs)
-        texts = trainer.decode_completions(run.tokenizer, out)
-        correct = trainer.score_rewards(run, problems, texts, prompts, out)["lenient"]
+        traj = trainer.sample(run, problems)
+        mx.eval(traj.rollout.tokens, traj.rollout.logprobs)
+        judge(traj, run.tokenizer, run.recipe, run.verifier, run.reward_fns, run.special_ids)
+        correct = traj.judged.lenient
         groups = [correct[g * GROUP : (g + 1) * GROUP] for g in range(PROMPTS)]
         if all(0 < sum(g) < GROUP for g in groups):
-            return problems, prompts, out, True
-    return problems, prompts, out, False
+            return traj, True
+    return traj, False
 
 
-def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = False) -> dict:
+def time_variant(run, traj, repeats: int, same_rows: bool = False) -> dict:
     if same_rows:  # every row with tokens carries (a negligible) loss, as under CAST
         compiled = run.advantages
 
@@ -156,7 +157,7 @@ def time_variant(run, problems, prompts, out, repeats: int, same_rows: bool = Fa
 
         run.advantages = all_rows
     mx.reset_peak_memory()
-    lines = [trainer.learn(run, problems, prompts, out)[0] for _ in range(repeats + 1)][1:]  # first: warm-up
+    lines = [trainer.learn(run, traj)[0] for _ in range(repeats + 1)][1:]  # first: warm-up
     med = {k: statistics.median(m[f"time/{k}"] for m in lines) for k in ("verify", "teacher", "update")}
     return {
         "step_s": round(sum(med.values()), 3),
@@ -204,13 +205,13 @@ def forward_gflop(model, positions: int, head_positions: int) -> float:
     return (2 * block_params * positions + 2 * args.vocab_size * args.hidden_size * head_positions) / 1e9
 
 
-def teacher_floor(run, problems, prompts, out) -> dict:
+def teacher_floor(run, traj) -> dict:
     """A lower bound on the teacher's time on this batch: `forward_gflop` of its forward
     (each prompt's teacher context once, then every completion token) at `matmul_gflops`, the
     best rate this process reaches. An exact teacher cannot take less on this machine. For a
     teacher on its own context (`plain`, `instructed`): it runs all blocks."""
-    contexts = {tuple(c) for c in trainer.row_contexts(run, problems, prompts)}
-    completion = int(out.mask.sum().item())
+    contexts = {tuple(c) for c in teacher_rows(traj, run.tokenizer, run.recipe)}
+    completion = int(traj.rollout.mask.sum().item())
     gflop = forward_gflop(run.model, sum(len(c) for c in contexts) + completion, completion)
     args = run.model.args
     rate = matmul_gflops(args.hidden_size, args.intermediate_size)
@@ -238,12 +239,12 @@ def main(argv=None) -> int:
             recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen))
             with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
                 if batch is None:  # sampled once, by the first variant's (still untrained) model
-                    *batch, mixed = mixed_batch(run)
+                    batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
-                results[variant] = time_variant(run, *batch, args.repeats, same_rows=variant == "grpo_same_rows")
+                results[variant] = time_variant(run, batch, args.repeats, same_rows=variant == "grpo_same_rows")
                 if variant == "cast" and recipe.teacher.context != "same":  # (`same`: the top blocks only)
-                    floor = teacher_floor(run, *batch)
-    problems, prompts, out = batch
+                    floor = teacher_floor(run, batch)
+    prompts, out = batch.prompts, batch.rollout
     line = {
         "bench": "step",
         "machine": cpu_name(),

@@ -21,6 +21,7 @@ import pytest
 
 from cast_mlx import config as cfg
 from cast_mlx.training import callbacks, checkpoint, trainer
+from cast_mlx.training.update import first_nonfinite
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint, tiny_model
 
@@ -106,10 +107,10 @@ def test_a_torn_metrics_line_is_dropped_not_fatal(tmp_path, capsys):
 def test_first_nonfinite_names_the_array_and_ignores_padding():
     mask = mx.array([[1.0, 0.0]])
     gaps = mx.array([[0.5, float("nan")]])  # NaN in the padding: harmless
-    assert trainer.first_nonfinite({"rewards": mx.array([1.0]), "gaps": gaps}, mask) is None
+    assert first_nonfinite({"rewards": mx.array([1.0]), "gaps": gaps}, mask) is None
     adv = mx.array([[float("nan"), 0.0]])
-    assert trainer.first_nonfinite({"gaps": gaps, "advantages": adv}, mask) == "advantages"
-    assert trainer.first_nonfinite({"rewards": mx.array([float("inf")])}, mask) == "rewards"
+    assert first_nonfinite({"gaps": gaps, "advantages": adv}, mask) == "advantages"
+    assert first_nonfinite({"rewards": mx.array([float("inf")])}, mask) == "rewards"
 
 
 # --------------------------------------------------------------------------- NaN in a real step

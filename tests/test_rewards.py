@@ -11,6 +11,7 @@ import time
 import pytest
 
 from cast_mlx.config import ConfigError, RewardConfig
+from cast_mlx.errors import TrainingError
 from cast_mlx.tasks.rewards import (
     RewardError,
     RewardFn,
@@ -22,7 +23,6 @@ from cast_mlx.tasks.rewards import (
     weighted_sum,
 )
 from cast_mlx.tasks.verify import TimeoutPool, Verifier
-from cast_mlx.training.checkpoint import TrainingError
 
 L, B = 32, 8  # sampling.max_new_tokens, reward.overlong_buffer in these tests
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from cast_mlx import config as cfg
-from cast_mlx.training.trainer import lr_schedule
+from cast_mlx.training.update import lr_schedule
 
 
 def recipe(steps, warmup_ratio, decay="constant", lr=1e-3, min_lr_ratio=0.0):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
-from cast_mlx.training import trainer
+from cast_mlx.training import preflight, trainer
+from cast_mlx.training.evaluation import evaluate_held_out
 
 from helpers import ROOT, run_cli, smoke_args
 
@@ -23,7 +24,8 @@ def test_phase_progress_counts_only_go_up(tmp_path, smol_dir):
     with trainer.setup(recipe) as run:
         run.phase = lambda *args: calls.append(args)
         trainer.train_step(run)
-        trainer.evaluate_now(run, run.held_out or trainer.eval_problems(run.recipe))
+        problems = run.held_out or preflight.eval_problems(run.recipe)
+        evaluate_held_out(run.model, run.tokenizer, problems, run.recipe, run.verifier, run.world, run.phase)
     phases = [c[0] for c in calls]
     # in the order a step runs them, then the eval
     order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]

@@ -16,12 +16,39 @@ import numpy as np
 import pytest
 
 from cast_mlx import config as cfg
+from cast_mlx.algorithm.teacher import teacher_gaps
 from cast_mlx.engine import models, rollout
+from cast_mlx.errors import EXIT_DRIFT
 from cast_mlx.training import checkpoint, trainer
+from cast_mlx.training.trajectory import score_teacher
+from cast_mlx.training.update import update
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint
 
 VOLATILE = ("time/", "tokens_per_s/", "memory/", "compile_count")
+
+
+def teacher_gaps_of(run, traj):
+    """The teacher stage on a sampled trajectory, over the rollout's own mask."""
+    traj.mask = traj.rollout.mask
+    score_teacher(traj, run.model, run.tokenizer, run.recipe, run.teacher, run.ref_params)
+    return traj.gaps
+
+
+def update_of(run, contexts, tokens, mask, adv, truncated, frozen=None):
+    return update(
+        run.model,
+        run.optimizer,
+        run.loss_fn,
+        run.recipe,
+        run.world,
+        contexts=contexts,
+        tokens=tokens,
+        mask=mask,
+        adv=adv,
+        truncated=truncated,
+        frozen=frozen,
+    )
 
 
 def _train(tmp_path: Path, name: str, *extra: str, timeout=900):
@@ -263,17 +290,17 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
             run.optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient itself
             start = models.lora_state(run.model)
             problems = trainer.next_prompts(run)
-            prompts, out = trainer.sample(run, problems)
+            traj = trainer.sample(run, problems)
+            prompts, out = traj.prompts, traj.rollout
             assert (out.frozen is not None) == reuse and (not reuse or out.frozen.split == 30 - recipe.lora.num_layers)
             rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-            gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+            gaps = teacher_gaps_of(run, traj)
             all_gaps.append(np.array(gaps))
             adv, _ = run.advantages(rewards, gaps, out.mask, step=0)
             truncated = mx.zeros((8,))
             contexts = [prompts[i // 4] for i in range(8)]
-            loss, gnorm, aux, applied = trainer.update(
-                run, contexts, out.tokens, out.mask, adv, truncated, None, out.frozen
-            )
+            result = update_of(run, contexts, out.tokens, out.mask, adv, truncated, frozen=out.frozen)
+            loss, gnorm, applied = result.loss, result.grad_norm, result.applied
             assert applied
             now = models.lora_state(run.model)
             results.append((loss, gnorm, {k: np.array(now[k]) - np.array(start[k]) for k in now}))
@@ -292,17 +319,16 @@ def test_accumulation_matches_one_big_batch(tmp_path, smol_dir):
 def test_grpo_skips_zero_variance_groups(smoke_run):
     run = smoke_run
     problems = trainer.next_prompts(run)
-    prompts, out = trainer.sample(run, problems)
+    traj = trainer.sample(run, problems)
+    prompts, out = traj.prompts, traj.rollout
     n = out.tokens.shape[0]
     from cast_mlx.algorithm.compiled import CompiledAdvantages
 
     grpo = CompiledAdvantages("grpo", group_size=run.recipe.sampling.group_size, scale_rewards="group")
     adv, _ = grpo(mx.ones((n,)), mx.zeros(out.mask.shape), out.mask)
     before = models.lora_state(run.model)
-    loss, gnorm, aux, applied = trainer.update(
-        run, [prompts[i // 2] for i in range(n)], out.tokens, out.mask, adv, mx.zeros((n,))
-    )
-    assert not applied and aux["rows_skipped"] == n
+    result = update_of(run, [prompts[i // 2] for i in range(n)], out.tokens, out.mask, adv, mx.zeros((n,)))
+    assert not result.applied and result.aux["rows_skipped"] == n
     after = models.lora_state(run.model)
     assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
 
@@ -313,8 +339,20 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
     with trainer.setup(recipe) as run:
         problems = trainer.next_prompts(run)
-        prompts, out = trainer.sample(run, problems)
-        gaps, lp_t = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+        traj = trainer.sample(run, problems)
+        out = traj.rollout
+        gaps, lp_t = teacher_gaps(
+            run.model,
+            run.teacher,
+            traj.contexts,
+            traj.contexts,
+            out,
+            out.mask,
+            same_context=True,
+            temperature=run.recipe.sampling.temperature,
+            micro_batch=8,
+            share_prefix=True,
+        )
         assert float(mx.abs(gaps).max()) == 0.0
         assert float(mx.abs(lp_t * out.mask).sum()) > 0  # real log-probs, not zeros
         # and the sampler's own log-probs agree with the scoring path to ~1e-4
@@ -357,10 +395,11 @@ def test_special_tokens_follow_the_verifier_in_a_step(tmp_path, smol_dir):
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)
     with trainer.setup(recipe) as run:
         problems = trainer.next_prompts(run)
-        prompts, out = trainer.sample(run, problems)
+        traj = trainer.sample(run, problems)
+        out = traj.rollout
         truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
         special, eos = rollout.special_and_eos(out.tokens, out.lengths, truncated, out.mask, run.special_ids)
-        gaps, _ = trainer.teacher_gaps(run, problems, prompts, out, out.mask)
+        gaps = teacher_gaps_of(run, traj)
         rewards = mx.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # a mixed and an all-wrong group
         adv, base = run.advantages(rewards, gaps, out.mask, step=0, special=special)
         expected = np.where(np.arange(8) < 4, np.array(base), 0.0)[:, None]
@@ -387,7 +426,7 @@ def test_stop_on_drift_checkpoints_and_exits_4(tmp_path, smol_dir, capsys):
     with trainer.setup(recipe) as run:
         run.state.history = [[0.0, 1.0]]  # as if a step before had answered everything in time
         code = trainer.fit(run, live=False)
-    assert code == trainer.EXIT_DRIFT == 4
+    assert code == EXIT_DRIFT == 4
     lines = _metrics(tmp_path / "d")
     assert [m["step"] for m in lines] == [1] and lines[0]["health/drift"] == 1
     assert lines[0]["completions/clipped_ratio"] >= 0.2  # risen by drift_rise from 0

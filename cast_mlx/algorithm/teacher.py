@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from cast_mlx.engine.logprobs import Batch, token_logprobs
+from cast_mlx.engine.logprobs import Batch, score_in_buckets, token_logprobs
 from cast_mlx.engine.models import lora_state
 
 TEACHER_CONTEXTS = ("plain", "instructed", "same", "privileged")
@@ -138,3 +138,88 @@ class swapped_lora:
     def __exit__(self, *exc):
         self.model.update(tree_unflatten(list(self.saved.items())))
         return False
+
+
+# --------------------------------------------------------------------------- the teacher stage
+
+
+def row_contexts(
+    mode: str | None,
+    tokenizer,
+    questions: list[str],
+    prompts: list[list[int]],
+    references: list[str],
+    instruction: str,
+    group_size: int,
+) -> list[list[int]]:
+    """The teacher's context of every row (one per prompt, repeated `group_size` times)."""
+    ctx = teacher_contexts(mode, tokenizer, questions, prompts, references, instruction)
+    return [ctx[i // group_size] for i in range(len(questions) * group_size)]
+
+
+def teacher_gaps(
+    model: nn.Module,
+    teacher: Teacher | None,
+    contexts: list[list[int]],
+    student_contexts: list[list[int]],
+    out,
+    mask: mx.array,
+    *,
+    same_context: bool,
+    temperature: float,
+    micro_batch: int,
+    share_prefix: bool,
+) -> tuple[mx.array, mx.array | None]:
+    """`g = lp_T - lp_old` `[N, L]` (zeros without a teacher) and the teacher log-probs.
+
+    `lp_old` is the sampler's log-probs (`out.logprobs`), except for a teacher on the
+    student's own prompt (`same_context`): then it is scored by the teacher's own chunked
+    forward, so a teacher with the policy's weights gives exactly g = 0 (the sampler's
+    KV-cache path differs by ~1e-4, which would flip tokens at random); with a different
+    context the gaps are far larger than that."""
+    if teacher is None:
+        return mx.zeros(mask.shape), None
+    # the rollout's frozen-block states are the student's context's (the `same` teacher's)
+    frozen = out.frozen if contexts == student_contexts else None
+    if same_context:
+        lp_old = score_in_buckets(
+            lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
+            contexts,
+            out.tokens,
+            mask,
+            micro_batch,
+            share_prefix,
+            frozen,
+        )
+    else:
+        lp_old = out.logprobs
+    lp_t = score_in_buckets(
+        lambda b: teacher.score(model, b, temperature), contexts, out.tokens, mask, micro_batch, share_prefix, frozen
+    )
+    return (lp_t - lp_old) * mask, lp_t
+
+
+def reference_logprobs(
+    model: nn.Module,
+    ref_params: dict,
+    contexts: list[list[int]],
+    out,
+    mask: mx.array,
+    *,
+    temperature: float,
+    micro_batch: int,
+    share_prefix: bool,
+) -> mx.array:
+    """Log-probs `[N, L]` of the KL reference (the adapters disabled) on the student's rows."""
+    with swapped_lora(model, ref_params):
+        ref_lp = score_in_buckets(
+            lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
+            contexts,
+            out.tokens,
+            mask,
+            micro_batch,
+            share_prefix,
+            out.frozen,
+        )
+        mx.eval(ref_lp)  # inside the swap
+    return ref_lp

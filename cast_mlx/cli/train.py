@@ -63,12 +63,12 @@ def dry_run(recipe: cfg.Recipe) -> int:
 
     from cast_mlx.engine import blas, models
     from cast_mlx.tasks import data, verify
-    from cast_mlx.training import trainer
+    from cast_mlx.training import preflight
 
     t0 = time.perf_counter()
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
     t_load = time.perf_counter() - t0
-    problem = trainer.task_problems(recipe, "train")[0]
+    problem = preflight.task_problems(recipe, "train")[0]
     prompt = data.build_prompt(tokenizer, problem, recipe.data.system_prompt, recipe.data.answer_format)
     t1 = time.perf_counter()
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=recipe.sampling.max_new_tokens)

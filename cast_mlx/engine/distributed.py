@@ -34,6 +34,7 @@ variable `CAST_MLX_DIST_TIMEOUT` (seconds), else the recipe's `system.dist_timeo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -46,12 +47,11 @@ from typing import Sequence, cast
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx.algorithm.loss import LossNorm
 from cast_mlx.config import ConfigError
+from cast_mlx.errors import EXIT_TIMEOUT
 
 TIMEOUT_ENV = "CAST_MLX_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 900.0  # seconds one collective may wait for the other ranks
-EXIT_TIMEOUT = 3  # exit code of a rank whose watchdog fired
 
 
 class PeerLost(RuntimeError):
@@ -78,6 +78,17 @@ class World:
     def is_main(self) -> bool:
         """Rank 0 prints, writes metrics and checkpoints."""
         return self.rank == 0
+
+    def comm_counters(self) -> tuple[float, int, int]:
+        return (self.comm_seconds, self.comm_bytes, self.comm_calls)
+
+    def comm_since(self, start: tuple[float, int, int]) -> dict:
+        """The `time/comm`, `comm/bytes` and `comm/calls` metrics since `comm_counters()` was `start`."""
+        return {
+            "time/comm": self.comm_seconds - start[0],
+            "comm/bytes": self.comm_bytes - start[1],
+            "comm/calls": self.comm_calls - start[2],
+        }
 
 
 def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
@@ -265,9 +276,9 @@ def max_values(world: World, values: dict, what: str = "comparing timings") -> d
     return _reduce_values(world, values, mx.distributed.all_max, what)
 
 
-def global_norm(world: World, norm: LossNorm) -> LossNorm:
-    """The `LossNorm` of the whole batch from each rank's: token and sequence counts are
-    summed, `max_len` is the largest."""
+def global_norm(world: World, norm):
+    """The loss normaliser (`algorithm.loss.LossNorm`) of the whole batch from each rank's:
+    token and sequence counts are summed, `max_len` is the largest."""
     if world.size == 1:
         return norm
     counts = mx.stack([mx.array(norm.num_tokens, dtype=mx.float32), mx.array(norm.num_seqs, dtype=mx.float32)])
@@ -278,7 +289,7 @@ def global_norm(world: World, norm: LossNorm) -> LossNorm:
         mx.distributed.all_max,
         mx.array(norm.max_len, dtype=mx.float32).reshape((1,)),
     )
-    return LossNorm(num_tokens=counts[0], num_seqs=counts[1], max_len=longest[0])
+    return dataclasses.replace(norm, num_tokens=counts[0], num_seqs=counts[1], max_len=longest[0])
 
 
 def sum_tree(world: World, tree, what: str = "summing gradients"):

@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cast_mlx.config import ConfigError, RewardConfig
+from cast_mlx.errors import TrainingError
 from cast_mlx.tasks import verify
 from cast_mlx.tasks.verify import TimeoutPool, Verdict, Verifier
 from cast_mlx.tasks.verify.extract import extract_answer
-from cast_mlx.training.checkpoint import TrainingError
 
 BUILTINS = ("math", "math_strict", "math_lenient", "format", "overlong")
 _MATH_MODES = {"math_strict": "strict", "math_lenient": "lenient"}  # `math`: the caller's strictness
@@ -473,3 +473,70 @@ def _run_plugins(
             raise RewardError(payload)
         values[fn.name] = payload
     return values
+
+
+# ---- the reward stage of a training step -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowRewards:
+    """The rewards of a step's rows: the values the estimator reads, the per-row `strict` /
+    `lenient` / `dropped` flags, and every reward function's values (NaN: not judged)."""
+
+    values: list[float]
+    strict: list[bool]
+    lenient: list[bool]
+    dropped: list[bool]  # unusable gold, or a function that could not judge it: no loss
+    judged: dict[str, list[float]]
+
+
+def judge_rows(
+    golds: Sequence[str],
+    texts: Sequence[str],
+    *,
+    fns: Sequence[RewardFn],
+    verifier: Verifier,
+    answer_format: str,
+    strictness: str,
+    reward: RewardConfig,
+    max_new_tokens: int,
+    binary: bool,
+    plugin_inputs: Callable[[], tuple[list[str], dict[str, list]]] | None = None,
+) -> RowRewards:
+    """Judge every row. Without reward functions: the verifier's 0/1 at `strictness`. With
+    them: their weighted sum, or with `binary` (estimators whose trajectory types need a
+    correct/wrong decision) whether it reaches `reward.correct_threshold`.
+    `plugin_inputs()` gives the prompts' text and the extra keyword columns of plug-ins
+    (called only when there are functions)."""
+    if not fns:
+        verdicts = verifier.verify_batch([(t, g, answer_format) for t, g in zip(texts, golds)])
+        verified = [verify.reward(v, strictness) for v in verdicts]
+        return RowRewards(
+            values=[0.0 if v is None else v for v in verified],
+            strict=[bool(v and v.strict) for v in verdicts],
+            lenient=[bool(v and v.lenient) for v in verdicts],
+            dropped=[v is None for v in verified],
+            judged={},
+        )
+    prompts, columns = plugin_inputs() if plugin_inputs else ([""] * len(texts), {})
+    result = score(
+        fns,
+        completions=texts,
+        prompts=prompts,
+        answers=golds,
+        columns=columns,
+        pool_or_verifier=verifier,
+        answer_format=answer_format,
+        strictness=strictness,
+        max_new_tokens=max_new_tokens,
+        buffer=reward.overlong_buffer,
+        threshold=reward.correct_threshold,
+        timeout=reward.timeout,
+    )
+    values = [float(c) if binary else (v or 0.0) for v, c in zip(result.rewards, result.correct)]
+    if result.verdicts is not None:
+        strict = [bool(v and v.strict) for v in result.verdicts]
+        lenient = [bool(v and v.lenient) for v in result.verdicts]
+    else:  # no math function: "correct" is the threshold's decision
+        strict = lenient = list(result.correct)
+    return RowRewards(values, strict, lenient, list(result.dropped), result.judged())

@@ -45,6 +45,36 @@ class TrainingCallback:
         pass
 
 
+class CallbackList(TrainingCallback):
+    """Several callbacks called as one, in order; an empty list is a valid silent run."""
+
+    def __init__(self, callbacks: list[TrainingCallback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def __bool__(self) -> bool:
+        return bool(self.callbacks)
+
+    def on_train_begin(self, info: dict) -> None:
+        for c in self.callbacks:
+            c.on_train_begin(info)
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        for c in self.callbacks:
+            c.on_metrics(metrics, samples)
+
+    def on_message(self, text: str) -> None:
+        for c in self.callbacks:
+            c.on_message(text)
+
+    def on_phase(self, phase: str, done: int, total: int, note: str = "") -> None:
+        for c in self.callbacks:
+            c.on_phase(phase, done, total, note)
+
+    def on_train_end(self) -> None:
+        for c in self.callbacks:
+            c.on_train_end()
+
+
 EVAL_FILE = "eval.jsonl"
 PER_PROBLEM = "eval/per_problem"  # a metrics key whose value goes to eval.jsonl, not metrics.jsonl
 

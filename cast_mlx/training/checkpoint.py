@@ -30,13 +30,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
+from cast_mlx.errors import TrainingError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # file in the checkpoints folder naming the newest complete checkpoint
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many NaN steps); the message says why."""
 
 
 class CheckpointError(TrainingError):

@@ -28,13 +28,15 @@ The pure helpers (`pass_at_k`, `answer_key`, `majority_vote`, `bootstrap_ci`,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 
@@ -382,6 +384,116 @@ def evaluate(
         "seconds": round(time.perf_counter() - start, 3),
     }
     return EvalResult(summarize(results, k, seed, n_resamples), results, settings)
+
+
+# --------------------------------------------------------------------------- in training
+
+
+def evaluate_held_out(model, tokenizer, problems: list, recipe, verifier, world, phase=lambda *a: None) -> dict:
+    """Greedy accuracy of the current policy on `problems`, as `eval/*` metrics (mean and
+    bootstrap CI over problems) plus `eval/per_problem` (the 0/1 lists, which the metrics
+    files keep in eval.jsonl for paired tests). In a data-parallel run (`world`) each rank
+    answers its contiguous slice and the per-problem results are gathered, so no rank waits idle."""
+    import mlx.core as mx
+
+    from cast_mlx.engine import distributed as dist
+
+    r = recipe
+    t = time.perf_counter()
+    phase("eval", 0, len(problems))
+    mine = dist.shard_uneven(problems, world.rank, world.size)
+    values: dict[str, list[float]] = {"greedy/strict": [], "greedy/lenient": []}
+    if mine:
+        result = evaluate(
+            model,
+            tokenizer,
+            mine,
+            answer_format=r.data.answer_format,
+            system_prompt=r.data.system_prompt,
+            max_new_tokens=r.sampling.max_new_tokens,
+            max_batch=r.sampling.max_batch,
+            verifier=verifier,
+            n_resamples=200,
+            progress=lambda done, n: phase("eval", done, n),
+        )
+        values = per_problem_values(result.problems, k=1)
+    gathered = dist.gather_rows(
+        world, {k: mx.array(v, dtype=mx.float32) for k, v in values.items()}, "gathering eval results"
+    )
+    strict = cast("list[float]", gathered["greedy/strict"].tolist())
+    lenient = cast("list[float]", gathered["greedy/lenient"].tolist())
+    return eval_metrics(lenient, strict) | {"time/eval": time.perf_counter() - t}
+
+
+def eval_metrics(lenient: list[float], strict: list[float]) -> dict:
+    low, high = bootstrap_ci(lenient, seed=0, n_resamples=200)
+    return {
+        "eval/accuracy": float(np.mean(lenient)),
+        "eval/accuracy_ci_low": low,
+        "eval/accuracy_ci_high": high,
+        "eval/accuracy_strict": float(np.mean(strict)),
+        "eval/n": len(lenient),
+        "eval/per_problem": {"lenient": lenient, "strict": strict},
+    }
+
+
+def base_eval_key(recipe, problems: list) -> str:
+    """What the greedy eval of a fresh run's step-0 policy depends on: the base model (the
+    LoRA B matrices start at 0) or the warm-start adapter, the problems and the settings."""
+    import mlx.core as mx
+
+    from cast_mlx import __version__
+    from cast_mlx.engine import models
+
+    r = recipe
+    what = {
+        "cast_mlx": __version__,
+        "mlx": getattr(mx, "__version__", "?"),
+        "model": r.model.name,
+        "dtype": models.resolve_dtype(r.model.dtype),
+        "problems": [[p.id, p.question, p.gold] for p in problems],
+        "answer_format": r.data.answer_format,
+        "system_prompt": r.data.system_prompt,
+        "max_new_tokens": r.sampling.max_new_tokens,
+        "max_batch": r.sampling.max_batch,
+        "adapter": adapter_digest(r.model.adapter_path),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def adapter_digest(path: str | None) -> str | None:
+    """A warm start's adapter weights, by content (the step-0 policy is that adapter)."""
+    from cast_mlx.engine import models
+
+    if path is None:
+        return None
+    return hashlib.sha256((Path(path) / models.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+
+
+def base_model_eval(model, tokenizer, problems: list, recipe, verifier, world, phase=lambda *a: None) -> dict:
+    """The step-0 eval, read from `$CAST_MLX_HOME/evals/` when a run with the same model,
+    problems and eval settings computed it before (compare.py's variants and seeds share
+    it); computed and stored otherwise. Single-process runs only (every rank of a
+    data-parallel run must take the same path)."""
+    from cast_mlx.engine import models
+
+    path = models.home() / "evals" / f"base-{base_eval_key(recipe, problems)}.json"
+    if world.size == 1 and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            return eval_metrics(stored["lenient"], stored["strict"]) | {"time/eval": 0.0, "eval/cached": True}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: compute it again
+    metrics = evaluate_held_out(model, tokenizer, problems, recipe, verifier, world, phase)
+    if world.size == 1:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(metrics["eval/per_problem"]))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache that cannot be written costs only time
+    return metrics
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,4 +1,4 @@
-"""The end of a run: the summary it prints and the report page it writes (issue #18).
+"""The end of a run: the summary it prints and the report page it writes.
 
 `summary_lines` reads what the run folder holds (eval.jsonl's per-problem results, the
 checkpoints), so a resumed run's summary covers the whole run, not just this invocation.
@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
-
-if TYPE_CHECKING:
-    from cast_mlx.training.trainer import Run
 
 
 def write_run_report(run_dir: Path) -> Path | None:
@@ -59,16 +55,18 @@ def model_folder(recipe: cfg.Recipe) -> str:
     return str(models.embedded_dir(name)) if name in models.EMBEDDED else name
 
 
-def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | None) -> list[str]:
+def summary_lines(
+    recipe: cfg.Recipe, out_dir: Path, step: int, seconds: float, last: Path | None, report: Path | None
+) -> list[str]:
     """The end-of-run summary: steps and time, the eval first -> last with the paired test of
     `cast_mlx.eval --baseline` (same problems), the best and last checkpoints, and the
     commands that use them."""
     from cast_mlx.training.evaluation import paired_comparison
 
-    r = run.recipe
+    r = recipe
     minutes, secs = divmod(int(seconds), 60)
-    lines = [f"summary: step {run.state.step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"]
-    evals = read_evals(run.out_dir)
+    lines = [f"summary: step {step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"]
+    evals = read_evals(out_dir)
     if len(evals) >= 2:
         first, final = evals[0], evals[-1]
         pc = paired_comparison(first["lenient"], final["lenient"])
@@ -82,7 +80,7 @@ def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | No
         lines.append(
             f"  eval accuracy {sum(evals[0]['lenient']) / len(evals[0]['lenient']):.3f} (step {evals[0]['step']})"
         )
-    best = ckpt_io.best_checkpoint(run.out_dir)
+    best = ckpt_io.best_checkpoint(out_dir)
     if last is not None:
         lines.append(f"  last checkpoint: {last}")
     if best is not None and best != last:
@@ -93,7 +91,7 @@ def summary_lines(run: Run, seconds: float, last: Path | None, report: Path | No
         lines += [
             "  use it:",
             f'    mlx_lm.generate --model {folder} --adapter-path {use} --prompt "What is 12 + 7?"',
-            f"    mlx_lm.fuse --model {folder} --adapter-path {use} --save-path {run.out_dir / 'fused'}",
+            f"    mlx_lm.fuse --model {folder} --adapter-path {use} --save-path {out_dir / 'fused'}",
             f"    python -m cast_mlx.eval --adapter {use} --task {r.data.task}",
         ]
     if report is not None:

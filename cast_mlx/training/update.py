@@ -1,0 +1,200 @@
+"""The update stage: the learning-rate schedule and optimizer, micro-batched gradient
+accumulation with the loss normalised over the whole batch, the gradient-norm clip, one
+AdamW step on the LoRA tensors, and the NaN guard around it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from cast_mlx import config as cfg
+from cast_mlx.algorithm.loss import loss_norm, rows_with_loss
+from cast_mlx.engine import distributed as dist
+from cast_mlx.engine.logprobs import length_buckets, token_logprobs, trimmed_batch
+from cast_mlx.errors import TrainingError
+
+LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")  # policy_loss's metrics (+ kl_mean)
+
+
+def lr_schedule(recipe: cfg.Recipe):
+    """Linear warmup to `lr`, then constant / linear / cosine / polynomial (power 2) decay."""
+    lr, steps = recipe.optimizer.lr, recipe.schedule.steps
+    warmup = int(round(recipe.schedule.warmup_ratio * steps))
+    end = lr * recipe.schedule.min_lr_ratio
+    rest = max(steps - warmup, 1)
+    decay = recipe.schedule.decay
+    if decay == "constant":
+        after = lambda s: mx.array(lr, mx.float32)  # noqa: E731
+    elif decay == "linear":
+        after = optim.linear_schedule(lr, end, rest)
+    elif decay == "cosine":
+        after = optim.cosine_decay(lr, rest, end)
+    else:
+
+        def after(s):
+            frac = mx.minimum(s.astype(mx.float32) / rest, 1.0)
+            return (lr - end) * (1.0 - frac) ** 2 + end
+
+    if warmup <= 1:  # a one-step warmup would start at lr / 1 = lr: no warmup at all
+        return after
+    return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), after], [warmup])
+
+
+def build_optimizer(recipe: cfg.Recipe) -> optim.Optimizer:
+    o = recipe.optimizer
+    return optim.AdamW(learning_rate=lr_schedule(recipe), betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+@dataclass
+class UpdateResult:
+    """What one update did: the global loss and grad norm, the loss's aux metrics (plus
+    `entropy` and `rows_skipped`), whether the step was applied, and the name of the first
+    non-finite input when the guard stopped it."""
+
+    loss: float
+    grad_norm: float
+    aux: dict = field(default_factory=dict)
+    applied: bool = False
+    nonfinite: str | None = None
+
+
+def first_nonfinite(arrays: dict[str, mx.array], mask: mx.array) -> str | None:
+    """The name of the first array with a NaN/inf (`[N, L]` ones over the real tokens of
+    `mask` only: padding may hold anything), or None."""
+    for name, a in arrays.items():
+        if a.ndim == mask.ndim:
+            a = mx.where(mask != 0, a, 0.0)
+        if not bool(mx.all(mx.isfinite(a)).item()):
+            return name
+    return None
+
+
+def guarded_update(model, optimizer, loss_fn, recipe: cfg.Recipe, world: dist.World, *, inputs: dict, **batch):
+    """`update`, unless one of `inputs` (rewards, gaps, advantages) holds a NaN/inf: a NaN
+    must not pass for "nothing to learn" (rows are picked by |A| > 0, false for NaN). Every
+    rank takes the same decision, as the update has collectives."""
+    nonfinite = first_nonfinite(inputs, batch["mask"])
+    if dist.max_int(world, int(nonfinite is not None), "agreeing on finite advantages"):
+        return UpdateResult(math.nan, math.nan, {"entropy": math.nan, "rows_skipped": 0}, False, nonfinite)
+    mx.clear_cache()
+    return update(model, optimizer, loss_fn, recipe, world, **batch)
+
+
+def count_step(state, result: UpdateResult, all_skipped: bool, max_bad_steps: int) -> bool:
+    """Advance `state.step` (the batch is consumed either way) and count consecutive steps
+    whose update was refused; too many in a row end the run with a TrainingError. Returns
+    whether the step counts as a good one (applied, or nothing to learn)."""
+    state.step += 1
+    if result.applied or all_skipped:
+        state.bad_steps = 0
+        return True
+    state.bad_steps += 1
+    if state.bad_steps >= max_bad_steps:
+        what = (
+            f"non-finite {result.nonfinite}"
+            if result.nonfinite
+            else f"loss {result.loss}, grad norm {result.grad_norm}"
+        )
+        raise TrainingError(
+            f"{state.bad_steps} consecutive steps with non-finite values (last: {what}); "
+            "lower optimizer.lr or check the data and the checkpoint"
+        )
+    return False
+
+
+def update(
+    model,
+    optimizer,
+    loss_fn,
+    recipe: cfg.Recipe,
+    world: dist.World,
+    *,
+    contexts,
+    tokens,
+    mask,
+    adv,
+    truncated,
+    ref_lp=None,
+    frozen=None,
+    phase: Callable[..., None] = lambda *a: None,
+) -> UpdateResult:
+    """Accumulate gradients over micro-batches, clip, and apply one AdamW step (with
+    `frozen`, the rollout's frozen-block states of these rows: only the top blocks run).
+
+    Rows without loss (zero advantage everywhere with beta = 0, or truncated when masked)
+    are skipped: they would add nothing to the loss or the gradient, and the normaliser is
+    the whole batch's.
+
+    In a data-parallel run the rows are this rank's; the normaliser is the global batch's,
+    so the gradients summed over ranks are the single-process accumulated gradient, and
+    the loss, grad norm and aux metrics returned are global (the same on every rank, so
+    every rank takes the same decisions). A rank without loss-bearing rows still joins.
+    """
+    r = recipe
+    norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
+    rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
+    temperature = r.sampling.temperature
+
+    def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb):
+        lp, ent = token_logprobs(model, batch, temperature, with_entropy=True)
+        old = mx.stop_gradient(lp)  # one update per batch: ratio = 1, gradient of the surrogate
+        value, metrics = loss_fn(lp, old, adv_mb, batch.mask, trunc_mb, ref_mb, norm)
+        return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()))
+
+    grad_fn = nn.value_and_grad(model, micro_loss)
+    total, grads, entropy_sum = mx.array(0.0), None, mx.array(0.0)
+    metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
+    metric_sums = {k: mx.array(0.0) for k in metric_names}
+    # micro-batches of rows of similar length, each padded only to its own longest row
+    # (and, with system.share_prefix, of one prompt: scored after one pass of it)
+    share = r.system.share_prefix
+    by_prompt = [contexts[i] for i in rows] if share else None
+    buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size, by_prompt) if rows else []
+    phase("update", 0, len(buckets))
+    for done, mb in enumerate(([rows[j] for j in b] for b in buckets), 1):
+        idx = mx.array(mb)
+        batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
+        length = batch.tokens.shape[1]
+        ref_mb = None if ref_lp is None else ref_lp[idx, :length]
+        (value, (metrics, ent)), g = grad_fn(model, batch, adv[idx, :length], truncated[idx], ref_mb)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        total = total + value
+        entropy_sum = entropy_sum + ent
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums[k] + v
+        mx.eval(grads, total)
+        phase("update", done, len(buckets))
+    # the tokens of the rows that went through the forward pass (for the mean entropy)
+    n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
+    stats = dist.sum_values(
+        world,
+        {
+            "loss": total,
+            "entropy": entropy_sum,
+            "tokens": n_tok,
+            "rows": len(rows),
+            "all_rows": mask.shape[0],
+            **metric_sums,
+        },
+    )
+    aux = {k: stats[k] for k in metric_names} if stats["rows"] else {}
+    aux["entropy"] = stats["entropy"] / stats["tokens"] if stats["tokens"] else 0.0
+    aux["rows_skipped"] = int(stats["all_rows"] - stats["rows"])
+    if not stats["rows"]:  # nothing carries loss this step (e.g. all groups zero-variance)
+        return UpdateResult(0.0, 0.0, aux, False)
+    if grads is None:  # rows elsewhere but none here: join the sum with zeros
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    grads = dist.sum_tree(world, grads)
+    grads, grad_norm = optim.clip_grad_norm(grads, r.optimizer.max_grad_norm)
+    loss_value, grad_norm = stats["loss"], grad_norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        return UpdateResult(loss_value, grad_norm, aux, False)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    return UpdateResult(loss_value, grad_norm, aux, True)
