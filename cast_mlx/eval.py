@@ -1,8 +1,8 @@
-"""`python -m cast_mlx.eval`: the command's stable name; the command lives in `cast_mlx.training.evaluation`."""
+"""`python -m cast_mlx.eval`: the command's stable name; the command lives in `cast_mlx.cli.eval`."""
 
 import sys
 
-from cast_mlx.training.evaluation import main
+from cast_mlx.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

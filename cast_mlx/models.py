@@ -1,8 +1,8 @@
-"""`python -m cast_mlx.models`: the command's stable name; the command lives in `cast_mlx.engine.models`."""
+"""`python -m cast_mlx.models`: the command's stable name; the command lives in `cast_mlx.cli.models`."""
 
 import sys
 
-from cast_mlx.engine.models import main
+from cast_mlx.cli.models import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m cast_mlx.plot`: the command's stable name; the command lives in `cast_mlx.training.plot`."""
+"""`python -m cast_mlx.plot`: the command's stable name; the command lives in `cast_mlx.cli.plot`."""
 
 import sys
 
-from cast_mlx.training.plot import main
+from cast_mlx.cli.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

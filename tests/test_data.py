@@ -242,7 +242,7 @@ def test_unusable_data_sources_are_one_line_errors(tmp_path, recwarn):
 
 def test_eval_cli_reports_data_errors(tmp_path, capsys):
     """cast_mlx.eval catches ValueError: a DataError is an input error there (exit 2)."""
-    from cast_mlx.training import evaluation as eval_cli
+    from cast_mlx.cli import eval as eval_cli
 
     missing = tmp_path / "none.jsonl"
     assert eval_cli.main(["--task", "gsm8k", "--path", str(missing)]) == eval_cli.EXIT_USAGE

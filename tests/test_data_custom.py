@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cast_mlx.cli import eval as eval_cli
 from cast_mlx.config import DataConfig
 from cast_mlx.tasks import data
 from cast_mlx.tasks.data import DataError, MalformedRowsWarning, Problem, build_prompt, load_custom
@@ -435,7 +436,7 @@ def _custom_run(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_eval_custom_uses_the_adapter_recipe_mapping_and_eval_split(tmp_path):
     run, folder = _custom_run(tmp_path)
-    s = ev.resolve_args(ev.build_parser().parse_args(["--task", "custom", "--adapter", str(run)]))
+    s = eval_cli.resolve_args(eval_cli.build_parser().parse_args(["--task", "custom", "--adapter", str(run)]))
     assert s["split"] == "dev" and s["path"] == str(folder) and s["system_prompt"] == "Be exact."
     assert s["out"] == str(run / "eval-custom-dev.json")
     problems = ev.load_problems(s)
@@ -447,8 +448,8 @@ def test_eval_custom_uses_the_adapter_recipe_mapping_and_eval_split(tmp_path):
     # --split and --path override the recipe's; the column mapping stays
     other = tmp_path / "other.jsonl"
     write_jsonl(other, [{"prompt": "elsewhere", "target": 5}])
-    s = ev.resolve_args(
-        ev.build_parser().parse_args(
+    s = eval_cli.resolve_args(
+        eval_cli.build_parser().parse_args(
             ["--task", "custom", "--adapter", str(run), "--path", str(other), "--split", "train"]
         )
     )
@@ -456,19 +457,19 @@ def test_eval_custom_uses_the_adapter_recipe_mapping_and_eval_split(tmp_path):
 
 
 def test_eval_custom_needs_an_adapter_trained_on_custom(tmp_path, capsys):
-    assert ev.main(["--task", "custom"]) == ev.EXIT_USAGE
+    assert eval_cli.main(["--task", "custom"]) == eval_cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err == ("error: --task custom needs --adapter RUN: the data mapping comes from that recipe's data section\n")
     run = tmp_path / "arith"
     ckpt = tiny_checkpoint(run, 1, "a")
     (ckpt / "recipe.yaml").write_text("name: a\ndata:\n  task: arithmetic\n")
-    assert ev.main(["--task", "custom", "--adapter", str(run)]) == ev.EXIT_USAGE
+    assert eval_cli.main(["--task", "custom", "--adapter", str(run)]) == eval_cli.EXIT_USAGE
     assert "needs an adapter trained on task custom (its recipe has task arithmetic)" in capsys.readouterr().err
 
 
 def test_eval_custom_data_error_is_one_line(tmp_path, capsys):
     run, folder = _custom_run(tmp_path)
     (folder / "dev.jsonl").unlink()
-    assert ev.main(["--task", "custom", "--adapter", str(run)]) == ev.EXIT_USAGE
+    assert eval_cli.main(["--task", "custom", "--adapter", str(run)]) == eval_cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {folder}: no dev.jsonl, dev.json or dev.parquet")

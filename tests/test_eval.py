@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from cast_mlx.cli import eval as eval_cli
 from cast_mlx.training import evaluation as ev
 
 from helpers import run_cli, tiny_checkpoint
@@ -174,14 +175,14 @@ def test_adapter_resolves_from_run_dir_checkpoints_dir_or_checkpoint(tmp_path):
 
 def test_adapter_recipe_sets_the_prompt_defaults(tmp_path):
     run = _fake_run(tmp_path)
-    args = ev.build_parser().parse_args(["--task", "arithmetic", "--adapter", str(run)])
-    s = ev.resolve_args(args)
+    args = eval_cli.build_parser().parse_args(["--task", "arithmetic", "--adapter", str(run)])
+    s = eval_cli.resolve_args(args)
     assert s["answer_format"] == "boxed" and s["level"] == 2 and s["n"] == 200
     assert s["out"] == str(run / "eval-arithmetic-test.json")
-    args = ev.build_parser().parse_args(
+    args = eval_cli.build_parser().parse_args(
         ["--task", "arithmetic", "--adapter", str(run), "--answer-format", "hash", "--level", "3"]
     )
-    s = ev.resolve_args(args)
+    s = eval_cli.resolve_args(args)
     assert s["answer_format"] == "hash" and s["level"] == 3
 
 

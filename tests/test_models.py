@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from cast_mlx.cli import models as models_cli
 from cast_mlx.engine import models
 
 from helpers import run_cli
@@ -249,7 +250,7 @@ def test_cached_model_without_tokenizer_says_how_to_rebuild(tmp_path, monkeypatc
     assert "sentencepiece" not in str(err.value)
     # the advised command is the CLI's (its parser accepts it)
     monkeypatch.setattr(models, "fetch", lambda name, force: (name, force))
-    assert models.main(["fetch", models.DEFAULT_MODEL, "--force"]) == 0
+    assert models_cli.main(["fetch", models.DEFAULT_MODEL, "--force"]) == 0
 
 
 def _tiny_lora_llama(hidden: int = 64, dropout: float = 0.0):

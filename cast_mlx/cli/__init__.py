@@ -1,16 +1,18 @@
-"""The `cast-mlx` console script: `cast-mlx train|eval|plot|models ...`, `cast-mlx fetch NAME`."""
+"""The command-line entry points over the library: `train`, `eval`, `diagnose`, `report`,
+`plot`, `models` (each `python -m cast_mlx.X`, or `cast-mlx X`), the one parser helper they
+share, and the `cast-mlx` dispatcher. Exit codes: `cast_mlx.errors`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-EXIT_USAGE = 2  # bad command-line input
+from cast_mlx.errors import EXIT_USAGE
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line (`error: ...`) and exit status 2,
-    instead of the usage block (the CLIs of plot, report and scripts/compare.py)."""
+    """An argparse parser whose errors are one line (`error: ...`) and exit status
+    `EXIT_USAGE`, instead of the usage block (every command, and scripts/compare.py)."""
 
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
@@ -21,6 +23,8 @@ COMMANDS = {
     "train": ("cast_mlx.train", "train (or --dry-run) from a recipe"),
     "eval": ("cast_mlx.eval", "evaluate a model (and adapter) on a task"),
     "plot": ("cast_mlx.plot", "learning curves of one or more runs"),
+    "diagnose": ("cast_mlx.diagnose", "will CAST's teacher help here? (gap diagnostics)"),
+    "report": ("cast_mlx.report", "an HTML page about one run"),
     "models": ("cast_mlx.models", "fetch / list embedded models"),
 }
 

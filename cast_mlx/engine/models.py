@@ -511,34 +511,3 @@ def save_adapters(model: nn.Module, folder: str | Path, adapter_config: dict) ->
         raise ValueError(f"refusing to save adapters with NaN/inf in {bad[0]}")
     mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m cast_mlx.models", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download and convert an embedded model")
-    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED))
-    f.add_argument("--force", action="store_true", help="re-download and convert")
-    sub.add_parser("list", help="embedded models and where they are cached")
-    args = p.parse_args(argv)
-    if args.cmd == "list":
-        for name in EMBEDDED:
-            state = "fetched" if is_fetched(name) else "not fetched"
-            print(f"{name}\t{state}\t{embedded_dir(name)}")
-        return 0
-    try:
-        path = fetch(args.name, force=args.force)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,12 +19,9 @@ A run dir must hold a non-empty `metrics.jsonl` (written by `cast_mlx.train`).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-from cast_mlx.cli import EXIT_USAGE, OneLineParser
 
 METRICS = "metrics.jsonl"
 ROLLING = 10  # steps in the reward's rolling mean
@@ -153,27 +150,3 @@ def plot_runs(
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
-
-
-def main(argv=None) -> int:
-    p = OneLineParser(prog="python -m cast_mlx.plot", description=__doc__.split("\n")[0])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("-o", "--out", default="curves.png", help="PNG file (default: curves.png)")
-    p.add_argument("--width", type=float, default=12.0, help="inches (default 12)")
-    p.add_argument("--height", type=float, default=8.0, help="inches (default 8)")
-    p.add_argument("--dpi", type=int, default=100, help="pixels per inch (default 100)")
-    args = p.parse_args(argv)
-    if args.width <= 0 or args.height <= 0 or args.dpi <= 0:
-        print("error: --width, --height and --dpi must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        out = plot_runs(args.run_dirs, args.out, args.width, args.height, args.dpi)
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

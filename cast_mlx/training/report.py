@@ -29,15 +29,13 @@ import html
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
-from cast_mlx.cli import EXIT_USAGE, OneLineParser
-from cast_mlx.training.plot import METRICS, PlotError, read_metrics, rolling_mean, series
+from cast_mlx.training.plot import METRICS, read_metrics, rolling_mean, series
 
 SAMPLES = "samples.jsonl"
 REPORT = "report.html"
@@ -467,28 +465,3 @@ def write_report(run_dir: Path, out: Path | None = None, samples_per_step: int =
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-
-def main(argv=None) -> int:
-    p = OneLineParser(prog="python -m cast_mlx.report", description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", default=None, help=f"HTML file (default: RUN_DIR/{REPORT})")
-    p.add_argument("--samples-per-step", type=int, default=2, help="completions shown per step (default 2)")
-    args = p.parse_args(argv)
-    if args.samples_per_step < 0:
-        print("error: --samples-per-step must be >= 0", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        out = write_report(Path(args.run_dir), Path(args.out) if args.out else None, args.samples_per_step)
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"error: cannot write the report: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
