@@ -24,9 +24,11 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, TypedDict
+from typing import Literal, Optional
 
 import yaml
+
+from cast_mlx.algorithm.facts import facts_of
 
 
 class ConfigError(ValueError):
@@ -60,7 +62,7 @@ def _key(key) -> str:
     return key if isinstance(key, str) and key.isprintable() and key else _show(key)
 
 
-# The choices of the two fields that default per algorithm (see ALGORITHM_DEFAULTS).
+# The choices of the two fields that default per algorithm (`algorithm.facts`).
 ScaleRewards = Literal["none", "group", "batch"]
 TeacherContext = Literal["plain", "instructed", "same", "privileged"]
 
@@ -137,7 +139,7 @@ class SamplingConfig:
 class AlgorithmConfig:
     # GRPO is the default: it is what learns with the embedded 135M model (docs/results.md).
     name: Literal["cast", "cast-verl", "grpo", "rlsd"] = "grpo"
-    # None in a file: the algorithm's default (ALGORITHM_DEFAULTS); load_recipe fills it in.
+    # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     scale_rewards: Optional[ScaleRewards] = None
     eps: float = bounds(1e-4, ge=0.0)  # added to the reward std before dividing by it
     zero_var_base: float = bounds(1.0, ge=0.0)
@@ -174,7 +176,7 @@ class TeacherConfig:
     kind: Literal["snapshot", "base", "ema"] = "snapshot"
     refresh: int = bounds(10, ge=1)  # optimizer steps between snapshots
     ema_decay: float = bounds(0.99, gt=0.0, lt=1.0)
-    # None in a file: the algorithm's default (ALGORITHM_DEFAULTS); load_recipe fills it in.
+    # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     context: Optional[TeacherContext] = None
 
 
@@ -401,7 +403,8 @@ def _check_recipe(r: Recipe) -> None:
     lo, hi = r.algorithm.ratio_band
     if not 0 < lo <= 1 <= hi:
         raise ConfigError(f"algorithm.ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
-    if r.algorithm.name in ("cast", "cast-verl") and r.teacher.context == "privileged":
+    facts = facts_of(r.algorithm.name)
+    if facts.uses_teacher and facts.answer_free and r.teacher.context == "privileged":
         raise ConfigError(
             "teacher.context: 'privileged' shows the gold answer; CAST's teacher is answer-free "
             "(use plain, instructed or same, or algorithm.name=rlsd)"
@@ -478,21 +481,6 @@ def _check_data_path(d: DataConfig, eval_every: int) -> None:
         )
 
 
-class AlgorithmDefaults(TypedDict):
-    scale_rewards: ScaleRewards
-    teacher_context: TeacherContext
-
-
-# What each algorithm uses where the recipe leaves a field at None (spec sections 2 and 3):
-# CAST scales by nothing (the authors' canonical run); its veRL port (cast-verl), GRPO and RLSD
-# by the group std. RLSD's teacher sees the reference solution, the others' is answer-free.
-ALGORITHM_DEFAULTS: dict[str, AlgorithmDefaults] = {
-    "cast": {"scale_rewards": "none", "teacher_context": "plain"},
-    "cast-verl": {"scale_rewards": "group", "teacher_context": "plain"},
-    "grpo": {"scale_rewards": "group", "teacher_context": "plain"},
-    "rlsd": {"scale_rewards": "group", "teacher_context": "privileged"},
-}
-
 # Keys that recipes (and the recipe.yaml of older checkpoints) may still hold with their one
 # allowed value; they are dropped. Any other value is an error naming the key.
 _RETIRED_KEYS = {("loss", "num_iterations"): (1, "only 1 update per batch is implemented")}
@@ -511,11 +499,11 @@ def _drop_retired(data: dict) -> dict:
 
 def _fill_defaults(r: Recipe) -> None:
     """Replace the None fields that mean "the algorithm's default" by concrete values."""
-    defaults = ALGORITHM_DEFAULTS[r.algorithm.name]
+    facts = facts_of(r.algorithm.name)
     if r.algorithm.scale_rewards is None:
-        r.algorithm.scale_rewards = defaults["scale_rewards"]
+        r.algorithm.scale_rewards = typing.cast(ScaleRewards, facts.scale_rewards)
     if r.teacher.context is None:
-        r.teacher.context = defaults["teacher_context"]
+        r.teacher.context = typing.cast(TeacherContext, facts.teacher_context)
 
 
 def from_dict(data: dict) -> Recipe:
@@ -665,9 +653,7 @@ def recipe_hash(recipe: Recipe) -> str:
 
 def default_scale_rewards(algorithm: str) -> str:
     """Spec section 2: `none` for CAST (the authors' canonical run), `group` for GRPO/RLSD."""
-    if algorithm not in ALGORITHM_DEFAULTS:
-        raise ValueError(f"algorithm: unknown name {algorithm!r}; choose one of {sorted(ALGORITHM_DEFAULTS)}")
-    return ALGORITHM_DEFAULTS[algorithm]["scale_rewards"]
+    return facts_of(algorithm).scale_rewards
 
 
 def out_dir(recipe: Recipe) -> Path:

@@ -18,6 +18,7 @@ from cast_mlx.algorithm.advantages import (
     zero_variance_groups,
 )
 from cast_mlx.algorithm.compiled import CompiledAdvantages, bucket_length, compile_count
+from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts, declare
 
 from helpers import torch_reference
 
@@ -467,7 +468,7 @@ def test_registry_matches_the_recipe_schema():
     from cast_mlx import config
 
     names = typing.get_args(typing.get_type_hints(config.AlgorithmConfig)["name"])
-    assert set(ESTIMATORS) == set(names) == set(config.ALGORITHM_DEFAULTS)
+    assert set(ESTIMATORS) == set(names) == set(ALGORITHMS)
     for est in ESTIMATORS.values():
         assert set(est.params) <= set(DEFAULT_PARAMS), est.name  # every parameter is a recipe field
     assert ESTIMATORS["grpo"].kernel_params == ("scale_rewards", "eps")
@@ -482,7 +483,21 @@ def test_one_registration_serves_eager_and_compiled():
     def half_lambda(step, *, cast_lambda):
         return cast_lambda / (1 + step)
 
-    @advantages.register_estimator("toy", schedule=half_lambda, uses_teacher=False)
+    declare(
+        AlgorithmFacts(
+            "toy",
+            uses_teacher=False,
+            flips=False,
+            clips_at_a_max=True,
+            answer_free=True,
+            zero_var_base=False,
+            scale_rewards="group",
+            teacher_context="plain",
+            summary="a test's estimator",
+        )
+    )
+
+    @advantages.register_estimator("toy", schedule=half_lambda)
     def toy(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, a_max):
         base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
         return mx.where(mask != 0, lam * mx.clip(base[:, None], -a_max, a_max), 0.0), base
@@ -504,6 +519,65 @@ def test_one_registration_serves_eager_and_compiled():
             advantages.register_estimator("toy")(toy)
     finally:
         advantages.ESTIMATORS.pop("toy", None)
+        ALGORITHMS.pop("toy", None)
+
+
+def test_the_facts_of_each_algorithm():
+    rows = {
+        name: (f.uses_teacher, f.flips, f.clips_at_a_max, f.answer_free, f.zero_var_base, f.scale_rewards)
+        for name, f in ALGORITHMS.items()
+    }
+    assert rows == {
+        "grpo": (False, False, False, True, False, "group"),
+        "cast": (True, True, True, True, True, "none"),
+        "cast-verl": (True, False, False, True, True, "group"),
+        "rlsd": (True, False, False, False, False, "group"),
+    }
+    for name, est in ESTIMATORS.items():
+        assert est.facts is ALGORITHMS[name] and est.uses_teacher == ALGORITHMS[name].uses_teacher
+
+
+def test_the_facts_match_what_the_kernels_do():
+    """A large teacher gap against the row's sign: only an estimator that declares `flips`
+    flips it, and only one that declares `clips_at_a_max` stays within a_max = 0.5."""
+    rewards = mx.array([1.0, 0.0])
+    gaps = mx.array([[-3.0], [3.0]])  # teacher-negative on the correct row, positive on the wrong
+    mask = mx.ones((2, 1))
+    for name, facts in ALGORITHMS.items():
+        token, base = compute_advantages(name, rewards, gaps, mask, group_size=2, a_max=0.5, scale_rewards="none")
+        flipped = bool(mx.any(token[:, 0] * base < 0).item())
+        assert flipped == facts.flips, name
+        if facts.clips_at_a_max:
+            assert float(mx.abs(token).max().item()) <= 0.5, name
+        zero_var, _ = compute_advantages(name, mx.array([1.0, 1.0]), mx.zeros((2, 1)), mask, group_size=2)
+        assert bool(mx.any(zero_var != 0).item()) == facts.zero_var_base, name
+
+
+def test_a_bad_registration_leaves_the_registry_unchanged():
+    from cast_mlx.algorithm import advantages
+
+    before_est, before_facts = dict(ESTIMATORS), dict(ALGORITHMS)
+
+    def kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, not_a_field):
+        return gaps, rewards
+
+    with pytest.raises(ValueError, match="declare it"):
+        advantages.register_estimator("undeclared")(kernel)
+    with pytest.raises(ValueError, match="declared twice"):
+        declare(ALGORITHMS["grpo"])
+    bad = dict(vars(ALGORITHMS["grpo"])) | {"name": "half", "teacher_context": "nowhere"}
+    with pytest.raises(ValueError, match="teacher_context"):
+        declare(AlgorithmFacts(**bad))
+    with pytest.raises(ValueError, match="flips and zero-variance"):
+        declare(AlgorithmFacts(**(bad | {"teacher_context": "plain", "flips": True})))
+    declare(AlgorithmFacts(**(bad | {"teacher_context": "plain"})))
+    try:
+        with pytest.raises(ValueError, match="not_a_field"):
+            advantages.register_estimator("half")(kernel)
+        assert "half" not in ESTIMATORS
+    finally:
+        ALGORITHMS.pop("half", None)
+    assert ESTIMATORS == before_est and ALGORITHMS == before_facts
 
 
 # --------------------------------------------------------------------------- spec 4b switches

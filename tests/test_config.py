@@ -330,3 +330,29 @@ def test_a_single_data_file_is_not_used_as_held_out_eval(tmp_path: Path):
     )
     cfg.from_dict({"data": data})  # no in-training eval: the file is only the training data
     cfg.from_dict({"data": {**data, "path": str(tmp_path)}, "logging": {"eval_every": 5}})  # a folder
+
+
+def test_the_schema_names_what_the_algorithm_facts_declare():
+    import typing
+
+    from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, TEACHER_CONTEXTS
+
+    hints = typing.get_type_hints(cfg.AlgorithmConfig)
+    assert set(typing.get_args(hints["name"])) == set(ALGORITHMS)
+    assert typing.get_args(cfg.ScaleRewards) == SCALE_REWARDS
+    assert typing.get_args(cfg.TeacherContext) == TEACHER_CONTEXTS
+    for name, facts in ALGORITHMS.items():  # the defaults a recipe gets are the declared ones
+        r = cfg.from_dict({"algorithm": {"name": name}})
+        assert (r.algorithm.scale_rewards, r.teacher.context) == (facts.scale_rewards, facts.teacher_context)
+
+
+def test_an_answer_free_algorithm_refuses_the_privileged_context():
+    from cast_mlx.algorithm.facts import ALGORITHMS
+
+    for name, facts in ALGORITHMS.items():
+        data = {"algorithm": {"name": name}, "teacher": {"context": "privileged"}}
+        if facts.uses_teacher and facts.answer_free:
+            with pytest.raises(cfg.ConfigError, match="teacher.context"):
+                cfg.from_dict(data)
+        else:
+            assert cfg.from_dict(data).teacher.context == "privileged"

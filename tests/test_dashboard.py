@@ -275,8 +275,11 @@ def test_rich_view_panels_follow_the_algorithm():
         else:
             assert "CAST gap table" in text and "GRPO signal" not in text
             assert "correct teacher -" in text and "EOS g<0" in text and "rows skipped" in text
-            assert ("flip down/up" in text) == (algorithm != "rlsd")  # RLSD flips no sign
-            assert ("at ±a_max" in text) == (algorithm != "rlsd")
+            # only CAST's own rule flips and clips: the port (cast-verl) and RLSD do neither
+            assert ("flip down/up" in text) == (algorithm == "cast")
+            assert ("flipped" in text) == (algorithm == "cast")
+            assert ("at ±a_max" in text) == (algorithm == "cast")
+            assert ("EOS adv all-correct/all-wrong" in text) == (algorithm in ("cast", "cast-verl"))
 
 
 def test_rich_view_sample_alternates_correct_and_wrong():

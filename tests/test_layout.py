@@ -22,6 +22,9 @@ ALLOWED = {
     "training": {"base", "engine", "algorithm", "tasks"},
     "cli": {"base", "engine", "algorithm", "tasks", "training", "cli"},
 }
+# the one import across the layers' order: recipes take each algorithm's defaults from its
+# declared facts, a pure-Python table (no MLX), so that a recipe validates before MLX loads
+DECLARATIONS = {"cast_mlx.algorithm", "cast_mlx.algorithm.facts"}
 LOOP = "cast_mlx.training.trainer"
 COMMANDS = {"train", "eval", "diagnose", "report", "plot", "models"}  # cast_mlx/X.py: `python -m cast_mlx.X`
 
@@ -63,11 +66,15 @@ GRAPH = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_point_down_the_layers(module):
     mine = layer(module)
-    wrong = sorted(m for m in GRAPH[module] if layer(m) not in ALLOWED[mine] | {mine})
+    wrong = sorted(m for m in GRAPH[module] - DECLARATIONS if layer(m) not in ALLOWED[mine] | {mine})
     assert wrong == [], f"{module} ({mine}) imports {wrong}"
     if mine in ("algorithm", "tasks"):  # side by side: neither imports the other
         other = {"algorithm": "tasks", "tasks": "algorithm"}[mine]
         assert not [m for m in GRAPH[module] if layer(m) == other]
+
+
+def test_the_declarations_import_nothing_of_the_package():
+    assert GRAPH["cast_mlx.algorithm.facts"] == set()
 
 
 def test_only_the_command_line_imports_the_loop():

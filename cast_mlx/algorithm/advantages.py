@@ -57,8 +57,8 @@ from typing import Callable
 import mlx.core as mx
 
 from cast_mlx import config
+from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, AlgorithmFacts
 
-SCALE_REWARDS = ("none", "group", "batch")
 SPECIAL_TOKEN_RULES = ("teacher", "verifier")
 SHAPING_PARAMS = ("special_tokens", "gap_centering")  # switches around every kernel (run_estimator)
 FLIP_MODES = ("both", "down", "none")
@@ -73,8 +73,7 @@ def default_scale_rewards(name: str) -> str:
 
     CAST: "none" (the authors' canonical run); GRPO and RLSD: "group".
     """
-    get_estimator(name)
-    return config.default_scale_rewards(name)
+    return get_estimator(name).facts.scale_rewards
 
 
 # --------------------------------------------------------------------------- checks
@@ -278,7 +277,12 @@ class Estimator:
     kernel: Callable
     schedule: Callable[..., float]
     check: Callable[..., object] | None  # validates static parameters; raises ValueError
-    uses_teacher: bool  # does the kernel read the gaps (so the trainer scores a teacher)?
+    facts: AlgorithmFacts  # what it is (`algorithm.facts`): teacher, flips, clip, defaults
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Does the kernel read the gaps (so the trainer scores a teacher)?"""
+        return self.facts.uses_teacher
 
     @property
     def kernel_params(self) -> tuple[str, ...]:
@@ -320,15 +324,23 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(
-    name: str, *, schedule: Callable[..., float] = _constant_zero, check=None, uses_teacher: bool = True
-):
-    """Register `kernel` under `name` (decorator); see the module docstring."""
+def register_estimator(name: str, *, schedule: Callable[..., float] = _constant_zero, check=None):
+    """Register `kernel` under `name` (decorator); see the module docstring. The name must be
+    declared in `algorithm.facts` and every parameter of the kernel, schedule and check must
+    be a recipe field; anything wrong raises before the registry changes."""
 
     def decorate(kernel):
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
-        ESTIMATORS[name] = Estimator(name, kernel, schedule, check, uses_teacher)
+        facts = ALGORITHMS.get(name)
+        if facts is None:
+            raise ValueError(f"estimator {name!r}: declare it in cast_mlx/algorithm/facts.py first")
+        est = Estimator(name, kernel, schedule, check, facts)
+        checked = est.params + (_keyword_params(check) if check else ())
+        unknown = sorted(set(checked) - set(DEFAULT_PARAMS))
+        if unknown:
+            raise ValueError(f"estimator {name!r}: parameters {unknown} are not fields of AlgorithmConfig")
+        ESTIMATORS[name] = est
         return kernel
 
     return decorate
@@ -395,7 +407,7 @@ def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step:
 # --------------------------------------------------------------------------- algorithms
 
 
-@register_estimator("grpo", uses_teacher=False)
+@register_estimator("grpo")
 def grpo_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps):
     """GRPO: every token of completion `i` gets `B_i`; zero-variance groups give 0."""
     base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)

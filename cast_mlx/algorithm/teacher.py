@@ -29,10 +29,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from cast_mlx.algorithm.facts import TEACHER_CONTEXTS
 from cast_mlx.engine.logprobs import Batch, score_in_buckets, token_logprobs
 from cast_mlx.engine.models import lora_state
 
-TEACHER_CONTEXTS = ("plain", "instructed", "same", "privileged")
 STUDENT_HEADER = "[Student response]"
 REFERENCE_HEADER = "[Reference solution]"
 

@@ -1,4 +1,4 @@
-"""Reward functions: the built-ins and user plug-ins that `reward.functions` names (issue #17).
+"""Reward functions: the built-ins and user plug-ins that `reward.functions` names.
 
 The reward of a completion is the weighted sum of its functions' values (`reward.weights`,
 default all 1), and the completion counts as correct when that sum is >= `reward.correct_threshold`.

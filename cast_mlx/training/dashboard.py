@@ -36,10 +36,9 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts
 from cast_mlx.training.callbacks import TrainingCallback
 
-TEACHER_ALGORITHMS = ("cast", "cast-verl", "rlsd")  # a teacher gap exists: the CAST gap table
-FLIP_ALGORITHMS = ("cast", "cast-verl")  # a token's advantage may flip sign, and is clipped at a_max
 UNITS = {"sampling": "tokens", "update": "micro-batches", "eval": "problems"}  # phases with a count
 PLAIN_PHASES = ("sampling", "teacher", "update", "eval")  # the phases long enough for a plain line
 CORRECT = 0.5  # a sample's reward from which it counts as correct (rewards may be weighted sums)
@@ -320,7 +319,7 @@ class RichView(TrainingCallback):
             ("accuracy strict", "accuracy/strict", ".3f"),
             ("accuracy lenient", "accuracy/lenient", ".3f"),
         ]
-        if self.state.algorithm != "grpo":  # under GRPO the group mix is in its own panel
+        if not self._teacherless():  # without a teacher the group mix is in its own panel
             rows += [
                 ("all correct", "cast/groups/all_correct", ".2f"),
                 ("all wrong", "cast/groups/all_wrong", ".2f"),
@@ -336,12 +335,26 @@ class RichView(TrainingCallback):
             t.add_row(label, _f(g(key), spec))
         return t
 
+    def _facts(self) -> AlgorithmFacts | None:
+        """The run's algorithm facts; None before the header names it (or for a name not known)."""
+        return ALGORITHMS.get(self.state.algorithm)
+
+    def _teacherless(self) -> bool:
+        facts = self._facts()
+        return facts is not None and not facts.uses_teacher
+
     def _cast_panel(self) -> Table:
-        """The teacher's gap table (cast, cast-verl, rlsd): flips and a_max under CAST only."""
-        g, flips = self.m.get, self.state.algorithm in FLIP_ALGORITHMS or not self.state.algorithm
+        """The teacher's gap table, with the rows that apply to the algorithm: flips, the
+        ±a_max clip and the zero-variance base only where its facts say it has them (all of
+        them while the algorithm is unknown)."""
+        facts = self._facts()
+        g = self.m.get
+        flips = facts is None or facts.flips
+        clips = facts is None or facts.clips_at_a_max
+        zero_var = facts is None or facts.zero_var_base
         t = Table(title="CAST gap table", box=None)
         t.add_column("")
-        for col in ("share", "|g|", "flipped"):
+        for col in ("share", "|g|", "flipped" if flips else ""):
             t.add_column(col, justify="right")
         for traj in ("correct", "wrong"):
             for sign, word in (("pos", "teacher +"), ("neg", "teacher -")):
@@ -356,7 +369,7 @@ class RichView(TrainingCallback):
             _f(g("cast/adv/min"), ".2f"),
             _f(g("cast/adv/max"), ".2f"),
         )
-        if flips:
+        if clips:
             t.add_row("at ±a_max", _f(g("cast/adv/at_a_max_share"), ".2f"), "", "")
         t.add_row(
             "EOS g<0 / content g<0",
@@ -370,7 +383,7 @@ class RichView(TrainingCallback):
             "",
             _f(g("cast/eos/adv_mean/mixed_wrong"), ".2f"),
         )
-        if flips:  # zero_var_base: only CAST gives zero-variance groups an advantage
+        if zero_var:  # only a zero-variance base gives all-correct / all-wrong groups an advantage
             t.add_row(
                 "EOS adv all-correct/all-wrong",
                 _f(g("cast/eos/adv_mean/all_correct"), ".2f"),
@@ -407,7 +420,7 @@ class RichView(TrainingCallback):
 
     def _optimisation(self) -> Table:
         g = self.m.get
-        grpo = self.state.algorithm == "grpo"
+        grpo = self._teacherless()
         t = Table(title="optimisation", show_header=False, box=None)
         t.add_row("loss", _f(g("loss"), ".4f"))
         t.add_row("grad norm", _f(g("grad_norm"), ".3f"))
@@ -441,7 +454,7 @@ class RichView(TrainingCallback):
     def _render(self) -> Panel:
         head = Table.grid(padding=(0, 2))
         head.add_row(*[f"[dim]{k}[/] {escape(str(v))}" for k, v in self.info.items()])
-        algo = self._grpo_panel() if self.state.algorithm == "grpo" else self._cast_panel()
+        algo = self._grpo_panel() if self._teacherless() else self._cast_panel()
         body = Table.grid(padding=(0, 3))
         body.add_row(self._rewards(), algo, self._optimisation())
         parts: list[RenderableType] = [head, self._progress(), body]

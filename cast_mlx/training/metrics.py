@@ -87,7 +87,7 @@ def end_of_turn_diagnostics(
     *,
     group_size: int,
 ) -> dict[str, mx.array]:
-    """What shows a length drift starting (issue #14): `eos/neg_gap_share` (EOS tokens with
+    """What shows a length drift starting: `eos/neg_gap_share` (EOS tokens with
     g < 0), `eos/adv_mean/{all_correct,all_wrong,mixed_correct,mixed_wrong}` (the mean
     advantage of the EOS tokens of each trajectory type: a negative value pushes stopping
     down) and `content/neg_gap_share` (real, non-special tokens with g < 0)."""
