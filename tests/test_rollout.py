@@ -11,8 +11,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
 
-from cast_mlx.engine import models, rollout
-from cast_mlx.engine.rollout import SamplingParams, generate_groups, inverse_cdf, keep_mask, sample_tokens
+from cast_mlx.engine import models, rollout, sampler
+from cast_mlx.engine.rollout import SamplingParams, generate_groups
+from cast_mlx.engine.sampler import inverse_cdf, keep_mask, sample_tokens
 
 QUESTIONS = [
     "What is 2+3?",
@@ -369,7 +370,7 @@ def test_device_sampler_draws_the_host_samplers_ids(kw, most_differing):
     logits[:64, 7] += 12.0  # some peaked rows
     u = rng.random(512, dtype=np.float32)
     ids, lps = sample_tokens(logits, u, **kw)
-    got_ids, got_lps = rollout.sample_tokens_mx(mx.array(logits), mx.array(u), **kw)
+    got_ids, got_lps = sampler.sample_tokens_mx(mx.array(logits), mx.array(u), **kw)
     assert got_ids.dtype == mx.int32
     same = np.array(got_ids) == ids
     assert (~same).sum() <= most_differing
@@ -380,9 +381,9 @@ def test_device_inverse_cdf_edges():
     weights = np.zeros((3, 1000), dtype=np.float32)
     weights[:, [5, 600, 999]] = [0.25, 0.5, 0.25]
     u = np.array([0.1, 0.5, 0.9], dtype=np.float32)
-    assert np.array(rollout.inverse_cdf_mx(mx.array(weights), mx.array(u))).tolist() == [5, 600, 999]
+    assert np.array(sampler.inverse_cdf_mx(mx.array(weights), mx.array(u))).tolist() == [5, 600, 999]
     edge = np.array([0.0, 0.99999994], dtype=np.float32)
-    assert np.array(rollout.inverse_cdf_mx(mx.array(weights[:2]), mx.array(edge))).tolist() == [5, 999]
+    assert np.array(sampler.inverse_cdf_mx(mx.array(weights[:2]), mx.array(edge))).tolist() == [5, 999]
 
 
 def test_device_path_gives_the_host_paths_rollout(setup, sampled):
@@ -474,7 +475,7 @@ def test_fast_filters_keep_what_the_full_sort_keeps(vocab, kw):
     got = keep_mask(lp, **kw)
     assert np.array_equal(got, full_sort_keep_mask(lp, **kw))
     if "top_k" in kw:
-        largest = rollout.k_largest(lp, kw["top_k"])
+        largest = sampler.k_largest(lp, kw["top_k"])
         np.testing.assert_array_equal(np.sort(largest, axis=-1), np.sort(lp, axis=-1)[:, vocab - kw["top_k"] :])
 
 
