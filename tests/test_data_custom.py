@@ -1,4 +1,4 @@
-"""Tests of `task: custom` (issue #17, "datasets of one's own"): data.load_custom on real
+"""Tests of `task: custom` (issue #17, "datasets of one's own"): custom.load_custom on real
 files of each format, the column mapping and its errors, chat-format prompts, and
 `cast_mlx.eval --task custom` with an adapter's recipe."""
 
@@ -14,7 +14,8 @@ import pytest
 from cast_mlx.cli import eval as eval_cli
 from cast_mlx.config import DataConfig
 from cast_mlx.tasks import data
-from cast_mlx.tasks.data import DataError, MalformedRowsWarning, Problem, build_prompt, load_custom
+from cast_mlx.tasks.custom import load_custom
+from cast_mlx.tasks.data import DataError, MalformedRowsWarning, Problem, build_prompt
 from cast_mlx.training import evaluation as ev
 
 from helpers import run_cli, tiny_checkpoint
@@ -299,7 +300,7 @@ def test_missing_and_unsupported_paths(tmp_path):
 
 
 def test_load_task_points_at_load_custom():
-    with pytest.raises(ValueError, match=r"data.load_custom\(recipe.data, split, n, seed\)"):
+    with pytest.raises(ValueError, match=r"custom.load_custom\(recipe.data, split, n, seed\)"):
         data.load_task("custom", "train")
 
 
@@ -344,9 +345,9 @@ def test_hub_with_the_real_datasets_package_offline(tmp_path):
     """The real `datasets` with no network (offline mode, so no retries): one line."""
     pytest.importorskip("datasets")
     code = (
-        "from cast_mlx.tasks import data; from cast_mlx.config import DataConfig\n"
+        "from cast_mlx.tasks import custom, data; from cast_mlx.config import DataConfig\n"
         "try:\n"
-        "    data.load_custom(DataConfig(task='custom', hub_id='someone/no-such-set'), 'train', None, 0)\n"
+        "    custom.load_custom(DataConfig(task='custom', hub_id='someone/no-such-set'), 'train', None, 0)\n"
         "except data.DataError as exc:\n"
         "    print(exc)\n"
     )

@@ -39,7 +39,7 @@ from typing import Sequence, cast
 import numpy as np
 
 from cast_mlx.errors import UsageError
-from cast_mlx.tasks import data, verify
+from cast_mlx.tasks import custom, data, verify
 
 EXIT_USAGE = 2
 N_RESAMPLES = 1000
@@ -549,7 +549,7 @@ def custom_data(args, adapter: Path | None, recipe):
 def load_problems(s: dict) -> list[data.Problem]:
     """The problems of the settings `s` (see `resolve_args`)."""
     if s["task"] == data.CUSTOM_TASK:
-        return data.load_custom(s["data"], s["split"], s["n"], EVAL_DATA_SEED)
+        return custom.load_custom(s["data"], s["split"], s["n"], EVAL_DATA_SEED)
     return data.load_task(s["task"], s["split"], path=s["path"], n=s["n"], level=s["level"], seed=EVAL_DATA_SEED)
 
 

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
-from cast_mlx.tasks import data
+from cast_mlx.tasks import custom, data
 from cast_mlx.training import checkpoint as ckpt_io
 
 
@@ -23,7 +23,7 @@ def task_problems(recipe: cfg.Recipe, which: str) -> list:
     train = which == "train"
     n, seed = (d.train_size, recipe.seed) if train else (d.eval_size, 0)
     if d.task == "custom":
-        return data.load_custom(d, d.train_split if train else d.eval_split, n, seed)
+        return custom.load_custom(d, d.train_split if train else d.eval_split, n, seed)
     split = "train" if train else ("eval" if d.task == "arithmetic" else "test")
     return data.load_task(d.task, split, path=d.path, n=n, level=d.level, seed=seed)
 
