@@ -15,11 +15,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
-import reprlib
 import string
 import threading
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,47 +26,20 @@ from typing import Literal, Optional
 import yaml
 
 from cast_mlx.algorithm.facts import facts_of
-
-
-class ConfigError(ValueError):
-    """A recipe problem; the message is one line naming the field."""
-
-
-class _ShortRepr(reprlib.Repr):
-    """Bounded reprs for messages: YAML aliases can nest a value exponentially, and Python
-    refuses to print an integer of more than 4300 digits."""
-
-    def __init__(self):
-        super().__init__()
-        self.maxlevel, self.maxstring, self.maxother = 3, 60, 60
-
-    def repr_int(self, x, level):
-        if x.bit_length() > 10_000:  # about 3000 digits: printing more may raise
-            return f"<an integer of {x.bit_length()} bits>"
-        return super().repr_int(x, level)  # shortened to maxlong characters
-
-
-_short_repr = _ShortRepr()
-
-
-def _show(value) -> str:
-    """`value` for an error message: a short repr, on one line."""
-    return _short_repr.repr(value)
-
-
-def _key(key) -> str:
-    """A mapping key for a field path: as it is when printable, else its short repr."""
-    return key if isinstance(key, str) and key.isprintable() and key else _show(key)
-
+from cast_mlx.errors import ConfigError
+from cast_mlx.schema import (
+    YAMLProblem,
+    bounds,
+    build,
+    parse_yaml,
+    read_yaml,
+    set_path,
+    show,
+)
 
 # The choices of the two fields that default per algorithm (`algorithm.facts`).
 ScaleRewards = Literal["none", "group", "batch"]
 TeacherContext = Literal["plain", "instructed", "same", "privileged"]
-
-
-def bounds(default, *, ge=None, gt=None, le=None, lt=None):
-    """A numeric field with a default and an allowed range."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
 # --------------------------------------------------------------------------- sections
@@ -280,120 +250,6 @@ class Recipe:
     system: SystemConfig = field(default_factory=SystemConfig)
 
 
-# --------------------------------------------------------------------------- building
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return f"{origin.__name__} of {', '.join(_type_name(a) for a in typing.get_args(tp))}"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-# Exponent floats without a dot ("4e-4", "1E-3"): YAML 1.1, which PyYAML implements, reads
-# them as strings. They are accepted for float fields, so `lr: 4e-4` and `--set lr=4e-4` work.
-_YAML11_FLOAT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _coerce(value, tp, where: str):
-    """Check `value` against annotation `tp`; return it in canonical form or raise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                if len(args) == 2:
-                    raise
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            choices = ", ".join(str(a) for a in allowed)
-            raise ConfigError(f"{where}: {_show(value)} is not allowed; choose one of: {choices}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {_show(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
-        if not -(2**63) <= value < 2**63:  # counts end up in MLX/numpy int64 arrays
-            raise ConfigError(f"{where}: {_show(value)} is too large (the limit is 2**63 - 1)")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value):
-            value = float(value)  # YAML 1.1 reads 4e-4 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
-        number = float(value) if not isinstance(value, int) or value.bit_length() <= 1023 else float("inf")
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
-
-
-def _check_bounds(value, f: dataclasses.Field, where: str) -> None:
-    m = f.metadata
-    if value is None or not m:
-        return
-    for key, ok, word in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-        ("lt", lambda v, b: v < b, "<"),
-    ):
-        b = m.get(key)
-        if b is not None and not ok(value, b):
-            raise ConfigError(f"{where}: must be {word} {b}, got {_show(value)}")
-
-
-def _build(cls, data, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            where = f"{prefix}.{_key(key)}" if prefix else _key(key)
-            raise ConfigError(f"{where}: unknown key; allowed: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        where = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, where)
-        else:
-            value = _coerce(data[name], tp, where)
-            _check_bounds(value, f, where)
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
 def _check_recipe(r: Recipe) -> None:
     """Constraints between fields."""
     for name in ("correct_box", "wrong_box"):
@@ -438,10 +294,10 @@ def _check_name(name: str) -> None:
     """`name` becomes one folder (logging.out_dir's `{name}`): it must not climb out of it,
     split into several, or hold characters that a terminal or a file system mangles."""
     if not name.strip():
-        raise ConfigError(f"name: must not be empty, got {_show(name)}")
+        raise ConfigError(f"name: must not be empty, got {show(name)}")
     if name in (".", "..") or "/" in name or "\\" in name or not name.isprintable():
         raise ConfigError(
-            f"name: must be a plain folder name (no '/', '\\', '.', '..' or control characters), got {_show(name)}"
+            f"name: must be a plain folder name (no '/', '\\', '.', '..' or control characters), got {show(name)}"
         )
     if len(name.encode()) > 255:  # the longest file name most file systems allow
         raise ConfigError(f"name: at most 255 bytes, got {len(name.encode())}")
@@ -454,11 +310,11 @@ def _check_out_dir(template: str) -> None:
     if not template.strip():
         raise ConfigError(f"{where}: must not be empty (default: runs/{{name}})")
     if not template.isprintable():
-        raise ConfigError(f"{where}: holds control characters, got {_show(template)}")
+        raise ConfigError(f"{where}: holds control characters, got {show(template)}")
     try:
         fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:  # a lone '{' or '}'
-        raise ConfigError(f"{where}: {exc} in {_show(template)}; write {{{{ and }}}} for literal braces") from None
+        raise ConfigError(f"{where}: {exc} in {show(template)}; write {{{{ and }}}} for literal braces") from None
     for f, conv, spec in fields:
         if (f, conv, spec) != ("name", None, ""):
             shown = "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
@@ -492,7 +348,7 @@ def _drop_retired(data: dict) -> dict:
         part = data.get(section)
         if isinstance(part, dict) and key in part:
             if part[key] != allowed:
-                raise ConfigError(f"{section}.{key}: {why}; remove the key, got {_show(part[key])}")
+                raise ConfigError(f"{section}.{key}: {why}; remove the key, got {show(part[key])}")
             data[section] = {k: v for k, v in part.items() if k != key}
     return data
 
@@ -508,31 +364,10 @@ def _fill_defaults(r: Recipe) -> None:
 
 def from_dict(data: dict) -> Recipe:
     """A validated recipe with every derived default resolved (no field means "default")."""
-    recipe = _build(Recipe, _drop_retired(data), "")
+    recipe = build(Recipe, _drop_retired(data), "")
     _fill_defaults(recipe)
     _check_recipe(recipe)
     return recipe
-
-
-def _set_path(data: dict, dotted: str, value) -> None:
-    keys = dotted.split(".")
-    node = data
-    cls: typing.Any = Recipe  # a section's dataclass
-    for i, key in enumerate(keys):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        where = ".".join(keys[: i + 1])
-        if key not in names:
-            raise ConfigError(f"--set {dotted}: unknown key {where!r}; allowed: {', '.join(names)}")
-        tp = typing.get_type_hints(cls)[key]
-        if i == len(keys) - 1:
-            if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"--set {dotted}: {where} is a section; set one of its keys")
-            node[key] = value
-            return
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"--set {dotted}: {where} is not a section")
-        node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
-        cls = tp
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -542,83 +377,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item}: expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = _parse_yaml(raw) if raw.strip() else ""
-        except _YAMLProblem as exc:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except YAMLProblem as exc:
             raise ConfigError(f"--set {item}: value is not valid YAML ({exc.problem})") from exc
-        _set_path(data, key.strip(), value)
-    return data
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (plain data only: no tags that build objects) that also refuses
-    a key given twice in one mapping, which PyYAML would silently resolve to the last."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)}", key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-class _YAMLProblem(Exception):
-    """Why a text is not usable YAML: `problem` (one line) and the 1-based `line`, if known."""
-
-    def __init__(self, problem: str, line: int | None = None):
-        super().__init__(problem)
-        self.problem, self.line = problem, line
-
-
-def _parse_yaml(text: str):
-    """The data of a YAML text; every way it can fail becomes a _YAMLProblem."""
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        problem = ", ".join(part for part in (exc.context, exc.problem) if part) or "unreadable"
-        raise _YAMLProblem(" ".join(problem.split()), mark.line + 1 if mark else None) from exc
-    except yaml.YAMLError as exc:  # a ReaderError (control characters) has no mark
-        raise _YAMLProblem(str(exc).splitlines()[0]) from exc
-    except RecursionError:
-        raise _YAMLProblem("nested too deeply") from None
-    except ValueError as exc:  # a scalar PyYAML cannot convert: 2001-13-14, a 5000-digit number
-        raise _YAMLProblem(str(exc).split(";")[0][:100]) from exc
-
-
-def read_yaml(path: str | Path) -> dict:
-    """The raw mapping of a recipe file (empty file: {}); ConfigError naming the file if it is
-    missing, unreadable, not UTF-8, not YAML, or not a mapping."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a recipe file")
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: not UTF-8 at line {line} (byte 0x{raw[exc.start]:02x})") from None
-    try:
-        data = _parse_yaml(text)
-    except _YAMLProblem as exc:
-        at = f" at line {exc.line}" if exc.line else ""
-        raise ConfigError(f"{path}: malformed YAML{at}: {exc.problem}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+        set_path(Recipe, data, key.strip(), value)
     return data
 
 

@@ -10,6 +10,10 @@ EXIT_DRIFT = 4  # system.stop_on_drift stopped the run
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # stopped by a signal: 128 + its number
 
 
+class ConfigError(ValueError):
+    """A recipe problem; the message is one line naming the field."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite steps, a failing reward function, ...)."""
 
