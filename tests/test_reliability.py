@@ -21,7 +21,6 @@ import pytest
 
 from cast_mlx import config as cfg
 from cast_mlx.training import callbacks, checkpoint, trainer
-from cast_mlx.training.update import first_nonfinite
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint, tiny_model
 
@@ -102,15 +101,6 @@ def test_a_torn_metrics_line_is_dropped_not_fatal(tmp_path, capsys):
     files.on_metrics({"step": 3, "reward": 1.0}, [])
     assert _steps(tmp_path) == [0, 1, 2, 3]
     assert "dropped 1 unreadable line(s) (line 5" in capsys.readouterr().out
-
-
-def test_first_nonfinite_names_the_array_and_ignores_padding():
-    mask = mx.array([[1.0, 0.0]])
-    gaps = mx.array([[0.5, float("nan")]])  # NaN in the padding: harmless
-    assert first_nonfinite({"rewards": mx.array([1.0]), "gaps": gaps}, mask) is None
-    adv = mx.array([[float("nan"), 0.0]])
-    assert first_nonfinite({"gaps": gaps, "advantages": adv}, mask) == "advantages"
-    assert first_nonfinite({"rewards": mx.array([float("inf")])}, mask) == "rewards"
 
 
 # --------------------------------------------------------------------------- NaN in a real step
