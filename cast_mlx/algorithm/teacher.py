@@ -157,6 +157,19 @@ def row_contexts(
     return [ctx[i // group_size] for i in range(len(questions) * group_size)]
 
 
+def model_logprobs(model, contexts, tokens, mask, temperature, micro_batch, share_prefix, frozen=None) -> mx.array:
+    """The model's own log-probs `[N, L]` of the rows' tokens, chunked, without gradient."""
+    return score_in_buckets(
+        lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
+        contexts,
+        tokens,
+        mask,
+        micro_batch,
+        share_prefix,
+        frozen,
+    )
+
+
 def teacher_gaps(
     model: nn.Module,
     teacher: Teacher | None,
@@ -182,15 +195,7 @@ def teacher_gaps(
     # the rollout's frozen-block states are the student's context's (the `same` teacher's)
     frozen = out.frozen if contexts == student_contexts else None
     if same_context:
-        lp_old = score_in_buckets(
-            lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
-            contexts,
-            out.tokens,
-            mask,
-            micro_batch,
-            share_prefix,
-            frozen,
-        )
+        lp_old = model_logprobs(model, contexts, out.tokens, mask, temperature, micro_batch, share_prefix, frozen)
     else:
         lp_old = out.logprobs
     lp_t = score_in_buckets(
@@ -212,14 +217,6 @@ def reference_logprobs(
 ) -> mx.array:
     """Log-probs `[N, L]` of the KL reference (the adapters disabled) on the student's rows."""
     with swapped_lora(model, ref_params):
-        ref_lp = score_in_buckets(
-            lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
-            contexts,
-            out.tokens,
-            mask,
-            micro_batch,
-            share_prefix,
-            out.frozen,
-        )
+        ref_lp = model_logprobs(model, contexts, out.tokens, mask, temperature, micro_batch, share_prefix, out.frozen)
         mx.eval(ref_lp)  # inside the swap
     return ref_lp

@@ -297,10 +297,9 @@ def collect(
     temperature; `lp_old` is the sampler's); tests pass a fake one with known gaps."""
     import mlx.core as mx
 
-    from cast_mlx.algorithm.teacher import row_contexts
+    from cast_mlx.algorithm.teacher import model_logprobs, row_contexts
     from cast_mlx.config import RewardConfig
     from cast_mlx.engine import rollout
-    from cast_mlx.engine.logprobs import score_in_buckets, token_logprobs
     from cast_mlx.tasks import verify
     from cast_mlx.tasks.rewards import judge_rows
 
@@ -334,8 +333,7 @@ def collect(
     if scorer is None:
 
         def scorer(ctx, toks, msk, lp_old):
-            score = lambda b: mx.stop_gradient(token_logprobs(model, b, sampling.temperature))  # noqa: E731
-            return score_in_buckets(score, ctx, toks, msk, micro_batch)
+            return model_logprobs(model, ctx, toks, msk, sampling.temperature, micro_batch, share_prefix=True)
 
     gaps = {}
     instruction = data.ANSWER_INSTRUCTIONS[answer_format]
