@@ -66,3 +66,12 @@ def hf(smol_gguf: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(smol_gguf.parent), dtype=torch.float32, **kw)
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight llama as an mlx-lm folder (`helpers.write_tiny_model`); no
+    download, no embedded model, so tests that use it stay in the fast tier."""
+    from helpers import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

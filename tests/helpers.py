@@ -120,3 +120,75 @@ def tiny_checkpoint(run_dir: Path, step: int, run_id: str, keep: int = 2, n: int
     return checkpoint.save_checkpoint(
         run_dir, state, model=model, adapter_config={}, optimizer=opt, teacher=None, recipe=recipe
     )
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A 2-block llama with random weights and a character-level tokenizer with a chat
+    template, as an mlx-lm model folder (as mlx-lm's own tests build theirs): the loop's
+    invariants run on it in seconds, without the embedded model."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as token_models
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token=" "))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token a character
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": " ",
+        "chat_template": template,
+        "model_max_length": 512,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(vocab),
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 512,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return folder
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, *overrides: str):
+    """recipes/smoke.yaml on the tiny model: 2 prompts x 4 completions of up to 8 tokens
+    (truncated ones keep their loss), LoRA on the top block, no eval, everything written
+    under `tmp_path`."""
+    from cast_mlx import config as cfg
+
+    sets = [
+        f"model.name={model_dir}",
+        "sampling.group_size=4",
+        "sampling.max_new_tokens=8",
+        "lora.num_layers=1",
+        "loss.mask_truncated=false",  # a random model rarely ends a completion: keep their loss
+        "logging.eval_every=0",
+        f"logging.out_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    return cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -23,8 +24,12 @@ def test_forward_gflop_counts_the_block_linears_and_the_head(lora):
     mx.eval(model.parameters())
     if lora:  # adapters add no base matmul: the count stays the same
         models.attach_lora(model, rank=2, alpha=4, dropout=0.0, num_layers=1, keys=["self_attn.q_proj", "mlp.up_proj"])
-    # per block (head_dim 8): q, o 32x32; k, v 16x32; gate, up 48x32; down 32x48
-    per_block = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 48 * 32
-    assert per_block == 7680
-    expected = 2 * (2 * per_block) * 10 + 2 * 50 * 32 * 4
+    # per block, from the config: q and o are hidden x hidden, k and v hidden x (kv heads *
+    # head dim), gate, up and down hidden x intermediate
+    h, kv = args.hidden_size, args.num_key_value_heads * (args.hidden_size // args.num_attention_heads)
+    per_block = 2 * h * h + 2 * h * kv + 3 * h * args.intermediate_size
+    # ... which is every 2-D weight of a block, counted from the built model (norms are 1-D)
+    block = [v for k, v in tree_flatten(model.model.layers[0].parameters()) if v.ndim == 2 and "lora" not in k]
+    assert per_block == sum(v.size for v in block) and len(block) == 7
+    expected = 2 * (args.num_hidden_layers * per_block) * 10 + 2 * args.vocab_size * h * 4
     assert bench_step.forward_gflop(model, positions=10, head_positions=4) == pytest.approx(expected / 1e9)
