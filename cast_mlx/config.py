@@ -107,7 +107,7 @@ class SamplingConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # GRPO is the default: it is what learns with the embedded 135M model (docs/results.md).
+    # The algorithm (`algorithm/facts.py` says what each one does).
     name: Literal["cast", "cast-verl", "grpo", "rlsd"] = "grpo"
     # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     scale_rewards: Optional[ScaleRewards] = None
@@ -214,8 +214,7 @@ class SystemConfig:
     dist_timeout: float = bounds(900.0, gt=0.0, le=float(int(threading.TIMEOUT_MAX)))
     # The length-drift guard (metrics.length_drift): the mean truncation rate of the last
     # `drift_window` steps is `drift_rise` above its lowest such mean so far while the reward
-    # did not rise. Fitted on the committed runs (docs/results.md): it flags all 20 drifting
-    # CAST runs of the first 40 by step 6-10 and none of the 20 others (28 of 29 of the 61 now).
+    # did not rise. Fitted on the committed runs (scripts/fit_drift_guard.py, docs/training.md).
     drift_window: int = bounds(3, ge=1)
     drift_rise: float = bounds(0.2, gt=0.0, le=1.0)
     stop_on_drift: bool = False  # write a checkpoint and stop (exit code 4) when it fires

@@ -72,9 +72,8 @@ def load() -> str:
     _LOADED = True
     # After a parallel region MKL's OpenMP threads spin for KMP_BLOCKTIME ms before they
     # sleep, so the many small matmuls of attention and decoding do not each pay a wake-up.
-    # Passive waiting (OMP_WAIT_POLICY=PASSIVE, this loader's earlier default) made a CAST
-    # step 22% slower and attention's batched matmuls 13x (docs/speed.md). 20 ms bounds the
-    # spinning while the host works between steps. A user's own setting wins.
+    # Passive waiting (OMP_WAIT_POLICY=PASSIVE) made a step far slower (docs/speed.md); 20 ms
+    # bounds the spinning while the host works between steps. A user's own setting wins.
     os.environ.setdefault("KMP_BLOCKTIME", "20")
     if not sys.platform.startswith("linux"):
         _ACTIVE = "Accelerate (macOS)" if sys.platform == "darwin" else "MLX default"

@@ -1,7 +1,7 @@
 """Faster exponentials on MLX's CPU backend; other backends get MLX's own ops unchanged.
 
-MLX's CPU `exp` and `sigmoid` cost 12-16 ns an element on x86 (an add costs 0.3 ns), while
-its `power(2, y)` costs ~5 ns: measured in docs/speed.md. So on the CPU, `exp(x)` is computed
+MLX's CPU `exp` and `sigmoid` cost several times its `power(2, y)` an element on x86
+(`scripts/bench_cpu_ops.py`, docs/speed.md). So on the CPU, `exp(x)` is computed
 as `2 ** (x * log2 e)` (relative error ~1e-7, float32 rounding), and the SwiGLU of llama-style
 MLPs, `silu(gate) * up`, as `gate * up / (1 + 2 ** (-gate * log2 e))`, fused by `mx.compile`.
 

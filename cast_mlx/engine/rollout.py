@@ -30,8 +30,8 @@ Sampling itself (the log-probs it records, the draws, numpy on the CPU and MLX o
 `cast_mlx.engine.sampler`.
 
 Why a "plain head": for llama-style models whose logits are `hidden @ W.T` with a plain float
-`W` (tied embedding or bias-free `lm_head`), computing `W @ hidden.T` instead is ~1.5x
-faster with MKL on the CPU (a 49k x 576 head is ~15% of a decode step). Other models
+`W` (tied embedding or bias-free `lm_head`), computing `W @ hidden.T` instead is faster with
+MKL on the CPU, where the vocabulary head is a large part of a decode step. Other models
 (quantized or adapted heads, other architectures) go through `model(inputs, cache=cache)`.
 """
 
