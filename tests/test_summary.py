@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from cast_mlx import config as cfg
+from cast_mlx.algorithm.facts import ALGORITHMS
 from cast_mlx.engine import models
 from cast_mlx.training import preflight, trainer
 from cast_mlx.training.evaluation import evaluate_held_out
@@ -47,7 +48,8 @@ def test_the_header_is_short_and_print_config_keeps_the_recipe(tmp_path, smol_di
     )  # fmt: skip
     head = proc.stdout.split("# recipe hash")[0].strip().splitlines()
     assert head[0].startswith("cast-mlx: smollm2-135m-instruct") and "smoke" not in head[0].split("->")[0]
-    assert len(head) == 3 and "set in the recipe: " in head[2] and "schedule.steps" in head[2]
+    assert head[1] == "  cast: " + ALGORITHMS["cast"].summary  # what the variant does, in words
+    assert len(head) == 4 and "set in the recipe: " in head[3] and "schedule.steps" in head[3]
     full = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--print-config")
     assert "algorithm:" in full.stdout and "sampling:" in full.stdout
 

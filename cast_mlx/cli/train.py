@@ -143,6 +143,7 @@ def header(recipe: cfg.Recipe, ckpt) -> list[str]:
     """What this run is, in a few lines (the whole recipe: --print-config)."""
     import mlx.core as mx
 
+    from cast_mlx.algorithm.facts import facts_of
     from cast_mlx.engine import blas
 
     d = recipe.data
@@ -152,6 +153,7 @@ def header(recipe: cfg.Recipe, ckpt) -> list[str]:
     return [
         f"cast-mlx: {recipe.model.name} ({recipe.model.dtype}) on {d.task} ({source}), {recipe.algorithm.name}, "
         f"{recipe.schedule.steps} steps -> {out}",
+        f"  {recipe.algorithm.name}: {facts_of(recipe.algorithm.name).summary}",
         f"  backend {mx.default_device()}, BLAS {blas.active_blas()}",
         f"  set in the recipe: {', '.join(changed) if changed else 'nothing (all defaults)'} "
         "(the whole recipe: --print-config)",
