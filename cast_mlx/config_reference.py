@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import io
 import sys
+import tokenize
 import typing
 from pathlib import Path
 
@@ -28,6 +30,11 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
     """`(class, field) -> text` from the `# ...` lines right above a field and the comment at
     the end of its line."""
     lines = source.split("\n")
+    trailing_of = {  # line number -> its comment (tokenize, so a "#" inside a string is no comment)
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     out: dict[tuple[str, str], str] = {}
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.ClassDef):
@@ -40,8 +47,7 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
             while i >= 0 and lines[i].strip().startswith("#"):
                 above.insert(0, lines[i].strip().lstrip("#").strip())
                 i -= 1
-            line = lines[item.end_lineno - 1] if item.end_lineno else ""
-            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            trailing = trailing_of.get(item.end_lineno or item.lineno, "")
             out[(node.name, item.target.id)] = " ".join(part for part in (" ".join(above), trailing) if part)
     return out
 

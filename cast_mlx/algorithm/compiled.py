@@ -1,19 +1,6 @@
-"""`mx.compile`d advantages and loss, with shape bucketing and a recompilation counter.
-
-`mx.compile` traces a function once per distinct set of input shapes (and dtypes).
-Completion lengths change every step, so the wrappers here pad the length axis up to a
-multiple of 32 (`bucket_length`) with mask 0 before calling the compiled function; a run
-then compiles once per bucket it visits, not once per step. Padding is harmless: masked
-positions get advantage 0, carry no loss, and the default loss normaliser is computed
-from the mask, not from the shape.
-
-Static parameters (boxes, a_max, flip mode, eps, aggregation, ...) are bound by closure
-when a wrapper is built; values that change during a run (the scheduled lambda, the loss
-normalisers) are passed as scalar arrays so that they do not force a retrace.
-
-`compile_count()` is the number of traces made so far by all wrappers (log it as a
-metric: it should stop growing after the first few steps).
-"""
+"""`mx.compile`d advantages and loss: the length axis padded to buckets of 32 so a run compiles
+once per bucket, changing values passed as scalars, and `compile_count()` of the traces
+(docs/design.md, "Compiling")."""
 
 from __future__ import annotations
 

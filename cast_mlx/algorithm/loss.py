@@ -1,20 +1,6 @@
-"""The clipped policy loss (spec section 5), its aggregations (registered by name) and normalisers.
-
-`policy_loss` is a pure function of per-token log-probs, advantages and masks; it knows
-nothing of models. Shapes: `[N, L]` for every per-token input, `[N]` for `truncated`.
-
-Rows without a loss-bearing token (all padding, or truncated with `mask_truncated`)
-count as absent for every aggregation: they add nothing to the numerator and are not
-counted among the completions. So padding rows or columns never change the loss.
-
-Gradient accumulation: the normaliser of each aggregation is passed in as a `LossNorm`
-computed once over the *whole* accumulated batch (`loss_norm(full_mask, ...)` or
-`merge_norms` of the micro-batches' norms). Each micro-batch loss is then a partial sum
-and the micro-batch losses add up to the full-batch loss. The token metrics are divided
-by the same global token count, so they add up across micro-batches too. The same
-mechanism lets the trainer skip zero-advantage rows (zero-variance groups under GRPO /
-RLSD) and still get the full-batch loss, as long as `beta = 0`.
-"""
+"""The clipped policy loss (spec section 5), its aggregations (registered by name) and their
+normalisers (`LossNorm`), computed over the whole batch so that micro-batch losses add up to
+the full-batch loss. Why: docs/design.md, "The loss and gradient accumulation"."""
 
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
-"""Load a fast BLAS for MLX's CPU backend on Linux, before `mlx.core` is imported.
-
-The Linux `mlx[cpu]` wheel links against a reference BLAS whose float32 matmul is about
-40x slower than MKL's. The dynamic linker resolves `sgemm_`/`cblas_sgemm` to the first
-library loaded with global visibility, so loading an optimised BLAS with
-`ctypes.CDLL(path, RTLD_GLOBAL)` *before* the first `import mlx.core` makes MLX use it.
-
-Search order (Linux only; on macOS MLX uses Accelerate/Metal and nothing is done):
-
-1. `CAST_MLX_BLAS=/path/to/lib.so` - that library, exactly (`CAST_MLX_BLAS=none`: stock BLAS);
-2. `libmkl_rt.so*` from the PyPI `mkl` package (`pip install 'cast-mlx[mkl]'`);
-3. a system OpenBLAS (Debian's `libopenblas0`); `OPENBLAS_CORETYPE` defaults to SkylakeX on
-   x86_64 because OpenBLAS misdetects some virtual CPUs.
-
-Every module of the package that needs MLX imports this one first (see `cast_mlx/__init__.py`).
-"""
+"""Load a fast BLAS (MKL, else a system OpenBLAS) for MLX's CPU backend on Linux, before
+`mlx.core` is imported; `CAST_MLX_BLAS` overrides the search and `active_blas()` says what
+is in use. Nothing is done on macOS. Why and in which order: docs/design.md, "Fast BLAS on Linux"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Faster exponentials on MLX's CPU backend; other backends get MLX's own ops unchanged.
-
-MLX's CPU `exp` and `sigmoid` cost several times its `power(2, y)` an element on x86
-(`scripts/bench_cpu_ops.py`, docs/speed.md). So on the CPU, `exp(x)` is computed
-as `2 ** (x * log2 e)` (relative error ~1e-7, float32 rounding), and the SwiGLU of llama-style
-MLPs, `silu(gate) * up`, as `gate * up / (1 + 2 ** (-gate * log2 e))`, fused by `mx.compile`.
-
-`exp` decides by the default device each time it is called; `use_fast_swiglu` swaps a loaded
-model's MLP modules once (`models.load` does it on the CPU), keeping their projection layers
-and parameter names, so LoRA, adapters and checkpoints see the same model.
-"""
+"""Faster `exp` and SwiGLU on MLX's CPU backend (through `power(2, .)`); other backends get
+MLX's own ops. `use_fast_swiglu` swaps a loaded model's MLP modules, keeping their parameter
+names. Why: docs/design.md, "Faster exponentials"."""
 
 from __future__ import annotations
 

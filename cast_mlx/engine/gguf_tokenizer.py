@@ -1,13 +1,6 @@
-"""Rebuild a Hugging Face `tokenizer.json` from the tokenizer stored in a GGUF's metadata.
-
-Supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`), which is what SmolLM2, Llama 3,
-Qwen and most small chat models use. Tokens in a byte-level GGUF are already spelled in the
-GPT-2 byte alphabet, so the vocabulary and the merges are written as they are.
-
-Pre-tokenisation follows llama.cpp's `tokenizer.ggml.pre`: for `smollm` every digit is split
-off on its own (as the original SmolLM2 tokenizer does) before the GPT-2 split, so numbers are
-tokenised digit by digit. Unknown `pre` values fall back to the plain GPT-2 split.
-"""
+"""Rebuild a Hugging Face `tokenizer.json` from the byte-level BPE tokenizer stored in a GGUF's
+metadata, pre-tokenising as llama.cpp's `tokenizer.ggml.pre` says (docs/design.md, "The
+embedded model")."""
 
 from __future__ import annotations
 

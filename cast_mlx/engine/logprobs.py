@@ -1,27 +1,7 @@
-"""Per-token log-probs of given completion tokens after given contexts, chunked over positions.
-
-Used for the policy (with gradients), the old policy, the teacher and the KL reference (under
-`mx.stop_gradient`). Only the sampled token's log-prob (and optionally the entropy) is kept
-per position: the `[rows, length, vocab]` float32 logits exist one chunk at a time, and the
-backward pass recomputes a chunk's logits instead of holding them (`_head_logprobs`).
-
-Layout: row `i` is `context_i + tokens_i`, right-padded to a common length (right padding
-never changes a causal model's earlier positions). Completion token `j` of row `i` sits at
-position `len(context_i) + j` and is predicted from the hidden state one position earlier.
-
-Frozen blocks: with LoRA on the top blocks only, the blocks below never change, so the states
-entering the first adapted block are the same in the rollout and in the update. The rollout
-keeps them (`FrozenStates`, `rollout.generate_groups(keep_states=k)`), and a batch that carries
-them (`make_batch(..., states=...)`) runs only the top blocks: the update skips most of its
-forward. Supported for the backbones `frozen_blocks` recognises (llama-style decoders).
-
-Shared prefix: the G completions of a group share their context (the prompt, or the teacher's
-context). When every row of a batch has the same context, it runs through the model once,
-into a KV cache that the rows then extend (`Batch.prefix`): P + G*L token positions instead of
-G*(P+L), with the same log-probs and gradients (to float rounding; the trainer's default,
-`system.share_prefix`). Models whose cache is not a plain `KVCache` per layer take the
-per-row path.
-"""
+"""Per-token log-probs of given completion tokens after given contexts, chunked over positions:
+for the policy (with gradients), the old policy, the teacher and the KL reference. Batches can
+skip the frozen blocks (`FrozenStates`) and run a shared context once (`Batch.prefix`). How:
+docs/design.md, "Log-probs"."""
 
 from __future__ import annotations
 

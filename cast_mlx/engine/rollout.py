@@ -1,39 +1,7 @@
-"""Rollout engine: sample `G` completions for each of `P` prompts, in one batch, with exact ids.
-
-`generate_groups` is what the trainer calls every step. How it works:
-
-1. **Shared prefill.** Each distinct prompt is run through the model once, alone (no padding
-   waste; measured faster than one left-padded batch of prompts on the CPU), filling an
-   mlx-lm `KVCache`. The per-prompt caches are merged into one left-padded `BatchKVCache`
-   whose per-row `left_padding` keeps every prompt's rotary positions and attention mask
-   exactly as if it were alone.
-2. **Broadcast.** Each prompt's cache row is repeated `G` times (`BatchKVCache.filter` with
-   repeated indices), so the `P*G` streams start from a copy of their prompt's cache instead
-   of prefilling the same prompt `G` times.
-3. **Batched decode.** All streams decode together, one token per step, through the model's
-   own layers and cache. A stream that samples an EOS id is done; once a quarter of the
-   batch rows are done, the cache and the batch are compacted (`filter`) so that finished
-   streams stop costing compute. The loop ends when every stream is done or
-   `max_new_tokens` is reached.
-4. **Merged adapters.** While sampling, each LoRA projection over a float linear runs as one
-   linear with the adapter merged into its weight (`models.merged_lora`): one matmul a
-   decode step instead of three. The log-probs equal the adapted layers' to float rounding.
-5. **Waves.** `max_batch` bounds the decode batch (and so the KV-cache memory): the prompts
-   are split into waves of whole groups, `max(1, max_batch // G)` prompts per wave (a wave
-   always holds at least one whole group, even when `G > max_batch`).
-
-Token ids are exactly the sampled ones (never decoded and re-encoded). The EOS token, when
-sampled, is kept as the last completion token with mask 1: ending the answer is an action
-the policy took, and its log-prob belongs in the loss.
-
-Sampling itself (the log-probs it records, the draws, numpy on the CPU and MLX on a GPU) is
-`cast_mlx.engine.sampler`.
-
-Why a "plain head": for llama-style models whose logits are `hidden @ W.T` with a plain float
-`W` (tied embedding or bias-free `lm_head`), computing `W @ hidden.T` instead is faster with
-MKL on the CPU, where the vocabulary head is a large part of a decode step. Other models
-(quantized or adapted heads, other architectures) go through `model(inputs, cache=cache)`.
-"""
+"""Rollout engine: `generate_groups` samples `G` completions for each of `P` prompts in one
+batch (a prefill per prompt shared by its group, batched KV-cache decoding, adapters merged
+while sampling, waves of whole groups) and returns the exact sampled ids. The sampler is
+`cast_mlx.engine.sampler`. How it works: docs/design.md, "The rollout"."""
 
 from __future__ import annotations
 
@@ -171,7 +139,7 @@ def check_prompts(prompts, max_new_tokens: int, limit: int | None, vocab: int | 
 
 def plain_head(model) -> mx.array | None:
     """The LM head weight `[V, H]` when the logits are `model.model(...) @ W.T` with a plain
-    float `W` (see the module docstring); None otherwise."""
+    float `W` (why: docs/design.md, "The rollout"); None otherwise."""
     args = getattr(model, "args", None)
     if getattr(args, "model_type", None) not in PLAIN_HEAD_TYPES or not hasattr(model, "model"):
         return None

@@ -1,29 +1,7 @@
-"""Tasks: loading GSM8K and MATH, dispatching to the arithmetic generator (`arithmetic`),
-and the chat prompts of every task. Datasets of one's own load in `custom`.
-
-Every task yields `Problem`s with a gold answer that `cast_mlx.tasks.verify` can parse; rows
-that are malformed (missing fields, empty or unparseable gold, invalid JSON) are skipped and
-reported in one `MalformedRowsWarning`, by reason with their first few 1-based line numbers.
-A source that cannot be used (missing, unreadable, not UTF-8, empty, no usable row) raises
-`DataError`, a ValueError with one line naming the file.
-
-- `gsm8k`: the hub dataset `openai/gsm8k` ("main") when no path is given, or a local
-  `.jsonl` file / a folder holding `{split}.jsonl` with `{"question", "answer"}`; the
-  gold is the text after `####`, without thousands separators.
-- `math`: the hub dataset `HuggingFaceH4/MATH-500`, or a local `.jsonl` with `problem`
-  and `answer` (or `solution`, whose last `\\boxed{}` is the gold).
-- `custom` (`custom.load_custom`, driven by a recipe's `data` section): a local `.jsonl`, `.json`
-  (a list of objects, or JSON lines) or `.parquet` file, a folder of `{split}.<ext>` files,
-  a folder written by `datasets` `save_to_disk`, or a hub dataset id; the recipe names the
-  question column (a string, or a chat message list as in TRL's conversational format),
-  the answer column and an optional solution column.
-- `arithmetic`: generated, no download. Levels of increasing difficulty:
-  1: a number up to 50 plus/minus a digit; 2: 1-2 digit plus/minus; 3: 3-digit plus/minus
-  or 2-digit times 1-digit; 4: two-step expressions and short word problems; 5: 2-digit
-  products, exact division, sums of products; 6: three-step expressions.
-  Train and eval never share a computation: each expression is assigned to one split by
-  a hash of its text, and each split draws from its own seeded random stream.
-"""
+"""Tasks: loading GSM8K and MATH, dispatching to the arithmetic generator (`arithmetic`) and
+to datasets of one's own (`custom`), and the chat prompts of every task. Malformed rows are
+skipped and reported; an unusable source raises `DataError`. The tasks and their sources:
+docs/design.md, "Tasks and data"."""
 
 from __future__ import annotations
 

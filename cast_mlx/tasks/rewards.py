@@ -1,41 +1,6 @@
-"""Reward functions: the built-ins and user plug-ins that `reward.functions` names.
-
-The reward of a completion is the weighted sum of its functions' values (`reward.weights`,
-default all 1), and the completion counts as correct when that sum is >= `reward.correct_threshold`.
-A function's value None means "cannot judge": the row drops out of the loss, as a row with an
-unusable gold answer does today; one None drops the row whatever the other functions say.
-
-Specs (`reward.functions` entries):
-
-- `math`: the verifier at `data.reward`'s strictness; `math_strict`, `math_lenient`: at that one.
-  1.0 or 0.0; None where the gold cannot be parsed.
-- `format`: 1.0 when the completion has an answer in `data.answer_format` (`#### x`, `\\boxed{x}`).
-- `overlong`: DAPO's soft overlong penalty; with L = `sampling.max_new_tokens` and
-  B = `reward.overlong_buffer`: 0 for length <= L - B, (L - B - length) / B inside the buffer,
-  -1 when the completion was truncated at L.
-- `module:function`: a function of an importable module.
-- `path/to/file.py:function`: a function of a Python file, relative to the current directory
-  (a location that ends in `.py` or holds a path separator is a file).
-
-A plug-in is called once per batch with TRL's reward-function convention:
-
-    def my_reward(completions: list[str], *, prompts: list[str], answers: list[str], **columns)
-        -> list[float | None]
-
-Every keyword is a list with one entry per completion (a prompt's entries repeated for its
-completions): `prompts` (the prompt text), `answers` (the gold answers) and the caller's
-columns; the trainer passes `questions`, `solutions` (None where the task has none),
-`completion_ids` (token ids), `lengths` (completion token counts) and `truncated` (bools: cut
-off at `sampling.max_new_tokens`). Take `**kwargs` for the columns you do not use; more may
-come. Return a list of finite numbers or None, one per completion (a NumPy array will do).
-
-Plug-ins run in the verifier's worker processes, each call under `reward.timeout` seconds: a
-call that runs past it has its worker killed, and training stops with a `RewardError` instead
-of hanging. So does a plug-in that raises or returns a wrong length, a non-number, NaN or inf;
-a reward is never silently 0. The workers import a plug-in by its spec (a file by its absolute
-path) and keep it; the recipe is import-checked in this process by `parse_functions`, before
-any model loads, so a typo fails at once.
-"""
+"""Reward functions: the built-ins and the plug-ins that `reward.functions` names, their
+weighted sum and correctness threshold, the checks on what a plug-in returns, and the rewards
+stage of a training step (`judge_rows`). The plug-in convention: docs/howto-reward-plugin.md."""
 
 from __future__ import annotations
 
@@ -357,7 +322,7 @@ def score(
     threshold: float,
     timeout: float,
 ) -> RewardResult:
-    """Run every function once on the batch and combine their values (see the module docstring).
+    """Run every function once on the batch and combine their values (docs/design.md, "Rewards").
 
     Built-ins run here (the math ones share one `verify_batch`, which needs a `Verifier`);
     plug-ins run in the pool's workers (a `Verifier`'s, or a `TimeoutPool`), `timeout`

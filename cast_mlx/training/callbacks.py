@@ -1,20 +1,6 @@
-"""Where a run's metrics go: one list of callbacks (after mlx-lm's `TrainingCallback`).
-
-The loop calls every callback of the list at the same points; rank 0 of a data-parallel
-run holds the list, the other ranks an empty one. The sinks are here; the views (rich
-dashboard, plain lines) are callbacks too, in `cast_mlx.training.dashboard`.
-
-- `on_train_begin(info)`: once, before the first metrics line (`info`: run, model, ...).
-- `on_metrics(metrics, samples)`: each metrics line: the step-0 eval (no samples, no
-  `reward`) and every step's line with a few sample completions.
-- `on_message(text)`: a line for the person watching (resumed, stopped, done).
-- `on_phase(phase, done, total, note)`: progress inside a step or an eval. `phase` is one
-  of `PHASES`; the first call of a phase has `done == 0`, later ones increase `done` up to
-  `total` (sampling: decoded tokens of the longest stream of the current wave, of the token
-  cap, `note` says how many streams finished; update: micro-batches; eval: problems
-  answered; verifying, teacher, checkpoint: 0 then 1).
-- `on_train_end()`: once, also after an error or an interrupt.
-"""
+"""Where a run's metrics go: `TrainingCallback` and `CallbackList` (after mlx-lm's), and the sinks
+(metrics/samples/eval files, wandb, TensorBoard). The hooks and when the loop calls them:
+docs/design.md, "Callbacks"."""
 
 from __future__ import annotations
 

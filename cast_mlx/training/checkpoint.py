@@ -1,18 +1,6 @@
-"""Checkpoints: what a run writes so that `--resume` continues it bit-identically.
-
-`checkpoints/step_NNNNNN/` holds the adapters in mlx-lm's format (`adapters.safetensors`
-+ `adapter_config.json`), the optimizer state, the teacher snapshot, `state.json` (the
-`TrainState` counters) and the resolved `recipe.yaml`. A checkpoint is written to a
-temporary folder and renamed into place; `checkpoints/latest` names the newest.
-
-A run folder belongs to one run: `TrainState.run_id` is drawn when a run starts and kept
-by its resumes, and pruning removes only the checkpoints of the run that writes. Resume
-takes the newest checkpoint that is complete and readable (every file there, every tensor
-finite), falling back to an older one with a warning, and loads it strictly: the names,
-shapes and dtypes must be those of the model and optimizer it is loaded into.
-
-A leaf module: it knows the parts of a run, not the trainer.
-"""
+"""Checkpoints: what a run writes so that `--resume` continues it bit-identically (adapters,
+optimizer state, teacher snapshot, `TrainState`, the recipe), written atomically, one run per
+folder, loaded strictly. A leaf module. Layout and rules: docs/design.md, "Checkpoints"."""
 
 from __future__ import annotations
 

@@ -1,21 +1,14 @@
-"""Answer extraction and math-answer equivalence: the reward of RL with verifiable rewards.
+"""Answer extraction and math-answer equivalence, exact, safe and bounded (docs/design.md, "The
+verifier"):
 
-The reward is the only ground truth the trainer sees, so a silent false negative corrupts
-the gradient. This package is built to be exact, safe and bounded:
-
-- `extract`: the answer of a completion (`####`, `\\boxed{}`, last number; the lenient
-  order across formats).
-- `normalize`: LaTeX / prose noise -> a canonical string; exact values of plain numbers.
-- `parser`: a whitelist tokenizer and recursive-descent parser that build sympy objects
-  directly, with size limits (`limits`); model text never reaches `eval` or `sympify`.
-- `equivalence`: parsed golds and the ladder string -> exact number -> sympy equality.
+- `extract`: the answer of a completion (`####`, boxed, last number).
+- `normalize`: noise -> a canonical string; exact values of plain numbers.
+- `parser`: a whitelist parser that builds sympy objects itself, within `limits`.
+- `equivalence`: the ladder string -> exact number -> sympy equality.
 - `verdict`: the strict/lenient plan shared by `verify` and `Verifier`.
-- `pool`: `TimeoutPool` (worker processes killed on timeout) and `Verifier` (memoised,
-  parallel, hard wall-clock limit per comparison).
+- `pool`: `TimeoutPool` (workers killed on timeout) and `Verifier` (memoised, parallel).
 
-Gold answers that cannot be parsed make `verify` return None: the row drops out of the
-loss instead of counting as a wrong answer.
-"""
+A gold answer that cannot be parsed makes `verify` return None (the row leaves the loss)."""
 
 from __future__ import annotations
 

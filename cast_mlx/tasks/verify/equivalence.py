@@ -1,17 +1,7 @@
-"""Equivalence of a predicted answer and a gold answer: a ladder tried in order, gold first.
-
-1. the same normalised string;
-2. the same exact rational (`18` = `18.00` = `$18` = `1,000`/1000-style separators,
-   `3/4` = `0.75` = `\\frac{3}{4}`); a percent sign on the prediction is dropped, and a
-   prediction without one may also equal gold/100 only when the *gold* is a percent;
-3. sympy equality of expressions, tuples, sets, intervals and matrices built by
-   `parse_expression`. Expressions with variables are compared at sample points instead
-   of by `expand`/`simplify`, so the cost does not grow with the degree.
-
-The cheap rungs (`quick_equivalent`) need no sympy; `Verifier` sends only the pairs they
-leave undecided to its workers. A gold that cannot be parsed gives None (`parse_gold`),
-never "wrong".
-"""
+"""Equivalence of a predicted and a gold answer: the same normalised string, then the same exact
+rational, then sympy equality (variables compared at sample points). The cheap rungs
+(`quick_equivalent`) need no sympy; an unparseable gold gives None (`parse_gold`). The
+ladder in full: docs/design.md, "The verifier"."""
 
 from __future__ import annotations
 

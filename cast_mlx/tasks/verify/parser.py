@@ -1,15 +1,7 @@
-"""A whitelist tokenizer and a small recursive-descent parser that build sympy objects
-directly from an answer in LaTeX or plain text (`\\frac`, `\\sqrt`, `\\pi`, powers,
-implicit products, tuples, sets, intervals, matrices, equations).
-
-- **Safety**: model text never reaches `eval`, `exec`, `sympify` or `parse_expr`. The
-  parser constructs `sympy.Integer`, `sympy.Rational`, `sympy.Symbol` of one letter,
-  `sympy.sqrt`, ... itself; any character or command outside the whitelist makes the
-  answer unparseable (= wrong).
-- **Bounded work**: answers longer than `MAX_ANSWER_CHARS`, more than `MAX_TOKENS` tokens,
-  nesting deeper than `MAX_DEPTH`, huge powers (`9^9^9`), or expression trees over
-  `MAX_NODES` are refused before sympy does real work.
-"""
+"""A whitelist tokenizer and a recursive-descent parser that build sympy objects directly from
+an answer in LaTeX or plain text. Model text never reaches `eval`, `exec`, `sympify` or
+`parse_expr`; input past the size limits of `limits` is refused before sympy works
+(docs/design.md, "The verifier")."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""Batch verification with a memo and a hard per-comparison timeout.
-
-`TimeoutPool` runs module-level functions in spawned worker processes and kills any call
-that runs past its wall-clock limit; `Verifier` uses it for the sympy rung of the ladder
-and memoises decisions by (gold, extracted answer).
-
-Workers ignore SIGINT and SIGTERM: a Ctrl-C in a terminal (or `kill -- -PGID` from a batch
-scheduler) reaches the whole process group, and the parent, not the signal, decides when
-the verifier stops. Workers exit when the parent closes the pool, exits, or dies (their
-pipe reaches EOF, or their parent process changes); a worker that dies anyway (killed,
-crashed) is replaced at the next send or receive.
-"""
+"""Batch verification: `TimeoutPool` (spawned workers that ignore SIGINT/SIGTERM, killed when a
+call runs past its limit, replaced when they die) and `Verifier` (memoised by gold and
+extracted answer). Details: docs/design.md, "The verifier"."""
 
 from __future__ import annotations
 
