@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx.utils import tree_unflatten
 
 from cast_mlx.engine import models
 from cast_mlx.errors import TrainingError
@@ -45,27 +46,65 @@ def test_a_non_finite_teacher_skips_the_update_then_stops_the_run(tmp_path, tiny
             trainer.train_step(run)
 
 
+def test_a_non_finite_lora_weight_skips_the_update_then_stops_the_run(tmp_path, tiny_model_dir):
+    # The inputs (rewards, advantages) stay finite; the loss and the gradient do not. The
+    # weight turns NaN between sampling and the update (the sampler refuses NaN logits).
+    recipe = tiny_recipe(
+        tmp_path, tiny_model_dir, "algorithm.name=grpo", "system.max_bad_steps=2", plugin(tmp_path, "alt", ALTERNATING)
+    )
+    with trainer.setup(recipe) as run:
+        good = models.lora_state(run.model)
+        name = next(k for k in good if k.endswith("lora_a"))
+        nan_weight = [(name, mx.full(good[name].shape, math.nan))]
+
+        def bad_step():
+            run.model.update(tree_unflatten(list(good.items())))
+            traj = trainer.sample(run, trainer.next_prompts(run))
+            run.model.update(tree_unflatten(nan_weight))
+            return trainer.learn(run, traj)[0]
+
+        metrics = bad_step()
+        assert metrics["update_applied"] is False and metrics["rows_skipped"] < 8
+        assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
+        assert run.state.step == 1 and run.state.bad_steps == 1
+        after = lora(run)
+        assert np.isnan(after[name]).all()
+        assert all(np.array_equal(np.array(good[k]), after[k]) for k in good if k != name)
+        with pytest.raises(TrainingError, match="2 consecutive steps .*loss nan"):
+            bad_step()
+        assert run.state.step == 2
+
+
 def test_accumulated_micro_batches_give_the_whole_batch_update(tmp_path, tiny_model_dir):
-    deltas = []
+    # 8 rows: eight micro-batches of one row against one of all eight (share_prefix off in
+    # both, else a micro-batch holds one prompt's rows). SGD at lr 1 without clipping: the
+    # step is minus the accumulated gradient itself, so a wrong scale fails too.
+    deltas, norms, samples = [], [], []
     for micro in (1, 8):
         recipe = tiny_recipe(
             tmp_path / str(micro),
             tiny_model_dir,
             "algorithm.name=grpo",
             f"optimizer.micro_batch_size={micro}",
+            "optimizer.max_grad_norm=1e6",
+            "system.share_prefix=false",
             plugin(tmp_path, "alternating", ALTERNATING),
         )
         with trainer.setup(recipe) as run:
-            run.optimizer = optim.SGD(learning_rate=1.0)  # the step is the (clipped) gradient itself
+            run.optimizer = optim.SGD(learning_rate=1.0)
             start = lora(run)
-            metrics, _ = trainer.train_step(run)
+            metrics, records = trainer.train_step(run)
             assert metrics["update_applied"] is True and metrics["rows_skipped"] == 0
             deltas.append({k: v - start[k] for k, v in lora(run).items()})
+            norms.append(metrics["grad_norm"])
+            samples.append(records)
+    assert samples[0] == samples[1]  # the same rollout
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and norms[0] > 1e-3
     one, whole = deltas
     assert max(np.abs(d).max() for d in whole.values()) > 1e-6  # the step moved something
     scale = max(np.abs(d).max() for d in whole.values())
     for k in whole:
-        np.testing.assert_allclose(one[k], whole[k], atol=1e-4 * scale, err_msg=k)
+        np.testing.assert_allclose(one[k], whole[k], atol=1e-5 * scale, err_msg=k)
 
 
 def test_groups_with_nothing_to_learn_are_skipped(tmp_path, tiny_model_dir):
