@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from cast_mlx.algorithm.facts import facts_of
+from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, TEACHER_CONTEXTS, facts_of
 from cast_mlx.errors import ConfigError
 from cast_mlx.schema import (
     YAMLProblem,
@@ -37,9 +37,17 @@ from cast_mlx.schema import (
     show,
 )
 
-# The choices of the two fields that default per algorithm (`algorithm.facts`).
-ScaleRewards = Literal["none", "group", "batch"]
-TeacherContext = Literal["plain", "instructed", "same", "privileged"]
+# The choices that `algorithm.facts` owns: the declared algorithms, and the two fields whose
+# default is the algorithm's. The schema checks a value against these Literals at run time;
+# mypy sees plain strings (a Literal cannot be built from a table for it).
+if typing.TYPE_CHECKING:
+    AlgorithmName = str
+    ScaleRewards = str
+    TeacherContext = str
+else:
+    AlgorithmName = Literal[tuple(sorted(ALGORITHMS))]
+    ScaleRewards = Literal[SCALE_REWARDS]
+    TeacherContext = Literal[TEACHER_CONTEXTS]
 
 
 # --------------------------------------------------------------------------- sections
@@ -108,7 +116,7 @@ class SamplingConfig:
 @dataclass
 class AlgorithmConfig:
     # The algorithm (`algorithm/facts.py` says what each one does).
-    name: Literal["cast", "cast-verl", "grpo", "rlsd"] = "grpo"
+    name: AlgorithmName = "grpo"
     # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     scale_rewards: Optional[ScaleRewards] = None
     eps: float = bounds(1e-4, ge=0.0)  # added to the reward std before dividing by it
@@ -258,12 +266,7 @@ def _check_recipe(r: Recipe) -> None:
     lo, hi = r.algorithm.ratio_band
     if not 0 < lo <= 1 <= hi:
         raise ConfigError(f"algorithm.ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
-    facts = facts_of(r.algorithm.name)
-    if facts.uses_teacher and facts.answer_free and r.teacher.context == "privileged":
-        raise ConfigError(
-            "teacher.context: 'privileged' shows the gold answer; CAST's teacher is answer-free "
-            "(use plain, instructed or same, or algorithm.name=rlsd)"
-        )
+    _check_teacher_context(r.algorithm.name, r.teacher.context)
     b1, b2 = r.optimizer.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
@@ -287,6 +290,20 @@ def _check_recipe(r: Recipe) -> None:
         raise ConfigError("data.hub_id: only for data.task custom (gsm8k/math read the hub when data.path is null)")
     if not math.isfinite(r.reward.correct_threshold):
         raise ConfigError("reward.correct_threshold: must be a finite number")
+
+
+def _check_teacher_context(algorithm: str, context: str | None) -> None:
+    """An answer-free algorithm's teacher must not see the gold answer (`privileged`)."""
+    facts = facts_of(algorithm)
+    if facts.uses_teacher and facts.answer_free and context == "privileged":
+        *first, last = (c for c in TEACHER_CONTEXTS if c != "privileged")
+        use = f"{', '.join(first)} or {last}"
+        others = sorted(n for n, f in ALGORITHMS.items() if f.uses_teacher and not f.answer_free)
+        if others:
+            use += ", or algorithm.name=" + " or ".join(others)
+        raise ConfigError(
+            f"teacher.context: 'privileged' shows the gold answer; {algorithm}'s teacher is answer-free (use {use})"
+        )
 
 
 def _check_name(name: str) -> None:
@@ -356,9 +373,9 @@ def _fill_defaults(r: Recipe) -> None:
     """Replace the None fields that mean "the algorithm's default" by concrete values."""
     facts = facts_of(r.algorithm.name)
     if r.algorithm.scale_rewards is None:
-        r.algorithm.scale_rewards = typing.cast(ScaleRewards, facts.scale_rewards)
+        r.algorithm.scale_rewards = facts.scale_rewards
     if r.teacher.context is None:
-        r.teacher.context = typing.cast(TeacherContext, facts.teacher_context)
+        r.teacher.context = facts.teacher_context
 
 
 def from_dict(data: dict) -> Recipe:
@@ -410,11 +427,6 @@ def recipe_hash(recipe: Recipe) -> str:
     """Stable short hash of the resolved recipe (stored in checkpoints)."""
     blob = json.dumps(to_dict(recipe), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def default_scale_rewards(algorithm: str) -> str:
-    """Spec section 2: `none` for CAST (the authors' canonical run), `group` for GRPO/RLSD."""
-    return facts_of(algorithm).scale_rewards
 
 
 def out_dir(recipe: Recipe) -> Path:

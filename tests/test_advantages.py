@@ -1,5 +1,6 @@
 """Advantages (spec sections 2 and 4): hand-computed cases and parity with the PyTorch reference."""
 
+import dataclasses
 import math
 
 import mlx.core as mx
@@ -18,7 +19,7 @@ from cast_mlx.algorithm.advantages import (
     zero_variance_groups,
 )
 from cast_mlx.algorithm.compiled import CompiledAdvantages, bucket_length, compile_count
-from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts, declare
+from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts, declare, facts_of
 
 from helpers import torch_reference
 
@@ -483,26 +484,25 @@ def test_one_registration_serves_eager_and_compiled():
     def half_lambda(step, *, cast_lambda):
         return cast_lambda / (1 + step)
 
-    declare(
-        AlgorithmFacts(
-            "toy",
-            uses_teacher=False,
-            flips=False,
-            clips_at_a_max=True,
-            answer_free=True,
-            zero_var_base=False,
-            scale_rewards="group",
-            teacher_context="plain",
-            summary="a test's estimator",
-        )
+    toy_facts = AlgorithmFacts(
+        "toy",
+        uses_teacher=False,
+        flips=False,
+        clips_at_a_max=True,
+        answer_free=True,
+        zero_var_base=False,
+        scale_rewards="group",
+        teacher_context="plain",
+        summary="a test's estimator",
     )
 
-    @advantages.register_estimator("toy", schedule=half_lambda)
+    @advantages.register_estimator(toy_facts, schedule=half_lambda)  # facts and kernel in one step
     def toy(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, a_max):
         base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
         return mx.where(mask != 0, lam * mx.clip(base[:, None], -a_max, a_max), 0.0), base
 
     try:
+        assert ALGORITHMS["toy"] is toy_facts and ESTIMATORS["toy"].facts is toy_facts
         rewards = mx.array([1.0, 0.0, 1.0, 1.0])
         mask = mx.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]])
         gaps = mx.zeros((4, 3))
@@ -517,6 +517,8 @@ def test_one_registration_serves_eager_and_compiled():
         assert np.array_equal(np.array(c_base), np.array(base))
         with pytest.raises(ValueError, match="registered twice"):
             advantages.register_estimator("toy")(toy)
+        with pytest.raises(ValueError, match="registered twice"):
+            advantages.register_estimator(toy_facts)(toy)
     finally:
         advantages.ESTIMATORS.pop("toy", None)
         ALGORITHMS.pop("toy", None)
@@ -524,17 +526,29 @@ def test_one_registration_serves_eager_and_compiled():
 
 def test_the_facts_of_each_algorithm():
     rows = {
-        name: (f.uses_teacher, f.flips, f.clips_at_a_max, f.answer_free, f.zero_var_base, f.scale_rewards)
+        name: (
+            f.uses_teacher,
+            f.flips,
+            f.clips_at_a_max,
+            f.answer_free,
+            f.zero_var_base,
+            f.scale_rewards,
+            f.teacher_context,
+        )
         for name, f in ALGORITHMS.items()
     }
     assert rows == {
-        "grpo": (False, False, False, True, False, "group"),
-        "cast": (True, True, True, True, True, "none"),
-        "cast-verl": (True, False, False, True, True, "group"),
-        "rlsd": (True, False, False, False, False, "group"),
+        "grpo": (False, False, False, True, False, "group", "plain"),
+        "cast": (True, True, True, True, True, "none", "plain"),
+        "cast-verl": (True, False, False, True, True, "group", "plain"),
+        "rlsd": (True, False, False, False, False, "group", "privileged"),
     }
     for name, est in ESTIMATORS.items():
         assert est.facts is ALGORITHMS[name] and est.uses_teacher == ALGORITHMS[name].uses_teacher
+        assert default_scale_rewards(name) == facts_of(name).scale_rewards
+        # a kernel reads a_max exactly when it clips at it, zero_var_base exactly when it uses it
+        assert ("a_max" in est.kernel_params) == est.facts.clips_at_a_max, name
+        assert ("zero_var_base" in est.kernel_params) == est.facts.zero_var_base, name
 
 
 def test_the_facts_match_what_the_kernels_do():
@@ -575,7 +589,94 @@ def test_a_bad_registration_leaves_the_registry_unchanged():
         with pytest.raises(ValueError, match="not_a_field"):
             advantages.register_estimator("half")(kernel)
         assert "half" not in ESTIMATORS
+        with pytest.raises(ValueError, match="'half' is declared but no estimator is registered"):
+            advantages.get_estimator("half")
     finally:
+        ALGORITHMS.pop("half", None)
+    assert ESTIMATORS == before_est and ALGORITHMS == before_facts
+
+
+def test_a_registration_with_its_facts_is_all_or_nothing():
+    """Registering an estimator with its AlgorithmFacts checks the facts, the three parts'
+    signatures, their parameters and the facts against the kernel before either table
+    changes: every failure below leaves both as they were."""
+    from cast_mlx.algorithm import advantages
+
+    before_est, before_facts = dict(ESTIMATORS), dict(ALGORITHMS)
+    good = AlgorithmFacts(
+        "half",
+        uses_teacher=True,
+        flips=False,
+        clips_at_a_max=False,
+        answer_free=True,
+        zero_var_base=False,
+        scale_rewards="group",
+        teacher_context="plain",
+        summary="a test's estimator",
+    )
+
+    def kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps):
+        return gaps, rewards
+
+    def no_group_size(rewards, gaps, mask, lam, *, scale_rewards):
+        return gaps, rewards
+
+    def three_arrays(rewards, gaps, mask, *, group_size):
+        return gaps, rewards
+
+    def any_keyword(rewards, gaps, mask, lam, *, group_size, **params):
+        return gaps, rewards
+
+    def reads_a_field(rewards, gaps, mask, lam, *, group_size, not_a_field):
+        return gaps, rewards
+
+    def schedule_without_step(*, cast_lambda):
+        return cast_lambda
+
+    def positional_check(a_max):
+        return None
+
+    cases = [
+        # the facts themselves
+        (dataclasses.replace(good, teacher_context="nowhere"), {}, kernel, "teacher_context"),
+        (dataclasses.replace(good, scale_rewards="max"), {}, kernel, "scale_rewards"),
+        (dataclasses.replace(good, flips="yes"), {}, kernel, "flips must be a bool"),
+        (dataclasses.replace(good, name=" "), {}, kernel, "must not be empty"),
+        (dataclasses.replace(good, answer_free=True, teacher_context="privileged"), {}, kernel, "answer-free"),
+        (dataclasses.replace(good, name="grpo"), {}, kernel, "registered twice"),
+        # the parts: what they are called with, and with recipe fields only
+        (good, {}, no_group_size, "kernel must take"),
+        (good, {}, three_arrays, "kernel must take"),
+        (good, {}, any_keyword, "kernel must take"),
+        (good, {}, "not a function", "kernel must be a function"),
+        (good, {"schedule": schedule_without_step}, kernel, "schedule must take"),
+        (good, {"schedule": None}, kernel, "schedule must be a function"),
+        (good, {"check": positional_check}, kernel, "check must take"),
+        (good, {}, reads_a_field, r"\['not_a_field'\] are not fields"),
+        # the facts against the kernel: no clip at a_max, no zero-variance base, without reading them
+        (
+            dataclasses.replace(good, clips_at_a_max=True),
+            {},
+            kernel,
+            "clips_at_a_max, but its kernel does not read a_max",
+        ),
+        (dataclasses.replace(good, zero_var_base=True), {}, kernel, "zero_var_base, but its kernel does not read"),
+        # neither a declared name nor facts
+        (None, {}, kernel, "expected a declared name or AlgorithmFacts"),
+    ]
+    for facts, parts, fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            advantages.register_estimator(facts, **parts)(fn)
+        assert ESTIMATORS == before_est and ALGORITHMS == before_facts, message
+    with pytest.raises(TypeError):  # incomplete facts: every field is required
+        AlgorithmFacts("half", uses_teacher=True)
+
+    advantages.register_estimator(good)(kernel)  # the same facts with a fitting kernel register
+    try:
+        assert ALGORITHMS["half"] is good and ESTIMATORS["half"].kernel is kernel
+        assert ESTIMATORS["half"].params == ("scale_rewards", "eps", "special_tokens", "gap_centering")
+    finally:
+        ESTIMATORS.pop("half", None)
         ALGORITHMS.pop("half", None)
     assert ESTIMATORS == before_est and ALGORITHMS == before_facts
 

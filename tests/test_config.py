@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -338,9 +339,11 @@ def test_the_schema_names_what_the_algorithm_facts_declare():
     from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, TEACHER_CONTEXTS
 
     hints = typing.get_type_hints(cfg.AlgorithmConfig)
-    assert set(typing.get_args(hints["name"])) == set(ALGORITHMS)
-    assert typing.get_args(cfg.ScaleRewards) == SCALE_REWARDS
-    assert typing.get_args(cfg.TeacherContext) == TEACHER_CONTEXTS
+    assert typing.get_args(hints["name"]) == tuple(sorted(ALGORITHMS)) == ("cast", "cast-verl", "grpo", "rlsd")
+    assert typing.get_args(cfg.ScaleRewards) == SCALE_REWARDS == ("none", "group", "batch")
+    assert typing.get_args(cfg.TeacherContext) == TEACHER_CONTEXTS == ("plain", "instructed", "same", "privileged")
+    assert typing.get_args(hints["scale_rewards"]) == (cfg.ScaleRewards, type(None))
+    assert typing.get_args(typing.get_type_hints(cfg.TeacherConfig)["context"]) == (cfg.TeacherContext, type(None))
     for name, facts in ALGORITHMS.items():  # the defaults a recipe gets are the declared ones
         r = cfg.from_dict({"algorithm": {"name": name}})
         assert (r.algorithm.scale_rewards, r.teacher.context) == (facts.scale_rewards, facts.teacher_context)
@@ -356,3 +359,31 @@ def test_an_answer_free_algorithm_refuses_the_privileged_context():
                 cfg.from_dict(data)
         else:
             assert cfg.from_dict(data).teacher.context == "privileged"
+
+
+def test_the_privileged_context_check_reads_the_declared_facts():
+    """The refusal names the algorithm and offers the declared ones whose teacher may see
+    the answer, as the table holds them when the recipe is checked."""
+    from cast_mlx.algorithm.facts import ALGORITHMS, declare
+
+    data = {"algorithm": {"name": "cast-verl"}, "teacher": {"context": "privileged"}}
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.from_dict(data)
+    assert str(err.value) == (
+        "teacher.context: 'privileged' shows the gold answer; cast-verl's teacher is answer-free "
+        "(use plain, instructed or same, or algorithm.name=rlsd)"
+    )
+    declare(dataclasses.replace(ALGORITHMS["rlsd"], name="peek"))  # a second one that sees the answer
+    try:
+        with pytest.raises(cfg.ConfigError) as err:
+            cfg.from_dict(data | {"algorithm": {"name": "cast"}})
+        assert str(err.value).endswith(
+            "cast's teacher is answer-free (use plain, instructed or same, or algorithm.name=peek or rlsd)"
+        )
+    finally:
+        ALGORITHMS.pop("peek")
+    # the defaults a recipe gets come from the facts: cast-verl's scaling is group, cast's none
+    assert cfg.from_dict({"algorithm": {"name": "cast-verl"}}).algorithm.scale_rewards == "group"
+    assert cfg.from_dict({"algorithm": {"name": "cast"}}).algorithm.scale_rewards == "none"
+    assert cfg.from_dict({"algorithm": {"name": "rlsd"}}).teacher.context == "privileged"
+    assert cfg.from_dict({"algorithm": {"name": "rlsd"}, "teacher": {"context": "same"}}).teacher.context == "same"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import time
@@ -330,3 +331,48 @@ def test_make_view_keeps_its_signature():
     assert isinstance(view, PlainView) and view.state.eval_every == 5
     rich = make_view(10, live=True, force_terminal=True, eval_every=5)
     assert isinstance(rich, RichView) and rich.state.eval_every == 5
+
+
+def panel_text(algorithm: str) -> str:
+    """The algorithm's panel after one step line, rendered to plain text."""
+    view, _ = rich_view()
+    view.state.begin({"algorithm": algorithm})
+    view.on_metrics(step_line(1), SAMPLE)
+    panel = view._grpo_panel() if view._teacherless() else view._cast_panel()
+    out = Console(file=io.StringIO(), width=150, color_system=None)
+    out.print(panel)
+    return out.file.getvalue()
+
+
+def test_the_panel_rows_are_the_declared_facts():
+    """cast-verl neither flips nor clips at a_max, so its panel has no flip rows and no ±a_max
+    share; CAST's has both (with their values). The rows follow the facts of the registry,
+    not the name: a declared algorithm that flips without clipping gets the flip rows only."""
+    from cast_mlx.algorithm.facts import ALGORITHMS, declare
+
+    cast, verl = panel_text("cast"), panel_text("cast-verl")
+    assert "flip down/up" in cast and "0.20" in cast and "0.10" in cast  # down / up shares
+    row = {name: text.split("correct teacher -")[1].split("\n")[0] for name, text in (("cast", cast), ("verl", verl))}
+    assert "flipped" in cast and row["cast"].split() == ["0.41", "0.123", "0.41"]  # share, |g|, flipped
+    assert row["verl"].split() == ["0.41", "0.123"]
+    assert "at ±a_max" in cast and "0.02" in cast
+    for row in ("flip down/up", "flipped", "at ±a_max", "0.02"):
+        assert row not in verl, row
+    assert "adv mean/min/max" in verl and "EOS adv all-correct/all-wrong" in verl
+
+    declare(
+        dataclasses.replace(
+            ALGORITHMS["cast"], name="flip-only", clips_at_a_max=False, zero_var_base=False, summary="a test's"
+        )
+    )
+    declare(dataclasses.replace(ALGORITHMS["grpo"], name="no-teacher", summary="a test's"))
+    try:
+        flip_only = panel_text("flip-only")
+        assert "flip down/up" in flip_only and "flipped" in flip_only
+        assert "at ±a_max" not in flip_only and "EOS adv all-correct/all-wrong" not in flip_only
+        assert "GRPO signal" in panel_text("no-teacher")
+    finally:
+        ALGORITHMS.pop("flip-only")
+        ALGORITHMS.pop("no-teacher")
+    unknown = panel_text("not-declared")  # an unknown name shows every row
+    assert "flip down/up" in unknown and "at ±a_max" in unknown and "EOS adv all-correct/all-wrong" in unknown

@@ -1,8 +1,10 @@
 """Advantage estimators for GRPO, CAST (the paper's and its veRL port's) and RLSD (spec sections 2, 4
 and 4b), registered by name.
 
-An estimator is two pure parts, registered once with `@register_estimator` (after verl's
-`core_algos.register_adv_est`):
+An estimator is its declared facts (`cast_mlx.algorithm.facts.AlgorithmFacts`: does it read
+a teacher, flip signs, clip at a_max, keep the teacher answer-free, give zero-variance
+groups a base; its default reward scaling and teacher context) and two pure parts,
+registered once with `@register_estimator` (after verl's `core_algos.register_adv_est`):
 
 - a *kernel* `(rewards, gaps, mask, lam, *, group_size, <its static parameters>) ->
   (token_adv, base)`: MLX ops only, so `cast_mlx.algorithm.compiled` can `mx.compile` it as it is.
@@ -11,8 +13,9 @@ An estimator is two pure parts, registered once with `@register_estimator` (afte
   step, a Python float (passed to the kernel as a scalar, so a decaying lambda does not
   retrace a compiled kernel).
 
-Parameter defaults live in one place, `config.AlgorithmConfig`; `compute_advantages` is
-the eager entry point:
+Parameter defaults live in one place, `config.AlgorithmConfig` (the two that differ by
+algorithm, `scale_rewards` and `teacher.context`, in the facts); `compute_advantages` is the
+eager entry point:
 
     token_adv, base = compute_advantages("cast", rewards, gaps, mask, group_size=8, step=t)
 
@@ -40,10 +43,12 @@ follows the same ones):
   a token that would flip but is not allowed to follows the "otherwise" row of the
   section-4 table, i.e. `A = B * max(0, 1 + lam * (clip(exp(s*g), box) - 1))` with `s =
   sign(B)`: its advantage keeps the trajectory's sign and is shrunk (box low edge).
-- `a_max` bounds CAST only. GRPO gives `A = B` and RLSD `A = B * ((1-lam_t) + lam_t*w)`
-  with no final clip, as in their papers.
-- `zero_var_base` is a CAST parameter; GRPO and RLSD give exactly 0 to zero-variance
-  groups (so the trainer can skip those rows, see `zero_variance_groups`).
+- `a_max` bounds only the estimators whose facts say `clips_at_a_max`; the others have
+  no final clip, as in their papers (GRPO: `A = B`; RLSD: `A = B * ((1-lam_t) +
+  lam_t*w)`).
+- `zero_var_base` applies only where the facts say `zero_var_base`; the others give
+  exactly 0 to zero-variance groups (so the trainer can skip those rows, see
+  `zero_variance_groups`).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from typing import Callable
 import mlx.core as mx
 
 from cast_mlx import config
-from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, AlgorithmFacts
+from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, AlgorithmFacts, declare, facts_of
 
 SPECIAL_TOKEN_RULES = ("teacher", "verifier")
 SHAPING_PARAMS = ("special_tokens", "gap_centering")  # switches around every kernel (run_estimator)
@@ -69,11 +74,9 @@ DEFAULT_PARAMS = {f.name: f.default for f in dataclasses.fields(config.Algorithm
 
 
 def default_scale_rewards(name: str) -> str:
-    """The reward scaling an algorithm uses unless told otherwise (spec section 2).
-
-    CAST: "none" (the authors' canonical run); GRPO and RLSD: "group".
-    """
-    return get_estimator(name).facts.scale_rewards
+    """The reward scaling an algorithm uses unless told otherwise (spec section 2): its
+    declared `AlgorithmFacts.scale_rewards`."""
+    return facts_of(name).scale_rewards
 
 
 # --------------------------------------------------------------------------- checks
@@ -167,15 +170,22 @@ def base_advantages(
     return base.reshape(-1)
 
 
-def scheduled_lambda(step: int, start: float, schedule: str, decay_steps: int, field: str = "cast_lambda") -> float:
-    """`start` for "constant"; `start * max(0, 1 - step / decay_steps)` for "linear_decay"."""
+def scheduled_lambda(
+    step: int,
+    start: float,
+    schedule: str,
+    decay_steps: int,
+    start_field: str = "cast_lambda",
+    steps_field: str = "lambda_decay_steps",
+) -> float:
+    """`start` for "constant"; `start * max(0, 1 - step / decay_steps)` for "linear_decay".
+    The two field names are the recipe fields that an error names."""
     _check_choice("lambda_schedule", schedule, LAMBDA_SCHEDULES)
     if start < 0:
-        raise ValueError(f"{field}: must be >= 0, got {start}")
+        raise ValueError(f"{start_field}: must be >= 0, got {start}")
     if schedule == "constant":
         return float(start)
     if decay_steps <= 0:
-        steps_field = "rlsd_lambda_steps" if field.startswith("rlsd") else "lambda_decay_steps"
         raise ValueError(f"{steps_field}: must be > 0, got {decay_steps}")
     return float(start) * max(0.0, 1.0 - step / decay_steps)
 
@@ -269,6 +279,35 @@ def _constant_zero(step: int) -> float:
     return 0.0
 
 
+# How each part is called (`run_estimator`, `Estimator.lam`, `Estimator.resolve`): its number
+# of positional parameters, the keyword-only ones it must have, and the shape an error shows.
+_SIGNATURES = {
+    "kernel": (4, ("group_size",), "(rewards, gaps, mask, lam, *, group_size, <recipe fields>)"),
+    "schedule": (1, (), "(step, *, <recipe fields>)"),
+    "check": (0, (), "(*, <recipe fields>)"),
+}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+# A declared fact and the recipe field that its kernel must read to have it.
+_FACT_PARAMS = {"clips_at_a_max": "a_max", "zero_var_base": "zero_var_base"}
+
+
+def _check_part(name: str, role: str, fn) -> None:
+    """Raise a ValueError unless `fn` can be called as the estimator's `role` is."""
+    positional, required, shape = _SIGNATURES[role]
+    if not callable(fn):
+        raise ValueError(f"estimator {name!r}: its {role} must be a function {shape}, got {fn!r}")
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        raise ValueError(f"estimator {name!r}: the signature of its {role} cannot be read") from None
+    n_positional = sum(p.kind in _POSITIONAL for p in params)
+    keyword = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    if n_positional != positional or any(p.kind in _VARIADIC for p in params) or not keyword >= set(required):
+        raise ValueError(f"estimator {name!r}: its {role} must take {shape}, got {inspect.signature(fn)}")
+
+
 @dataclass(frozen=True)
 class Estimator:
     """A registered advantage estimator (see the module docstring)."""
@@ -304,7 +343,7 @@ class Estimator:
         if unknown:
             raise ValueError(f"advantage parameters: unknown name(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
         p = {k: params.get(k, DEFAULT_PARAMS[k]) for k in self.params}
-        p["scale_rewards"] = p["scale_rewards"] or default_scale_rewards(self.name)
+        p["scale_rewards"] = p["scale_rewards"] or self.facts.scale_rewards
         check_base_params(scale_rewards=p["scale_rewards"], eps=p["eps"])
         _check_choice("special_tokens", p["special_tokens"], SPECIAL_TOKEN_RULES)
         if self.check is not None:
@@ -324,22 +363,44 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, *, schedule: Callable[..., float] = _constant_zero, check=None):
-    """Register `kernel` under `name` (decorator); see the module docstring. The name must be
-    declared in `algorithm.facts` and every parameter of the kernel, schedule and check must
-    be a recipe field; anything wrong raises before the registry changes."""
+def register_estimator(declared: str | AlgorithmFacts, *, schedule: Callable[..., float] = _constant_zero, check=None):
+    """Register `kernel` (decorator); see the module docstring.
 
-    def decorate(kernel):
+    `declared` is the name of an algorithm declared in `algorithm.facts` (the built-in ones,
+    whose facts a recipe reads without loading MLX), or the `AlgorithmFacts` of a new one,
+    which is declared together with its kernel. Everything is checked before either table
+    changes: the name is new (and declared), the kernel, schedule and check take the
+    parameters they are called with, each of their parameters is a recipe field, and the
+    kernel reads the fields its facts need (`a_max` to clip at it, `zero_var_base` to give
+    that base); a ValueError leaves both tables as they were."""
+
+    def decorate(kernel: Callable) -> Callable:
+        if isinstance(declared, AlgorithmFacts):
+            facts: AlgorithmFacts | None = declared
+            name = declared.name
+        elif isinstance(declared, str):
+            facts, name = ALGORITHMS.get(declared), declared
+        else:
+            raise ValueError(f"estimator: expected a declared name or AlgorithmFacts, got {declared!r}")
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
-        facts = ALGORITHMS.get(name)
         if facts is None:
-            raise ValueError(f"estimator {name!r}: declare it in cast_mlx/algorithm/facts.py first")
+            raise ValueError(
+                f"estimator {name!r}: declare it in cast_mlx/algorithm/facts.py first, or register its AlgorithmFacts"
+            )
+        for role, fn in (("kernel", kernel), ("schedule", schedule), ("check", check)):
+            if fn is not None or role != "check":
+                _check_part(name, role, fn)
         est = Estimator(name, kernel, schedule, check, facts)
         checked = est.params + (_keyword_params(check) if check else ())
         unknown = sorted(set(checked) - set(DEFAULT_PARAMS))
         if unknown:
             raise ValueError(f"estimator {name!r}: parameters {unknown} are not fields of AlgorithmConfig")
+        for fact, param in _FACT_PARAMS.items():
+            if getattr(facts, fact) and param not in est.kernel_params:
+                raise ValueError(f"estimator {name!r}: its facts say {fact}, but its kernel does not read {param}")
+        if facts is declared:
+            declare(facts)  # checks every field; the last step that may raise
         ESTIMATORS[name] = est
         return kernel
 
@@ -348,6 +409,8 @@ def register_estimator(name: str, *, schedule: Callable[..., float] = _constant_
 
 def get_estimator(name: str) -> Estimator:
     if name not in ESTIMATORS:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm: {name!r} is declared but no estimator is registered for it")
         raise ValueError(f"algorithm: unknown name {name!r}; choose one of {sorted(ESTIMATORS)}")
     return ESTIMATORS[name]
 
@@ -503,7 +566,9 @@ def cast_verl_kernel(
 
 def rlsd_lambda_at(step: int, *, rlsd_lambda_start, rlsd_lambda_steps) -> float:
     """RLSD's lambda decays linearly from `rlsd_lambda_start` to 0 over `rlsd_lambda_steps`."""
-    return scheduled_lambda(step, rlsd_lambda_start, "linear_decay", rlsd_lambda_steps, "rlsd_lambda_start")
+    return scheduled_lambda(
+        step, rlsd_lambda_start, "linear_decay", rlsd_lambda_steps, "rlsd_lambda_start", "rlsd_lambda_steps"
+    )
 
 
 def check_rlsd_params(*, rlsd_eps_w) -> None:

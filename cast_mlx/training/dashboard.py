@@ -15,9 +15,11 @@ named instead). Both keep the last eval result, with its step, until the next on
 
 - `RichView`: the current phase with its own bar (`on_phase`; re-drawn at most
   `refresh_per_second` times a second, and at once when a new phase starts), the step bar
-  with the ETA, the rewards, the algorithm's panel (the CAST gap table under cast /
-  cast-verl / rlsd, the GRPO signal panel under grpo), optimisation and timings, and a
-  sample that alternates between a correct and a wrong completion of the step.
+  with the ETA, the rewards, the algorithm's panel (read from its declared facts,
+  `cast_mlx.algorithm.facts`: the teacher's gap table, with the flip, ±a_max and
+  zero-variance rows only where they apply, for an algorithm with a teacher; the GRPO
+  signal panel for one without), optimisation and timings, and a sample that alternates
+  between a correct and a wrong completion of the step.
 - `PlainView`: one line per step, and one line when a long phase starts (`PLAIN_PHASES`);
   never a control code.
 """
@@ -340,6 +342,7 @@ class RichView(TrainingCallback):
         return ALGORITHMS.get(self.state.algorithm)
 
     def _teacherless(self) -> bool:
+        """A known algorithm without a teacher (GRPO): its signal panel replaces the gap table."""
         facts = self._facts()
         return facts is not None and not facts.uses_teacher
 
@@ -412,8 +415,8 @@ class RichView(TrainingCallback):
         return t
 
     def _clip_rows(self, t: Table) -> None:
-        """The clip shares and the rows without loss: in the GRPO panel under GRPO, else
-        in the optimisation panel."""
+        """The clip shares and the rows without loss: in the GRPO signal panel without a
+        teacher, else in the optimisation panel."""
         g = self.m.get
         t.add_row("clip low/high", f"{_f(g('clip_ratio/low_mean'))} / {_f(g('clip_ratio/high_mean'))}")
         t.add_row("rows skipped", _f(g("rows_skipped"), "d"))
@@ -425,7 +428,7 @@ class RichView(TrainingCallback):
         t.add_row("loss", _f(g("loss"), ".4f"))
         t.add_row("grad norm", _f(g("grad_norm"), ".3f"))
         t.add_row("lr", _f(g("learning_rate"), ".2e"))
-        if not grpo:  # under GRPO: in its panel
+        if not grpo:  # without a teacher: in the GRPO signal panel
             self._clip_rows(t)
         t.add_row("entropy", _f(g("entropy"), ".3f"))
         t.add_row("kl", _f(g("kl"), ".4f"))
