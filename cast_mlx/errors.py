@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_ERROR = 1  # a training error, a model or checkpoint that cannot be used
 EXIT_USAGE = 2  # bad command-line or recipe input
 EXIT_TIMEOUT = 3  # a data-parallel rank whose collective timed out

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cast_mlx.cli import OneLineParser
-from cast_mlx.errors import EXIT_USAGE
+from cast_mlx.errors import EXIT_ERROR, EXIT_USAGE
 from cast_mlx.tasks import data
 from cast_mlx.training import diagnose as dg
 from cast_mlx.training.diagnose import (
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         model, tokenizer = load_policy(s["model"], s["adapter"], s["dtype"])
     except (models.ModelLoadError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     sp = s["sampling"]
     collected = collect(
         model,

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from cast_mlx.cli import OneLineParser
-from cast_mlx.errors import EXIT_USAGE, UsageError
+from cast_mlx.errors import EXIT_ERROR, EXIT_USAGE, UsageError
 from cast_mlx.tasks import data
 from cast_mlx.training import evaluation as ev
 from cast_mlx.training.evaluation import (
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except RuntimeError as exc:  # the hub could not be reached
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
     from cast_mlx.engine import models
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         model, tokenizer = load_policy(s["model"], s["adapter"], s["dtype"])
     except (models.ModelLoadError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     try:
         result = evaluate(
             model,

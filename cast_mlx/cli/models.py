@@ -12,6 +12,7 @@ from cast_mlx.engine.models import (
     fetch,
     is_fetched,
 )
+from cast_mlx.errors import EXIT_ERROR
 
 # --------------------------------------------------------------------------- CLI
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         path = fetch(args.name, force=args.force)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(path)
     return 0
 

@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 from cast_mlx import config as cfg
-
-EXIT_CONFIG = 2
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from cast_mlx.errors import EXIT_ERROR, EXIT_SIGNAL, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,15 +215,15 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
     except (cfg.ConfigError, CheckpointError, ModelCacheError) as exc:  # input errors found at load time
         if world.is_main:
             print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except trainer.TrainingError as exc:  # the same on every rank: rank 0 says it
         if world.is_main:
             print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except (ModelLoadError, dist.PeerLost) as exc:  # rank-specific: every rank says it
         where = f"rank {world.rank}: " if world.size > 1 and not isinstance(exc, dist.PeerLost) else ""
         print(f"error: {where}{exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 def main(argv=None) -> int:
@@ -236,7 +234,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:  # before the loop, which handles its own signals
         signum = exc.args[0] if exc.args else signal.SIGINT
         print(f"interrupted during start-up ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
-        return EXIT_SIGNAL.get(signum, 130)
+        return EXIT_SIGNAL.get(signal.Signals(signum).name, EXIT_SIGNAL["SIGINT"])
 
 
 def run_cli(args) -> int:
@@ -251,7 +249,7 @@ def run_cli(args) -> int:
             check_out_dir(Path(out_dir), fresh=ckpt is None, overwrite=args.overwrite)
     except cfg.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     world = None
     if not (args.print_config or args.dry_run):
         from cast_mlx.engine import distributed as dist
@@ -262,10 +260,10 @@ def run_cli(args) -> int:
         except cfg.ConfigError as exc:  # every rank decides the same: one of them says it
             if world is None or world.is_main:
                 print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+            return EXIT_USAGE
         except dist.PeerLost as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
     done = checkpoint_step(ckpt) if world is not None and ckpt is not None else None
     if world is not None and done is not None and done >= recipe.schedule.steps:
         if world.is_main:
@@ -289,7 +287,7 @@ def run_cli(args) -> int:
             return dry_run(recipe)
         except (ModelLoadError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
     return train(recipe, ckpt, live=not args.no_dashboard, world=world)
 
 

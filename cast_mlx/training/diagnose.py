@@ -43,7 +43,6 @@ from numpy.typing import ArrayLike
 
 from cast_mlx.tasks import data
 
-EXIT_USAGE = 2
 DEFAULT_CONTEXTS = ("plain", "instructed", "privileged")
 # The authors' group mix at their training settings (CAST paper, Qwen3 1.7B-8B on math).
 AUTHORS_MIX = {"all_correct": 0.20, "all_wrong": 0.31, "mixed": 0.49}

@@ -41,7 +41,6 @@ import numpy as np
 from cast_mlx.errors import UsageError
 from cast_mlx.tasks import custom, data, verify
 
-EXIT_USAGE = 2
 N_RESAMPLES = 1000
 DEFAULT_ARITHMETIC_EVAL_SIZE = 200
 EVAL_DATA_SEED = 0  # the held-out set does not change with --seed: every run sees the same

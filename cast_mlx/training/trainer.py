@@ -40,7 +40,7 @@ from cast_mlx.algorithm.teacher import Teacher
 from cast_mlx.engine import blas, models, rollout
 from cast_mlx.engine import distributed as dist
 from cast_mlx.engine.logprobs import frozen_blocks
-from cast_mlx.errors import EXIT_DRIFT, TrainingError
+from cast_mlx.errors import EXIT_DRIFT, EXIT_SIGNAL, TrainingError
 from cast_mlx.tasks import data, rewards, verify
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
@@ -474,7 +474,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
         if world.is_main:
             print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: {resume_command(run)}")
             finish()
-        return 130
+        return EXIT_SIGNAL["SIGINT"]
     except TrainingError:
         finish()  # what the checkpoints hold, before the error line
         raise
