@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from cast_mlx.algorithm.facts import ALGORITHMS, SCALE_REWARDS, TEACHER_CONTEXTS, facts_of
+from cast_mlx.algorithm.facts import ALGORITHMS, RENAMED_CONTEXTS, SCALE_REWARDS, TEACHER_CONTEXTS, facts_of
 from cast_mlx.errors import ConfigError
 from cast_mlx.schema import (
     YAMLProblem,
@@ -120,6 +120,8 @@ class AlgorithmConfig:
     # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     scale_rewards: Optional[ScaleRewards] = None
     eps: float = bounds(1e-4, ge=0.0)  # added to the reward std before dividing by it
+    # sample: Bessel's std + eps. population: ddof 0, floored at 1e-6 (the authors' veRL port)
+    reward_std: Literal["sample", "population"] = "sample"
     zero_var_base: float = bounds(1.0, ge=0.0)
     cast_lambda: float = bounds(1.0, ge=0.0)
     lambda_schedule: Literal["constant", "linear_decay"] = "constant"
@@ -156,6 +158,10 @@ class TeacherConfig:
     ema_decay: float = bounds(0.99, gt=0.0, lt=1.0)
     # None in a file: the algorithm's default (`algorithm.facts`); load_recipe fills it in.
     context: Optional[TeacherContext] = None
+    # A diagnostic switch, not CAST: lets an answer-free rule (cast, cast-verl) read the gold
+    # answer (context: privileged), an upper bound on what a teacher signal can do through the
+    # rule; the run header, every metrics line and the report say "oracle: not CAST".
+    oracle: bool = False
 
 
 @dataclass
@@ -266,7 +272,7 @@ def _check_recipe(r: Recipe) -> None:
     lo, hi = r.algorithm.ratio_band
     if not 0 < lo <= 1 <= hi:
         raise ConfigError(f"algorithm.ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
-    _check_teacher_context(r.algorithm.name, r.teacher.context)
+    _check_teacher_context(r.algorithm.name, r.teacher.context, r.teacher.oracle)
     b1, b2 = r.optimizer.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
@@ -292,17 +298,24 @@ def _check_recipe(r: Recipe) -> None:
         raise ConfigError("reward.correct_threshold: must be a finite number")
 
 
-def _check_teacher_context(algorithm: str, context: str | None) -> None:
-    """An answer-free algorithm's teacher must not see the gold answer (`privileged`)."""
+def _check_teacher_context(algorithm: str, context: str | None, oracle: bool = False) -> None:
+    """An answer-free algorithm's teacher must not see the gold answer (`privileged`), unless
+    the run is declared an oracle; an oracle is exactly that case."""
     facts = facts_of(algorithm)
-    if facts.uses_teacher and facts.answer_free and context == "privileged":
+    answer_free_rule = facts.uses_teacher and facts.answer_free
+    if oracle and not (answer_free_rule and context == "privileged"):
+        raise ConfigError(
+            "teacher.oracle: only for an answer-free algorithm (cast, cast-verl) with teacher.context=privileged"
+        )
+    if answer_free_rule and context == "privileged" and not oracle:
         *first, last = (c for c in TEACHER_CONTEXTS if c != "privileged")
         use = f"{', '.join(first)} or {last}"
         others = sorted(n for n, f in ALGORITHMS.items() if f.uses_teacher and not f.answer_free)
         if others:
             use += ", or algorithm.name=" + " or ".join(others)
         raise ConfigError(
-            f"teacher.context: 'privileged' shows the gold answer; {algorithm}'s teacher is answer-free (use {use})"
+            f"teacher.context: 'privileged' shows the gold answer; {algorithm}'s teacher is answer-free "
+            f"(use {use}; teacher.oracle=true runs it as a labelled oracle, not CAST)"
         )
 
 
@@ -359,6 +372,8 @@ _RETIRED_KEYS = {("loss", "num_iterations"): (1, "only 1 update per batch is imp
 
 
 def _drop_retired(data: dict) -> dict:
+    """Retired keys dropped (where they hold the only value they could) and renamed teacher
+    contexts given their new names, so that older recipes and run folders still load."""
     data = dict(data)
     for (section, key), (allowed, why) in _RETIRED_KEYS.items():
         part = data.get(section)
@@ -366,6 +381,10 @@ def _drop_retired(data: dict) -> dict:
             if part[key] != allowed:
                 raise ConfigError(f"{section}.{key}: {why}; remove the key, got {show(part[key])}")
             data[section] = {k: v for k, v in part.items() if k != key}
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("context"), str):
+        context = teacher["context"]
+        data["teacher"] = {**teacher, "context": RENAMED_CONTEXTS.get(context, context)}
     return data
 
 
@@ -427,6 +446,14 @@ def recipe_hash(recipe: Recipe) -> str:
     """Stable short hash of the resolved recipe (stored in checkpoints)."""
     blob = json.dumps(to_dict(recipe), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+ORACLE_LABEL = "oracle: not CAST"  # what an oracle run (teacher.oracle) is called wherever it shows
+
+
+def run_label(recipe: Recipe) -> str | None:
+    """What a run must be called besides its algorithm: an oracle's label, else None."""
+    return f"{ORACLE_LABEL} (its teacher sees the gold answer)" if recipe.teacher.oracle else None
 
 
 def out_dir(recipe: Recipe) -> Path:

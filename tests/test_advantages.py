@@ -303,6 +303,7 @@ def assert_parity(name, rewards, gaps, mask, group_size, step, params):
 cast_params = st.fixed_dictionaries(
     {
         "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
+        "reward_std": st.sampled_from(["sample", "population"]),
         "zero_var_base": st.sampled_from([1.0, 0.0, 0.5]),
         "cast_lambda": st.sampled_from([1.0, 0.5, 0.25, 2.0, 7.0]),
         "lambda_schedule": st.sampled_from(["constant", "linear_decay"]),
@@ -326,6 +327,7 @@ def test_cast_parity(batch, params, step):
 verl_params = st.fixed_dictionaries(
     {
         "scale_rewards": st.sampled_from([None, "none", "group", "batch"]),
+        "reward_std": st.sampled_from(["sample", "population"]),
         "zero_var_base": st.sampled_from([1.0, 0.0]),
         "cast_lambda": st.sampled_from([1.0, 0.5, 3.0]),
         "correct_box": st.sampled_from([(0.8, 1.05), (0.8, 1.2)]),
@@ -392,10 +394,29 @@ def test_rlsd_parity(batch, params, step):
 
 @pytest.mark.torch
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=batches(), scale=st.sampled_from([None, "none", "group", "batch"]))
-def test_grpo_parity(batch, scale):
+@given(
+    batch=batches(),
+    scale=st.sampled_from([None, "none", "group", "batch"]),
+    reward_std=st.sampled_from(["sample", "population"]),
+)
+def test_grpo_parity(batch, scale, reward_std):
     # Extra parameters of other algorithms are accepted and ignored.
-    assert_parity("grpo", *batch, 0, {"scale_rewards": scale, "a_max": 0.1, "flip": "none"})
+    assert_parity("grpo", *batch, 0, {"scale_rewards": scale, "reward_std": reward_std, "a_max": 0.1, "flip": "none"})
+
+
+def test_population_std_by_hand():
+    # one correct of four: mean 0.25; Bessel std 0.5, population std sqrt(3)/4
+    rewards = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    mask = mx.ones((8, 1))
+    _, sample = compute_advantages("grpo", rewards, mx.zeros((8, 1)), mask, group_size=4, eps=0.0)
+    _, population = compute_advantages("grpo", rewards, mx.zeros((8, 1)), mask, group_size=4, reward_std="population")
+    np.testing.assert_allclose(np.array(sample)[:4], [1.5, -0.5, -0.5, -0.5], atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(population)[:4], np.array([0.75, -0.25, -0.25, -0.25]) / (3**0.5 / 4), atol=1e-5
+    )
+    assert np.array(population)[4:].tolist() == [0.0] * 4  # zero-variance: 0, not 0 / 1e-6
+    with pytest.raises(ValueError, match="reward_std"):
+        compute_advantages("grpo", rewards, mx.zeros((8, 1)), mask, group_size=4, reward_std="bessel")
 
 
 # --------------------------------------------------------------------------- compiled
@@ -472,7 +493,7 @@ def test_registry_matches_the_recipe_schema():
     assert set(ESTIMATORS) == set(names) == set(ALGORITHMS)
     for est in ESTIMATORS.values():
         assert set(est.params) <= set(DEFAULT_PARAMS), est.name  # every parameter is a recipe field
-    assert ESTIMATORS["grpo"].kernel_params == ("scale_rewards", "eps")
+    assert ESTIMATORS["grpo"].kernel_params == ("scale_rewards", "eps", "reward_std")
     assert ESTIMATORS["grpo"].params[-2:] == ("special_tokens", "gap_centering")  # around every kernel
     assert ESTIMATORS["cast"].schedule_params == ("cast_lambda", "lambda_schedule", "lambda_decay_steps")
     assert not ESTIMATORS["grpo"].uses_teacher and ESTIMATORS["cast"].uses_teacher
@@ -492,7 +513,7 @@ def test_one_registration_serves_eager_and_compiled():
         answer_free=True,
         zero_var_base=False,
         scale_rewards="group",
-        teacher_context="plain",
+        teacher_context="question-only",
         summary="a test's estimator",
     )
 
@@ -538,9 +559,9 @@ def test_the_facts_of_each_algorithm():
         for name, f in ALGORITHMS.items()
     }
     assert rows == {
-        "grpo": (False, False, False, True, False, "group", "plain"),
-        "cast": (True, True, True, True, True, "none", "plain"),
-        "cast-verl": (True, False, False, True, True, "group", "plain"),
+        "grpo": (False, False, False, True, False, "group", "instructed"),
+        "cast": (True, True, True, True, True, "none", "instructed"),
+        "cast-verl": (True, False, False, True, True, "group", "same"),
         "rlsd": (True, False, False, False, False, "group", "privileged"),
     }
     for name, est in ESTIMATORS.items():
@@ -583,8 +604,8 @@ def test_a_bad_registration_leaves_the_registry_unchanged():
     with pytest.raises(ValueError, match="teacher_context"):
         declare(AlgorithmFacts(**bad))
     with pytest.raises(ValueError, match="flips and zero-variance"):
-        declare(AlgorithmFacts(**(bad | {"teacher_context": "plain", "flips": True})))
-    declare(AlgorithmFacts(**(bad | {"teacher_context": "plain"})))
+        declare(AlgorithmFacts(**(bad | {"teacher_context": "question-only", "flips": True})))
+    declare(AlgorithmFacts(**(bad | {"teacher_context": "question-only"})))
     try:
         with pytest.raises(ValueError, match="not_a_field"):
             advantages.register_estimator("half")(kernel)
@@ -611,7 +632,7 @@ def test_a_registration_with_its_facts_is_all_or_nothing():
         answer_free=True,
         zero_var_base=False,
         scale_rewards="group",
-        teacher_context="plain",
+        teacher_context="question-only",
         summary="a test's estimator",
     )
 
@@ -711,6 +732,21 @@ def test_special_tokens_follow_the_verifier_by_hand():
         compute_advantages("cast", rewards, gaps, mask, group_size=2, special=special, special_tokens="eos")
 
 
+def test_verifier_special_tokens_take_the_final_clip_of_the_rule_that_has_one():
+    # group scaling: one correct of four gives the correct row B = 0.75 / 0.5 = 1.5 > a_max
+    rewards = mx.array([1.0, 0.0, 0.0, 0.0])
+    gaps = mx.full((4, 2), 0.1)
+    mask = mx.ones((4, 2))
+    special = mx.array([[0, 1]] * 4)
+    common = dict(group_size=4, special=special, special_tokens="verifier", scale_rewards="group", eps=0.0)
+    cast, base = compute_advantages("cast", rewards, gaps, mask, a_max=1.2, **common)
+    assert np.array(base)[0] == pytest.approx(1.5)
+    assert np.array(cast)[0].tolist() == pytest.approx([1.2, 1.2])  # the EOS too, not B = 1.5
+    # the port has no final clip: its EOS keeps the row's base
+    verl, _ = compute_advantages("cast-verl", rewards, gaps, mask, a_max=1.2, **common)
+    assert np.array(verl)[0, 1] == pytest.approx(1.5)
+
+
 def test_gap_centering_by_hand():
     rewards = mx.array([1.0, 0.0])
     # row 0: content gaps -1.0, -0.6 (mean -0.8) and a special token; row 1: -0.2 and 0.2
@@ -755,10 +791,12 @@ def special_batches(draw):
     rule=st.sampled_from(["teacher", "verifier"]),
     centring=st.booleans(),
     flip=st.sampled_from(["both", "none"]),
+    scale=st.sampled_from([None, "group"]),
+    a_max=st.sampled_from([1.2, 0.3]),
 )
-def test_special_tokens_and_centring_parity(batch, name, rule, centring, flip):
+def test_special_tokens_and_centring_parity(batch, name, rule, centring, flip, scale, a_max):
     rewards, gaps, mask, special, group_size = batch
-    params = {"special_tokens": rule, "gap_centering": centring, "flip": flip}
+    params = {"special_tokens": rule, "gap_centering": centring, "flip": flip, "scale_rewards": scale, "a_max": a_max}
     token, base = compute_advantages(
         name,
         mx.array(rewards),

@@ -37,7 +37,7 @@ def test_defaults_and_overrides():
     # defaults resolved once, in load_recipe: the README's default algorithm, no None left
     default = cfg.load_recipe(None)
     assert default.algorithm.name == "grpo"
-    assert (default.algorithm.scale_rewards, default.teacher.context) == ("group", "plain")
+    assert (default.algorithm.scale_rewards, default.teacher.context) == ("group", "instructed")
     # an explicit value wins over the algorithm's default
     assert (
         cfg.load_recipe(None, ["algorithm.name=cast", "algorithm.scale_rewards=group"]).algorithm.scale_rewards
@@ -341,7 +341,9 @@ def test_the_schema_names_what_the_algorithm_facts_declare():
     hints = typing.get_type_hints(cfg.AlgorithmConfig)
     assert typing.get_args(hints["name"]) == tuple(sorted(ALGORITHMS)) == ("cast", "cast-verl", "grpo", "rlsd")
     assert typing.get_args(cfg.ScaleRewards) == SCALE_REWARDS == ("none", "group", "batch")
-    assert typing.get_args(cfg.TeacherContext) == TEACHER_CONTEXTS == ("plain", "instructed", "same", "privileged")
+    assert (
+        typing.get_args(cfg.TeacherContext) == TEACHER_CONTEXTS == ("instructed", "question-only", "same", "privileged")
+    )
     assert typing.get_args(hints["scale_rewards"]) == (cfg.ScaleRewards, type(None))
     assert typing.get_args(typing.get_type_hints(cfg.TeacherConfig)["context"]) == (cfg.TeacherContext, type(None))
     for name, facts in ALGORITHMS.items():  # the defaults a recipe gets are the declared ones
@@ -371,14 +373,16 @@ def test_the_privileged_context_check_reads_the_declared_facts():
         cfg.from_dict(data)
     assert str(err.value) == (
         "teacher.context: 'privileged' shows the gold answer; cast-verl's teacher is answer-free "
-        "(use plain, instructed or same, or algorithm.name=rlsd)"
+        "(use instructed, question-only or same, or algorithm.name=rlsd; "
+        "teacher.oracle=true runs it as a labelled oracle, not CAST)"
     )
     declare(dataclasses.replace(ALGORITHMS["rlsd"], name="peek"))  # a second one that sees the answer
     try:
         with pytest.raises(cfg.ConfigError) as err:
             cfg.from_dict(data | {"algorithm": {"name": "cast"}})
         assert str(err.value).endswith(
-            "cast's teacher is answer-free (use plain, instructed or same, or algorithm.name=peek or rlsd)"
+            "cast's teacher is answer-free (use instructed, question-only or same, or algorithm.name=peek or rlsd; "
+            "teacher.oracle=true runs it as a labelled oracle, not CAST)"
         )
     finally:
         ALGORITHMS.pop("peek")
@@ -387,3 +391,31 @@ def test_the_privileged_context_check_reads_the_declared_facts():
     assert cfg.from_dict({"algorithm": {"name": "cast"}}).algorithm.scale_rewards == "none"
     assert cfg.from_dict({"algorithm": {"name": "rlsd"}}).teacher.context == "privileged"
     assert cfg.from_dict({"algorithm": {"name": "rlsd"}, "teacher": {"context": "same"}}).teacher.context == "same"
+
+
+def test_an_oracle_is_declared_and_only_an_oracle_may_be():
+    """The CAST rule with a teacher that sees the answer runs only behind teacher.oracle, and
+    the switch means exactly that case."""
+    oracle = {"algorithm": {"name": "cast"}, "teacher": {"context": "privileged", "oracle": True}}
+    r = cfg.from_dict(oracle)
+    assert (r.teacher.context, r.teacher.oracle) == ("privileged", True)
+    for bad in (
+        {"algorithm": {"name": "cast"}, "teacher": {"oracle": True}},  # answer-free context
+        {"algorithm": {"name": "rlsd"}, "teacher": {"oracle": True}},  # sees the answer anyway
+        {"algorithm": {"name": "grpo"}, "teacher": {"context": "privileged", "oracle": True}},  # no teacher
+    ):
+        with pytest.raises(cfg.ConfigError, match=r"^teacher.oracle: only for an answer-free algorithm"):
+            cfg.from_dict(bad)
+
+
+def test_contexts_by_their_new_names_and_the_old_one():
+    # cast reads the spec's answer-free context, the port its own prompt
+    assert cfg.from_dict({"algorithm": {"name": "cast"}}).teacher.context == "instructed"
+    assert cfg.from_dict({"algorithm": {"name": "cast-verl"}}).teacher.context == "same"
+    # the question-only context was called plain: older recipes and run folders still load
+    old = cfg.from_dict({"algorithm": {"name": "cast"}, "teacher": {"context": "plain"}})
+    assert old.teacher.context == "question-only"
+    assert cfg.load_recipe(None, ["teacher.context=plain"]).teacher.context == "question-only"
+    # the committed recipes that ran the question-only context keep it
+    for name in ("smollm2-135m-arith", "smollm2-135m-gsm8k", "qwen0.5b"):
+        assert cfg.load_recipe(ROOT / f"recipes/{name}.yaml").teacher.context == "question-only", name

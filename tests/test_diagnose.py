@@ -187,7 +187,7 @@ def test_collect_with_a_fake_teacher_on_the_embedded_model(smol):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--contexts", "plain,nope"], "--contexts 'plain,nope': choose from plain, instructed, privileged"),
+        (["--contexts", "plain,nope"], "--contexts 'plain,nope': choose from instructed, question-only, privileged"),
         (["--contexts", "same"], "--contexts same: the teacher here is the policy itself"),
         (["--temperature", "-1"], "sampling.temperature: must be > 0.0"),
         (["--task", "chess"], "--task 'chess': expected one of"),

@@ -41,7 +41,7 @@ def _perturb(model, seed=1, scale=0.05):
 
 
 def test_contexts_text():
-    assert teacher.plain_context("What is 2+2?") == "What is 2+2?\n\n[Student response]\n"
+    assert teacher.question_only_context("What is 2+2?") == "What is 2+2?\n\n[Student response]\n"
     assert teacher.privileged_context("Q?", "4") == "Q?\n\n[Reference solution]\n4\n\n[Student response]\n"
 
     class Tok:
@@ -49,7 +49,7 @@ def test_contexts_text():
             return [ord(c) for c in text]
 
     assert teacher.teacher_contexts("same", Tok(), ["q"], [[5, 6]]) == [[5, 6]]
-    plain = teacher.teacher_contexts("plain", Tok(), ["hi"], [[5, 6]])
+    plain = teacher.teacher_contexts("question-only", Tok(), ["hi"], [[5, 6]])
     assert plain == [[ord(c) for c in "hi\n\n[Student response]\n"]]
     with pytest.raises(ValueError, match="needs the reference"):
         teacher.teacher_contexts("privileged", Tok(), ["hi"], [[1]])

@@ -3,6 +3,7 @@ gradient accumulation, and the skip of groups with nothing to learn."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlx.core as mx
@@ -118,3 +119,50 @@ def test_groups_with_nothing_to_learn_are_skipped(tmp_path, tiny_model_dir):
         assert run.state.step == 1 and run.state.bad_steps == 0  # nothing to learn is not a bad step
         after = lora(run)
         assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+HALF = (
+    "def reward(completions, **kwargs):\n"
+    "    n = len(completions) // 2\n"
+    "    return [float(i % 2) if i < n else 0.0 for i in range(len(completions))]\n"
+)
+
+
+def test_the_mean_ratio_is_over_the_rows_that_carry_loss(tmp_path, tiny_model_dir):
+    # one mixed group learns, one all-wrong group is skipped; with one update per batch the
+    # ratio of every loss-carrying token is exactly 1, so its mean must be 1, not the
+    # share of the batch's tokens that went through the update
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "algorithm.name=grpo", plugin(tmp_path, "half", HALF))
+    with trainer.setup(recipe) as run:
+        metrics, _ = trainer.train_step(run)
+        assert metrics["rows_skipped"] == recipe.sampling.group_size and metrics["update_applied"] is True
+        assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_an_oracle_run_is_labelled_in_its_header_metrics_summary_and_report(tmp_path, tiny_model_dir):
+    from helpers import run_cli
+
+    out = tmp_path / "oracle"
+    sets = [
+        f"model.name={tiny_model_dir}",
+        "sampling.group_size=4",
+        "sampling.max_new_tokens=8",
+        "lora.num_layers=1",
+        "logging.eval_every=0",
+        "schedule.steps=2",
+        f"logging.out_dir={out}",
+        "algorithm.name=cast",
+        "teacher.context=privileged",
+        "teacher.oracle=true",
+    ]
+    cmd = ["-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--no-dashboard"]
+    proc = run_cli(*cmd, *(a for s in sets for a in ("--set", s)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ORACLE: NOT CAST: its teacher sees the gold answer; a diagnostic bound" in proc.stdout
+    assert "summary: step 2 of 2" in proc.stdout and "(oracle: not CAST" in proc.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(line["label"].startswith("oracle: not CAST") for line in lines)
+    assert "<b>oracle: not CAST</b>" in (out / "report.html").read_text()
+    # without the switch the same context is refused for CAST's rule
+    refused = run_cli(*cmd, *(a for s in sets[:-1] for a in ("--set", s)))
+    assert refused.returncode == 2 and "teacher.oracle=true runs it as a labelled oracle" in refused.stderr

@@ -127,8 +127,13 @@ def zero_variance_groups(rewards: mx.array, group_size: int) -> mx.array:
     return mx.max(grouped, axis=1) == mx.min(grouped, axis=1)
 
 
-def check_base_params(*, scale_rewards: str, eps: float) -> None:
+REWARD_STDS = ("sample", "population")
+POPULATION_STD_FLOOR = 1e-6  # the veRL port clamps its population std here instead of adding eps
+
+
+def check_base_params(*, scale_rewards: str, eps: float, reward_std: str = "sample") -> None:
     _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    _check_choice("reward_std", reward_std, REWARD_STDS)
     if not eps >= 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
@@ -140,24 +145,27 @@ def base_advantages(
     scale_rewards: str,
     zero_var_value: float,
     eps: float = 1e-4,
+    reward_std: str = "sample",
 ) -> mx.array:
     """`[N]` base advantage `B_i` of every completion (spec section 2).
 
-    Mixed groups: reward minus the group mean, divided by `std + eps` for "group" (the
-    group's Bessel std) or "batch" (the Bessel std of all N rewards), not divided for
-    "none". Zero-variance groups: `+zero_var_value` if their common reward is > 0, else
-    `-zero_var_value` (pass 0 for GRPO / RLSD: exactly 0).
+    Mixed groups: reward minus the group mean, divided by the group's std for "group" or
+    by the std of all N rewards for "batch", not divided for "none". The std is Bessel's
+    plus `eps` (`reward_std="sample"`), or the population std (ddof 0) floored at 1e-6
+    (`"population"`, the authors' veRL port). Zero-variance groups: `+zero_var_value` if
+    their common reward is > 0, else `-zero_var_value` (pass 0 for GRPO / RLSD: exactly 0).
     """
-    check_base_params(scale_rewards=scale_rewards, eps=eps)
+    check_base_params(scale_rewards=scale_rewards, eps=eps, reward_std=reward_std)
     rewards = rewards.astype(mx.float32)
     grouped = rewards.reshape(-1, group_size)  # [P, G]
     centered = grouped - mx.mean(grouped, axis=1, keepdims=True)
-    if scale_rewards == "group":
-        std = mx.sqrt(mx.var(grouped, axis=1, keepdims=True, ddof=1))
-        centered = centered / (std + eps)
-    elif scale_rewards == "batch":
-        std = mx.sqrt(mx.var(rewards, ddof=1))
-        centered = centered / (std + eps)
+    if scale_rewards != "none":
+        values, axis = (grouped, 1) if scale_rewards == "group" else (rewards, None)
+        if reward_std == "population":
+            std = mx.maximum(mx.sqrt(mx.var(values, axis=axis, keepdims=True, ddof=0)), POPULATION_STD_FLOOR)
+        else:
+            std = mx.sqrt(mx.var(values, axis=axis, keepdims=True, ddof=1)) + eps
+        centered = centered / std
 
     flat = zero_variance_groups(rewards, group_size)[:, None]  # [P, 1]
     flat_value: mx.array | float
@@ -344,7 +352,7 @@ class Estimator:
             raise ValueError(f"advantage parameters: unknown name(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
         p = {k: params.get(k, DEFAULT_PARAMS[k]) for k in self.params}
         p["scale_rewards"] = p["scale_rewards"] or self.facts.scale_rewards
-        check_base_params(scale_rewards=p["scale_rewards"], eps=p["eps"])
+        check_base_params(scale_rewards=p["scale_rewards"], eps=p["eps"], reward_std=p.get("reward_std", "sample"))
         _check_choice("special_tokens", p["special_tokens"], SPECIAL_TOKEN_RULES)
         if self.check is not None:
             self.check(**{k: p[k] for k in _keyword_params(self.check)})
@@ -450,7 +458,10 @@ def run_estimator(est: Estimator, p: dict, rewards, gaps, mask, lam, special, gr
         gaps = center_gaps(gaps.astype(mx.float32), (mask != 0) * (special == 0))
     token, base = est.kernel(rewards, gaps, mask, lam, group_size=group_size, **est.static(p))
     if p["special_tokens"] == "verifier":
-        token = mx.where(mask != 0, verifier_special_tokens(token, base, rewards, special, group_size), 0.0)
+        token = verifier_special_tokens(token, base, rewards, special, group_size)
+        if est.facts.clips_at_a_max:  # spec 4b: the special tokens take the same final clip
+            token = mx.clip(token, -p["a_max"], p["a_max"])
+        token = mx.where(mask != 0, token, 0.0)
     return token, base
 
 
@@ -471,9 +482,11 @@ def compute_advantages(name: str, rewards, gaps, mask, *, group_size: int, step:
 
 
 @register_estimator("grpo")
-def grpo_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps):
+def grpo_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, reward_std):
     """GRPO: every token of completion `i` gets `B_i`; zero-variance groups give 0."""
-    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
+    base = base_advantages(
+        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps, reward_std=reward_std
+    )
     return mx.where(mask != 0, base[:, None], 0.0), base
 
 
@@ -491,6 +504,7 @@ def cast_kernel(
     group_size,
     scale_rewards,
     eps,
+    reward_std,
     zero_var_base,
     correct_box,
     wrong_box,
@@ -501,7 +515,12 @@ def cast_kernel(
     """CAST: base advantages with `±zero_var_base` for zero-variance groups, then the
     section-4 token rule with the scheduled lambda."""
     base = base_advantages(
-        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=float(zero_var_base), eps=eps
+        rewards,
+        group_size=group_size,
+        scale_rewards=scale_rewards,
+        zero_var_value=float(zero_var_base),
+        eps=eps,
+        reward_std=reward_std,
     )
     token = cast_token_advantages(
         base,
@@ -541,7 +560,19 @@ def check_cast_verl_params(*, correct_box, wrong_box, ratio_band) -> None:
 
 @register_estimator("cast-verl", schedule=cast_lambda_at, check=check_cast_verl_params)
 def cast_verl_kernel(
-    rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, zero_var_base, correct_box, wrong_box, ratio_band
+    rewards,
+    gaps,
+    mask,
+    lam,
+    *,
+    group_size,
+    scale_rewards,
+    eps,
+    reward_std,
+    zero_var_base,
+    correct_box,
+    wrong_box,
+    ratio_band,
 ):
     """The authors' later port of CAST (spec 4b, veRL): no flips, so `sign(A) = sign(B)` and
     the teacher sets only the magnitude (`B * max(0, 1 + lam*(clip(e^{s*g}, box) - 1))`), no
@@ -549,7 +580,12 @@ def cast_verl_kernel(
     defaults to `group` (the std is divided out); zero-variance groups keep CAST's
     `±zero_var_base`."""
     base = base_advantages(
-        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=float(zero_var_base), eps=eps
+        rewards,
+        group_size=group_size,
+        scale_rewards=scale_rewards,
+        zero_var_value=float(zero_var_base),
+        eps=eps,
+        reward_std=reward_std,
     )
     token = cast_token_advantages(
         base,
@@ -577,7 +613,9 @@ def check_rlsd_params(*, rlsd_eps_w) -> None:
 
 
 @register_estimator("rlsd", schedule=rlsd_lambda_at, check=check_rlsd_params)
-def rlsd_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, rlsd_eps_w):
+def rlsd_kernel(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, reward_std, rlsd_eps_w):
     """RLSD: GRPO base advantages reweighted per token with the scheduled lambda."""
-    base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
+    base = base_advantages(
+        rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps, reward_std=reward_std
+    )
     return rlsd_token_advantages(base, gaps, mask, lam, eps_w=rlsd_eps_w), base

@@ -7,7 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 SCALE_REWARDS = ("none", "group", "batch")
-TEACHER_CONTEXTS = ("plain", "instructed", "same", "privileged")
+# What the teacher reads before the completion (spec section 3; `algorithm.teacher` builds them):
+# instructed: the question with the task's answer instruction (the authors' answer-free context);
+# question-only: the question alone (an ablation); same: the student's own prompt (the veRL
+# port's: the gap is the weight lag); privileged: with the gold answer (RLSD; an oracle for CAST).
+TEACHER_CONTEXTS = ("instructed", "question-only", "same", "privileged")
+RENAMED_CONTEXTS = {"plain": "question-only"}  # old name -> new, so older run folders still load
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ declare(
         answer_free=True,
         zero_var_base=False,
         scale_rewards="group",
-        teacher_context="plain",
+        teacher_context="instructed",  # unused: no teacher
         summary="GRPO: every token of a completion gets its group-normalised reward",
     )
 )
@@ -80,7 +85,7 @@ declare(
         answer_free=True,
         zero_var_base=True,
         scale_rewards="none",
-        teacher_context="plain",
+        teacher_context="instructed",
         summary="CAST's rule: the teacher's gap reweights and may flip a token's advantage, clipped at ±a_max",
     )
 )
@@ -93,7 +98,7 @@ declare(
         answer_free=True,
         zero_var_base=True,
         scale_rewards="group",
-        teacher_context="plain",
+        teacher_context="same",
         summary="the veRL port's rule: GRPO with each token reweighted by the teacher's gap within the boxes; no flips",
     )
 )

@@ -12,13 +12,15 @@ Kinds (`teacher.kind`):
 - `base`: adapters disabled (lora_b = 0 in the view), never refreshed: a fixed teacher.
 - `ema`: after every optimizer step, `teacher = decay * teacher + (1 - decay) * policy`.
 
-Contexts (`teacher.context`), built by `teacher_contexts`:
-- `plain`: problem text, a blank line, `[Student response]`, a newline; no chat template.
-- `instructed`: `plain` with the task's answer instruction after the problem, as the
-  CAST authors build the teacher's context (question + instruction + student header).
-- `same`: exactly the student's chat-templated prompt.
-- `privileged`: `plain` with a `[Reference solution]` block (the gold) before the student
-  header: for RLSD and diagnostics, never for CAST.
+Contexts (`teacher.context`), built by `teacher_contexts`; no chat template except `same`:
+- `instructed` (CAST's default, the spec's answer-free context, as the authors build it):
+  the problem text, a blank line, the task's answer instruction, a blank line,
+  `[Student response]` and a newline.
+- `question-only`: the same without the instruction; an ablation (called `plain` before).
+- `same` (the veRL port's default): exactly the student's chat-templated prompt, so the
+  gap is the weight lag alone (0 right after a refresh).
+- `privileged`: `question-only` with a `[Reference solution]` block (the gold) before the
+  student header: RLSD's, and an oracle's (`teacher.oracle`), never CAST's.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ STUDENT_HEADER = "[Student response]"
 REFERENCE_HEADER = "[Reference solution]"
 
 
-def plain_context(question: str) -> str:
+def question_only_context(question: str) -> str:
     return f"{question}\n\n{STUDENT_HEADER}\n"
 
 
@@ -62,8 +64,8 @@ def teacher_contexts(
     answer instruction, `data.ANSWER_INSTRUCTIONS`) for `instructed`."""
     if mode == "same":
         return [list(p) for p in student_prompts]
-    if mode == "plain":
-        texts = [plain_context(q) for q in questions]
+    if mode == "question-only":
+        texts = [question_only_context(q) for q in questions]
     elif mode == "instructed":
         if instruction is None:
             raise ValueError("teacher.context=instructed needs the task's answer instruction")

@@ -48,6 +48,7 @@ def resolve_args(args) -> dict:
     """Validate the arguments; defaults come from --recipe, else the adapter's recipe, else
     the embedded default recipe. Raises UsageError (one line) before any model loads."""
     from cast_mlx import config as cfg
+    from cast_mlx.algorithm.facts import RENAMED_CONTEXTS
     from cast_mlx.algorithm.teacher import TEACHER_CONTEXTS
     from cast_mlx.training.evaluation import UsageError, adapter_recipe, resolve_adapter
 
@@ -56,7 +57,7 @@ def resolve_args(args) -> dict:
         recipe = cfg.load_recipe(args.recipe) if args.recipe else adapter_recipe(adapter) or cfg.load_recipe(None)
     except cfg.ConfigError as exc:
         raise UsageError(str(exc)) from None
-    contexts = [c.strip() for c in args.contexts.split(",") if c.strip()]
+    contexts = [RENAMED_CONTEXTS.get(c.strip(), c.strip()) for c in args.contexts.split(",") if c.strip()]
     allowed = [c for c in TEACHER_CONTEXTS if c != "same"]
     if "same" in contexts:
         raise UsageError("--contexts same: the teacher here is the policy itself, so its gap on the same prompt is 0")

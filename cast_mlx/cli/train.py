@@ -148,7 +148,9 @@ def header(recipe: cfg.Recipe, ckpt) -> list[str]:
     source = f"level {d.level}" if d.task == "arithmetic" else (d.path or d.hub_id or "the hub")
     out = ckpt.parent.parent if ckpt is not None else cfg.out_dir(recipe)
     changed = [f.split(" (")[0] for f in differing_fields(cfg.to_dict(cfg.from_dict({})), cfg.to_dict(recipe))]
+    label = cfg.run_label(recipe)
     return [
+        *([f"{cfg.ORACLE_LABEL.upper()}: its teacher sees the gold answer; a diagnostic bound"] if label else []),
         f"cast-mlx: {recipe.model.name} ({recipe.model.dtype}) on {d.task} ({source}), {recipe.algorithm.name}, "
         f"{recipe.schedule.steps} steps -> {out}",
         f"  {recipe.algorithm.name}: {facts_of(recipe.algorithm.name).summary}",

@@ -72,10 +72,11 @@ class MetricsFiles(TrainingCallback):
     Nothing is touched until the first line is written (a start-up that fails, or a resume
     with nothing left to run, leaves the files as they were). Then a fresh run starts the
     files anew and a resumed one keeps the lines up to the step it resumes from; a line that
-    does not parse (a write torn by a crash or a full disk) is dropped with a warning."""
+    does not parse (a write torn by a crash or a full disk) is dropped with a warning.
+    With a `label` (an oracle run's), every metrics line carries it."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.run_dir, self.resume_step, self.started = run_dir, resume_step, False
+    def __init__(self, run_dir: Path, resume_step: int | None, label: str | None = None):
+        self.run_dir, self.resume_step, self.started, self.label = run_dir, resume_step, False, label
         self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
         self.eval_path = run_dir / EVAL_FILE
 
@@ -99,7 +100,8 @@ class MetricsFiles(TrainingCallback):
             with open(self.eval_path, "a") as f:
                 f.write(json.dumps({"step": metrics["step"], **per_problem}) + "\n")
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({k: v for k, v in metrics.items() if k != PER_PROBLEM}) + "\n")
+            line = {k: v for k, v in metrics.items() if k != PER_PROBLEM}
+            f.write(json.dumps(line | ({"label": self.label} if self.label else {})) + "\n")
         with open(self.samples_path, "a") as f:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
@@ -164,7 +166,7 @@ def _summary_writer(log_dir: Path):
 def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[TrainingCallback]:
     """The recipe's sinks: the metrics files, and wandb / TensorBoard when asked for and
     installed (a warning otherwise)."""
-    out: list[TrainingCallback] = [MetricsFiles(run_dir, resume_step)]
+    out: list[TrainingCallback] = [MetricsFiles(run_dir, resume_step, cfg.run_label(recipe))]
     log = recipe.logging
     if log.wandb:
         try:

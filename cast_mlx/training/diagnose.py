@@ -43,7 +43,7 @@ from numpy.typing import ArrayLike
 
 from cast_mlx.tasks import data
 
-DEFAULT_CONTEXTS = ("plain", "instructed", "privileged")
+DEFAULT_CONTEXTS = ("question-only", "instructed", "privileged")
 # The authors' group mix at their training settings (CAST paper, Qwen3 1.7B-8B on math).
 AUTHORS_MIX = {"all_correct": 0.20, "all_wrong": 0.31, "mixed": 0.49}
 # "In range": at least a third of the groups mixed and at most half all-wrong or all-correct.

@@ -35,6 +35,7 @@ from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
+from cast_mlx.config import ORACLE_LABEL
 from cast_mlx.training.plot import METRICS, read_metrics, rolling_mean, series
 
 SAMPLES = "samples.jsonl"
@@ -358,7 +359,11 @@ def _header(run_dir: Path, rows: list[dict], recipe: dict) -> str:
     if not recipe:
         items.append(("recipe", f"{NOT_RECORDED} (no {CHECKPOINTS}/*/recipe.yaml)"))
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
-    out = f'<h1>{html.escape(str(name or folder))}</h1>\n<table class="header">{body}</table>\n'
+    out = f"<h1>{html.escape(str(name or folder))}</h1>\n"
+    if _get(recipe, "teacher.oracle"):
+        what = "the teacher saw the gold answer; a diagnostic bound"
+        out += f'<p class="label"><b>{html.escape(ORACLE_LABEL)}</b>: {what}.</p>\n'
+    out += f'<table class="header">{body}</table>\n'
     if recipe:
         import yaml
 

@@ -65,7 +65,11 @@ def summary_lines(
 
     r = recipe
     minutes, secs = divmod(int(seconds), 60)
-    lines = [f"summary: step {step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"]
+    label = cfg.run_label(r)
+    lines = [
+        f"summary: step {step} of {r.schedule.steps}, {minutes}:{secs:02d} in this run"
+        + (f" ({label})" if label else "")
+    ]
     evals = read_evals(out_dir)
     if len(evals) >= 2:
         first, final = evals[0], evals[-1]

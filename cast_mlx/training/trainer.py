@@ -337,7 +337,7 @@ def run_info(run: Run) -> dict:
     info: dict[str, str | int] = {
         "run": r.name,
         "model": f"{r.model.name} ({models.resolve_dtype(r.model.dtype)})",
-        "algorithm": r.algorithm.name,
+        "algorithm": f"{r.algorithm.name} ({label})" if (label := cfg.run_label(r)) else r.algorithm.name,
         "backend": str(mx.default_device()),
         "blas": blas.active_blas(),
         "out": str(run.out_dir),

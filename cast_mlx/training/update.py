@@ -14,7 +14,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from cast_mlx import config as cfg
-from cast_mlx.algorithm.loss import loss_norm, rows_with_loss
+from cast_mlx.algorithm.loss import loss_mask, loss_norm, rows_with_loss
 from cast_mlx.engine import distributed as dist
 from cast_mlx.engine.logprobs import length_buckets, token_logprobs, trimmed_batch
 from cast_mlx.errors import TrainingError
@@ -170,20 +170,28 @@ def update(
             metric_sums[k] = metric_sums[k] + v
         mx.eval(grads, total)
         phase("update", done, len(buckets))
-    # the tokens of the rows that went through the forward pass (for the mean entropy)
+    # the tokens of the rows that went through the forward pass (for the mean entropy), and
+    # those of them that carry loss (for the mean ratio)
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
+    carried = loss_mask(mask, truncated, r.loss.mask_truncated)
+    loss_tok = carried[mx.array(rows)].sum() if rows else mx.array(0.0)
     stats = dist.sum_values(
         world,
         {
             "loss": total,
             "entropy": entropy_sum,
             "tokens": n_tok,
+            "loss_tokens": loss_tok,
             "rows": len(rows),
             "all_rows": mask.shape[0],
             **metric_sums,
         },
     )
     aux = {k: stats[k] for k in metric_names} if stats["rows"] else {}
+    if stats["rows"] and stats["loss_tokens"]:
+        # the loss's token metrics are sums over the whole batch's loss tokens; the mean
+        # ratio is over the tokens of the rows that carry loss, not the skipped rows'
+        aux["ratio_mean"] = stats["ratio_mean"] * float(norm.num_tokens) / stats["loss_tokens"]
     aux["entropy"] = stats["entropy"] / stats["tokens"] if stats["tokens"] else 0.0
     aux["rows_skipped"] = int(stats["all_rows"] - stats["rows"])
     if not stats["rows"]:  # nothing carries loss this step (e.g. all groups zero-variance)

@@ -28,11 +28,18 @@ def tensor(x, dtype=DTYPE) -> torch.Tensor:
 # --------------------------------------------------------------------------- section 2
 
 
-def base_advantages(rewards, group_size, *, algorithm, scale_rewards, eps=1e-4, zero_var_base=1.0):
-    """`[N]` base advantages, one group at a time."""
+def base_advantages(rewards, group_size, *, algorithm, scale_rewards, eps=1e-4, zero_var_base=1.0, reward_std="sample"):
+    """`[N]` base advantages, one group at a time. The std divided out is Bessel's plus
+    `eps`, or (`reward_std="population"`, the veRL port's) ddof 0 clamped at 1e-6."""
+
+    def std(values):
+        if reward_std == "population":
+            return torch.clamp(torch.std(values, unbiased=False), min=1e-6)
+        return torch.std(values, unbiased=True) + eps
+
     r = tensor(rewards)
     out = torch.zeros_like(r)
-    batch_std = torch.std(r, unbiased=True) if r.numel() > 1 else None
+    batch_std = std(r) if r.numel() > 1 else None
     for start in range(0, r.numel(), group_size):
         group = r[start : start + group_size]
         if bool(torch.all(group == group[0])):
@@ -46,9 +53,9 @@ def base_advantages(rewards, group_size, *, algorithm, scale_rewards, eps=1e-4, 
         if scale_rewards == "none":
             out[start : start + group_size] = centered
         elif scale_rewards == "group":
-            out[start : start + group_size] = centered / (torch.std(group, unbiased=True) + eps)
+            out[start : start + group_size] = centered / std(group)
         elif scale_rewards == "batch":
-            out[start : start + group_size] = centered / (batch_std + eps)
+            out[start : start + group_size] = centered / batch_std
         else:
             raise ValueError(scale_rewards)
     return out
@@ -158,6 +165,7 @@ def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, special=No
         scale_rewards=scale,
         eps=p.get("eps", 1e-4),
         zero_var_base=p.get("zero_var_base", 1.0),
+        reward_std=p.get("reward_std", "sample"),
     )
     on = tensor(mask) != 0
     if algorithm == "grpo":
@@ -191,6 +199,9 @@ def advantages(algorithm, rewards, gaps, mask, *, group_size, step=0, special=No
         raise ValueError(algorithm)
     if p.get("special_tokens", "teacher") == "verifier":
         token = verifier_special_tokens(token, base, rewards, mask, special, group_size)
+        if algorithm == "cast":  # the paper's rule clips every token, the special ones too (spec 4b)
+            a_max = p.get("a_max", 1.2)
+            token = torch.clamp(token, -a_max, a_max)
     return token, base
 
 
