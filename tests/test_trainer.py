@@ -166,3 +166,33 @@ def test_an_oracle_run_is_labelled_in_its_header_metrics_summary_and_report(tmp_
     # without the switch the same context is refused for CAST's rule
     refused = run_cli(*cmd, *(a for s in sets[:-1] for a in ("--set", s)))
     assert refused.returncode == 2 and "teacher.oracle=true runs it as a labelled oracle" in refused.stderr
+
+
+def test_the_ports_same_context_teacher_runs_the_top_blocks_on_the_rollouts_states(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from cast_mlx.algorithm import teacher as teacher_module
+
+    seen = []
+    real = teacher_module.score_in_buckets
+
+    def spy(score, contexts, tokens, mask, micro_batch, share_prefix, frozen):
+        seen.append(frozen)
+        return real(score, contexts, tokens, mask, micro_batch, share_prefix, frozen)
+
+    monkeypatch.setattr(teacher_module, "score_in_buckets", spy)
+    for context in ("same", "instructed"):
+        recipe = tiny_recipe(
+            tmp_path / context, tiny_model_dir, "algorithm.name=cast-verl", f"teacher.context={context}"
+        )
+        assert recipe.teacher.context == context
+        seen.clear()
+        with trainer.setup(recipe) as run:
+            traj = trainer.sample(run, trainer.next_prompts(run))
+            trainer.learn(run, traj)
+        if context == "same":  # the port's default: the policy's own prompt, top blocks only
+            assert seen and all(f is not None for f in seen)
+            assert np.array(traj.gaps).tolist() == np.zeros(traj.gaps.shape).tolist()  # teacher = policy: no lag yet
+        else:  # another context: the whole model runs
+            assert seen and all(f is None for f in seen)
+            assert np.abs(np.array(traj.gaps)).max() > 0
