@@ -448,6 +448,8 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# The recipe the README runs; tools that need "the default settings" read it.
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-arith.yaml"
 ORACLE_LABEL = "oracle: not CAST"  # what an oracle run (teacher.oracle) is called wherever it shows
 
 

@@ -12,19 +12,29 @@ from cast_mlx.cli import OneLineParser
 from cast_mlx.errors import EXIT_ERROR, EXIT_USAGE
 from cast_mlx.tasks import data
 from cast_mlx.training import diagnose as dg
-from cast_mlx.training.diagnose import (
-    DEFAULT_CONTEXTS,
-    TOKEN_CLASSES,
-    collect,
-    report,
-)
+from cast_mlx.training import diagnose_batch as batch
+from cast_mlx.training.diagnose import DEFAULT_CONTEXTS, TOKEN_CLASSES, report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cast_mlx.diagnose", description=dg.__doc__.split("\n")[0])
     p.add_argument("--model", help="embedded name, local mlx-lm folder or hub id (default: the adapter's recipe model)")
     p.add_argument("--adapter", help="run dir, checkpoints dir, checkpoint or mlx-lm adapter folder")
-    p.add_argument("--recipe", help="recipe whose model, data and sampling settings are the defaults")
+    p.add_argument(
+        "--recipe",
+        help="recipe whose model, data, sampling and algorithm are the defaults "
+        "(default: the adapter's recipe, else recipes/smollm2-135m-arith.yaml)",
+    )
+    p.add_argument(
+        "--teacher-adapter",
+        help="the teacher's LoRA (a lagged snapshot): run dir, checkpoint or adapter folder, or 'base' "
+        "(adapters off); default: the policy itself, as right after a refresh. Allows --contexts same",
+    )
+    p.add_argument(
+        "--vs-grpo",
+        action="store_true",
+        help="also: the cosine between the recipe algorithm's LoRA gradient and GRPO's on the same batch",
+    )
     p.add_argument("--task", help=f"one of {', '.join(data.TASKS)} (default: the recipe's)")
     p.add_argument("--split", default="train", help="which split's prompts (default: train, as in training)")
     p.add_argument("--path", help="local .jsonl file or folder (gsm8k/math)")
@@ -53,14 +63,24 @@ def resolve_args(args) -> dict:
     from cast_mlx.training.evaluation import UsageError, adapter_recipe, resolve_adapter
 
     adapter = resolve_adapter(args.adapter) if args.adapter else None
+    teacher = args.teacher_adapter
+    if teacher is not None and teacher != "base":
+        try:
+            teacher = str(resolve_adapter(teacher))
+        except UsageError as exc:
+            raise UsageError(str(exc).replace("--adapter", "--teacher-adapter", 1)) from None
     try:
-        recipe = cfg.load_recipe(args.recipe) if args.recipe else adapter_recipe(adapter) or cfg.load_recipe(None)
+        default = cfg.load_recipe(cfg.DEFAULT_RECIPE if cfg.DEFAULT_RECIPE.is_file() else None)
+        recipe = cfg.load_recipe(args.recipe) if args.recipe else adapter_recipe(adapter) or default
     except cfg.ConfigError as exc:
         raise UsageError(str(exc)) from None
     contexts = [RENAMED_CONTEXTS.get(c.strip(), c.strip()) for c in args.contexts.split(",") if c.strip()]
-    allowed = [c for c in TEACHER_CONTEXTS if c != "same"]
-    if "same" in contexts:
-        raise UsageError("--contexts same: the teacher here is the policy itself, so its gap on the same prompt is 0")
+    allowed = [c for c in TEACHER_CONTEXTS if c != "same" or teacher is not None]
+    if "same" in contexts and teacher is None:
+        raise UsageError(
+            "--contexts same: the teacher here is the policy itself, so its gap on the same prompt is 0 "
+            "(give --teacher-adapter to measure a lagged teacher)"
+        )
     if not contexts or any(c not in allowed for c in contexts):
         raise UsageError(f"--contexts {args.contexts!r}: choose from {', '.join(allowed)}")
     task = args.task or recipe.data.task
@@ -95,6 +115,12 @@ def resolve_args(args) -> dict:
         "system_prompt": recipe.data.system_prompt,
         "reward": recipe.data.reward,
         "contexts": contexts,
+        "teacher_adapter": teacher,
+        "vs_grpo": args.vs_grpo,
+        "recipe": recipe,
+        "default": dg.describe_default(default, "recipes/smollm2-135m-arith.yaml")
+        if cfg.DEFAULT_RECIPE.is_file()
+        else None,
         "seed": args.seed,
         "dtype": args.dtype,
         "out": args.out,
@@ -132,14 +158,15 @@ def print_report(doc: dict, s: dict) -> None:
         return f"{_f(a)} / {_f(b)}"
 
     def ci(m):
-        return f"{_f(m['auc'])} [{_f(m['ci_low'])}, {_f(m['ci_high'])}]"
+        mark = {"separates": " +", "anti-separates": " ANTI", "none": ""}[dg.separation(m)]
+        return f"{_f(m['auc'])} [{_f(m['ci_low'])}, {_f(m['ci_high'])}]{mark}"
 
     for c in ("correct_pos", "correct_neg", "wrong_pos", "wrong_neg"):
         row(
             f"{c.replace('_', ' g')} share / |g|", lambda r, c=c: two(r["table"][c]["share"], r["table"][c]["abs_mean"])
         )
     row("P(g>0 | correct) / P(g>0 | wrong)", lambda r: two(r["p_pos_given_correct"], r["p_pos_given_wrong"]))
-    for name in ("mean_gap", "pos_share"):
+    for name in ("mean_gap", "pos_share", "answer_gap", "answer_gap_centred"):
         row(f"AUC {name} [95% CI]", lambda r, n=name: ci(r["separation"][n]))
     row(
         "|g| CV correct g- / wrong g+",
@@ -154,6 +181,18 @@ def print_report(doc: dict, s: dict) -> None:
     for cls in TOKEN_CLASSES:
         row(f"{cls}: share / mean g", lambda r, c=cls: two(r["by_class"][c]["share"], r["by_class"][c]["mean_gap"]))
     console.print(table)
+    console.print(
+        "AUC > 0.5: the teacher prefers correct completions (+: CI above 0.5; ANTI: CI below, harmful under the "
+        "flip rule). answer_gap: the gap at the tokens of the final number; _centred: minus the row's mean gap."
+    )
+    v = doc.get("vs_grpo")
+    if v:
+        console.print(
+            f"[bold]vs GRPO[/] ({v['algorithm']}, teacher.context={v['context']}, same batch): gradient cosine "
+            f"{_f(v['cosine'], '.4f')}, |difference| / |GRPO's| {_f(v['relative_difference'], '.3f')}; mean token "
+            f"weight against GRPO's: correct {_f(v['weight_correct'], '.3f')}, wrong {_f(v['weight_wrong'], '.3f')}; "
+            f"flipped: correct {_f(v['flipped_correct'])}, wrong {_f(v['flipped_wrong'])}"
+        )
     console.print(f"[bold]verdict:[/] {doc['verdict']}")
     console.print(f"every number: {s['out']}")
 
@@ -176,7 +215,14 @@ def main(argv=None) -> int:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_ERROR
     sp = s["sampling"]
-    collected = collect(
+    teacher_params = None
+    if s["teacher_adapter"] or s["vs_grpo"]:
+        try:
+            teacher_params = batch.lora_views(model, s["recipe"], s["adapter"], s["teacher_adapter"])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    collected = batch.collect(
         model,
         tokenizer,
         problems,
@@ -187,9 +233,12 @@ def main(argv=None) -> int:
         system_prompt=s["system_prompt"],
         reward=s["reward"],
         seed=s["seed"],
+        teacher_params=teacher_params,
     )
-    doc = report(collected, sp.group_size, seed=s["seed"])
-    settings = {k: v for k, v in s.items() if k != "sampling"} | {"sampling": vars(sp)}
+    doc = report(collected, sp.group_size, seed=s["seed"], default=s["default"])
+    if s["vs_grpo"]:
+        doc["vs_grpo"] = batch.gradient_comparison(model, s["recipe"], collected, sp.group_size)
+    settings = {k: v for k, v in s.items() if k not in ("sampling", "recipe")} | {"sampling": vars(sp)}
     out = Path(s["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, **doc}, indent=1) + "\n")

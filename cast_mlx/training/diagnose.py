@@ -1,18 +1,20 @@
 """Will CAST help this model on this task? The gap diagnostics of the CAST paper as a command.
 
-`python -m cast_mlx.diagnose --task arithmetic [--model M | --adapter RUN] [--n 64] [--group-size 8]
-[--temperature T] [--contexts plain,instructed,privileged] [--out diagnose.json]`
+`python -m cast_mlx.diagnose [--recipe R] [--adapter RUN] [--teacher-adapter RUN|base] [--n 64]
+[--contexts question-only,instructed,privileged] [--vs-grpo] [--out diagnose.json]`
 
 CAST only helps where the answer-free teacher's gap `g = lp_T - lp_old` says which tokens
 are good. This samples `n` prompts x `group-size` completions with the rollout engine of
-training, verifies them, scores the policy itself as the teacher (the lagged teacher equals
-the policy at a refresh) on each context's prompt, and measures per context:
+training and the recipe's sampling (default: the default recipe's), verifies them, scores
+the teacher on each context's prompt, and measures per context:
 
 - the 2x2 table of spec section 7 (correct/wrong x teacher-positive/negative: token share,
   mean |g|) and P(g > 0 | correct), P(g > 0 | wrong);
-- separation of correct from wrong completions: the AUC of the completion-mean gap and of
-  the share of teacher-positive tokens, with a bootstrap CI over prompts (AUC > 0.5: correct
-  completions look better to the teacher);
+- separation of correct from wrong completions, each an AUC with a bootstrap CI over
+  prompts (AUC > 0.5: correct completions look better to the teacher; a CI below 0.5 is
+  anti-separation, which the flip rule turns into harm): the completion-mean gap, the share
+  of teacher-positive tokens, the mean gap at the answer tokens (the final number), and the
+  same after removing the row's mean content gap (a context shift adds a per-row offset);
 - the noise profile of |g| per cell (mean, std, CV, median, p90/p95/p99), the share of |g|
   mass in the last 5% of each completion's tokens, and the split by token class (special /
   end-of-turn, digits, answer markers, punctuation and spaces, words);
@@ -20,28 +22,27 @@ the policy at a refresh) on each context's prompt, and measures per context:
 - the group mix (all-correct / all-wrong / mixed): CAST's +-base gives zero-variance groups
   the largest weights; the authors trained at about 20% / 31% / 49%.
 
-A verdict line says which contexts give a gap that separates (the AUC's CI above 0.5) and
-whether the group mix is in the authors' range, with what to try otherwise. `privileged`
-(the gold answer in the context) is allowed here for analysis, as in the paper; it never
-reaches CAST training. The `same` context is refused: with the teacher equal to the policy
-its gap on the sampler's own prompt is 0 by construction.
+The teacher is the policy itself (as right after a refresh) unless `--teacher-adapter`
+gives a lagged one (an adapter, or `base`); only then is the `same` context (the veRL
+port's, whose gap is the weight lag alone) measurable. `--vs-grpo` computes, on the same
+batch, the LoRA gradient of the recipe's algorithm and GRPO's as the update does, and
+reports their cosine and the relative size of their difference: does the teacher change
+the step at all? A verdict line says which contexts separate, whether the group mix is in
+the authors' range, what to try, and what the default recipe trains. `privileged` (the
+gold answer in the context) is allowed here for analysis, as in the paper.
 
 The analysis is pure numpy on per-token arrays (`analyse`); the model-facing part
-(`collect`) only builds those arrays, with the project's rollout, verifier, teacher
-contexts and chunked scoring.
+(`collect`, `gradient_comparison`) only builds those arrays, with the project's rollout,
+verifier, teacher contexts, chunked scoring and update.
 """
 
 from __future__ import annotations
 
 import string
-import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-
-from cast_mlx.tasks import data
 
 DEFAULT_CONTEXTS = ("question-only", "instructed", "privileged")
 # The authors' group mix at their training settings (CAST paper, Qwen3 1.7B-8B on math).
@@ -51,6 +52,22 @@ MIN_MIXED, MAX_ZERO_VARIANCE_SIDE = 1 / 3, 0.5
 TAIL_SHARE = 0.05  # "the last 5% of tokens" of a completion
 TOKEN_CLASSES = ("special", "digit", "marker", "punct", "word")
 ANSWER_MARKERS = ("####", "#", "boxed", "\\", "answer", "Answer")
+
+
+@dataclass
+class Collected:
+    """What `collect` measured: per-row arrays and, per context, the `[N, L]` gaps."""
+
+    gaps: dict[str, np.ndarray]
+    mask: np.ndarray
+    correct: np.ndarray
+    prompt_index: np.ndarray
+    classes: np.ndarray
+    is_eos: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    seconds: dict[str, float]
+    batch: dict | None = None  # the sampled rows as MLX arrays, for `gradient_comparison`
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -221,24 +238,76 @@ def analyse(
         out["eos"][f"{traj}_neg_share"] = _share(sel & (gaps < 0), sel)
     content = on & ~is_eos & (classes != "special")
     out["content_neg_share"] = _share(content & (gaps < 0), content)
+
+    # Where the answer is written: the teacher's gap there, and the same after removing
+    # each row's offset (the mean gap of its content tokens), which a context shift adds
+    answer = answer_tokens(classes, on)
+    with_answer = answer.any(1)
+    answer_gap = _row_mean(gaps, answer)
+    centred = answer_gap - _row_mean(gaps, content)
+    for name, score in (("answer_gap", answer_gap), ("answer_gap_centred", centred)):
+        s, y, c = score[with_answer], correct[with_answer], prompt_index[with_answer]
+        low, high = bootstrap_auc(s, y, c, seed=seed, n_resamples=n_resamples)
+        out["separation"][name] = {"auc": auc(s, y), "ci_low": low, "ci_high": high, "rows": int(with_answer.sum())}
     return out
+
+
+def _row_mean(values: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    n = sel.sum(1)
+    return np.where(n > 0, (values * sel).sum(1) / np.maximum(n, 1), 0.0)
+
+
+def answer_tokens(classes: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """`[N, L]` bool: each row's last run of consecutive digit tokens, where its final answer
+    is written ("#### 42", "the answer is 42."); none in a row without digits. A number
+    split by a separator ("1,000") counts from after the separator."""
+    digit = on & (classes == "digit")
+    out = np.zeros_like(digit)
+    for i, row in enumerate(digit):
+        idx = np.flatnonzero(row)
+        if len(idx):
+            end = idx[-1]
+            start = end
+            while start > 0 and row[start - 1]:
+                start -= 1
+            out[i, start : end + 1] = True
+    return out
+
+
+def separation(reading: dict) -> str:
+    """ "separates" when the AUC's CI lies above 0.5, "anti-separates" when it lies below
+    (the teacher prefers wrong completions: harmful under CAST's flip rule, which would push
+    correct tokens down and wrong ones up), else "none" (the CI holds 0.5)."""
+    low, high = reading.get("ci_low"), reading.get("ci_high")
+    if low is not None and low > 0.5:
+        return "separates"
+    if high is not None and high < 0.5:
+        return "anti-separates"
+    return "none"
 
 
 def separates(report: dict) -> bool:
     """The completion-mean gap ranks correct above wrong completions beyond noise."""
-    low = report["separation"]["mean_gap"]["ci_low"]
-    return low is not None and low > 0.5
+    return separation(report["separation"]["mean_gap"]) == "separates"
 
 
-def verdict(contexts: dict[str, dict], mix: dict[str, float]) -> str:
-    """One plain line: which contexts separate, whether the mix is in range, what to try."""
-    good = [name for name, r in contexts.items() if separates(r)]
+def verdict(contexts: dict[str, dict], mix: dict[str, float], default: str | None = None) -> str:
+    """One plain line: which contexts separate (or anti-separate), whether the mix is in
+    range, what to try; `default` says what the default recipe runs."""
+    by = {name: separation(r["separation"]["mean_gap"]) for name, r in contexts.items()}
+    good = [name for name, v in by.items() if v == "separates"]
+    anti = [name for name, v in by.items() if v == "anti-separates"]
     free = [name for name in good if name != "privileged"]  # what CAST may train with
     in_range = mix["mixed"] >= MIN_MIXED and max(mix["all_wrong"], mix["all_correct"]) <= MAX_ZERO_VARIANCE_SIDE
     if good:
         found = f"the gap separates correct from wrong completions (AUC CI above 0.5) with: {', '.join(good)}"
     else:
-        found = "no context gives a gap that separates correct from wrong completions (every AUC CI reaches 0.5)"
+        found = "no context gives a gap that separates correct from wrong completions (no AUC CI above 0.5)"
+    if anti:
+        found += (
+            f"; it anti-separates (AUC CI below 0.5: the teacher prefers wrong completions, harmful under "
+            f"CAST's flip rule) with: {', '.join(anti)}"
+        )
     mix_line = (
         f"group mix {mix['all_correct']:.0%} all-correct / {mix['all_wrong']:.0%} all-wrong / "
         f"{mix['mixed']:.0%} mixed is {'in' if in_range else 'outside'} the authors' range (~20/31/49)"
@@ -252,120 +321,51 @@ def verdict(contexts: dict[str, dict], mix: dict[str, float]) -> str:
     else:
         advice = "the answer-free teacher carries no correctness signal here"
         advice += " (only the answer-showing privileged context does)" if good else ""
-        advice += ": use GRPO (the default recipe)"
+        advice += ": use GRPO (algorithm.name=grpo)"
         if mix["all_wrong"] > MAX_ZERO_VARIANCE_SIDE:
             advice += ", or bring the setting closer to the paper's: an easier task, a warm start or a larger model"
-    return f"{found}; {mix_line}; {advice}."
+    line = f"{found}; {mix_line}; {advice}."
+    return f"{line} {default}" if default else line
 
 
-# --------------------------------------------------------------------------- the model part
+def describe_default(recipe, path) -> str:
+    """What the default recipe trains, in a sentence (the verdict's last)."""
+    from cast_mlx.algorithm.facts import facts_of
+
+    a, facts = recipe.algorithm.name, facts_of(recipe.algorithm.name)
+    context = f", teacher.context={recipe.teacher.context}" if facts.uses_teacher else ""
+    return f"The default recipe ({path}) trains {a}{context}: {facts.summary}."
 
 
-@dataclass
-class Collected:
-    """What `collect` measured: per-row arrays and, per context, the `[N, L]` gaps."""
-
-    gaps: dict[str, np.ndarray]
-    mask: np.ndarray
-    correct: np.ndarray
-    prompt_index: np.ndarray
-    classes: np.ndarray
-    is_eos: np.ndarray
-    lengths: np.ndarray
-    truncated: np.ndarray
-    seconds: dict[str, float]
-
-
-def collect(
-    model,
-    tokenizer,
-    problems,
-    *,
-    contexts: Sequence[str],
-    group_size: int,
-    sampling,
-    answer_format: str,
-    system_prompt: str | None,
-    reward: str,
-    seed: int,
-    micro_batch: int = 8,
-    scorer: Callable | None = None,
-) -> Collected:
-    """Sample, verify and score. `scorer(contexts, tokens, mask, lp_old)` returns the
-    teacher's log-probs `[N, L]` (default: the policy's own chunked scoring at the sampling
-    temperature; `lp_old` is the sampler's); tests pass a fake one with known gaps."""
-    import mlx.core as mx
-
-    from cast_mlx.algorithm.teacher import model_logprobs, row_contexts
-    from cast_mlx.config import RewardConfig
-    from cast_mlx.engine import rollout
-    from cast_mlx.tasks import verify
-    from cast_mlx.tasks.rewards import judge_rows
-
-    seconds = {}
-    t = time.perf_counter()
-    prompts = [data.prompt_ids(tokenizer, p, system_prompt, answer_format) for p in problems]
-    eos_ids = set(tokenizer.eos_token_ids)
-    out = rollout.generate_groups(model, prompts, group_size, sampling, eos_ids, key=mx.random.key(seed))
-    mx.eval(out.tokens, out.logprobs)
-    seconds["sample"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    texts = rollout.decode_completions(tokenizer, out)
-    golds = [problems[i // group_size].gold for i in range(len(texts))]
-    with verify.Verifier(workers=1) as verifier:  # the training step's judge, without plug-ins
-        judged = judge_rows(
-            golds,
-            texts,
-            fns=[],
-            verifier=verifier,
-            answer_format=answer_format,
-            strictness=reward,
-            reward=RewardConfig(),
-            max_new_tokens=sampling.max_new_tokens,
-            binary=True,
-        )
-    correct = np.array([bool(v) for v in judged.values])
-    seconds["verify"] = time.perf_counter() - t
-
-    tokens, mask = out.tokens, out.mask
-    if scorer is None:
-
-        def scorer(ctx, toks, msk, lp_old):
-            return model_logprobs(model, ctx, toks, msk, sampling.temperature, micro_batch, share_prefix=True)
-
-    gaps = {}
-    instruction = data.ANSWER_INSTRUCTIONS[answer_format]
-    refs = [p.solution or p.gold for p in problems]
-    for name in contexts:
-        t = time.perf_counter()
-        rows = row_contexts(name, tokenizer, [p.question for p in problems], prompts, refs, instruction, group_size)
-        lp_t = scorer(rows, tokens, mask, out.logprobs)
-        gaps[name] = np.array((lp_t - out.logprobs) * mask)
-        seconds[f"teacher/{name}"] = time.perf_counter() - t
-
-    finished = np.array([r == "eos" for r in out.finish_reasons])
-    truncated = mx.array((~finished).astype(np.float32))
-    special, eos = rollout.special_and_eos(tokens, out.lengths, truncated, mask, rollout.special_token_ids(tokenizer))
-    ids, is_special = np.array(tokens), np.array(special) > 0
-    texts_of = {i: tokenizer.decode([i]) for i in np.unique(ids).tolist()}
-    classes = np.vectorize(lambda i, sp: token_class(texts_of[i], bool(sp)), otypes=[object])(ids, is_special)
-    lengths = np.array(out.lengths)
-    is_eos = np.array(eos) > 0
-    return Collected(
-        gaps,
-        np.array(mask),
-        correct,
-        np.array(out.prompt_index),
-        classes.astype(str),
-        is_eos,
-        lengths,
-        ~finished,
-        seconds,
-    )
+def compare_vectors(v: np.ndarray | None, g: np.ndarray | None) -> dict:
+    """Cosine of `v` with `g`, the norm of their difference relative to `g`'s, and both
+    norms; None where a gradient is missing (no row carried loss) or zero."""
+    out = {"cosine": None, "relative_difference": None, "norm_variant": None, "norm_grpo": None}
+    if v is None or g is None:
+        return out
+    nv, ng = float(np.linalg.norm(v)), float(np.linalg.norm(g))
+    out.update(norm_variant=nv, norm_grpo=ng)
+    if nv and ng:
+        out["cosine"] = float(v @ g / (nv * ng))
+        out["relative_difference"] = float(np.linalg.norm(v - g) / ng)
+    return out
 
 
-def report(c: Collected, group_size: int, seed: int = 0, n_resamples: int = 1000) -> dict:
+def token_weights(variant: np.ndarray, grpo: np.ndarray, content: np.ndarray, correct: np.ndarray) -> dict:
+    """The mean weight `A_variant / A_GRPO` of content tokens where GRPO's advantage is not 0,
+    on correct and on wrong completions (1.0: the same step; the share of those tokens whose
+    sign the variant flips)."""
+    sel = content & (grpo != 0)
+    rows = np.broadcast_to(np.asarray(correct, dtype=bool)[:, None], sel.shape)
+    ratio = np.divide(variant, grpo, out=np.zeros_like(variant, dtype=np.float64), where=sel)
+    out = {}
+    for name, part in (("correct", sel & rows), ("wrong", sel & ~rows)):
+        out[f"weight_{name}"] = float(ratio[part].mean()) if part.any() else None
+        out[f"flipped_{name}"] = float((ratio[part] < 0).mean()) if part.any() else None
+    return out
+
+
+def report(c: Collected, group_size: int, seed: int = 0, n_resamples: int = 1000, default: str | None = None) -> dict:
     """The JSON document: the group mix, every context's analysis, the verdict, and the
     per-completion values behind the AUCs."""
     mix = group_mix(c.correct, group_size)
@@ -391,7 +391,7 @@ def report(c: Collected, group_size: int, seed: int = 0, n_resamples: int = 1000
         "accuracy": float(c.correct.mean()),
         "truncated_share": float(c.truncated.mean()),
         "contexts": contexts,
-        "verdict": verdict(contexts, mix),
+        "verdict": verdict(contexts, mix, default),
         "seconds": c.seconds,
         "completions": rows,
     }

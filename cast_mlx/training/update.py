@@ -108,37 +108,14 @@ def count_step(state, result: UpdateResult, all_skipped: bool, max_bad_steps: in
     return False
 
 
-def update(
-    model,
-    optimizer,
-    loss_fn,
-    recipe: cfg.Recipe,
-    world: dist.World,
-    *,
-    contexts,
-    tokens,
-    mask,
-    adv,
-    truncated,
-    ref_lp=None,
-    frozen=None,
-    phase: Callable[..., None] = lambda *a: None,
-) -> UpdateResult:
-    """Accumulate gradients over micro-batches, clip, and apply one AdamW step (with
-    `frozen`, the rollout's frozen-block states of these rows: only the top blocks run).
-
-    Rows without loss (zero advantage everywhere with beta = 0, or truncated when masked)
-    are skipped: they would add nothing to the loss or the gradient, and the normaliser is
-    the whole batch's.
-
-    In a data-parallel run the rows are this rank's; the normaliser is the global batch's,
-    so the gradients summed over ranks are the single-process accumulated gradient, and
-    the loss, grad norm and aux metrics returned are global (the same on every rank, so
-    every rank takes the same decisions). A rank without loss-bearing rows still joins.
-    """
+def accumulate_gradients(
+    model, loss_fn, recipe: cfg.Recipe, norm, rows, contexts, tokens, mask, adv, truncated, ref_lp, frozen, phase
+):
+    """The LoRA gradient of the loss summed over micro-batches of `rows` (the rows with loss),
+    with the loss's value, the entropy sum and the loss metrics' sums: `(grads or None,
+    total, entropy_sum, metric_sums)`. The update takes one step with it; `diagnose
+    --vs-grpo` compares two of them on the same batch."""
     r = recipe
-    norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
-    rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
     temperature = r.sampling.temperature
 
     def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb):
@@ -170,6 +147,44 @@ def update(
             metric_sums[k] = metric_sums[k] + v
         mx.eval(grads, total)
         phase("update", done, len(buckets))
+    return grads, total, entropy_sum, metric_sums
+
+
+def update(
+    model,
+    optimizer,
+    loss_fn,
+    recipe: cfg.Recipe,
+    world: dist.World,
+    *,
+    contexts,
+    tokens,
+    mask,
+    adv,
+    truncated,
+    ref_lp=None,
+    frozen=None,
+    phase: Callable[..., None] = lambda *a: None,
+) -> UpdateResult:
+    """Accumulate gradients over micro-batches, clip, and apply one AdamW step (with
+    `frozen`, the rollout's frozen-block states of these rows: only the top blocks run).
+
+    Rows without loss (zero advantage everywhere with beta = 0, or truncated when masked)
+    are skipped: they would add nothing to the loss or the gradient, and the normaliser is
+    the whole batch's.
+
+    In a data-parallel run the rows are this rank's; the normaliser is the global batch's,
+    so the gradients summed over ranks are the single-process accumulated gradient, and
+    the loss, grad norm and aux metrics returned are global (the same on every rank, so
+    every rank takes the same decisions). A rank without loss-bearing rows still joins.
+    """
+    r = recipe
+    norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
+    rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
+    metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
+    grads, total, entropy_sum, metric_sums = accumulate_gradients(
+        model, loss_fn, r, norm, rows, contexts, tokens, mask, adv, truncated, ref_lp, frozen, phase
+    )
     # the tokens of the rows that went through the forward pass (for the mean entropy), and
     # those of them that carry loss (for the mean ratio)
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
