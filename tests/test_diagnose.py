@@ -233,6 +233,7 @@ def test_collect_with_a_fake_teacher_on_the_embedded_model(smol):
         (["--temperature", "-1"], "sampling.temperature: must be > 0.0"),
         (["--task", "chess"], "--task 'chess': expected one of"),
         (["--n", "0"], "--n must be >= 1"),
+        (["--set", "algorithm.name=nope"], "algorithm.name"),
     ],
 )
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, expected):

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the adapter's recipe, else recipes/smollm2-135m-arith.yaml)",
     )
     p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe field (repeatable), e.g. --set algorithm.name=cast",
+    )  # fmt: skip
+    p.add_argument(
         "--teacher-adapter",
         help="the teacher's LoRA (a lagged snapshot): run dir, checkpoint or adapter folder, or 'base' "
         "(adapters off); default: the policy itself, as right after a refresh. Allows --contexts same",
@@ -93,7 +97,7 @@ def resolve_args(args) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "group_size": args.group_size,
     }
-    overrides = [f"sampling.{k}={v}" for k, v in given.items() if v is not None]
+    overrides = [*args.overrides, *(f"sampling.{k}={v}" for k, v in given.items() if v is not None)]
     try:
         recipe = cfg.from_dict(cfg.apply_overrides(cfg.to_dict(recipe), overrides))
     except cfg.ConfigError as exc:
