@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
+from cast_mlx.config import ORACLE_LABEL  # noqa: E402
 from cast_mlx.training.evaluation import paired_comparison  # noqa: E402
 from cast_mlx.training.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
 
@@ -51,9 +52,17 @@ RUN_DIR = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # variant name -> the --set overrides that define it
-# CAST as in the paper, whatever the recipe's algorithm section says (the default recipe
-# runs a CAST variant with these two fields changed)
-PAPER_CAST = ["algorithm.name=cast", "algorithm.special_tokens=teacher", "algorithm.zero_var_base=1"]
+# CAST as in the paper, whatever the recipe says: its rule, its answer-free context (the
+# question with the task's instruction), its zero-variance base, truncated completions masked.
+# (Before 2026-12-04 this variant read the question-only context and kept the recipe's
+# mask_truncated; the committed runs' commands.json hold the exact commands they ran.)
+PAPER_CAST = [
+    "algorithm.name=cast",
+    "algorithm.special_tokens=teacher",
+    "algorithm.zero_var_base=1",
+    "teacher.context=instructed",
+    "loss.mask_truncated=true",
+]
 BASE_VARIANTS = {"grpo": ["algorithm.name=grpo"], "cast": PAPER_CAST}
 RLSD_VARIANT = {"rlsd": ["algorithm.name=rlsd"]}
 ABLATIONS = {
@@ -348,6 +357,13 @@ def reward_window(rows: list[dict], first: bool, k: int) -> list[float]:
 # --------------------------------------------------------------------------- the report
 
 
+def oracle_label(seed_rows: dict[int, list[dict]]) -> str | None:
+    """The label an oracle run's metrics lines carry (`teacher.oracle`), or None."""
+    return next(
+        (r["label"] for rows in seed_rows.values() for r in rows if str(r.get("label", "")).startswith("oracle")), None
+    )
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -370,6 +386,10 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
         "over seeds (per-seed values in parentheses).",
         "",
     ]
+    labelled = {name: oracle_label(seed_rows) for name, seed_rows in runs.items()}
+    labelled = {name: label for name, label in labelled.items() if label}
+    for name, label in labelled.items():
+        lines += [f"**{name}: {label}.** Its teacher saw the gold answer: a bound, not a CAST result.", ""]
 
     lines += ["## Eval accuracy at fixed steps", ""]
     if steps:
@@ -381,7 +401,8 @@ def report(out: Path, wanted_steps: list[int] | None = None) -> str:
                 per_seed = [eval_curve(rows).get(s) for _, rows in sorted(seed_rows.items())]
                 mean = curves[name].get(s)
                 cells.append(f"{fmt(mean)} ({', '.join(fmt(v, 2) for v in per_seed)})")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            shown = f"{name} ({ORACLE_LABEL})" if name in labelled else name
+            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     else:
         lines.append("No `eval/accuracy` in the runs' metrics (set `logging.eval_every` > 0).")
     lines.append("")

@@ -134,6 +134,17 @@ def test_compare_report_only(tmp_path):
     assert (out / "shared-cpu.txt").read_text() == "2-4 runs at a time\n"
     r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), timeout=120)
     assert "**These runs shared the CPU** (2-4 runs at a time)" in (out / "report.md").read_text()
+    assert "oracle" not in (out / "report.md").read_text()
+    # an oracle run (teacher.oracle) is labelled wherever the report names it
+    oracle = write_run(out / "peek-seed0", accuracy=lambda s: 0.05 * s)
+    rows = [json.loads(line) | {"label": "oracle: not CAST (its teacher sees the gold answer)"}
+            for line in (oracle / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    (oracle / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    assert "**peek: oracle: not CAST (its teacher sees the gold answer).**" in report
+    assert "| peek (oracle: not CAST) | 0.250 (0.25) |" in report
 
 
 def test_compare_train_command_keeps_its_own_overrides_last():
