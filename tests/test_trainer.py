@@ -162,6 +162,7 @@ def test_an_oracle_run_is_labelled_in_its_header_metrics_summary_and_report(tmp_
     assert "summary: step 2 of 2" in proc.stdout and "(oracle: not CAST" in proc.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["label"].startswith("oracle: not CAST") for line in lines)
+    assert "cast/adv/at_a_max_share" in lines[-1]  # cast clips at a_max
     assert "<b>oracle: not CAST</b>" in (out / "report.html").read_text()
     # without the switch the same context is refused for CAST's rule
     refused = run_cli(*cmd, *(a for s in sets[:-1] for a in ("--set", s)))
@@ -189,7 +190,8 @@ def test_the_ports_same_context_teacher_runs_the_top_blocks_on_the_rollouts_stat
         seen.clear()
         with trainer.setup(recipe) as run:
             traj = trainer.sample(run, trainer.next_prompts(run))
-            trainer.learn(run, traj)
+            metrics, _ = trainer.learn(run, traj)
+        assert "cast/adv/at_a_max_share" not in metrics  # the port has no clip at a_max
         if context == "same":  # the port's default: the policy's own prompt, top blocks only
             assert seen and all(f is not None for f in seen)
             assert np.array(traj.gaps).tolist() == np.zeros(traj.gaps.shape).tolist()  # teacher = policy: no lag yet

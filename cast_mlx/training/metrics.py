@@ -27,7 +27,7 @@ def cast_diagnostics(
     advantages: mx.array,
     mask: mx.array,
     *,
-    a_max: float,
+    a_max: float | None,
     group_size: int,
 ) -> dict[str, mx.array]:
     """Section-7 diagnostics of one batch (dict of scalar arrays; entropy is elsewhere).
@@ -41,7 +41,7 @@ def cast_diagnostics(
     - `flip/down_share`, `flip/up_share`: shares of all tokens flipped down (B > 0, A < 0)
       and up (B < 0, A > 0).
     - `adv/mean`, `adv/min`, `adv/max` over completion tokens, and `adv/at_a_max_share`:
-      tokens with |A| >= a_max.
+      tokens with |A| >= a_max (only for an algorithm that clips there: pass None otherwise).
     """
     m = (mask != 0).astype(mx.float32)
     total = mx.sum(m)
@@ -73,7 +73,8 @@ def cast_diagnostics(
     out["adv/mean"] = _share(mx.sum(advantages * m), total)
     out["adv/min"] = mx.where(has, mx.min(mx.where(on, advantages, mx.inf)), 0.0)
     out["adv/max"] = mx.where(has, mx.max(mx.where(on, advantages, -mx.inf)), 0.0)
-    out["adv/at_a_max_share"] = _share(mx.sum((mx.abs(advantages) >= a_max) * m), total)
+    if a_max is not None:
+        out["adv/at_a_max_share"] = _share(mx.sum((mx.abs(advantages) >= a_max) * m), total)
     return out
 
 
@@ -115,7 +116,7 @@ def step_metrics(
     rows: dict,
     *,
     group_size: int,
-    a_max: float,
+    a_max: float | None,
     step: int,
     epoch: int,
     loss_value,

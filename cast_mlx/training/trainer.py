@@ -286,7 +286,7 @@ def step_line(run: Run, traj: Trajectory, result, lr: float, times: dict, comm_s
     metrics = step_metrics(
         rows,
         group_size=r.sampling.group_size,
-        a_max=r.algorithm.a_max,
+        a_max=r.algorithm.a_max if get_estimator(r.algorithm.name).facts.clips_at_a_max else None,
         step=st.step,
         epoch=st.epoch,
         loss_value=result.loss,
