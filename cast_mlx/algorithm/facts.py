@@ -86,7 +86,10 @@ declare(
         zero_var_base=True,
         scale_rewards="none",
         teacher_context="instructed",
-        summary="CAST's rule: the teacher's gap reweights and may flip a token's advantage, clipped at ±a_max",
+        summary=(
+            "CAST's rule: the teacher's gap scales each token's advantage and flips its sign where the teacher "
+            "disagrees with the verifier, clipped at ±a_max; all-correct/all-wrong groups get ±zero_var_base"
+        ),
     )
 )
 declare(
@@ -99,7 +102,10 @@ declare(
         zero_var_base=True,
         scale_rewards="group",
         teacher_context="same",
-        summary="the veRL port's rule: GRPO with each token reweighted by the teacher's gap within the boxes; no flips",
+        summary=(
+            "the veRL port's rule, GRPO with a teacher reweighting: the gap scales each token's advantage within "
+            "the boxes (x0.8-1.05 on correct, x0.95-1.2 on wrong completions by default); no flips"
+        ),
     )
 )
 declare(
