@@ -6,10 +6,13 @@ and greedily answers the first training problem, to check the set-up end to end.
 `--resume RUN_DIR` continues a run from its latest checkpoint with the recipe stored there.
 
 A run folder (`logging.out_dir`) belongs to one run: a folder that holds another run's
-metrics or checkpoints is refused unless `--overwrite` is given. Every input error that can
-be known before the model loads (the recipe, the output folder, the data files) is
-reported before it loads, in one line with exit 2; those that need the model (the context
-length, a checkpoint that does not fit it) right after it loads, the same way.
+metrics or checkpoints is refused unless `--overwrite` is given, and one that another
+process trains into right now (it holds the folder's `.lock`, see `training.run_lock`)
+is refused always; rank 0 takes the lock before anything is written and releases it
+however the command ends. Every input error that can be known before the model loads (the
+recipe, the output folder, the data files) is reported before it loads, in one line with
+exit 2; those that need the model (the context length, a checkpoint that does not fit it)
+right after it loads, the same way.
 
 Data parallel: `mlx.launch -n N -- python -m cast_mlx.train --recipe R` (or `--hosts a,b`,
 `--hostfile hosts.json`) runs N processes that split each step's prompts; the recipe's
@@ -166,6 +169,25 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(json.loads((ckpt / "state.json").read_text())["step"])
 
 
+def take_out_dir(lock, out_dir: Path, fresh: bool, overwrite: bool, world) -> None:
+    """Rank 0 (the only one that writes; `lock` is None on the others) takes the run
+    folder's lock, then checks the folder again under it: a run that ended between
+    `check_out_dir` and now left its files there. Every rank raises the same ConfigError
+    when rank 0 cannot have the folder (only rank 0's message says why); the caller
+    releases the lock however the command ends."""
+    from cast_mlx.engine import distributed as dist
+
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire(warn=lambda text: print(text, file=sys.stderr))
+            check_out_dir(out_dir, fresh=fresh, overwrite=overwrite)
+        except cfg.ConfigError as exc:
+            error = exc
+    if dist.max_int(world, int(error is not None), "taking the run folder"):
+        raise error or cfg.ConfigError("logging.out_dir: rank 0 could not have the run folder")
+
+
 class StartupSignals:
     """Until the loop takes over (it stops between steps), SIGINT and SIGTERM interrupt the
     start-up at once: nothing has been written then, so there is nothing to save."""
@@ -266,6 +288,30 @@ def run_cli(args) -> int:
         except dist.PeerLost as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        from cast_mlx.training.run_lock import RunLock
+
+        run_dir = Path(ckpt.parent.parent if ckpt is not None else cfg.out_dir(recipe))
+        lock = RunLock(run_dir) if world.is_main else None
+        try:  # the lock is held until this process is done with the folder, however that ends
+            try:
+                take_out_dir(lock, run_dir, fresh=ckpt is None, overwrite=args.overwrite, world=world)
+            except cfg.ConfigError as exc:
+                if world.is_main:
+                    print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            except dist.PeerLost as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_ERROR
+            return locked_cli(args, recipe, ckpt, world)
+        finally:
+            if lock is not None:
+                lock.release()
+    return locked_cli(args, recipe, ckpt, world)
+
+
+def locked_cli(args, recipe: cfg.Recipe, ckpt, world) -> int:
+    """The rest of the command once the run folder is this process's (`--print-config` and
+    `--dry-run`, which write nothing, come here without the lock and without a world)."""
     done = checkpoint_step(ckpt) if world is not None and ckpt is not None else None
     if world is not None and done is not None and done >= recipe.schedule.steps:
         if world.is_main:

@@ -1,6 +1,7 @@
 """Checkpoints: what a run writes so that `--resume` continues it bit-identically (adapters,
 optimizer state, teacher snapshot, `TrainState`, the recipe), written atomically, one run per
-folder, loaded strictly. A leaf module. Layout and rules: docs/design.md, "Checkpoints"."""
+folder (`RunLock` keeps two processes apart), loaded strictly. A leaf module. Layout and
+rules: docs/design.md, "Checkpoints"."""
 
 from __future__ import annotations
 
@@ -94,11 +95,21 @@ def mark_best(run_dir: Path, ckpt: Path) -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    pointer = checkpoint_root(run_dir) / BEST
-    if not pointer.is_file():
+    name = _pointer(checkpoint_root(run_dir) / BEST)
+    if name is None:
         return None
-    ckpt = checkpoint_root(run_dir) / pointer.read_text().strip()
+    ckpt = checkpoint_root(run_dir) / name
     return ckpt if ckpt.is_dir() else None
+
+
+def _pointer(path: Path) -> str | None:
+    """The checkpoint name a `latest`/`best` file holds, or None (no file, or not a name:
+    a damaged pointer is ignored, the folders themselves are what counts)."""
+    try:
+        name = path.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name.startswith("step_") and "/" not in name and "\0" not in name else None
 
 
 def _run_id(ckpt: Path) -> str | None:
@@ -145,6 +156,62 @@ def _step_of(ckpt: Path) -> int:
 
 
 REQUIRED_FILES = ("state.json", models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG, "optimizer.safetensors", "recipe.yaml")
+STATE_EXTRA = {"teacher_version": int, "has_teacher": bool}  # in state.json besides TrainState's fields
+
+
+def read_json(path: Path):
+    """The JSON value of `path`; ValueError naming the file and line when it is not UTF-8
+    JSON (OSError when it cannot be read)."""
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path.name} is not UTF-8 (line {line})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def state_problem(state) -> str | None:
+    """Why a parsed `state.json` cannot be resumed from (a field missing, unknown, or of the
+    wrong type or range), or None."""
+    if not isinstance(state, dict) or not _is_int(state.get("step")) or state["step"] < 0:
+        return "state.json has no step"
+    kinds = {f.name: {"int": int, "str": str, "list": list}[str(f.type)] for f in fields(TrainState)} | STATE_EXTRA
+    unknown = set(state) - set(kinds)
+    if unknown:
+        return f"state.json has unknown field(s) {sorted(unknown)}"
+    for name, value in state.items():
+        if kinds[name] is int:
+            ok = _is_int(value) and value >= (1 if name == "world_size" else 0)
+        else:
+            ok = isinstance(value, kinds[name])
+        if ok and name == "history":
+            ok = all(isinstance(h, list) and len(h) == 2 and all(map(_is_number, h)) for h in value)
+        if not ok:
+            return f"state.json: {name} is {json.dumps(value)[:40]}"
+    return None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def adapter_config_problem(config) -> str | None:
+    """Why a parsed `adapter_config.json` cannot be loaded by mlx-lm (`load_adapters`), or None."""
+    if not isinstance(config, dict):
+        return f"{models.ADAPTER_CONFIG} is not a JSON object"
+    if config.get("fine_tune_type", "lora") == "full":
+        return None
+    if not _is_int(config.get("num_layers")) or not isinstance(config.get("lora_parameters"), dict):
+        return f"{models.ADAPTER_CONFIG} has no num_layers or lora_parameters"
+    return None
 
 
 def unreadable(ckpt: Path) -> str | None:
@@ -154,13 +221,16 @@ def unreadable(ckpt: Path) -> str | None:
     if missing:
         return f"{missing[0]} is missing"
     try:
-        state = json.loads((ckpt / "state.json").read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return "state.json has no step"
-        unknown = set(state) - {f.name for f in fields(TrainState)} - {"teacher_version", "has_teacher"}
-        if unknown:
-            return f"state.json has unknown field(s) {sorted(unknown)}"
-        json.loads((ckpt / models.ADAPTER_CONFIG).read_text())
+        state = read_json(ckpt / "state.json")
+        read_json(ckpt / models.ADAPTER_CONFIG)  # a resume does not use it; `--adapter` does
+    except ValueError as exc:  # it names the file and the line
+        return str(exc)
+    except OSError as exc:
+        return f"unreadable ({type(exc).__name__}: {exc.strerror})"
+    why = state_problem(state)
+    if why:
+        return why
+    try:
         yaml.safe_load((ckpt / "recipe.yaml").read_text())
         files = [models.ADAPTER_WEIGHTS, "optimizer.safetensors"]
         if state.get("has_teacher"):
@@ -171,7 +241,7 @@ def unreadable(ckpt: Path) -> str | None:
             bad = _nonfinite(cast("dict[str, mx.array]", mx.load(str(ckpt / f))))
             if bad:
                 return f"{f}: {bad} holds NaN/inf"
-    except (OSError, ValueError, RuntimeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RuntimeError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
 
@@ -194,8 +264,8 @@ def _candidates(path: Path) -> list[Path]:
         return [path]
     for root in (path / CHECKPOINTS, path):
         steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
-        pointer = root / LATEST
-        named = root / pointer.read_text().strip() if pointer.is_file() else None
+        name = _pointer(root / LATEST)
+        named = root / name if name is not None else None
         if named is not None and named in steps:
             steps.remove(named)
             steps.insert(0, named)
