@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
 from cast_mlx.config import ORACLE_LABEL  # noqa: E402
 from cast_mlx.training.evaluation import paired_comparison  # noqa: E402
-from cast_mlx.training.plot import PlotError, plot_runs, read_metrics, series  # noqa: E402
+from cast_mlx.training.plot import PlotError, plot_runs, read_jsonl, read_metrics, series, skipped_note  # noqa: E402
 
 REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change
 COMMANDS_FILE = "commands.json"
@@ -220,8 +220,9 @@ def find_runs(out: Path) -> dict[str, dict[int, list[dict]]]:
         if not m:
             continue
         try:
-            rows = read_metrics(d)
-        except PlotError:
+            rows = read_metrics(d, warn=lambda text: print(text, file=sys.stderr))
+        except PlotError as exc:  # no readable metrics: say so, and report the others
+            print(f"warning: {exc}", file=sys.stderr)
             continue
         runs.setdefault(m["variant"], {})[int(m["seed"])] = rows
     order = {name: i for i, name in enumerate(ORDER)}
@@ -301,14 +302,14 @@ def per_problem(run_dir: Path, step: int) -> list[float] | None:
     path = run_dir / "eval.jsonl"
     if not path.is_file():
         return None
+    rows, bad = read_jsonl(path)  # any bytes: unreadable lines are left out, with a warning
+    if bad:
+        print(skipped_note(path, bad), file=sys.stderr)
     found = None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("step") == step:
-            found = row.get("lenient")
+    for row in rows:
+        lenient = row.get("lenient")
+        if row["step"] == step and isinstance(lenient, list) and all(v in (0, 1) for v in lenient):
+            found = lenient
     return found
 
 

@@ -146,6 +146,15 @@ def test_compare_report_only(tmp_path):
     assert "**peek: oracle: not CAST (its teacher sees the gold answer).**" in report
     assert "| peek (oracle: not CAST) | 0.250 (0.25) |" in report
 
+    # damaged files: a run without readable metrics and a garbled eval.jsonl are warned about
+    (out / "gone-seed0").mkdir()
+    (out / "gone-seed0" / "metrics.jsonl").write_bytes(b"\x00\xff\xfe not json\n")
+    (out / "grpo-seed0" / "eval.jsonl").write_bytes(b'{"step": 20, "lenient": [1, 0]}\n\xff\xfe\n5\n')
+    r = run_cli(str(ROOT / "scripts" / "compare.py"), "--report-only", "--out", str(out), timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"warning: {out / 'gone-seed0' / 'metrics.jsonl'}: no readable metrics line" in r.stderr
+    assert f"warning: {out / 'grpo-seed0' / 'eval.jsonl'}: skipped 2 unreadable line(s) (line 2, 3" in r.stderr
+
 
 def test_compare_train_command_keeps_its_own_overrides_last():
     sys.path.insert(0, str(ROOT / "scripts"))

@@ -92,3 +92,21 @@ def test_summary_of_a_finished_an_interrupted_and_a_resumed_run(tmp_path, smol_d
     assert f"summary: step {last + 1} of {last + 1}" in resumed.stdout
     _uses(resumed.stdout, out / "checkpoints" / f"step_{last + 1:06d}")
     assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in resumed.stdout
+
+
+def test_damaged_eval_lines_are_left_out_of_the_summary_and_the_best_checkpoint(tmp_path):
+    from cast_mlx.training.summary import best_saved_eval, read_evals
+
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000004").mkdir()
+    lines = [
+        '{"step": 2, "lenient": [1.0, 0.0]}',
+        '{"step": 4}',  # parses, no results
+        '{"step": 4, "lenient": []}',
+        '{"step": 4, "lenient": "xx"}',
+        '{"step": 4, "lenient": [7]}',
+        "\x00\xff garbage",
+    ]
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    assert [e["step"] for e in read_evals(tmp_path)] == [2]
+    assert best_saved_eval(tmp_path) == 0.5

@@ -9,6 +9,10 @@ from cast_mlx.errors import EXIT_USAGE
 from cast_mlx.training.plot import PlotError, plot_runs
 
 
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = OneLineParser(
         prog="python -m cast_mlx.plot",
@@ -24,7 +28,7 @@ def main(argv=None) -> int:
         print("error: --width, --height and --dpi must be positive", file=sys.stderr)
         return EXIT_USAGE
     try:
-        out = plot_runs(args.run_dirs, args.out, args.width, args.height, args.dpi)
+        out = plot_runs(args.run_dirs, args.out, args.width, args.height, args.dpi, warn=_warn)
     except PlotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

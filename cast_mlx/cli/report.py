@@ -11,6 +11,10 @@ from cast_mlx.training.plot import PlotError
 from cast_mlx.training.report import REPORT, write_report
 
 
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = OneLineParser(
         prog="python -m cast_mlx.report",
@@ -24,7 +28,7 @@ def main(argv=None) -> int:
         print("error: --samples-per-step must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        out = write_report(Path(args.run_dir), Path(args.out) if args.out else None, args.samples_per_step)
+        out = write_report(Path(args.run_dir), Path(args.out) if args.out else None, args.samples_per_step, warn=_warn)
     except PlotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -109,18 +109,19 @@ class MetricsFiles(TrainingCallback):
 
 def kept_lines(text: str, last_step: int) -> tuple[list[str], list[int]]:
     """The JSON lines of `text` with `step <= last_step`, and the (1-based) numbers of the
-    lines that do not parse."""
+    lines that do not parse or are not an object with an integer `step`."""
     keep, torn = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError):
+            row = None
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
             torn.append(n)
-            continue
-        if step <= last_step:
+        elif step <= last_step:
             keep.append(line)
     return keep, torn
 

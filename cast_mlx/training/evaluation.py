@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -501,19 +502,28 @@ def resolve_adapter(path: str) -> Path:
     """The folder holding `adapters.safetensors` for a run dir, checkpoints dir, checkpoint
     folder or plain mlx-lm adapter folder; UsageError if there is none."""
     from cast_mlx.engine import models
-    from cast_mlx.training.checkpoint import TrainingError, find_checkpoint
+    from cast_mlx.training.checkpoint import TrainingError, find_checkpoint, read_json
 
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"--adapter {path}: no such folder")
     if not (folder / models.ADAPTER_WEIGHTS).is_file():
-        try:
-            folder = find_checkpoint(folder)
+        try:  # a damaged newer checkpoint is skipped with a warning, as --resume does
+            folder = find_checkpoint(folder, warn=lambda text: print(text, file=sys.stderr))
         except TrainingError:
             raise UsageError(f"--adapter {path}: no {models.ADAPTER_WEIGHTS} and no checkpoint found there") from None
     for name in (models.ADAPTER_WEIGHTS, models.ADAPTER_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"--adapter {path}: {folder / name} is missing")
+    config_file = folder / models.ADAPTER_CONFIG
+    try:
+        config = read_json(config_file)
+    except OSError as exc:
+        raise UsageError(f"--adapter {path}: {config_file} cannot be read ({exc.strerror})") from None
+    except ValueError as exc:  # it names the file and the line
+        raise UsageError(f"--adapter {path}: {folder}/{exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--adapter {path}: {config_file} is not a JSON object")
     return folder
 
 
@@ -559,6 +569,12 @@ def load_policy(model_spec: str, adapter: str | None, dtype: str = "auto"):
     model, tokenizer = models.load(model_spec, dtype=dtype)
     if adapter:
         from mlx_lm.tuner.utils import load_adapters
+
+        from cast_mlx.training.checkpoint import adapter_config_problem, read_json
+
+        why = adapter_config_problem(read_json(Path(adapter) / models.ADAPTER_CONFIG))
+        if why:  # mlx-lm would fail on it with an AttributeError or a TypeError
+            raise ValueError(f"--adapter {adapter}: {why}")
 
         load_adapters(model, adapter)
         model.eval()

@@ -13,13 +13,16 @@ and the panel title spells that out, so no legend hunt is needed:
 - flip shares: the share of tokens whose advantage sign CAST flips down (solid) or up
   (dashed); empty for GRPO.
 
-A run dir must hold a non-empty `metrics.jsonl` (written by `cast_mlx.train`).
+A run dir must hold a `metrics.jsonl` (written by `cast_mlx.train`) with at least one
+readable line; lines that are not UTF-8 JSON objects with an integer `step` (a torn write,
+a damaged disk) are skipped, and the command line says how many with a `warning:`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -55,35 +58,66 @@ class PlotError(ValueError):
     """A run dir cannot be plotted; the message names it."""
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The JSON lines of `RUN_DIR/metrics.jsonl`. Lines that do not parse (e.g. one being
-    written right now) are skipped; a missing file or one without any line is a PlotError."""
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The JSON objects of the lines of `path` that have an integer `step`, and the
+    (1-based) numbers of the non-blank lines that do not (not UTF-8, not JSON, not an
+    object, no integer step). Reads bytes: any file content is fine."""
+    rows, bad = [], []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            row = None
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            rows.append(row)
+        else:
+            bad.append(n)
+    return rows, bad
+
+
+def skipped_note(path: Path, bad: list[int]) -> str:
+    """`warning: PATH: skipped N unreadable line(s) (line K, ...)`."""
+    shown = ", ".join(map(str, bad[:3])) + (", ..." if len(bad) > 3 else "")
+    return f"warning: {path}: skipped {len(bad)} unreadable line(s) (line {shown}: a torn write or a damaged file?)"
+
+
+def read_metrics(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The lines of `RUN_DIR/metrics.jsonl` (see `read_jsonl`). Lines that do not parse (e.g.
+    one being written right now) are skipped, and `warn` hears how many; a missing file
+    or one without any readable line is a PlotError naming it."""
     path = Path(run_dir) / METRICS
     if not Path(run_dir).is_dir():
         raise PlotError(f"{run_dir}: no such run dir")
     if not path.is_file():
         raise PlotError(f"{run_dir}: no {METRICS} (not a training run dir?)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
+    try:
+        rows, bad = read_jsonl(path)
+    except OSError as exc:
+        raise PlotError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not rows:
+        if bad:
+            raise PlotError(f"{path}: no readable metrics line (line {bad[0]} is not a JSON object with a step)")
         raise PlotError(f"{run_dir}: {METRICS} has no metrics lines yet")
+    if bad and warn is not None:
+        warn(skipped_note(path, bad))
     return rows
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of the rows that have a numeric `key` (eval keys appear only every
-    `eval_every` steps; a resumed run may repeat a step: the last line wins)."""
+    `eval_every` steps; a resumed run may repeat a step: the last line wins). A value too
+    large for a float counts as missing."""
     by_step = {}
     for row in rows:
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            by_step[row["step"]] = float(value)
+            try:
+                by_step[row["step"]] = float(value)
+            except OverflowError:
+                continue
     steps = sorted(by_step)
     return np.array(steps, dtype=float), np.array([by_step[s] for s in steps], dtype=float)
 
@@ -103,11 +137,17 @@ def run_name(run_dir: str | Path) -> str:
 
 
 def plot_runs(
-    run_dirs: list[str | Path], out: str | Path, width: float = 12.0, height: float = 8.0, dpi: int = 100
+    run_dirs: list[str | Path],
+    out: str | Path,
+    width: float = 12.0,
+    height: float = 8.0,
+    dpi: int = 100,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the 2x2 panel figure of `run_dirs` to `out` (PNG of `width*dpi` x
-    `height*dpi` pixels). Raises PlotError naming the first run dir that has no metrics."""
-    runs = [(run_name(d), read_metrics(d)) for d in run_dirs]  # check all before plotting
+    `height*dpi` pixels). Raises PlotError naming the first run dir that has no metrics;
+    `warn` hears about skipped lines."""
+    runs = [(run_name(d), read_metrics(d, warn)) for d in run_dirs]  # check all before plotting
 
     import matplotlib
 

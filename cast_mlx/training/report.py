@@ -17,8 +17,11 @@ script. It holds
 - sampled completions from `samples.jsonl`, up to N per step, one `<details>` per step.
 
 `write_report(run_dir)` is the library call (the trainer makes one at the end of a run).
-A missing run dir or `metrics.jsonl` is a `PlotError`, one `error: ...` line and exit 2
-on the command line; lines that do not parse (a torn write) are skipped.
+A missing run dir or `metrics.jsonl`, or one without a readable line, is a `PlotError`,
+one `error: ...` line naming the file and exit 2 on the command line. Lines of
+`metrics.jsonl` or `samples.jsonl` that do not parse (a torn write, a damaged file: any
+bytes) are skipped with a `warning:` line each file; a damaged `recipe.yaml` or
+`checkpoints/latest` only costs the header its recipe.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import datetime
 import html
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from typing import Any, Callable, TypeGuard
 import numpy as np
 
 from cast_mlx.config import ORACLE_LABEL
-from cast_mlx.training.plot import METRICS, read_metrics, rolling_mean, series
+from cast_mlx.training.plot import METRICS, read_jsonl, read_metrics, rolling_mean, series, skipped_note
 
 SAMPLES = "samples.jsonl"
 REPORT = "report.html"
@@ -234,34 +238,40 @@ def read_recipe(run_dir: Path) -> dict:
     pointer = root / LATEST
     try:
         if pointer.is_file():
-            candidates.append(root / pointer.read_text().strip())
+            candidates.append(root / pointer.read_bytes().decode("utf-8").strip())
+    except (OSError, ValueError):  # a damaged pointer: the folders themselves remain
+        pass
+    try:
         candidates += sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     except OSError:
         return {}
     for ckpt in candidates:
         try:
-            recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
-        except (OSError, yaml.YAMLError, ValueError):
+            recipe = yaml.safe_load((ckpt / "recipe.yaml").read_bytes().decode("utf-8"))
+        except (OSError, yaml.YAMLError, ValueError, RecursionError):
             continue
         if isinstance(recipe, dict):
             return recipe
     return {}
 
 
-def read_samples(run_dir: Path, per_step: int) -> dict[int, list[dict]]:
+def read_samples(run_dir: Path, per_step: int, warn: Callable[[str], None] | None = None) -> dict[int, list[dict]]:
     """Up to `per_step` lines of `samples.jsonl` per step, by step (lines that do not parse
-    or have no integer step are skipped; no file: {})."""
+    or have no integer step are skipped, and `warn` hears how many; no file or one that
+    cannot be read: {})."""
     path = Path(run_dir) / SAMPLES
     groups: dict[int, list[dict]] = {}
     if per_step <= 0 or not path.is_file():
         return groups
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
+    try:
+        rows, bad = read_jsonl(path)
+    except OSError as exc:
+        if warn is not None:
+            warn(f"warning: {path}: cannot be read ({exc.strerror or exc}); no samples shown")
+        return groups
+    if bad and warn is not None:
+        warn(skipped_note(path, bad))
+    for row in rows:
         group = groups.setdefault(row["step"], [])
         if len(group) < per_step:
             group.append(row)
@@ -277,7 +287,12 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def _is_num(v: Any) -> TypeGuard[float]:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -285,6 +300,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return NOT_RECORDED
     s = int(round(seconds))
     if s < 60:
         return f"{seconds:.1f} s"
@@ -437,12 +454,13 @@ def _samples(groups: dict[int, list[dict]], per_step: int, have_file: bool) -> s
     return out
 
 
-def render(run_dir: Path, samples_per_step: int = 2) -> str:
-    """The report page of `run_dir` as a string (PlotError: no metrics)."""
+def render(run_dir: Path, samples_per_step: int = 2, warn: Callable[[str], None] | None = None) -> str:
+    """The report page of `run_dir` as a string (PlotError: no metrics); `warn` hears about
+    skipped lines."""
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir, warn)
     recipe = read_recipe(run_dir)
-    groups = read_samples(run_dir, samples_per_step)
+    groups = read_samples(run_dir, samples_per_step, warn)
     title = html.escape(str(_get(recipe, "name") or Path(run_dir).resolve().name))
     written = datetime.datetime.now().isoformat(timespec="seconds")
     return (
@@ -459,11 +477,14 @@ def render(run_dir: Path, samples_per_step: int = 2) -> str:
     )
 
 
-def write_report(run_dir: Path, out: Path | None = None, samples_per_step: int = 2) -> Path:
+def write_report(
+    run_dir: Path, out: Path | None = None, samples_per_step: int = 2, warn: Callable[[str], None] | None = None
+) -> Path:
     """Write the report page of `run_dir` to `out` (default `RUN_DIR/report.html`), atomically;
-    returns the path. PlotError when the run dir or its metrics are missing."""
+    returns the path. PlotError when the run dir or its metrics are missing or unreadable;
+    `warn` hears about skipped lines."""
     run_dir = Path(run_dir)
-    text = render(run_dir, samples_per_step)
+    text = render(run_dir, samples_per_step, warn)
     out = Path(out) if out is not None else run_dir / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -27,13 +27,18 @@ def write_run_report(run_dir: Path) -> Path | None:
 
 
 def read_evals(run_dir: Path) -> list[dict]:
-    """The per-problem eval lines of eval.jsonl (the last line of a repeated step wins)."""
+    """The per-problem eval lines of eval.jsonl (the last line of a repeated step wins);
+    lines without a non-empty list of 0/1 `lenient` results (a damaged file) are left out."""
     path = Path(run_dir) / cb.EVAL_FILE
     if not path.is_file():
         return []
     keep, _ = cb.kept_lines(path.read_text(errors="replace"), 2**62)
-    by_step = {int(row["step"]): row for row in map(json.loads, keep)}
+    by_step = {int(row["step"]): row for row in map(json.loads, keep) if _results(row.get("lenient"))}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _results(values) -> bool:
+    return isinstance(values, list) and bool(values) and all(v in (0, 1) for v in values)
 
 
 def best_saved_eval(run_dir: Path) -> float:
