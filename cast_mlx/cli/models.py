@@ -12,7 +12,7 @@ from cast_mlx.engine.models import (
     fetch,
     is_fetched,
 )
-from cast_mlx.errors import EXIT_ERROR
+from cast_mlx.errors import EXIT_DISK_FULL, EXIT_ERROR, DiskFullError
 
 # --------------------------------------------------------------------------- CLI
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         path = fetch(args.name, force=args.force)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_DISK_FULL if isinstance(exc, DiskFullError) else EXIT_ERROR
     print(path)
     return 0
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from cast_mlx import config as cfg
-from cast_mlx.errors import EXIT_ERROR, EXIT_SIGNAL, EXIT_USAGE
+from cast_mlx.errors import EXIT_DISK_FULL, EXIT_ERROR, EXIT_SIGNAL, EXIT_USAGE, DiskFullError, disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +236,11 @@ def train(recipe: cfg.Recipe, ckpt, live: bool, world) -> int:
             if ckpt is not None:
                 trainer.resume(run, ckpt)
             return trainer.fit(run, live=live, resumed_from=ckpt)
+    except DiskFullError as exc:  # rank 0's run files; the model cache of any rank (it says which)
+        if world.is_main or isinstance(exc, ModelLoadError):
+            where = f"rank {world.rank}: " if world.size > 1 and isinstance(exc, ModelLoadError) else ""
+            print(f"error: {where}{exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except (cfg.ConfigError, CheckpointError, ModelCacheError) as exc:  # input errors found at load time
         if world.is_main:
             print(f"error: {exc}", file=sys.stderr)
@@ -302,6 +307,12 @@ def run_cli(args) -> int:
             except dist.PeerLost as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_ERROR
+            except OSError as exc:  # the lock file cannot be written: the disk may be full
+                full = disk_full(exc, run_dir, "the run lock in")
+                if full is None:
+                    raise
+                print(f"error: {full}", file=sys.stderr)
+                return EXIT_DISK_FULL
             return locked_cli(args, recipe, ckpt, world)
         finally:
             if lock is not None:
@@ -335,7 +346,7 @@ def locked_cli(args, recipe: cfg.Recipe, ckpt, world) -> int:
             return dry_run(recipe)
         except (ModelLoadError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            return EXIT_DISK_FULL if isinstance(exc, DiskFullError) else EXIT_ERROR
     return train(recipe, ckpt, live=not args.no_dashboard, world=world)
 
 

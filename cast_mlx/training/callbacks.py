@@ -5,9 +5,11 @@ docs/design.md, "Callbacks"."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from cast_mlx import config as cfg
+from cast_mlx.errors import disk_full
 
 PHASES = ("sampling", "verifying", "teacher", "update", "eval", "checkpoint")
 
@@ -72,8 +74,10 @@ class MetricsFiles(TrainingCallback):
     Nothing is touched until the first line is written (a start-up that fails, or a resume
     with nothing left to run, leaves the files as they were). Then a fresh run starts the
     files anew and a resumed one keeps the lines up to the step it resumes from; a line that
-    does not parse (a write torn by a crash or a full disk) is dropped with a warning.
-    With a `label` (an oracle run's), every metrics line carries it."""
+    does not parse (a write torn by a crash) is dropped with a warning. Each write is whole
+    or nothing (`append_text`, `replace_text`); a full disk is a `DiskFullError` naming the
+    file, which stops the run with its last checkpoint intact. With a `label` (an oracle
+    run's), every metrics line carries it."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, label: str | None = None):
         self.run_dir, self.resume_step, self.started, self.label = run_dir, resume_step, False, label
@@ -89,7 +93,7 @@ class MetricsFiles(TrainingCallback):
                 keep, torn = kept_lines(p.read_text(errors="replace"), self.resume_step)
                 if torn:
                     print(f"warning: {p}: dropped {len(torn)} unreadable line(s) (line {torn[0]}: a torn write?)")
-                p.write_text("".join(line + "\n" for line in keep))
+                replace_text(p, "".join(line + "\n" for line in keep))
         self.started = True
 
     def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
@@ -97,14 +101,53 @@ class MetricsFiles(TrainingCallback):
             self._start()
         per_problem = metrics.get(PER_PROBLEM)
         if per_problem is not None:
-            with open(self.eval_path, "a") as f:
-                f.write(json.dumps({"step": metrics["step"], **per_problem}) + "\n")
-        with open(self.metrics_path, "a") as f:
-            line = {k: v for k, v in metrics.items() if k != PER_PROBLEM}
-            f.write(json.dumps(line | ({"label": self.label} if self.label else {})) + "\n")
-        with open(self.samples_path, "a") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
+            append_text(self.eval_path, json.dumps({"step": metrics["step"], **per_problem}) + "\n")
+        line = {k: v for k, v in metrics.items() if k != PER_PROBLEM}
+        append_text(self.metrics_path, json.dumps(line | ({"label": self.label} if self.label else {})) + "\n")
+        append_text(self.samples_path, "".join(json.dumps(s) + "\n" for s in samples))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` (whole lines) to `path`, all of it or nothing: a write that fails (a
+    full disk) is cut back to the file's length before it, so no torn line stays, and a full
+    disk is a `DiskFullError` naming the file, the free space and the bytes it needed."""
+    data = text.encode("utf-8")
+    start = None
+    fd = -1
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        if fd >= 0 and start is not None:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+        full = disk_full(exc, path, needed=len(data))
+        if full is None:
+            raise
+        raise full from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (a temp file renamed over it): a write that
+    fails (a full disk: a `DiskFullError`) leaves the file as it was and no temp file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(exc, path, needed=len(text.encode("utf-8")))
+        if full is None:
+            raise
+        raise full from exc
 
 
 def kept_lines(text: str, last_step: int) -> tuple[list[str], list[int]]:

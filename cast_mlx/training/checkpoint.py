@@ -19,10 +19,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
-from cast_mlx.errors import TrainingError
+from cast_mlx.errors import DiskFullError, TrainingError, disk_full, no_space
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # file in the checkpoints folder naming the newest complete checkpoint
+TMP_PREFIX = ".tmp-"  # a checkpoint being written: `.tmp-step_NNNNNN-PID`, renamed into place when complete
 
 
 class CheckpointError(TrainingError):
@@ -55,27 +56,44 @@ def save_checkpoint(
     run_dir: Path, state: TrainState, *, model, adapter_config: dict, optimizer, teacher, recipe: cfg.Recipe
 ) -> Path:
     """Write `checkpoints/step_NNNNNN` atomically (temp dir + rename), then point `latest`
-    at it; older checkpoints beyond `checkpoint.keep` are removed afterwards."""
+    at it; older checkpoints beyond `checkpoint.keep` are removed afterwards.
+
+    A write that fails leaves no `.tmp-*` folder and `latest` as it was (the previous
+    checkpoint stays the one a resume uses); a full disk is a `DiskFullError` naming the
+    checkpoint, the free space and about what it needs."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.step:06d}"
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    models.save_adapters(model, tmp, adapter_config)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    if teacher is not None:
-        mx.save_safetensors(str(tmp / "teacher.safetensors"), teacher.params)
-    meta = asdict(state) | {"teacher_version": teacher.version if teacher else 0, "has_teacher": teacher is not None}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / "recipe.yaml").write_text(cfg.to_yaml(recipe))
+    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        models.save_adapters(model, tmp, adapter_config)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if teacher is not None:
+            mx.save_safetensors(str(tmp / "teacher.safetensors"), teacher.params)
+        meta = asdict(state) | {
+            "teacher_version": teacher.version if teacher else 0,
+            "has_teacher": teacher is not None,
+        }
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "recipe.yaml").write_text(cfg.to_yaml(recipe))
+    except BaseException as exc:  # a full disk, a second Ctrl-C, ...: no half-written folder stays
+        kind = no_space(exc, root)  # before the removal frees what the write took
+        shutil.rmtree(tmp, ignore_errors=True)
+        if kind is None:
+            raise
+        needed = _checkpoint_bytes(model, optimizer, teacher)
+        raise DiskFullError(final, "the checkpoint", needed, quota=kind == "quota") from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / LATEST)
+    try:
+        _write_pointer(root, LATEST, name)
+    except BaseException:  # `latest` still names the previous checkpoint: that one stays the newest
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     kept = best_checkpoint(run_dir)
     mine = [p for p in sorted(root.glob("step_*")) if p.is_dir() and _run_id(p) == state.run_id and p != kept]
     for old in mine[: -recipe.checkpoint.keep]:
@@ -83,15 +101,75 @@ def save_checkpoint(
     return final
 
 
+def _checkpoint_bytes(model, optimizer, teacher) -> int | None:
+    """About what a checkpoint of these takes on disk (its tensors, and 64 KiB for the rest)."""
+    try:
+        tensors = [*models.lora_state(model).values(), *dict(tree_flatten(optimizer.state)).values()]
+        if teacher is not None:
+            tensors += list(teacher.params.values())
+        return sum(int(t.nbytes) for t in tensors if isinstance(t, mx.array)) + (64 << 10)
+    except Exception:  # noqa: BLE001 - only the message's estimate
+        return None
+
+
+def _write_pointer(root: Path, pointer: str, name: str) -> None:
+    """Point `root/pointer` (`latest`, `best`) at checkpoint `name` atomically; a write that
+    fails leaves the pointer as it was and no temp file."""
+    tmp = root / f".{pointer}.tmp"
+    try:
+        tmp.write_text(name + "\n")
+        os.replace(tmp, root / pointer)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(exc, root, f"the `{pointer}` pointer")
+        if full is None:
+            raise
+        raise full from exc
+
+
+def remove_stale_tmp(run_dir: Path) -> list[Path]:
+    """Remove the `.tmp-*` checkpoint folders that runs which ended while writing them left
+    in `run_dir/checkpoints` (a crash, SIGKILL, a full disk before this version); returns
+    them. While this process holds the folder's run lock (`run_lock.RunLock`: the holder is
+    its only writer) every one is stale; otherwise those whose pid (the name's last part)
+    is this process's or no live process's."""
+    from cast_mlx.training import run_lock
+
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    held = str((Path(run_dir) / run_lock.LOCK).resolve()) in run_lock._HELD  # the lock's own record
+    stale = [p for p in sorted(root.glob(f"{TMP_PREFIX}*")) if p.is_dir() and (held or _dead_writer(p))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p for p in stale if not p.exists()]
+
+
+def _dead_writer(tmp: Path) -> bool:
+    """Whether the process named by a `.tmp-step_N-PID` folder is this one or gone."""
+    try:
+        pid = int(tmp.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False  # not a name this module writes: left alone
+    if pid == os.getpid():
+        return True  # this process writes its checkpoints one at a time, after this check
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
 BEST = "best"  # file in the checkpoints folder naming the checkpoint with the best eval
 
 
 def mark_best(run_dir: Path, ckpt: Path) -> None:
     """Point `checkpoints/best` at `ckpt`; pruning keeps it besides the newest ones."""
-    root = checkpoint_root(run_dir)
-    tmp = root / f".{BEST}.tmp"
-    tmp.write_text(Path(ckpt).name + "\n")
-    os.replace(tmp, root / BEST)
+    _write_pointer(checkpoint_root(run_dir), BEST, Path(ckpt).name)
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

@@ -39,7 +39,7 @@ from typing import Sequence, cast
 
 import numpy as np
 
-from cast_mlx.errors import UsageError
+from cast_mlx.errors import UsageError, disk_full
 from cast_mlx.tasks import custom, data, verify
 
 N_RESAMPLES = 1000
@@ -485,13 +485,20 @@ def base_model_eval(model, tokenizer, problems: list, recipe, verifier, world, p
             pass  # unreadable: compute it again
     metrics = evaluate_held_out(model, tokenizer, problems, recipe, verifier, world, phase)
     if world.size == 1:
+        text = json.dumps(metrics["eval/per_problem"])
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(metrics["eval/per_problem"]))
+            tmp.write_text(text)
             os.replace(tmp, path)
-        except OSError:
-            pass  # a cache that cannot be written costs only time
+        except OSError as exc:  # a cache that cannot be written costs only time: the run goes on
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            full = disk_full(exc, path, "the base-model eval cache", needed=len(text))
+            if full is not None:  # the run's own disk may be another; if not, its next write stops it
+                print(f"warning: {full}; the run goes on without caching it")
     return metrics
 
 

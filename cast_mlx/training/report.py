@@ -482,12 +482,17 @@ def write_report(
 ) -> Path:
     """Write the report page of `run_dir` to `out` (default `RUN_DIR/report.html`), atomically;
     returns the path. PlotError when the run dir or its metrics are missing or unreadable;
-    `warn` hears about skipped lines."""
+    `warn` hears about skipped lines. A write that fails (OSError: a full disk) leaves an
+    earlier page as it was and no temp file."""
     run_dir = Path(run_dir)
     text = render(run_dir, samples_per_step, warn)
     out = Path(out) if out is not None else run_dir / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out

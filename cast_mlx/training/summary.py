@@ -11,19 +11,26 @@ from pathlib import Path
 
 from cast_mlx import config as cfg
 from cast_mlx.engine import models
+from cast_mlx.errors import disk_full
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
 
 
 def write_run_report(run_dir: Path) -> Path | None:
-    """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page."""
+    """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page
+    (one warning line; a full disk's names the page and the free space)."""
     try:
         from cast_mlx.training.report import write_report
 
         return write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - the run's own files are already safe
-        print(f"warning: the report page could not be written ({type(exc).__name__}: {exc})")
+        full = disk_full(exc, Path(run_dir) / "report.html", "the report page")  # report.REPORT
+        why = str(full) if full is not None else f"{type(exc).__name__}: {exc}"
+        print(f"warning: the report page could not be written ({why}); {REPORT_LATER.format(run_dir=run_dir)}")
         return None
+
+
+REPORT_LATER = "the checkpoints are safe; write it later with python -m cast_mlx.report {run_dir}"
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -106,3 +113,34 @@ def summary_lines(
     if report is not None:
         lines.append(f"  report: {report}")
     return lines
+
+
+def disk_full_line(step: int, last: Path | None, resume: str) -> str:
+    """What a run that found the disk full says: where it stopped and how to go on."""
+    if last is None:
+        return (
+            f"disk full: stopped in step {step} before the first checkpoint; free some space, then start again "
+            "with --overwrite"
+        )
+    return (
+        f"disk full: stopped at step {step}; the last checkpoint {last} and `latest` are intact; free some space, "
+        f"then resume with {resume}"
+    )
+
+
+def stale_note(paths: list[Path]) -> str:
+    """The start-up note about unfinished checkpoint folders that ended runs left."""
+    return f"note: removed {len(paths)} unfinished checkpoint folder(s) that ended runs left: " + ", ".join(
+        str(p) for p in paths
+    )
+
+
+def drift_message(history: list, window: int, step: int) -> str:
+    """The warning of the length-drift guard, from the run's [truncation, reward] history."""
+    before, last = history[-2 * window : -window], history[-window:]
+    mean = lambda rows, i: sum(h[i] for h in rows) / len(rows)  # noqa: E731
+    return (
+        f"warning: length drift at step {step}: the truncation rate rose to {mean(last, 0):.2f} "
+        f"(mean of the last {window} steps) while the reward went {mean(before, 1):.3f} -> {mean(last, 1):.3f}; "
+        "see health/drift and the cast/eos/* metrics"
+    )

@@ -40,7 +40,7 @@ from cast_mlx.algorithm.teacher import Teacher
 from cast_mlx.engine import blas, models, rollout
 from cast_mlx.engine import distributed as dist
 from cast_mlx.engine.logprobs import frozen_blocks
-from cast_mlx.errors import EXIT_DRIFT, EXIT_SIGNAL, TrainingError
+from cast_mlx.errors import EXIT_DRIFT, EXIT_SIGNAL, TrainingError, disk_full
 from cast_mlx.tasks import data, rewards, verify
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
@@ -50,7 +50,15 @@ from cast_mlx.training.dashboard import make_view
 from cast_mlx.training.evaluation import base_model_eval, evaluate_held_out
 from cast_mlx.training.metrics import length_drift, memory_usage, step_metrics
 from cast_mlx.training.signals import SIGNAL_OF_CODE, StopRequest
-from cast_mlx.training.summary import best_saved_eval, summary_lines, write_run_report
+from cast_mlx.training.summary import (
+    REPORT_LATER,
+    best_saved_eval,
+    disk_full_line,
+    drift_message,
+    stale_note,
+    summary_lines,
+    write_run_report,
+)
 from cast_mlx.training.trajectory import Trajectory, judge, score_teacher
 from cast_mlx.training.update import build_optimizer, count_step, guarded_update, lr_schedule
 
@@ -355,17 +363,6 @@ def resume_command(run: Run) -> str:
     return command
 
 
-def drift_message(run: Run) -> str:
-    w, hist = run.recipe.system.drift_window, run.state.history
-    before, last = hist[-2 * w : -w], hist[-w:]
-    mean = lambda rows, i: sum(h[i] for h in rows) / len(rows)  # noqa: E731
-    return (
-        f"warning: length drift at step {run.state.step}: the truncation rate rose to {mean(last, 0):.2f} "
-        f"(mean of the last {w} steps) while the reward went {mean(before, 1):.3f} -> {mean(last, 1):.3f}; "
-        "see health/drift and the cast/eos/* metrics"
-    )
-
-
 def make_callbacks(run: Run, live: bool, resumed: bool) -> cb.CallbackList:
     """Rank 0's sinks and view (under mlx.launch stdout is a pipe; the launcher passes
     COLUMNS when it runs on a terminal); the other ranks of a data-parallel run get none."""
@@ -394,6 +391,8 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             ckpt_io.remove_later(run.out_dir, run.state.step)
         else:
             ckpt_io.clear_run(run.out_dir)
+        if stale := ckpt_io.remove_stale_tmp(run.out_dir):
+            print(stale_note(stale))
     callbacks = make_callbacks(run, live, resumed=resumed_from is not None)
     run.phase = callbacks.on_phase
     tell, log = callbacks.on_message, callbacks.on_metrics
@@ -416,17 +415,25 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
     started = time.perf_counter()
     best = best_saved_eval(run.out_dir) if resumed_from else -1.0  # the best checkpointed eval so far
 
-    def finish() -> None:  # rank 0: the summary and the report page, once a checkpoint exists
+    def finish(report_page: bool = True) -> None:  # rank 0: the summary and the report page, once a checkpoint exists
         if not callbacks or not (written or resumed_from):
             return
-        report = write_run_report(run.out_dir)
+        report = write_run_report(run.out_dir) if report_page else None
         try:
             last = written[-1] if written else resumed_from
             lines = summary_lines(r, run.out_dir, run.state.step, time.perf_counter() - started, last, report)
         except (OSError, ValueError, KeyError, ZeroDivisionError) as exc:  # the checkpoints are safe already
             lines = [f"warning: no summary ({type(exc).__name__}: {exc})"]
+        if not report_page:
+            lines.append(f"  report: not written (the disk is full); {REPORT_LATER.format(run_dir=run.out_dir)}")
         for line in lines:
             tell(line)
+
+    def out_of_space() -> None:  # rank 0: a write found the disk full; the checkpoints written are whole
+        last = written[-1] if written else resumed_from
+        tell(disk_full_line(run.state.step, last, resume_command(run)))
+        if last is not None:
+            finish(report_page=False)  # the page would take space the disk does not have
 
     try:
         info = run_info(run) if callbacks else {}
@@ -451,7 +458,7 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
                     ckpt_io.mark_best(run.out_dir, written[-1])  # kept by pruning
             if metrics["health/drift"] and not drift_seen:  # the same decision on every rank
                 drift_seen = True
-                tell(drift_message(run))
+                tell(drift_message(run.state.history, run.recipe.system.drift_window, run.state.step))
                 if r.system.stop_on_drift:
                     code = EXIT_DRIFT
                     break
@@ -475,9 +482,17 @@ def fit(run: Run, live: bool = True, resumed_from: Path | None = None) -> int:
             print(f"interrupted during step {run.state.step + 1}; the last checkpoint is intact: {resume_command(run)}")
             finish()
         return EXIT_SIGNAL["SIGINT"]
-    except TrainingError:
-        finish()  # what the checkpoints hold, before the error line
-        raise
+    except (OSError, RuntimeError) as exc:  # a TrainingError; a full disk wherever this run writes
+        full = disk_full(exc, getattr(exc, "filename", None) or run.out_dir)
+        if full is None:
+            if isinstance(exc, TrainingError):
+                finish()  # what the checkpoints hold, before the error line
+            raise
+        if world.is_main:
+            out_of_space()
+        if full is exc:
+            raise
+        raise full from exc
     finally:
         stop.restore()
         callbacks.on_train_end()
