@@ -340,7 +340,8 @@ def describe_default(recipe, path) -> str:
 def compare_vectors(v: np.ndarray | None, g: np.ndarray | None) -> dict:
     """Cosine of `v` with `g`, the norm of their difference relative to `g`'s, and both
     norms; None where a gradient is missing (no row carried loss) or zero."""
-    out = {"cosine": None, "relative_difference": None, "norm_variant": None, "norm_grpo": None}
+    keys = ("cosine", "relative_difference", "norm_variant", "norm_grpo")
+    out: dict[str, float | None] = dict.fromkeys(keys)
     if v is None or g is None:
         return out
     nv, ng = float(np.linalg.norm(v)), float(np.linalg.norm(g))

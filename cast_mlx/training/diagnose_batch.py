@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 
@@ -159,7 +159,7 @@ def lora_views(model, recipe, policy_adapter: str | None, teacher_adapter: str |
         return None
     if teacher_adapter == "base":
         return zero_b(policy)
-    teacher = dict(mx.load(str(Path(teacher_adapter) / models.ADAPTER_WEIGHTS)))
+    teacher = cast("dict[str, mx.array]", mx.load(str(Path(teacher_adapter) / models.ADAPTER_WEIGHTS)))
     same_shapes = teacher.keys() == policy.keys() and all(teacher[k].shape == policy[k].shape for k in policy)
     if not same_shapes:
         raise ValueError(
@@ -187,8 +187,8 @@ def gradient_comparison(model, recipe, c: Collected, group_size: int) -> dict:
     assert c.batch is not None, "gradient_comparison needs collect()'s batch"
     b, a, L = c.batch, recipe.algorithm, recipe.loss
     params = {k: v for k, v in dataclasses.asdict(a).items() if k != "name"}
-    gaps = c.gaps.get(recipe.teacher.context)
-    gaps = mx.zeros(b["mask"].shape) if gaps is None else mx.array(gaps)
+    measured = c.gaps.get(recipe.teacher.context)
+    gaps = mx.zeros(b["mask"].shape) if measured is None else mx.array(measured)
     common = dict(group_size=group_size, special=b["special"])
     variant, _ = compute_advantages(a.name, b["rewards"], gaps, b["mask"], **common, **params)
     grpo_params = params | {"scale_rewards": facts_of("grpo").scale_rewards}
@@ -206,7 +206,8 @@ def gradient_comparison(model, recipe, c: Collected, group_size: int) -> dict:
         )[0]  # fmt: skip
         if grads is None:
             return None
-        return np.concatenate([np.array(v, dtype=np.float64).ravel() for _, v in sorted(tree_flatten(grads))])
+        flat = sorted(tree_flatten(grads), key=lambda kv: kv[0])
+        return np.concatenate([np.array(v, dtype=np.float64).ravel() for _, v in flat])
 
     content = (np.array(b["mask"]) > 0) & (np.array(b["special"]) == 0)
     return {
