@@ -138,7 +138,7 @@ def remove_stale_tmp(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    held = str((Path(run_dir) / run_lock.LOCK).resolve()) in run_lock._HELD  # the lock's own record
+    held = run_lock.holds(Path(run_dir))
     stale = [p for p in sorted(root.glob(f"{TMP_PREFIX}*")) if p.is_dir() and (held or _dead_writer(p))]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)

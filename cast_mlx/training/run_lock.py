@@ -19,6 +19,11 @@ LOCK = ".lock"  # in the run folder while a run writes there: {"pid", "host", "s
 _HELD: set[str] = set()  # the run folders this process holds (POSIX locks do not exclude their own process)
 
 
+def holds(run_dir: Path) -> bool:
+    """Whether this process holds `run_dir`'s lock (then it is the folder's only writer)."""
+    return str((Path(run_dir) / LOCK).resolve()) in _HELD
+
+
 class RunInUse(cfg.ConfigError):
     """Another live process holds the run folder's lock (an input error: exit 2)."""
 
