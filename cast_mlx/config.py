@@ -219,7 +219,9 @@ class CheckpointConfig:
 
 @dataclass
 class SystemConfig:
-    # GB; MLX takes the limits as 64-bit byte counts, so 2**20 GB (1 PiB) is the ceiling here
+    # GB; MLX takes the limits as 64-bit byte counts, so 2**20 GB (1 PiB) is the ceiling here.
+    # A memory limit below the model's weight files is refused before loading; MLX's limit is
+    # soft on the CPU, so the first step whose peak went over it gets a warning.
     memory_limit_gb: Optional[float] = bounds(None, gt=0.0, le=2.0**20)
     cache_limit_gb: Optional[float] = bounds(None, ge=0.0, le=2.0**20)
     max_bad_steps: int = bounds(3, ge=1)  # consecutive NaN/inf steps before stopping

@@ -269,3 +269,32 @@ def test_ctrl_c_during_start_up_writes_nothing(tmp_path, smol_dir):
     assert "interrupted during start-up (SIGINT); nothing was written" in stderr
     assert "Traceback" not in stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_memory_limit_below_the_weights_is_refused_and_one_over_it_is_reported(tmp_path, tiny_model_dir):
+    from cast_mlx.engine import models
+
+    stored = models.stored_weight_bytes(str(tiny_model_dir))
+    assert stored and stored == sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    sets = [f"model.name={tiny_model_dir}", "sampling.group_size=4", "sampling.max_new_tokens=8", "lora.num_layers=1",
+            "logging.eval_every=0", "schedule.steps=2"]  # fmt: skip
+
+    def train(limit_bytes: float, out):
+        args = [*sets, f"system.memory_limit_gb={limit_bytes / 2**30!r}", f"logging.out_dir={out}"]
+        return run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--no-dashboard",
+                       *(a for s in args for a in ("--set", s)))  # fmt: skip
+
+    # below the weights on disk: one line before anything loads or is written
+    refused = train(stored / 2, tmp_path / "low")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: system.memory_limit_gb: ") and "weights alone" in refused.stderr
+    assert not (tmp_path / "low").exists()
+    # above the weights, below what a step needs (MLX's limit is soft on the CPU): one warning
+    over = train(stored * 1.01, tmp_path / "over")
+    assert over.returncode == 0, over.stderr
+    assert over.stdout.count("above system.memory_limit_gb") == 1
+    assert "warning: step 1 peaked at" in over.stdout and "lower optimizer.micro_batch_size" in over.stdout
+    # no limit: no warning
+    free = run_cli("-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--no-dashboard",
+                   *(a for s in [*sets, f"logging.out_dir={tmp_path / 'free'}"] for a in ("--set", s)))  # fmt: skip
+    assert free.returncode == 0 and "memory_limit_gb" not in free.stdout

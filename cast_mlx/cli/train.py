@@ -276,6 +276,9 @@ def run_cli(args) -> int:
         if not (args.print_config or args.dry_run):
             out_dir = ckpt.parent.parent if ckpt is not None else cfg.out_dir(recipe)
             check_out_dir(Path(out_dir), fresh=ckpt is None, overwrite=args.overwrite)
+            from cast_mlx.training.preflight import check_memory_limit
+
+            check_memory_limit(recipe)
     except cfg.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -332,6 +332,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
+def stored_weight_bytes(spec: str) -> int | None:
+    """The bytes of a model's weight files on this disk: a lower bound of its weights in
+    memory (dequantizing or upcasting only adds). None when they are not here yet (a hub id,
+    an embedded model not fetched), so nothing is downloaded to answer."""
+    if spec in EMBEDDED:
+        folder = embedded_dir(spec) if is_fetched(spec) else None
+    else:
+        folder = Path(spec).expanduser()
+    if folder is None or not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or None
+
+
 def resolve(spec: str) -> Path | str:
     """An embedded name -> its (fetched) folder; a local folder -> itself; else a hub id."""
     if spec in EMBEDDED:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from cast_mlx import config as cfg
 from cast_mlx.errors import disk_full
@@ -150,6 +151,25 @@ def replace_text(path: Path, text: str) -> None:
         raise full from exc
 
 
+class MemoryLimitWatch(TrainingCallback):
+    """MLX's memory limit is soft on the CPU: the first step whose measured peak went over
+    `system.memory_limit_gb` gets one warning naming the fields that lower it."""
+
+    def __init__(self, limit_gb: float, tell: Callable[[str], None] = print):
+        self.limit_gb, self.tell, self.warned = limit_gb, tell, False
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        peak = metrics.get("memory/peak_gb")
+        if self.warned or not isinstance(peak, (int, float)) or peak <= self.limit_gb:
+            return
+        self.warned = True
+        self.tell(
+            f"warning: step {metrics['step']} peaked at {peak:.2f} GB, above system.memory_limit_gb = "
+            f"{self.limit_gb:g} (MLX's limit is soft on this backend); lower optimizer.micro_batch_size, "
+            "sampling.group_size, sampling.max_new_tokens or lora.num_layers, or raise the limit"
+        )
+
+
 def kept_lines(text: str, last_step: int) -> tuple[list[str], list[int]]:
     """The JSON lines of `text` with `step <= last_step`, and the (1-based) numbers of the
     lines that do not parse or are not an object with an integer `step`."""
@@ -211,6 +231,8 @@ def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[Tr
     """The recipe's sinks: the metrics files, and wandb / TensorBoard when asked for and
     installed (a warning otherwise)."""
     out: list[TrainingCallback] = [MetricsFiles(run_dir, resume_step, cfg.run_label(recipe))]
+    if recipe.system.memory_limit_gb:
+        out.append(MemoryLimitWatch(recipe.system.memory_limit_gb))
     log = recipe.logging
     if log.wandb:
         try:

@@ -102,6 +102,20 @@ def context_length(model) -> int | None:
     return None
 
 
+def check_memory_limit(recipe: cfg.Recipe) -> None:
+    """`system.memory_limit_gb` must hold at least the model's weights: their files on disk
+    are a lower bound (on the CPU the weights are dequantized to float32, larger still).
+    ConfigError before the model loads otherwise. (MLX's limit is soft on the CPU: a step
+    that goes over it is reported after the step, see `callbacks.MemoryLimitWatch`.)"""
+    limit = recipe.system.memory_limit_gb
+    stored = models.stored_weight_bytes(recipe.model.name) if limit else None
+    if limit and stored and stored > limit * 2**30:
+        raise cfg.ConfigError(
+            f"system.memory_limit_gb: {limit:g} GB is less than {recipe.model.name}'s weights alone "
+            f"({stored / 2**30:.2f} GB on disk, more in memory); raise it or leave it unset"
+        )
+
+
 def check_context(recipe: cfg.Recipe, model, tokenizer, problems: list) -> None:
     """The longest prompt plus `sampling.max_new_tokens` must fit the model's context (a
     ConfigError otherwise; it needs the tokenizer, so it runs right after the load)."""
