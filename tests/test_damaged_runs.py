@@ -146,6 +146,15 @@ def evaluate(run: Path, work: Path) -> tuple[int, str, str, bool]:
     return (*call(main, argv), out.is_file())
 
 
+def diagnose(run: Path, work: Path) -> tuple[int, str, str, bool]:
+    from cast_mlx.cli.diagnose import main
+
+    out = work / "diagnose.json"
+    argv = ["--adapter", str(run), "--n", "1", "--group-size", "2", "--max-new-tokens", "2",
+            "--contexts", "question-only", "--out", str(out)]  # fmt: skip
+    return (*call(main, argv), out.is_file())
+
+
 def resume(run: Path, work: Path, steps: int) -> tuple[int, str, str, bool]:
     from cast_mlx.cli.train import main
 
@@ -161,6 +170,7 @@ READERS = {
     "plot": (plot, ("metrics.jsonl",), {EXIT_USAGE}),
     "compare": (compare, ("metrics.jsonl",), {EXIT_USAGE}),
     "eval": (evaluate, CKPT_FILES, {EXIT_USAGE, EXIT_ERROR}),
+    "diagnose": (diagnose, CKPT_FILES, {EXIT_USAGE, EXIT_ERROR}),
     "resume-checkpoint": (lambda r, w: resume(r, w, 1), CKPT_FILES, {EXIT_USAGE, EXIT_ERROR}),
 }
 
