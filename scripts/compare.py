@@ -313,13 +313,15 @@ def per_problem(run_dir: Path, step: int) -> list[float] | None:
     return found
 
 
-def paired_against(out: Path, runs: dict, name: str, step: int, baseline: str = "grpo"):
+def paired_against(out: Path, runs: dict, name: str, step: int, baseline: str = "grpo", seeds=None):
     """Seed-pooled exact McNemar of `name` against `baseline` at `step`: each seed's two runs
-    answered the same held-out problems, so the pairs are (seed, problem); None when a
-    seed lacks either side."""
+    answered the same held-out problems, so the pairs are (seed, problem); over `seeds`
+    (default: those both have); None when a seed lacks either side."""
     base_all: list[float] = []
     new_all: list[float] = []
-    for seed in sorted(set(runs[name]) & set(runs.get(baseline, {}))):
+    if seeds is None:
+        seeds = sorted(set(runs[name]) & set(runs.get(baseline, {})))
+    for seed in seeds:
         a = per_problem(out / f"{baseline}-seed{seed}", step)
         b = per_problem(out / f"{name}-seed{seed}", step)
         if a is None or b is None or len(a) != len(b):

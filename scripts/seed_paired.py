@@ -28,10 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compare import eval_curve, find_runs, per_problem  # noqa: E402
+from compare import eval_curve, find_runs, paired_against  # noqa: E402
 
 from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
-from cast_mlx.training.evaluation import paired_comparison  # noqa: E402
 
 
 def t_two_sided(t: float, df: int) -> float:
@@ -107,19 +106,8 @@ def seed_differences(runs: dict, name: str, baseline: str, steps: list[int]) -> 
 def pooled_mcnemar(out: Path, name: str, baseline: str, seeds: list[int], step: int) -> dict | None:
     """Exact McNemar at `step`, the per-problem results of `seeds` concatenated (baseline first);
     None when a seed lacks them on either side or its two lists differ in length."""
-    base_all: list[float] = []
-    new_all: list[float] = []
-    for seed in seeds:
-        a = per_problem(out / f"{baseline}-seed{seed}", step)
-        b = per_problem(out / f"{name}-seed{seed}", step)
-        if a is None or b is None or len(a) != len(b):
-            return None
-        base_all += a
-        new_all += b
-    if not new_all:
-        return None
-    pc = paired_comparison(base_all, new_all)
-    return {"difference": pc.difference, "p_value": pc.p_value, "n": pc.n}
+    pc = paired_against(out, {}, name, step, baseline, seeds=seeds)
+    return None if pc is None else {"difference": pc.difference, "p_value": pc.p_value, "n": pc.n}
 
 
 def is_oracle(seed_rows: dict[int, list[dict]]) -> bool:

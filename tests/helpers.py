@@ -175,6 +175,17 @@ def write_tiny_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# The overrides that make a recipes/smoke.yaml run on the tiny model fast: 4 completions of
+# up to 8 tokens, LoRA on the top block, truncated completions keep their loss, no eval.
+TINY_SETS = [
+    "sampling.group_size=4",
+    "sampling.max_new_tokens=8",
+    "lora.num_layers=1",
+    "loss.mask_truncated=false",
+    "logging.eval_every=0",
+]
+
+
 def tiny_recipe(tmp_path: Path, model_dir: Path, *overrides: str):
     """recipes/smoke.yaml on the tiny model: 2 prompts x 4 completions of up to 8 tokens
     (truncated ones keep their loss), LoRA on the top block, no eval, everything written

@@ -31,17 +31,10 @@ from cast_mlx.engine import models
 from cast_mlx.errors import EXIT_DISK_FULL, DiskFullError
 from cast_mlx.training import checkpoint
 
-from helpers import ROOT, run_cli, tiny_checkpoint
+from helpers import ROOT, TINY_SETS, run_cli, tiny_checkpoint
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-TINY = [
-    "sampling.group_size=4",
-    "sampling.max_new_tokens=8",
-    "lora.num_layers=1",
-    "loss.mask_truncated=false",
-    "logging.eval_every=0",
-    "checkpoint.every=1",
-]
+TINY = [*TINY_SETS, "checkpoint.every=1"]
 
 
 def train_argv(model_dir: Path, out: Path, *sets: str) -> list[str]:

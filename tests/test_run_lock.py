@@ -21,15 +21,9 @@ import pytest
 from cast_mlx.errors import EXIT_USAGE
 from cast_mlx.training import checkpoint, run_lock
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, TINY_SETS, run_cli
 
-TINY = [
-    "sampling.group_size=4",
-    "sampling.max_new_tokens=8",
-    "lora.num_layers=1",
-    "loss.mask_truncated=false",
-    "logging.eval_every=0",
-]
+TINY = TINY_SETS
 
 
 def train_args(model_dir: Path, out: Path, *sets: str) -> list[str]:
