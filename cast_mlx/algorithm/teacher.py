@@ -79,6 +79,11 @@ def teacher_contexts(
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
+def adapters_off(params: dict) -> dict:
+    """LoRA tensors with every `lora_b` zeroed: the adapted model computes the base model."""
+    return {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in params.items()}
+
+
 @dataclass
 class Teacher:
     """A frozen view of the LoRA tensors, and the rule that refreshes it."""
@@ -95,7 +100,7 @@ class Teacher:
             raise ValueError(f"teacher.kind: unknown {kind!r}; choose snapshot, base or ema")
         params = lora_state(model)
         if kind == "base":
-            params = {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in params.items()}
+            params = adapters_off(params)
         return cls(kind=kind, refresh=refresh, ema_decay=ema_decay, params=params)
 
     def after_step(self, model: nn.Module, step: int) -> bool:

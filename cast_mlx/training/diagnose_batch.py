@@ -136,10 +136,8 @@ def lora_views(model, recipe, policy_adapter: str | None, teacher_adapter: str |
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
+    from cast_mlx.algorithm.teacher import adapters_off
     from cast_mlx.engine import models
-
-    def zero_b(params: dict) -> dict:
-        return {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in params.items()}
 
     if policy_adapter is None:
         if teacher_adapter not in (None, "base"):
@@ -147,7 +145,7 @@ def lora_views(model, recipe, policy_adapter: str | None, teacher_adapter: str |
 
             load_adapters(model, teacher_adapter)
             teacher = models.lora_state(model)
-            model.update(tree_unflatten(list(zero_b(teacher).items())))  # the policy: the base model
+            model.update(tree_unflatten(list(adapters_off(teacher).items())))  # the policy: the base model
             return teacher
         lora = recipe.lora
         models.attach_lora(
@@ -158,7 +156,7 @@ def lora_views(model, recipe, policy_adapter: str | None, teacher_adapter: str |
     if teacher_adapter is None:
         return None
     if teacher_adapter == "base":
-        return zero_b(policy)
+        return adapters_off(policy)
     teacher = cast("dict[str, mx.array]", mx.load(str(Path(teacher_adapter) / models.ADAPTER_WEIGHTS)))
     same_shapes = teacher.keys() == policy.keys() and all(teacher[k].shape == policy[k].shape for k in policy)
     if not same_shapes:
