@@ -376,3 +376,206 @@ def test_the_panel_rows_are_the_declared_facts():
         ALGORITHMS.pop("no-teacher")
     unknown = panel_text("not-declared")  # an unknown name shows every row
     assert "flip down/up" in unknown and "at ±a_max" in unknown and "EOS adv all-correct/all-wrong" in unknown
+
+
+# ---------------------------------------------------------------- what a terminal shows (issue #30)
+
+TERMINAL = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])|\r\n|\r|\n|[^\x1b\r\n]+")
+TITLE = "─ cast-mlx ─"  # the top border of a frame
+SUMMARY = ["summary: step 2 of 2, 0:20 in this run", "  last checkpoint: /tmp/x/checkpoints/step_000002"]
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a terminal shows after `raw`, with the controls rich's live display uses
+    applied (carriage return, erase line, cursor up); colours and the cursor's visibility
+    change nothing. Another control is an error: this terminal would not know it."""
+    lines, row, col = [""], 0, 0
+    for m in TERMINAL.finditer(raw):
+        token, (arg, code) = m.group(0), m.groups()
+        if token in ("\n", "\r\n"):
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif token == "\r":
+            col = 0
+        elif code == "A":
+            row = max(row - int(arg or 1), 0)
+        elif code == "K" and arg == "2":
+            lines[row] = ""
+        elif code in ("m", "h", "l"):
+            pass
+        elif code:
+            raise AssertionError(f"a control this terminal does not know: {token!r}")
+        else:
+            lines[row] = lines[row][:col].ljust(col) + token + lines[row][col + len(token) :]
+            col += len(token)
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def terminal_view(total: int = 2, **kw) -> tuple[RichView, io.StringIO]:
+    buf = io.StringIO()
+    return RichView(total, console=Console(file=buf, force_terminal=True, width=150, height=80), **kw), buf
+
+
+def end_of_run(view, steps: int) -> None:
+    """What trainer.fit sends after its loop: the last line, the summary, then the end."""
+    view.on_message(f"done: {steps} steps; adapters in /tmp/x/checkpoints/step_{steps:06d}")
+    for line in SUMMARY:
+        view.on_message(line)
+    view.on_train_end()
+
+
+def frames(lines: list[str]) -> list[int]:
+    return [i for i, line in enumerate(lines) if TITLE in line]
+
+
+def test_the_final_frame_comes_once_before_the_summary():
+    """Issue #30: the summary went above the live frame, and the frame stayed below it."""
+    view, buf = terminal_view()
+    view.on_train_begin({**INFO, "algorithm": "cast", "step": 0})
+    for step in (1, 2):
+        view.on_phase("sampling", 0, 96)
+        view.on_metrics(step_line(step), SAMPLE)
+        view.on_phase("checkpoint", 0, 1)
+    end_of_run(view, 2)
+    lines = screen(buf.getvalue())
+    assert len(frames(lines)) == 1, "\n".join(lines)
+    assert lines[-len(SUMMARY) :] == SUMMARY  # nothing after the summary
+    assert lines[-len(SUMMARY) - 1].startswith("done: 2 steps")
+    assert lines[-len(SUMMARY) - 2].startswith("╰")  # the frame's bottom right above them
+    frame = "\n".join(lines[frames(lines)[0] :])
+    assert "step 2/2" in frame and "2 · checkpoint" in frame  # the final frame, not an earlier one
+    view.on_message("late note")  # after the end: a plain line, no frame drawn again
+    assert screen(buf.getvalue())[-1] == "late note" and len(frames(screen(buf.getvalue()))) == 1
+
+
+def test_a_message_mid_run_goes_below_its_frame_and_the_run_goes_on():
+    view, buf = terminal_view(total=3)
+    view.on_train_begin({**INFO, "algorithm": "grpo", "step": 1})
+    view.on_message("resumed from /tmp/x/checkpoints/step_000001 at step 1")  # above the live frame
+    view.on_metrics(step_line(2), SAMPLE)
+    view.on_message("warning: length drift at step 2")
+    view.on_phase("sampling", 0, 96)  # a new live frame below the warning
+    view.on_metrics(step_line(3), SAMPLE)
+    end_of_run(view, 3)
+    lines = screen(buf.getvalue())
+    first, last = frames(lines)
+    assert lines[0].startswith("resumed from") and first == 1
+    assert "step 2/3 (resumed at 1)" in "\n".join(lines[first:last])
+    assert lines[last - 1] == "warning: length drift at step 2"
+    assert "step 3/3 (resumed at 1)" in "\n".join(lines[last:]) and lines[-len(SUMMARY) :] == SUMMARY
+
+
+def header_of(buf: io.StringIO) -> str:
+    """The header of the frame on the screen now (the line after its top border)."""
+    lines = screen(buf.getvalue())
+    return lines[frames(lines)[-1] + 1]
+
+
+def test_the_header_shows_the_current_step():
+    """Issue #30: the header said `step 0` (info's step: where the invocation started) to the end."""
+    view, buf = terminal_view(total=24)
+    view.on_train_begin({**INFO, "algorithm": "cast", "step": 0})
+    assert "step 0/24" in header_of(buf)
+    view.on_metrics({"step": 0, **eval_line(0, 0.25)}, [])
+    for step in range(1, 8):
+        view.on_phase("sampling", 0, 96)
+        view.on_metrics(step_line(step), SAMPLE)
+        assert f"step {step}/24" in header_of(buf) and "resumed" not in header_of(buf)
+    view.on_train_end()
+
+    view, buf = terminal_view(total=24)  # a resumed run: the step goes on from its checkpoint's
+    view.on_train_begin({**INFO, "algorithm": "cast", "step": 16})
+    view.on_message("resumed from /tmp/x/checkpoints/step_000016 at step 16")
+    assert "step 16/24 (resumed at 16)" in header_of(buf)
+    view.on_metrics(step_line(17), SAMPLE)
+    assert "step 17/24 (resumed at 16)" in header_of(buf)
+    view.on_train_end()
+
+
+def test_the_cli_dashboard_on_a_terminal(tmp_path, tiny_model_dir):
+    """A tiny run through the CLI with its stdout a terminal (a pty): one frame, the final
+    one with the last step in its header, then the summary, and no frame after it."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    from helpers import ROOT, TINY_SETS
+
+    args = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--quiet"]
+    for s in (f"model.name={tiny_model_dir}", *TINY_SETS, f"logging.out_dir={tmp_path / 'run'}", "schedule.steps=2",
+              "logging.dashboard=true"):  # fmt: skip
+        args += ["--set", s]
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "150", "LINES": "80", "TERM": "xterm", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    raw = b""
+    try:
+        while True:  # read while it runs: a full pty would block it
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 1 << 16)
+                except OSError:  # the other side closed (Linux)
+                    break
+                if not chunk:
+                    break
+                raw += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=300) == 0, raw.decode(errors="replace")[-3000:]
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    lines = screen(raw.decode("utf-8", errors="replace"))
+    shown = "\n".join(lines)
+    assert len(frames(lines)) == 1, shown
+    top = frames(lines)[0]
+    assert "step 2/2" in lines[top + 1], shown
+    done = next(i for i, line in enumerate(lines) if line.startswith("done: 2 steps"))
+    assert lines[done - 1].startswith("╰") and top < done, shown
+    assert lines[done + 1].startswith("summary: step 2 of 2") and lines[-1].startswith("  report: "), shown
+
+
+# ---------------------------------------------------------------- what "strict" means (issue #30)
+
+
+def rewards_text(answer_format: str | None) -> str:
+    view, buf = terminal_view(answer_format=answer_format)
+    fake_run(view, "cast", steps=2, eval_every=0)
+    return "\n".join(screen(buf.getvalue()))
+
+
+def test_strict_accuracy_says_which_format_or_is_left_out():
+    """Strict accuracy is the answer in the format the prompt asks for: named after it, and
+    left out where the prompt asks for none (answer_format none: strict is lenient)."""
+    assert re.search(r"accuracy strict \(#### format\) +0\.000", rewards_text("hash"))
+    assert re.search(r"accuracy strict \(\\boxed\{\} format\) +0\.000", rewards_text("boxed"))
+    assert "strict" not in rewards_text("none") and "accuracy lenient" in rewards_text("none")
+    assert re.search(r"accuracy strict +0\.000", rewards_text(None))  # not told: as before
+    view = make_view(10, live=True, force_terminal=True, answer_format="none")
+    assert isinstance(view, RichView) and view.strict is None
+
+
+def test_the_strict_label_follows_the_prompt():
+    """The one rule (data.strict_label) reads the prompt's instruction: every task's prompt
+    asks for the recipe's format (the default arithmetic recipe's for "####"), none for
+    answer_format none."""
+    from cast_mlx import config as cfg
+    from cast_mlx.tasks import data
+
+    from helpers import ROOT
+
+    problem = data.load_task("arithmetic", "train", n=1)[0]
+    for fmt in ("hash", "boxed", "none"):
+        label, asked = data.strict_label(fmt), data.user_message(problem, fmt)
+        if fmt == "none":
+            assert label is None and asked == problem.question
+        else:
+            mark = label.removeprefix("strict (").removesuffix(" format)")
+            assert mark in data.ANSWER_INSTRUCTIONS[fmt] and mark in asked, (fmt, label, asked)
+    assert data.strict_label(None) == "strict"
+    default = cfg.load_recipe(ROOT / "recipes/smollm2-135m-arith.yaml", [])
+    assert default.data.task == "arithmetic" and data.strict_label(default.data.answer_format) == "strict (#### format)"

@@ -3,6 +3,7 @@ headless Chromium that loads the page from a file:// URL (skipped without chromi
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -172,6 +173,46 @@ def test_recipe_of_the_newest_checkpoint(tmp_path):
     (ckpts / "step_000006" / "recipe.yaml").unlink()
     assert report.read_recipe(run) == {}
     assert "<th>algorithm</th><td>not recorded</td>" in report.render(run)
+
+
+class Axes:
+    """Records the labels a panel's lines get."""
+
+    def __init__(self):
+        self.labels: list = []
+
+    def plot(self, *args, label=None, **kw):
+        self.labels.append(label)
+
+    fill_between = plot
+
+
+@pytest.mark.parametrize(
+    "answer_format, label",
+    [("hash", "strict (#### format)"), ("boxed", "strict (\\boxed{} format)"), ("none", None), (None, "strict")],
+)
+def test_strict_accuracy_says_which_format_or_is_left_out(tmp_path, monkeypatch, answer_format, label):
+    """Issue #30: strict accuracy is named after the format the prompt asks for
+    (data.strict_label), and left out where it asks for none; a run without its recipe
+    keeps the plain name."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    rows = [{"step": s, "eval/accuracy": 0.5, "eval/accuracy_strict": 0.125, "eval/n": 8} for s in (0, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if answer_format is not None:
+        recipe = f"name: myrun\ndata:\n  task: arithmetic\n  answer_format: {answer_format}\n"
+        (run / "checkpoints" / "step_000002" / "recipe.yaml").write_text(recipe)
+    panels: list = []
+    monkeypatch.setattr(report, "panel_pngs", lambda rows, chosen=None: panels.extend(chosen or []) or [])
+    text = report.render(run)
+    ax = Axes()
+    next(p for p in panels if p.title.startswith("eval accuracy")).draw(ax, rows)
+    if label is None:
+        assert "strict" not in text and "0.125" not in text and ax.labels == ["lenient"]
+        assert "<th>step</th><th>accuracy</th><th>95% CI</th><th>n</th>" in text
+    else:
+        assert f"<th>accuracy, {html.escape(label)}</th>" in text and "<td>0.125</td>" in text
+        assert ax.labels == ["lenient", label]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -31,6 +31,7 @@ ANSWER_INSTRUCTIONS = {
     "hash": 'Give the final answer after "####".',
     "boxed": "Put the final answer in \\boxed{}.",
 }
+ANSWER_MARKS = {"hash": "####", "boxed": "\\boxed{}"}  # what each instruction asks the answer to follow
 DEFAULT_SYSTEM_PROMPT: str | None = None  # None: the chat template's own default
 
 MAX_REPORTED_LINES = 5
@@ -250,6 +251,18 @@ def user_message(problem: Problem, answer_format: str = "hash", instruction: str
     """The problem text followed by the answer-format instruction (none for answer_format
     "none": a free-form answer has no format to ask for)."""
     return _with_instruction(problem.question, answer_format, instruction)
+
+
+def strict_label(answer_format: str | None) -> str | None:
+    """How the views (dashboard, report) name strict accuracy for a recipe's
+    `data.answer_format`: strict is the answer in the format the prompt's instruction asks
+    for (every task's prompt gets it, arithmetic's too), so "strict (#### format)" for
+    hash. None for "none": the prompt asks for no format and strict equals lenient; leave
+    it out. "strict" when the format is not known (a run without its recipe)."""
+    if answer_format is None:
+        return "strict"
+    mark = ANSWER_MARKS.get(answer_format)
+    return None if mark is None else f"strict ({mark} format)"
 
 
 def _with_instruction(text: str, answer_format: str, instruction: str | None) -> str:

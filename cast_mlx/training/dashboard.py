@@ -39,6 +39,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts
+from cast_mlx.tasks import data
 from cast_mlx.training.callbacks import TrainingCallback
 
 UNITS = {"sampling": "tokens", "update": "micro-batches", "eval": "problems"}  # phases with a count
@@ -227,9 +228,11 @@ class RichView(TrainingCallback):
         clock: Callable[[], float] = time.monotonic,
         refresh_per_second: float = 4.0,
         sample_period: float = 5.0,
+        answer_format: str | None = None,
     ):
         self.total, self.clock = total, clock
         self.info: dict = {}
+        self.strict = data.strict_label(answer_format)  # None: the prompt asks for no format
         self.console = console or Console()
         self.state = RunState(total, eval_every, clock)
         self.m: dict = {}
@@ -239,23 +242,31 @@ class RichView(TrainingCallback):
         self.sample_period = sample_period
         self.drawn_at = -float("inf")
         self.live = Live(console=self.console, auto_refresh=False)
-        self.started = False
+        self.started = False  # the live display runs
+        self.running = False  # between on_train_begin and on_train_end
 
     def on_train_begin(self, info: dict) -> None:
         self.info = info
         self.state.begin(info)
-        self.live.update(self._render())
-        self.live.start(refresh=True)
-        self.started = True
-        self.drawn_at = self.clock()
+        self.running = True
+        self.refresh()
 
     def on_train_end(self) -> None:
+        self.running = False
+        self._stop()
+
+    def _stop(self) -> None:
+        """End the live display: its last frame stays on the screen, once."""
         if self.started:
             self.live.stop()
             self.started = False
 
     def on_message(self, text: str) -> None:
+        """Below the last frame: the live display stops (the next phase or line starts a new one),
+        so no frame follows the summary. The resume note, before any step, goes above it."""
         self.state.message(text)
+        if not _RESUMED.match(text):
+            self._stop()
         self.console.print(text)
 
     def on_phase(self, phase: str, done: int, total: int, note: str = "") -> None:
@@ -276,10 +287,15 @@ class RichView(TrainingCallback):
         self.refresh()
 
     def refresh(self) -> None:
-        """Draw the panel now (when the live display runs)."""
+        """Draw the panel now (between on_train_begin and on_train_end), starting a live
+        display when none runs (a fresh one: a stopped one would erase what came after it)."""
         self.drawn_at = self.clock()
         if self.started:
             self.live.update(self._render(), refresh=True)
+        elif self.running:
+            self.live = Live(self._render(), console=self.console, auto_refresh=False)
+            self.live.start(refresh=True)
+            self.started = True
 
     # ------------------------------------------------------------------ the panel's parts
 
@@ -318,9 +334,10 @@ class RichView(TrainingCallback):
         t = Table(title="rewards", show_header=False, box=None)
         rows: list[tuple[str, str, str]] = [
             ("reward", "reward", ".3f"),
-            ("accuracy strict", "accuracy/strict", ".3f"),
             ("accuracy lenient", "accuracy/lenient", ".3f"),
         ]
+        if self.strict is not None:  # what the prompt's answer format asks for
+            rows.insert(1, (f"accuracy {self.strict}", "accuracy/strict", ".3f"))
         if not self._teacherless():  # without a teacher the group mix is in its own panel
             rows += [
                 ("all correct", "cast/groups/all_correct", ".2f"),
@@ -455,8 +472,11 @@ class RichView(TrainingCallback):
         return Panel(_sample_text(s), title=f"sample ({kind}{of})", expand=True)
 
     def _render(self) -> Panel:
+        items = dict(self.info)  # the run's facts; info's step is where this invocation started
+        if isinstance(start := items.get("step"), int):  # the current step, as `7/24`
+            items["step"] = f"{self.state.step}/{self.total}" + (f" (resumed at {start})" if start else "")
         head = Table.grid(padding=(0, 2))
-        head.add_row(*[f"[dim]{k}[/] {escape(str(v))}" for k, v in self.info.items()])
+        head.add_row(*[f"[dim]{k}[/] {escape(str(v))}" for k, v in items.items()])
         algo = self._grpo_panel() if self._teacherless() else self._cast_panel()
         body = Table.grid(padding=(0, 3))
         body.add_row(self._rewards(), algo, self._optimisation())
@@ -466,11 +486,15 @@ class RichView(TrainingCallback):
         return Panel(Group(*parts), title="cast-mlx")
 
 
-def make_view(total: int, live: bool, force_terminal: bool = False, eval_every: int = 0) -> TrainingCallback:
+def make_view(
+    total: int, live: bool, force_terminal: bool = False, eval_every: int = 0, answer_format: str | None = None
+) -> TrainingCallback:
     """RichView on a TTY when `live`, else PlainView. `force_terminal`: draw the live view
     even though stdout is not a TTY (rank 0 under `mlx.launch`, whose stdout is a pipe that
     the launcher copies to its terminal). `eval_every`: the recipe's `logging.eval_every`,
-    for the evals the ETA counts."""
+    for the evals the ETA counts. `answer_format`: the recipe's `data.answer_format`, which
+    says what strict accuracy means (`data.strict_label`; None: not known, plain "strict")."""
     if live and (force_terminal or sys.stdout.isatty()):
-        return RichView(total, Console(force_terminal=True) if force_terminal else None, eval_every=eval_every)
+        console = Console(force_terminal=True) if force_terminal else None
+        return RichView(total, console, eval_every=eval_every, answer_format=answer_format)
     return PlainView(total, eval_every=eval_every)

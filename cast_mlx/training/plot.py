@@ -7,7 +7,8 @@ one legend for the whole figure); inside a panel the line style says which serie
 and the panel title spells that out, so no legend hunt is needed:
 
 - reward: the per-step mean reward (thin) and its trailing rolling mean (thick);
-- eval accuracy: `eval/accuracy` (lenient, solid) and `eval/accuracy_strict` (dashed);
+- eval accuracy: `eval/accuracy` (lenient, solid) and `eval/accuracy_strict` (dashed: the
+  answer in the format the prompt asks for, `####` or `\\boxed{}`; a run evaluates only then);
 - group mix: the share of groups that are mixed (solid), all correct (dashed), all
   wrong (dotted): only mixed groups carry a GRPO signal;
 - flip shares: the share of tokens whose advantage sign CAST flips down (solid) or up
@@ -33,7 +34,7 @@ ROLLING = 10  # steps in the reward's rolling mean
 PANELS = [
     ("reward (thin: per step, thick: rolling mean)", "mean reward", [("reward", "-", "reward")]),
     (
-        "eval accuracy (solid: lenient, dashed: strict)",
+        "eval accuracy (solid: lenient, dashed: strict, in the format the prompt asks for)",
         "accuracy",
         [("eval/accuracy", "-", "lenient"), ("eval/accuracy_strict", "--", "strict")],
     ),

@@ -13,7 +13,7 @@ script. It holds
   completion length and truncation rate, group mix, CAST's gap shares, step-time split.
   A panel whose metrics appear in no line is left out (the gap shares also when they are
   all zero, as GRPO logs them);
-- the eval table: every eval step with accuracy, CI, strict accuracy and n;
+- the eval table: every eval step with accuracy, CI, strict accuracy (`data.strict_label`) and n;
 - sampled completions from `samples.jsonl`, up to N per step, one `<details>` per step.
 
 `write_report(run_dir)` is the library call (the trainer makes one at the end of a run).
@@ -33,13 +33,15 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
 from cast_mlx.config import ORACLE_LABEL
+from cast_mlx.tasks.data import strict_label
 from cast_mlx.training.plot import METRICS, read_jsonl, read_metrics, rolling_mean, series, skipped_note
 
 SAMPLES = "samples.jsonl"
@@ -63,7 +65,7 @@ def _draw_reward(ax, rows: list[dict]) -> None:
     ax.plot(steps, rolling_mean(values), color="C0", linewidth=2.0, label="rolling mean")
 
 
-def _draw_eval(ax, rows: list[dict]) -> None:
+def _draw_eval(ax, rows: list[dict], strict: str | None = "strict") -> None:
     by_step: dict[float, tuple[float, float]] = {}
     lo_steps, lo = series(rows, "eval/accuracy_ci_low")
     hi_steps, hi = series(rows, "eval/accuracy_ci_high")
@@ -79,8 +81,8 @@ def _draw_eval(ax, rows: list[dict]) -> None:
     steps, values = series(rows, "eval/accuracy")
     ax.plot(steps, values, color="C0", linewidth=1.8, marker="o" if len(steps) < 30 else None, ms=3, label="lenient")
     steps, values = series(rows, "eval/accuracy_strict")
-    if len(steps):
-        ax.plot(steps, values, color="C1", linestyle="--", linewidth=1.4, label="strict")
+    if len(steps) and strict is not None:
+        ax.plot(steps, values, color="C1", linestyle="--", linewidth=1.4, label=strict)
 
 
 def _draw_length(ax, rows: list[dict]) -> None:
@@ -137,13 +139,7 @@ class Panel:
 
 PANELS = [
     Panel("reward (thin: per step, thick: rolling mean)", "mean reward", ("reward",), _draw_reward),
-    Panel(
-        "eval accuracy (band: 95% CI)",
-        "accuracy",
-        ("eval/accuracy",),
-        _draw_eval,
-        unit_range=True,
-    ),
+    Panel("eval accuracy (band: 95% CI)", "accuracy", ("eval/accuracy",), _draw_eval, unit_range=True),
     Panel(
         "completion length and truncation rate",
         "tokens",
@@ -389,9 +385,10 @@ def _header(run_dir: Path, rows: list[dict], recipe: dict) -> str:
     return out
 
 
-def _curves(rows: list[dict]) -> str:
+def _curves(rows: list[dict], strict: str | None) -> str:
+    panels = [replace(p, draw=partial(_draw_eval, strict=strict)) if p.draw is _draw_eval else p for p in PANELS]
     images = []
-    for panel, png in panel_pngs(rows):
+    for panel, png in panel_pngs(rows, panels):
         data = base64.b64encode(png).decode("ascii")
         images.append(f'<img alt="{html.escape(panel.title)}" src="data:image/png;base64,{data}">')
     if not images:
@@ -399,7 +396,7 @@ def _curves(rows: list[dict]) -> str:
     return '<h2>Learning curves</h2>\n<div class="panels">\n' + "\n".join(images) + "\n</div>\n"
 
 
-def _eval_table(rows: list[dict]) -> str:
+def _eval_table(rows: list[dict], strict: str | None) -> str:
     evals = _by_step(rows, "eval/accuracy")
     if not evals:
         return '<h2>Evaluations</h2>\n<p class="note">no evaluation in this run</p>\n'
@@ -409,11 +406,13 @@ def _eval_table(rows: list[dict]) -> str:
         ci = f"[{lo:.3f}, {hi:.3f}]" if _is_num(lo) and _is_num(hi) else "—"
         n = row.get("eval/n")
         n_text = _fmt(n, "d") if isinstance(n, int) else _fmt(n, ".0f")
+        strict_cell = "" if strict is None else f"<td>{_fmt(row.get('eval/accuracy_strict'))}</td>"
         lines.append(
             f'<tr class="eval-row"><td>{step}</td><td>{_fmt(row["eval/accuracy"])}</td><td>{ci}</td>'
-            f"<td>{_fmt(row.get('eval/accuracy_strict'))}</td><td>{n_text}</td></tr>"
+            f"{strict_cell}<td>{n_text}</td></tr>"
         )
-    head = "<tr><th>step</th><th>accuracy</th><th>95% CI</th><th>strict accuracy</th><th>n</th></tr>"
+    strict_head = "" if strict is None else f"<th>accuracy, {html.escape(strict)}</th>"
+    head = f"<tr><th>step</th><th>accuracy</th><th>95% CI</th>{strict_head}<th>n</th></tr>"
     return f'<h2>Evaluations</h2>\n<table class="eval">{head}\n' + "\n".join(lines) + "\n</table>\n"
 
 
@@ -462,14 +461,15 @@ def render(run_dir: Path, samples_per_step: int = 2, warn: Callable[[str], None]
     recipe = read_recipe(run_dir)
     groups = read_samples(run_dir, samples_per_step, warn)
     title = html.escape(str(_get(recipe, "name") or Path(run_dir).resolve().name))
+    strict = strict_label(_get(recipe, "data.answer_format"))
     written = datetime.datetime.now().isoformat(timespec="seconds")
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n{CSP}\n'
         f"<title>{title}: cast-mlx report</title>\n"
         f"<style>{CSS}</style>\n</head>\n<body>\n"
         + _header(run_dir, rows, recipe)
-        + _curves(rows)
-        + _eval_table(rows)
+        + _curves(rows, strict)
+        + _eval_table(rows, strict)
         + _samples(groups, samples_per_step, (run_dir / SAMPLES).is_file())
         + f'<p class="note">written {written} by cast_mlx.report from {METRICS}'
         + (f" and {SAMPLES}" if groups else "")
