@@ -111,6 +111,10 @@ class SamplingConfig:
     min_p: float = bounds(0.0, ge=0.0, lt=1.0)
     max_new_tokens: int = bounds(256, ge=1)
     max_batch: int = bounds(64, ge=1)  # decode streams per wave
+    # DAPO's dynamic sampling (verl filter_groups, OpenRLHF --dynamic_filtering): draw further
+    # prompts until prompts_per_step groups have a reward spread, at most max_rounds rounds
+    dynamic: bool = False
+    max_rounds: int = bounds(3, ge=1)  # sampling rounds per step with dynamic (the first included)
 
 
 @dataclass
@@ -149,6 +153,12 @@ class LossConfig:
     loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     mask_truncated: bool = True
     beta: float = bounds(0.0, ge=0.0)  # k3 KL to the base model
+    # clipped updates per sampled batch (TRL num_iterations, verl ppo_epochs); the teacher's
+    # gaps and the advantages are computed once, the behaviour log-probs in the first update
+    num_iterations: int = bounds(1, ge=1)
+    # the importance ratio per token, or per completion, length-normalised (GSPO: TRL
+    # importance_sampling_level, verl loss_mode gspo)
+    importance_level: Literal["token", "sequence"] = "token"
 
 
 @dataclass
@@ -275,6 +285,7 @@ def _check_recipe(r: Recipe) -> None:
     if not 0 < lo <= 1 <= hi:
         raise ConfigError(f"algorithm.ratio_band: need 0 < low <= 1 <= high, got [{lo}, {hi}]")
     _check_teacher_context(r.algorithm.name, r.teacher.context, r.teacher.oracle)
+    _check_dynamic(r)
     b1, b2 = r.optimizer.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got [{b1}, {b2}]")
@@ -298,6 +309,18 @@ def _check_recipe(r: Recipe) -> None:
         raise ConfigError("data.hub_id: only for data.task custom (gsm8k/math read the hub when data.path is null)")
     if not math.isfinite(r.reward.correct_threshold):
         raise ConfigError("reward.correct_threshold: must be a finite number")
+
+
+def _check_dynamic(r: Recipe) -> None:
+    """Dynamic sampling drops the groups whose rewards are all equal; an estimator that gives
+    them `±zero_var_base` learns from those groups, so the two would contradict each other."""
+    a = r.algorithm
+    if r.sampling.dynamic and facts_of(a.name).zero_var_base and a.zero_var_base > 0:
+        raise ConfigError(
+            f"sampling.dynamic: {a.name} learns from all-correct/all-wrong groups (algorithm.zero_var_base="
+            f"{a.zero_var_base:g}), which dynamic sampling drops; set algorithm.zero_var_base=0 "
+            "or sampling.dynamic=false"
+        )
 
 
 def _check_teacher_context(algorithm: str, context: str | None, oracle: bool = False) -> None:
@@ -368,21 +391,10 @@ def _check_data_path(d: DataConfig, eval_every: int) -> None:
         )
 
 
-# Keys that recipes (and the recipe.yaml of older checkpoints) may still hold with their one
-# allowed value; they are dropped. Any other value is an error naming the key.
-_RETIRED_KEYS = {("loss", "num_iterations"): (1, "only 1 update per batch is implemented")}
-
-
-def _drop_retired(data: dict) -> dict:
-    """Retired keys dropped (where they hold the only value they could) and renamed teacher
-    contexts given their new names, so that older recipes and run folders still load."""
+def _renamed_contexts(data: dict) -> dict:
+    """Renamed teacher contexts given their new names, so that older recipes and run folders
+    still load."""
     data = dict(data)
-    for (section, key), (allowed, why) in _RETIRED_KEYS.items():
-        part = data.get(section)
-        if isinstance(part, dict) and key in part:
-            if part[key] != allowed:
-                raise ConfigError(f"{section}.{key}: {why}; remove the key, got {show(part[key])}")
-            data[section] = {k: v for k, v in part.items() if k != key}
     teacher = data.get("teacher")
     if isinstance(teacher, dict) and isinstance(teacher.get("context"), str):
         context = teacher["context"]
@@ -401,7 +413,7 @@ def _fill_defaults(r: Recipe) -> None:
 
 def from_dict(data: dict) -> Recipe:
     """A validated recipe with every derived default resolved (no field means "default")."""
-    recipe = build(Recipe, _drop_retired(data), "")
+    recipe = build(Recipe, _renamed_contexts(data), "")
     _fill_defaults(recipe)
     _check_recipe(recipe)
     return recipe

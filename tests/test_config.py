@@ -92,8 +92,10 @@ def test_exponent_floats_without_a_dot(tmp_path: Path):
         ("name: x\n", ["optimizer.lr=-1"], "optimizer.lr: must be > 0.0, got -1.0"),
         ("name: x\n", ["sampling.temperature=\x01"], "value is not valid YAML"),
         ("name: x\n", ["optimizer.lr=-1e-4"], "optimizer.lr: must be > 0.0, got -0.0001"),
-        ("loss:\n  num_iterations: 2\n", [], "loss.num_iterations: only 1 update per batch"),
-        ("loss:\n  num_iterations: 1\nsampling:\n  top_k: -1\n", [], "sampling.top_k: must be >= 0"),
+        ("loss:\n  num_iterations: 0\n", [], "loss.num_iterations: must be >= 1"),
+        ("loss:\n  importance_level: row\n", [], "loss.importance_level"),
+        ("sampling:\n  max_rounds: 0\n", [], "sampling.max_rounds: must be >= 1"),
+        ("sampling:\n  top_k: -1\n", [], "sampling.top_k: must be >= 0"),
     ],
 )
 def test_bad_recipe_cli(tmp_path: Path, yaml_text, overrides, expected):

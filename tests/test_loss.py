@@ -50,6 +50,27 @@ def test_hand_computed_loss(agg):
     assert "kl_mean" not in metrics
 
 
+def test_sequence_level_ratio_by_hand():
+    """GSPO: every token of a completion takes exp(mean log-ratio) of its completion, so the
+    clip decides per completion; the gradient at token t is that ratio times A_t (divided
+    by the aggregation's counts)."""
+    logp, old, adv, mask = hand_batch()
+    s0, s1 = (1.0 * 1.5 * 0.5) ** (1 / 3), (1.1 * 1.0) ** (1 / 2)  # 0.9086, 1.0488: inside [0.8, 1.28]
+    rows = [(-s0 - s0 + s0) / 3, (2 * s1 - 0.5 * s1) / 2]
+    value, metrics = policy_loss(logp, old, adv, mask, importance_level="sequence")
+    assert value.item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    assert metrics["ratio_mean"].item() == pytest.approx((3 * s0 + 2 * s1) / 5, rel=1e-6)
+    grad = mx.grad(lambda lp: policy_loss(lp, old, adv, mask, importance_level="sequence")[0])(logp)
+    np.testing.assert_allclose(np.array(grad[0]), [-s0 / 6, -s0 / 6, s0 / 6], rtol=1e-5)
+    np.testing.assert_allclose(np.array(grad[1, :2]), [2 * s1 / 4, -0.5 * s1 / 4], rtol=1e-5)
+    # a completion whose mean ratio leaves the band is clipped as a whole: no gradient where A > 0
+    far = old + mx.array([[0.6, 0.6, 0.6], [0.0, 0.0, 0.0]])  # s = e^0.6 = 1.82 > 1.28
+    grad = mx.grad(lambda lp: policy_loss(lp, old, mx.ones(adv.shape), mask, importance_level="sequence")[0])(far)
+    assert np.abs(np.array(grad[0])).max() == 0.0 and np.abs(np.array(grad[1, :2])).min() > 0
+    with pytest.raises(ValueError, match="importance_level"):
+        policy_loss(logp, old, adv, mask, importance_level="row")
+
+
 def test_truncated_rows_are_dropped():
     truncated = mx.array([False, True])
     expected = {"seq-mean-token-mean": -1.48 / 3, "token-mean": -1.48 / 3, "seq-mean-token-sum-norm": -1.48 / 3}
@@ -194,6 +215,7 @@ def loss_cases(draw):
         eps_high=draw(st.sampled_from([0.28, 0.2])),
         mask_truncated=draw(st.booleans()),
         beta=draw(st.sampled_from([0.0, 0.04])),
+        importance_level=draw(st.sampled_from(["token", "sequence"])),
     )
     return logp, old, adv, mask, truncated, ref_logp, opts
 
@@ -283,9 +305,10 @@ def test_cast_diagnostics_by_hand():
 
 
 @pytest.mark.parametrize("agg", LOSS_AGGS)
-def test_compiled_loss_equals_eager(agg):
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_compiled_loss_equals_eager(agg, level):
     logp, old, adv, mask, truncated, ref_logp = (mx.array(x) for x in random_batch(3, length=45))
-    opts = dict(loss_agg=agg, beta=0.05, eps_low=0.2, eps_high=0.28)
+    opts = dict(loss_agg=agg, beta=0.05, eps_low=0.2, eps_high=0.28, importance_level=level)
     compiled = CompiledPolicyLoss(**opts)
 
     def eager(lp):

@@ -140,10 +140,13 @@ class CompiledPolicyLoss:
         loss_agg: str = "seq-mean-token-mean",
         mask_truncated: bool = True,
         beta: float = 0.0,
+        importance_level: str = "token",
         multiple: int = 32,
     ):
-        check_loss_options(eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta)
-        self.static = (float(eps_low), float(eps_high), loss_agg, bool(mask_truncated), float(beta))
+        check_loss_options(
+            eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta, importance_level=importance_level
+        )
+        self.static = (float(eps_low), float(eps_high), loss_agg, bool(mask_truncated), float(beta), importance_level)
         self.multiple = multiple
         self._fns: dict[bool, CountingCompiled] = {}
 
@@ -174,7 +177,7 @@ class CompiledPolicyLoss:
 
 @functools.lru_cache(maxsize=None)
 def _loss_kernel(static: tuple, with_ref: bool) -> CountingCompiled:
-    eps_low, eps_high, loss_agg, mask_truncated, beta = static
+    eps_low, eps_high, loss_agg, mask_truncated, beta, importance_level = static
 
     def kernel(logp, old_logp, advantages, mask, truncated, *rest):
         ref_logp = rest[0] if with_ref else None
@@ -192,6 +195,7 @@ def _loss_kernel(static: tuple, with_ref: bool) -> CountingCompiled:
             beta=beta,
             ref_logp=ref_logp,
             norm=LossNorm(num_tokens, num_seqs, max_len),
+            importance_level=importance_level,
         )
 
     return CountingCompiled(kernel, "policy_loss")

@@ -102,10 +102,15 @@ def _seq_mean_token_sum_norm(per_token, m, norm):  # Dr. GRPO
 
 
 LOSS_AGGS = tuple(_AGGREGATIONS)  # the names, in registration order (config lists the same)
+IMPORTANCE_LEVELS = ("token", "sequence")  # the ratio per token (PPO/GRPO) or per completion (GSPO)
 
 
-def check_loss_options(*, eps_low: float, eps_high: float, loss_agg: str, beta: float) -> None:
+def check_loss_options(
+    *, eps_low: float, eps_high: float, loss_agg: str, beta: float, importance_level: str = "token"
+) -> None:
     """The one validation of the loss's static options (eager and compiled)."""
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_level: {importance_level!r} is not one of {list(IMPORTANCE_LEVELS)}")
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg: {loss_agg!r} is not one of {list(LOSS_AGGS)}")
     if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
@@ -154,12 +159,17 @@ def policy_loss(
     beta: float = 0.0,
     ref_logp: mx.array | None = None,
     norm: LossNorm | None = None,
+    importance_level: str = "token",
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Clipped-surrogate loss (scalar) and metrics (dict of scalar arrays).
 
     Per token: `ratio = exp(logp - old_logp)`, `L = -min(ratio*A, clip(ratio, 1-eps_low,
     1+eps_high)*A)`, plus `beta * k3` with `k3 = exp(ref - logp) - (ref - logp) - 1` when
     `beta > 0`. `old_logp`, `advantages` and `ref_logp` are constants (stop-gradient).
+    `importance_level="sequence"` (GSPO, in its per-token form that keeps token-level
+    advantages): every token of a completion takes the completion's length-normalised ratio
+    `s = exp(mean_t(logp - old_logp))` as its value, `s * exp(logp - sg(logp))`, so the clip
+    acts per completion and each token's gradient is `s * A_t * grad logp_t`.
     Aggregations (`loss_agg`), with the normalisers from `norm` (default: this batch's):
     - "seq-mean-token-mean": mean over each completion's tokens, summed and divided by
       `num_seqs`;
@@ -169,7 +179,9 @@ def policy_loss(
     1+eps_high and A > 0), `ratio_mean`, and `kl_mean` when `ref_logp` is given; all are
     sums over loss-bearing tokens divided by `norm.num_tokens`.
     """
-    check_loss_options(eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta)
+    check_loss_options(
+        eps_low=eps_low, eps_high=eps_high, loss_agg=loss_agg, beta=beta, importance_level=importance_level
+    )
     if beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when beta > 0 (k3 KL to the reference model)")
     _check_shapes(logp, old_logp, advantages, mask, ref_logp)
@@ -183,6 +195,9 @@ def policy_loss(
     adv = mx.stop_gradient(advantages.astype(mx.float32))
     # Padding positions get ratio 1 (log-ratio 0) so garbage there cannot leak NaN/inf.
     log_ratio = mx.where(on, logp - mx.stop_gradient(old_logp), 0.0)
+    if importance_level == "sequence":
+        seq = mx.sum(log_ratio, axis=1, keepdims=True) / mx.maximum(mx.sum(m, axis=1, keepdims=True), 1.0)
+        log_ratio = mx.where(on, logp - mx.stop_gradient(logp) + mx.stop_gradient(seq), 0.0)
     ratio = mx.exp(log_ratio)
     clipped = mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -mx.minimum(ratio * adv, clipped * adv)

@@ -160,6 +160,11 @@ def check_recipe(recipe, size: int) -> None:
     if size == 1:
         return
     per_rank(recipe.sampling.prompts_per_step, size)
+    if recipe.sampling.dynamic:
+        raise ConfigError(
+            f"sampling.dynamic: its rounds are not split over {size} processes yet; "
+            "set sampling.dynamic=false or train in one process"
+        )
     if recipe.algorithm.scale_rewards == "batch":
         raise ConfigError(
             "algorithm.scale_rewards: 'batch' divides by the std of the whole batch, which is split "

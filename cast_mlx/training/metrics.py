@@ -112,6 +112,15 @@ def end_of_turn_diagnostics(
     return out
 
 
+# the update's per-iteration aux names -> the metrics line's names
+ITERATION_NAMES = {
+    "loss": "loss",
+    "clip_frac_low": "clip_ratio/low_mean",
+    "clip_frac_high": "clip_ratio/high_mean",
+    "ratio_mean": "ratio_mean",
+}
+
+
 def step_metrics(
     rows: dict,
     *,
@@ -181,6 +190,12 @@ def step_metrics(
     }
     if "kl_mean" in aux:
         m["kl"] = aux["kl_mean"]
+    if "updates_applied" in aux:  # loss.num_iterations > 1: each update's loss, clip and ratio
+        m["updates_applied"] = aux["updates_applied"]
+        for k, v in aux.items():
+            name, sep, it = k.partition("/iter")
+            if sep and name in ITERATION_NAMES:
+                m[f"{ITERATION_NAMES[name]}/iter{it}"] = v
     for k, v in diag.items():
         m[f"cast/{k}"] = float(cast(float, v.item())) if isinstance(v, mx.array) else float(v)
     return m

@@ -23,7 +23,6 @@ are reduced over processes (`engine.distributed`); rank 0 alone prints and write
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from cast_mlx.errors import EXIT_DRIFT, EXIT_SIGNAL, TrainingError, disk_full
 from cast_mlx.tasks import data, rewards, verify
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
-from cast_mlx.training import preflight
+from cast_mlx.training import preflight, sampling
 from cast_mlx.training.checkpoint import TrainState
 from cast_mlx.training.dashboard import make_view
 from cast_mlx.training.evaluation import base_model_eval, evaluate_held_out
@@ -139,7 +138,12 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
     advantages = CompiledAdvantages(a.name, group_size=recipe.sampling.group_size, **params)
     L = recipe.loss
     loss_fn = CompiledPolicyLoss(
-        eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg, mask_truncated=L.mask_truncated, beta=L.beta
+        eps_low=L.eps_low,
+        eps_high=L.eps_high,
+        loss_agg=L.loss_agg,
+        mask_truncated=L.mask_truncated,
+        beta=L.beta,
+        importance_level=L.importance_level,
     )
     return Run(
         recipe=recipe,
@@ -166,33 +170,13 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
 # --------------------------------------------------------------------------- sampling
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    order = list(range(n))
-    if shuffle:
-        random.Random(f"cast-mlx/order/{seed}/{epoch}").shuffle(order)
-    return order
-
-
 def next_prompts(run: Run) -> list:
     """The step's batch of problems (P of them, the global batch), advancing the data
     cursor; every rank of a data-parallel run advances it the same way."""
-    st, p = run.state, run.recipe.sampling.prompts_per_step
-    picked: list[int] = []
-    while len(picked) < p:
-        order = epoch_order(len(run.problems), run.recipe.seed, st.epoch, run.recipe.data.shuffle)
-        take = order[st.cursor : st.cursor + p - len(picked)]
-        picked += take
-        st.cursor += len(take)
-        if st.cursor >= len(order):
-            st.epoch, st.cursor = st.epoch + 1, 0
-    return [run.problems[i] for i in picked]
+    return [run.problems[i] for i in sampling.next_indices(len(run.problems), run.state, run.recipe)]
 
 
-def step_key(seed: int, step: int) -> mx.array:
-    return mx.random.key((seed * 1_000_003 + step) % (2**63))
-
-
-def sample(run: Run, problems: list) -> Trajectory:
+def sample(run: Run, problems: list, round: int = 0) -> Trajectory:
     """`G` completions of each of `problems`: this rank's equal share of the step's prompts,
     sampled as the same streams of the step's global rollout (so a completion's tokens do
     not depend on the number of processes)."""
@@ -207,7 +191,7 @@ def sample(run: Run, problems: list) -> Trajectory:
         r.sampling.group_size,
         r.sampling,
         eos,
-        key=step_key(r.seed, run.state.step),
+        key=sampling.step_key(r.seed, run.state.step, round),
         stream_offset=world.rank * streams,
         total_streams=world.size * streams,
         progress=lambda t, cap, done, n: run.phase("sampling", t, cap, f"{done}/{n} streams done"),
@@ -226,9 +210,25 @@ def train_step(run: Run) -> tuple[dict, list[dict]]:
     are this rank's own first rows (rank 0's are the global batch's first rows)."""
     comm_start = run.world.comm_counters()
     t0 = time.perf_counter()
-    traj = sample(run, dist.shard(next_prompts(run), run.world.rank, run.world.size))
+    traj, stats = draw_batch(run)
     mx.eval(traj.rollout.tokens, traj.rollout.logprobs)
-    return learn(run, traj, sample_seconds=time.perf_counter() - t0, comm_start=comm_start)
+    metrics, samples = learn(run, traj, sample_seconds=time.perf_counter() - t0, comm_start=comm_start)
+    return metrics | stats, samples
+
+
+def draw_batch(run: Run) -> tuple[Trajectory, dict]:
+    """The step's trajectory (this rank's share of the prompts), and with
+    `sampling.dynamic` its rounds (judged already) and their metrics."""
+    r = run.recipe
+    if not r.sampling.dynamic:
+        return sample(run, dist.shard(next_prompts(run), run.world.rank, run.world.size)), {}
+
+    def draw(round: int) -> Trajectory:  # one process (dist.check_recipe)
+        traj = sample(run, next_prompts(run), round)
+        judge(traj, run.tokenizer, r, run.verifier, run.reward_fns, run.special_ids)
+        return traj
+
+    return sampling.dynamic_batch(draw, r.sampling.prompts_per_step, r.sampling.max_rounds, run.special_ids)
 
 
 def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=None) -> tuple[dict, list[dict]]:
@@ -240,7 +240,8 @@ def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=No
     # -- rewards
     t = time.perf_counter()
     run.phase("verifying", 0, 1)
-    judge(traj, run.tokenizer, r, run.verifier, run.reward_fns, run.special_ids)
+    if traj.judged is None:  # dynamic sampling judged its rounds already
+        judge(traj, run.tokenizer, r, run.verifier, run.reward_fns, run.special_ids)
     times["verify"] = time.perf_counter() - t
 
     # -- teacher gaps and the KL reference
@@ -273,7 +274,8 @@ def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=No
     times["update"] = time.perf_counter() - t
 
     # -- counters and the teacher's refresh
-    lr = float((run.optimizer.learning_rate if result.applied else lr_schedule(r)(mx.array(st.step))).item())
+    updates = st.step * r.loss.num_iterations
+    lr = float((run.optimizer.learning_rate if result.applied else lr_schedule(r)(mx.array(updates))).item())
     all_skipped = result.aux["rows_skipped"] == traj.n_rows * run.world.size
     if count_step(st, result, all_skipped, r.system.max_bad_steps) and run.teacher is not None:
         run.teacher.after_step(run.model, st.step)
@@ -369,12 +371,8 @@ def make_callbacks(run: Run, live: bool, resumed: bool) -> cb.CallbackList:
     if not run.world.is_main:
         return cb.CallbackList([])
     r = run.recipe
-    view = make_view(
-        r.schedule.steps,
-        live and r.logging.dashboard,
-        force_terminal=run.world.size > 1 and "COLUMNS" in os.environ,
-        eval_every=r.logging.eval_every,
-    )
+    force = run.world.size > 1 and "COLUMNS" in os.environ  # force_terminal
+    view = make_view(r.schedule.steps, live and r.logging.dashboard, force, r.logging.eval_every, r.data.answer_format)
     return cb.CallbackList([*cb.sinks(r, run.out_dir, run.state.step if resumed else None), view])
 
 

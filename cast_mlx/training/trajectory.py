@@ -3,6 +3,7 @@ to stage (sample -> rewards -> teacher -> advantages -> update -> metrics)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -105,7 +106,7 @@ def judge(traj: Trajectory, tokenizer, recipe, verifier, reward_fns: list, speci
         }
         return [tokenizer.decode(p) for p in traj.contexts], columns
 
-    traj.judged = j = rewards.judge_rows(
+    traj.judged = rewards.judge_rows(
         traj.per_row([p.gold for p in traj.problems]),
         texts,
         fns=reward_fns,
@@ -117,11 +118,74 @@ def judge(traj: Trajectory, tokenizer, recipe, verifier, reward_fns: list, speci
         binary=get_estimator(r.algorithm.name).uses_teacher,
         plugin_inputs=plugin_inputs,
     )
+    row_arrays(traj, special_ids)
+
+
+def row_arrays(traj: Trajectory, special_ids: list[int]) -> None:
+    """The per-row arrays the later stages read, from the rollout and the judged rewards."""
+    j, out = traj.judged, traj.rollout
+    assert j is not None
     traj.rewards = mx.array(j.values, dtype=mx.float32)
     keep = mx.array([0.0 if d else 1.0 for d in j.dropped])[:, None]
     traj.mask = mask = out.mask * keep
     traj.truncated = truncated = mx.array([1.0 if f == "length" else 0.0 for f in out.finish_reasons])
     traj.special, traj.eos = rollout.special_and_eos(out.tokens, out.lengths, truncated, mask, special_ids)
+
+
+def merge_groups(parts: list[tuple[Trajectory, list[int]]], special_ids: list[int]) -> Trajectory:
+    """One judged trajectory of the groups `groups` of each judged trajectory of `parts`, in
+    order (dynamic sampling's rounds); per-token arrays are right-padded to the longest row."""
+    g = parts[0][0].group_size
+    problems, prompts, texts, rows_of = [], [], [], []
+    for traj, groups in parts:
+        assert traj.judged is not None and traj.texts is not None, "merge_groups needs judged trajectories"
+        rows = [p * g + k for p in groups for k in range(g)]
+        problems += [traj.problems[p] for p in groups]
+        prompts += [traj.prompts[p] for p in groups]
+        texts += [traj.texts[i] for i in rows]
+        rows_of.append(rows)
+    outs = [traj.rollout for traj, _ in parts]
+    width = max(int(o.lengths[mx.array(rows)].max().item()) for o, rows in zip(outs, rows_of))
+
+    def stacked(arrays: list[mx.array]) -> mx.array:  # each one's rows, cut or padded to `width`
+        pieces = [x[mx.array(rows), :width] for x, rows in zip(arrays, rows_of)]
+        return mx.concatenate([mx.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2)) for x in pieces])
+
+    frozen = None
+    if (f0 := outs[0].frozen) is not None:
+        fs = [cast(Any, o.frozen) for o in outs]
+        frozen_prompts = [f.prompts[p] for f, (_, groups) in zip(fs, parts) for p in groups]
+        frozen = dataclasses.replace(f0, prompts=frozen_prompts, completions=stacked([f.completions for f in fs]))
+    merged = dataclasses.replace(
+        outs[0],
+        tokens=stacked([o.tokens for o in outs]),
+        mask=stacked([o.mask for o in outs]),
+        logprobs=stacked([o.logprobs for o in outs]),
+        lengths=mx.concatenate([o.lengths[mx.array(rows)] for o, rows in zip(outs, rows_of)]),
+        finish_reasons=[o.finish_reasons[i] for o, rows in zip(outs, rows_of) for i in rows],
+        prompt_ids=prompts,
+        prompt_index=mx.arange(len(texts), dtype=mx.int32) // g,
+        prefill_tokens=sum(o.prefill_tokens for o in outs),
+        decode_tokens=sum(o.decode_tokens for o in outs),
+        seconds=sum(o.seconds for o in outs),
+        prefill_seconds=sum(o.prefill_seconds for o in outs),
+        frozen=frozen,
+    )
+    judged = [cast(RowRewards, traj.judged) for traj, _ in parts]
+
+    def pick(lists: list[list]) -> list:  # each one's rows, in order
+        return [x[i] for x, rows in zip(lists, rows_of) for i in rows]
+
+    out = Trajectory(problems, prompts, merged, g, texts=texts)
+    out.judged = RowRewards(
+        values=pick([j.values for j in judged]),
+        strict=pick([j.strict for j in judged]),
+        lenient=pick([j.lenient for j in judged]),
+        dropped=pick([j.dropped for j in judged]),
+        judged={n: pick([j.judged[n] for j in judged]) for n in judged[0].judged},
+    )
+    row_arrays(out, special_ids)
+    return out
 
 
 def teacher_rows(traj: Trajectory, tokenizer, recipe) -> list[list[int]]:

@@ -23,8 +23,9 @@ LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")  # policy_loss'
 
 
 def lr_schedule(recipe: cfg.Recipe):
-    """Linear warmup to `lr`, then constant / linear / cosine / polynomial (power 2) decay."""
-    lr, steps = recipe.optimizer.lr, recipe.schedule.steps
+    """Linear warmup to `lr`, then constant / linear / cosine / polynomial (power 2) decay,
+    over the optimizer's updates (`loss.num_iterations` per step)."""
+    lr, steps = recipe.optimizer.lr, recipe.schedule.steps * recipe.loss.num_iterations
     warmup = int(round(recipe.schedule.warmup_ratio * steps))
     end = lr * recipe.schedule.min_lr_ratio
     rest = max(steps - warmup, 1)
@@ -109,25 +110,41 @@ def count_step(state, result: UpdateResult, all_skipped: bool, max_bad_steps: in
 
 
 def accumulate_gradients(
-    model, loss_fn, recipe: cfg.Recipe, norm, rows, contexts, tokens, mask, adv, truncated, ref_lp, frozen, phase
+    model,
+    loss_fn,
+    recipe: cfg.Recipe,
+    norm,
+    rows,
+    contexts,
+    tokens,
+    mask,
+    adv,
+    truncated,
+    ref_lp,
+    frozen,
+    phase,
+    old_lp: list | None = None,
 ):
     """The LoRA gradient of the loss summed over micro-batches of `rows` (the rows with loss),
-    with the loss's value, the entropy sum and the loss metrics' sums: `(grads or None,
-    total, entropy_sum, metric_sums)`. The update takes one step with it; `diagnose
-    --vs-grpo` compares two of them on the same batch."""
+    with the loss's value, the entropy sum, the loss metrics' sums and each micro-batch's
+    log-probs: `(grads or None, total, entropy_sum, metric_sums, lps)`. `old_lp`: the
+    behaviour log-probs of each micro-batch (the `lps` of an earlier call on the same rows);
+    None: the policy's own (ratio 1: the first update on a batch). The update takes a step
+    with it; `diagnose --vs-grpo` compares two of them on the same batch."""
     r = recipe
     temperature = r.sampling.temperature
 
-    def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb):
+    def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb, old_mb):
         lp, ent = token_logprobs(model, batch, temperature, with_entropy=True)
-        old = mx.stop_gradient(lp)  # one update per batch: ratio = 1, gradient of the surrogate
+        old = mx.stop_gradient(lp) if old_mb is None else old_mb
         value, metrics = loss_fn(lp, old, adv_mb, batch.mask, trunc_mb, ref_mb, norm)
-        return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()))
+        return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()), mx.stop_gradient(lp))
 
     grad_fn = nn.value_and_grad(model, micro_loss)
     total, grads, entropy_sum = mx.array(0.0), None, mx.array(0.0)
     metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
     metric_sums = {k: mx.array(0.0) for k in metric_names}
+    lps: list[mx.array] = []
     # micro-batches of rows of similar length, each padded only to its own longest row
     # (and, with system.share_prefix, of one prompt: scored after one pass of it)
     share = r.system.share_prefix
@@ -139,15 +156,17 @@ def accumulate_gradients(
         batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
         length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
-        (value, (metrics, ent)), g = grad_fn(model, batch, adv[idx, :length], truncated[idx], ref_mb)
+        old_mb = None if old_lp is None else old_lp[done - 1]
+        (value, (metrics, ent, lp)), g = grad_fn(model, batch, adv[idx, :length], truncated[idx], ref_mb, old_mb)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         total = total + value
         entropy_sum = entropy_sum + ent
         for k, v in metrics.items():
             metric_sums[k] = metric_sums[k] + v
-        mx.eval(grads, total)
+        lps.append(lp)
+        mx.eval(grads, total, lp)
         phase("update", done, len(buckets))
-    return grads, total, entropy_sum, metric_sums
+    return grads, total, entropy_sum, metric_sums, lps
 
 
 def update(
@@ -177,19 +196,61 @@ def update(
     so the gradients summed over ranks are the single-process accumulated gradient, and
     the loss, grad norm and aux metrics returned are global (the same on every rank, so
     every rank takes the same decisions). A rank without loss-bearing rows still joins.
+
+    With `loss.num_iterations` = mu > 1: mu such updates on the same batch; the behaviour
+    log-probs are the first update's own (taken before its step), so the later updates'
+    ratios move and their clip acts. The result is the first update's, with
+    `iteration_metrics` in its aux; the updates stop at the first one not applied.
     """
     r = recipe
     norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
     rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
-    metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
-    grads, total, entropy_sum, metric_sums = accumulate_gradients(
-        model, loss_fn, r, norm, rows, contexts, tokens, mask, adv, truncated, ref_lp, frozen, phase
-    )
-    # the tokens of the rows that went through the forward pass (for the mean entropy), and
+    # the tokens of the rows that go through the forward pass (for the mean entropy), and
     # those of them that carry loss (for the mean ratio)
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
     carried = loss_mask(mask, truncated, r.loss.mask_truncated)
     loss_tok = carried[mx.array(rows)].sum() if rows else mx.array(0.0)
+    batch = dict(contexts=contexts, tokens=tokens, mask=mask, adv=adv, truncated=truncated, ref_lp=ref_lp)
+    results: list[UpdateResult] = []
+    old_lp = None  # the behaviour policy's log-probs: the first update's, taken before its step
+    while len(results) < r.loss.num_iterations:
+        result, lps = _one_update(
+            model, optimizer, loss_fn, r, world, norm, rows, n_tok, loss_tok, batch | {"frozen": frozen}, phase, old_lp
+        )
+        results.append(result)
+        old_lp = lps if old_lp is None else old_lp
+        if not result.applied:  # nothing to learn, or a non-finite loss: no further updates on it
+            break
+    if r.loss.num_iterations > 1:
+        results[0].aux |= iteration_metrics(results)
+    return results[0]
+
+
+def iteration_metrics(results: list[UpdateResult]) -> dict:
+    """With several updates per batch: each update's loss, clip fractions and mean ratio
+    (`.../iter{k}`), their means over the updates made under the plain names (the first
+    update's ratio is 1 by construction), and how many updates were applied."""
+    out: dict = {"updates_applied": sum(x.applied for x in results)}
+    for k, x in enumerate(results, 1):
+        out[f"loss/iter{k}"] = x.loss
+        for name in LOSS_METRICS:
+            if name in x.aux:
+                out[f"{name}/iter{k}"] = x.aux[name]
+    for name in LOSS_METRICS:
+        values = [x.aux[name] for x in results if name in x.aux]
+        if values:
+            out[name] = sum(values) / len(values)
+    return out
+
+
+def _one_update(model, optimizer, loss_fn, r, world, norm, rows, n_tok, loss_tok, batch, phase, old_lp):
+    """One clipped update on the batch: accumulated gradients, clip, AdamW. Returns the
+    `UpdateResult` and the micro-batches' log-probs before the step."""
+    metric_names = LOSS_METRICS + (("kl_mean",) if batch["ref_lp"] is not None else ())
+    grads, total, entropy_sum, metric_sums, lps = accumulate_gradients(
+        model, loss_fn, r, norm, rows, batch["contexts"], batch["tokens"], batch["mask"], batch["adv"],
+        batch["truncated"], batch["ref_lp"], batch["frozen"], phase, old_lp=old_lp,
+    )  # fmt: skip
     stats = dist.sum_values(
         world,
         {
@@ -198,7 +259,7 @@ def update(
             "tokens": n_tok,
             "loss_tokens": loss_tok,
             "rows": len(rows),
-            "all_rows": mask.shape[0],
+            "all_rows": batch["mask"].shape[0],
             **metric_sums,
         },
     )
@@ -210,14 +271,14 @@ def update(
     aux["entropy"] = stats["entropy"] / stats["tokens"] if stats["tokens"] else 0.0
     aux["rows_skipped"] = int(stats["all_rows"] - stats["rows"])
     if not stats["rows"]:  # nothing carries loss this step (e.g. all groups zero-variance)
-        return UpdateResult(0.0, 0.0, aux, False)
+        return UpdateResult(0.0, 0.0, aux, False), lps
     if grads is None:  # rows elsewhere but none here: join the sum with zeros
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
     grads = dist.sum_tree(world, grads)
     grads, grad_norm = optim.clip_grad_norm(grads, r.optimizer.max_grad_norm)
     loss_value, grad_norm = stats["loss"], grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        return UpdateResult(loss_value, grad_norm, aux, False)
+        return UpdateResult(loss_value, grad_norm, aux, False), lps
     optimizer.update(model, grads)
     mx.eval(model.trainable_parameters(), optimizer.state)
-    return UpdateResult(loss_value, grad_norm, aux, True)
+    return UpdateResult(loss_value, grad_norm, aux, True), lps

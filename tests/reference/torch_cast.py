@@ -224,8 +224,13 @@ def policy_loss(
     num_tokens=None,
     num_seqs=None,
     max_len=None,
+    importance_level="token",
 ):
     """Scalar loss. `logp` may be a tensor that requires grad (autograd reference).
+
+    `importance_level="sequence"` (GSPO-token, as in verl's gspo loss): each token's ratio
+    has the value of its completion's `exp(mean(logp - old))` and the gradient of
+    `logp_t` times that value.
 
     `num_tokens`, `num_seqs`, `max_len` override the batch's own normalisers (gradient
     accumulation); by default they are those of the completions that carry loss.
@@ -244,6 +249,10 @@ def policy_loss(
             continue
         idx = m[i]
         ratio = torch.exp(logp[i][idx] - old[i][idx])
+        if importance_level == "sequence":
+            lp = logp[i][idx]
+            seq = (lp - old[i][idx]).mean().detach()
+            ratio = torch.exp(lp - lp.detach() + seq)
         a = A[i][idx]
         surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
         per_token = -surrogate
