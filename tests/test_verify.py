@@ -42,6 +42,11 @@ H, B = "hash", "boxed"
         ("#### **8**", H, "8"),
         ("no marker 5", H, None),
         ("####", H, None),
+        # a quoted marker is named, not used (committed samples: 'The final answer after "####" is 30.')
+        ('The final answer after "####" is 30.', H, None),
+        ("You say \u201c####\u201d, then #### 48", H, "48"),
+        ('#### 3\nmy answer went after "#####".', H, "3"),
+        ('####"30"', H, '"30"'),  # quoted on one side only: a use of the marker
         ("\\boxed{\\frac{1}{2}}", B, "\\frac{1}{2}"),
         ("\\boxed{\\frac{\\sqrt{3}}{\\{2\\}}}", B, "\\frac{\\sqrt{3}}{\\{2\\}}"),  # nested
         ("\\boxed{3} and then \\boxed{5}", B, "5"),  # last wins
@@ -69,6 +74,14 @@ def test_extract_answer(text, fmt, expected):
 def test_extract_answer_rejects_unknown_format():
     with pytest.raises(ValueError, match="answer format"):
         extract_answer("#### 1", "json")
+
+
+def test_a_quoted_marker_leaves_the_answer_to_the_lenient_chain():
+    """The agreement study with math-verify (docs/verify-agreement.md) found completions that
+    mention the marker in quotes; the prose after it was read as their answer."""
+    text = 'We add 26 and 4: 26 + 4 = 30.\n\nThe final answer after "####" is 30.'
+    assert verify(text, "30") == Verdict(strict=False, lenient=True, pred="30")
+    assert verify('1 + 6 = 7\n\nThis is the final answer after the step "####".', "7").lenient
 
 
 def test_lenient_answer_order():

@@ -20,11 +20,12 @@ from typing import Any, Literal
 from cast_mlx.config import ConfigError, RewardConfig
 from cast_mlx.errors import TrainingError
 from cast_mlx.tasks import verify
-from cast_mlx.tasks.verify import TimeoutPool, Verdict, Verifier
+from cast_mlx.tasks.verify import TimeoutPool, Verdict, Verifier, mathverify
 from cast_mlx.tasks.verify.extract import extract_answer
 
-BUILTINS = ("math", "math_strict", "math_lenient", "format", "overlong")
+BUILTINS = ("math", "math_strict", "math_lenient", "format", "overlong", mathverify.NAME)
 _MATH_MODES = {"math_strict": "strict", "math_lenient": "lenient"}  # `math`: the caller's strictness
+_VERIFIER = ("math", "math_strict", "math_lenient")  # our verifier's built-ins: one verify_batch
 _NEEDS_MARKER = ("math", "math_strict", "math_lenient", "format")  # they read the answer after its marker
 _SPEC_FORMS = "a built-in (" + ", ".join(BUILTINS) + "), module:function or path/to/file.py:function"
 _RESERVED = ("completions", "prompts", "answers")  # keywords that `score` fills itself
@@ -150,6 +151,8 @@ def _check_builtin(name: str, answer_format: str | None, where: str) -> None:
             f"{where}: {name!r} reads the answer after its marker, but data.answer_format is none; "
             "use hash or boxed, or a plug-in"
         )
+    if name == mathverify.NAME:  # an optional extra: say how to install it before a model loads
+        mathverify.check_installed(where)
 
 
 def _import_check(spec: str, target: str, where: str) -> None:
@@ -325,9 +328,10 @@ def score(
     """Run every function once on the batch and combine their values (docs/design.md, "Rewards").
 
     Built-ins run here (the math ones share one `verify_batch`, which needs a `Verifier`);
-    plug-ins run in the pool's workers (a `Verifier`'s, or a `TimeoutPool`), `timeout`
-    seconds each. `columns` are the extra keyword lists for plug-ins; `overlong` reads its
-    `lengths` and `truncated`. Raises `RewardError` when a function fails.
+    plug-ins, and `math_verify` (one call per completion), run in the pool's workers (a
+    `Verifier`'s, or a `TimeoutPool`), `timeout` seconds each. `columns` are the extra
+    keyword lists for plug-ins; `overlong` reads its `lengths` and `truncated`. Raises
+    `RewardError` when a function fails.
     """
     if not fns:
         raise ValueError("rewards.score needs at least one reward function (none: use the verifier path)")
@@ -335,14 +339,16 @@ def score(
     kwargs = _batch_kwargs(n, prompts, answers, columns)
     texts = list(completions)
     verdicts = None
-    if any(fn.kind == "builtin" and fn.spec.startswith("math") for fn in fns):
+    if any(fn.kind == "builtin" and fn.spec in _VERIFIER for fn in fns):
         if not isinstance(pool_or_verifier, Verifier):
             raise ValueError("the math reward built-ins need a Verifier, not a bare TimeoutPool")
         verdicts = pool_or_verifier.verify_batch([(c, a, answer_format) for c, a in zip(texts, kwargs["answers"])])
     plugins = [fn for fn in fns if fn.kind == "plugin"]
     values = _run_plugins(plugins, _pool_of(pool_or_verifier), timeout, texts, kwargs) if plugins and n else {}
+    if n and any(fn.kind == "builtin" and fn.spec == mathverify.NAME for fn in fns):
+        values[mathverify.NAME] = _math_verify_values(_pool_of(pool_or_verifier), texts, kwargs["answers"], timeout)
     for fn in fns:
-        if fn.kind == "builtin":
+        if fn.kind == "builtin" and fn.spec != mathverify.NAME:
             values[fn.name] = _builtin_values(
                 fn.spec, texts, verdicts, kwargs, answer_format, strictness, max_new_tokens, buffer
             )
@@ -408,6 +414,13 @@ def _builtin_values(
     assert verdicts is not None, "score runs verify_batch whenever a math built-in is listed"
     mode = _MATH_MODES.get(spec, strictness)
     return [verify.reward(v, mode) for v in verdicts]
+
+
+def _math_verify_values(pool: TimeoutPool, completions: list[str], answers: list, timeout: float) -> list[float | None]:
+    try:
+        return mathverify.values(pool, completions, answers, timeout=timeout, load_timeout=max(timeout, LOAD_TIMEOUT))
+    except mathverify.LoadError as e:
+        raise RewardError(f"reward function {mathverify.NAME!r}: {e}") from None
 
 
 def _run_plugins(

@@ -7,6 +7,7 @@ verifier"):
 - `equivalence`: the ladder string -> exact number -> sympy equality.
 - `verdict`: the strict/lenient plan shared by `verify` and `Verifier`.
 - `pool`: `TimeoutPool` (workers killed on timeout) and `Verifier` (memoised, parallel).
+- `mathverify`: the optional `math_verify` reward (Hugging Face's math-verify), in the workers.
 
 A gold answer that cannot be parsed makes `verify` return None (the row leaves the loss)."""
 

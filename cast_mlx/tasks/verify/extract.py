@@ -72,14 +72,31 @@ def extract_boxed(text: str) -> str | None:
     return content or None
 
 
+_QUOTES = "\"'`“”‘’«»"
+
+
+def _quoted_marker(text: str, idx: int) -> bool:
+    """Whether the `####` at `idx` sits in quotes (`"####"`): the marker mentioned, not used."""
+    end = idx + 4
+    if end >= len(text) or text[end] not in _QUOTES:  # first: inside a run of `#` this is cheap
+        return False
+    start = idx
+    while start > 0 and text[start - 1] == "#":
+        start -= 1
+    return start > 0 and text[start - 1] in _QUOTES
+
+
 def extract_hash(text: str) -> str | None:
-    """The rest of the line after the last `####` that has something after it."""
+    """The rest of the line after the last `####` that has something after it. A quoted
+    `"####"` is skipped: a completion that writes 'my answer goes after "####"' names the
+    marker, and what follows it is prose, not an answer."""
     idx = text.rfind("####")
     while idx >= 0:
-        line = text[idx + 4 : idx + 4 + MAX_ANSWER_CHARS + 1].split("\n", 1)[0]
-        answer = line.strip().lstrip("#").strip().strip("*").strip().rstrip(".").strip()
-        if answer:
-            return answer
+        if not _quoted_marker(text, idx):
+            line = text[idx + 4 : idx + 4 + MAX_ANSWER_CHARS + 1].split("\n", 1)[0]
+            answer = line.strip().lstrip("#").strip().strip("*").strip().rstrip(".").strip()
+            if answer:
+                return answer
         idx = text.rfind("####", 0, idx)
     return None
 
