@@ -92,7 +92,7 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     # Empty: the built-in math verifier at data.reward's strictness (0/1). Otherwise a list
-    # of `name` (built-ins: math, math_strict, math_lenient, format, overlong),
+    # of `name` (built-ins: math, math_strict, math_lenient, format, overlong, math_verify),
     # `module:function` or `path/to/file.py:function` entries; the reward is their weighted sum.
     functions: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # one per function; None: all 1
@@ -219,6 +219,7 @@ class LoggingConfig:
     eval_every: int = bounds(0, ge=0)  # 0: off
     wandb: bool = False
     tensorboard: bool = False
+    trackio: bool = False  # a local trackio run (TRACKIO_DIR, default $HF_HOME/trackio); never the network
 
 
 @dataclass
