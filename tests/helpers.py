@@ -203,3 +203,46 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, *overrides: str):
         *overrides,
     ]
     return cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)
+
+
+# A run folder of a 4-step cast-verl run (tests/test_model_card.py, tests/test_publish.py).
+RUN_ADAPTER_CONFIG = {
+    "fine_tune_type": "lora",
+    "num_layers": 2,
+    "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
+}
+# step 0 (the base model), then steps 2 and 4 of 4 problems each; step 2 is the best
+EVALS = {0: [1, 0, 0, 0], 2: [1, 1, 1, 0], 4: [1, 1, 0, 0]}
+CI = {0: (0.0, 0.75), 2: (0.25, 1.0), 4: (0.0, 1.0)}
+
+
+def write_run(run_dir: Path, *sets: str) -> Path:
+    """A run folder as the loop leaves it: checkpoints 2 and 4 of a 4-step run (2 the best,
+    4 the latest) with mlx-lm adapter configs and the recipe, metrics.jsonl with evals at
+    steps 0, 2, 4 (and a torn line), and eval.jsonl's per-problem results."""
+    import json
+
+    from cast_mlx import config as cfg
+    from cast_mlx.engine import models
+    from cast_mlx.training import checkpoint
+
+    recipe = cfg.load_recipe(None, ["name=arith-demo", "algorithm.name=cast-verl", "schedule.steps=4", *sets])
+    for step in (2, 4):
+        ckpt = tiny_checkpoint(run_dir, step, "r", keep=5)
+        (ckpt / models.ADAPTER_CONFIG).write_text(json.dumps(RUN_ADAPTER_CONFIG))
+        (ckpt / "recipe.yaml").write_text(cfg.to_yaml(recipe))
+    checkpoint.mark_best(run_dir, run_dir / "checkpoints" / "step_000002")
+    lines = []
+    for step in range(5):
+        line: dict = {"step": step, "reward": step / 4}
+        if step in EVALS:
+            acc = sum(EVALS[step]) / 4
+            lo, hi = CI[step]
+            line |= {"eval/accuracy": acc, "eval/accuracy_ci_low": lo, "eval/accuracy_ci_high": hi}
+            line |= {"eval/accuracy_strict": acc / 2, "eval/n": 4}
+        lines.append(json.dumps(line))
+    lines.insert(2, '{"step": 1, "rew')  # a torn write
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    evals = [json.dumps({"step": s, "lenient": v, "strict": v}) for s, v in EVALS.items()]
+    (run_dir / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    return run_dir

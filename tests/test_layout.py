@@ -26,7 +26,7 @@ ALLOWED = {
 # declared facts, a pure-Python table (no MLX), so that a recipe validates before MLX loads
 DECLARATIONS = {"cast_mlx.algorithm", "cast_mlx.algorithm.facts"}
 LOOP = "cast_mlx.training.trainer"
-COMMANDS = {"train", "eval", "diagnose", "report", "plot", "models"}  # cast_mlx/X.py: `python -m cast_mlx.X`
+COMMANDS = {"train", "eval", "diagnose", "report", "plot", "models", "publish"}  # cast_mlx/X.py: `python -m cast_mlx.X`
 
 
 def module_name(path: Path) -> str:

@@ -56,7 +56,8 @@ def test_the_header_is_short_and_print_config_keeps_the_recipe(tmp_path, smol_di
 
 def _uses(stdout: str, ckpt: Path) -> None:
     """The summary names `ckpt` as the last checkpoint, and its commands use the best one it
-    names (or `ckpt` when it names none) with the embedded model's folder."""
+    names (or `ckpt` when it names none) with the embedded model's folder; `ckpt` holds the
+    model card."""
     assert f"last checkpoint: {ckpt}" in stdout
     best = re.search(r"best checkpoint \(by eval accuracy\): (\S+)", stdout)
     use = best.group(1) if best else str(ckpt)
@@ -64,6 +65,11 @@ def _uses(stdout: str, ckpt: Path) -> None:
     assert f"mlx_lm.generate --model {folder} --adapter-path {use} " in stdout
     assert f"mlx_lm.fuse --model {folder} --adapter-path {use} " in stdout
     assert f"python -m cast_mlx.eval --adapter {use} --task arithmetic" in stdout
+    run = Path(use).parents[1]
+    assert f"mlx_lm.evaluate --model {run / 'fused'} --tasks gsm8k" in stdout  # standard benchmarks
+    assert f"python -m cast_mlx.publish {run} --repo NAME" in stdout
+    card = (ckpt / "README.md").read_text()  # the model card in the last checkpoint
+    assert f"--adapter-path {ckpt} " in card and "## Evaluation" in card
 
 
 def test_summary_of_a_finished_an_interrupted_and_a_resumed_run(tmp_path, smol_dir):

@@ -1,5 +1,5 @@
 """The command-line entry points over the library: `train`, `eval`, `diagnose`, `report`,
-`plot`, `models` (each `python -m cast_mlx.X`, or `cast-mlx X`), the one parser helper they
+`plot`, `models`, `publish` (each `python -m cast_mlx.X`, or `cast-mlx X`), the one parser helper they
 share, and the `cast-mlx` dispatcher. Exit codes: `cast_mlx.errors`."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ COMMANDS = {
     "diagnose": ("cast_mlx.diagnose", "will CAST's teacher help here? (gap diagnostics)"),
     "report": ("cast_mlx.report", "an HTML page about one run"),
     "models": ("cast_mlx.models", "fetch / list embedded models"),
+    "publish": ("cast_mlx.publish", "upload a run's adapter with its model card to the Hugging Face Hub"),
 }
 
 

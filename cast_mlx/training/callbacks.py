@@ -1,9 +1,11 @@
 """Where a run's metrics go: `TrainingCallback` and `CallbackList` (after mlx-lm's), and the sinks
-(metrics/samples/eval files, wandb, TensorBoard). The hooks and when the loop calls them:
+(metrics/samples/eval files, wandb, TensorBoard, trackio). The hooks and when the loop calls them:
 docs/design.md, "Callbacks"."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -216,6 +218,60 @@ class TensorBoardLogger(TrainingCallback):
         self.writer.close()
 
 
+class TrackioLogger(TrainingCallback):
+    """A trackio run in trackio's local store (`TRACKIO_DIR`, default `$HF_HOME/trackio`): each
+    metrics line's numbers at its step (`step` itself is the x axis, a name trackio reserves)."""
+
+    def __init__(self, trackio, run):
+        self.trackio, self.run = trackio, run
+
+    def on_metrics(self, metrics: dict, samples: list[dict]) -> None:
+        self.run.log({k: v for k, v in _numeric(metrics).items() if k != "step"}, step=metrics["step"])
+
+    def on_train_end(self) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Uploading logs" line: nothing is uploaded
+            self.trackio.finish()
+
+
+TRACKIO_PROJECT = "cast-mlx"
+# What would send a trackio run elsewhere than the local store: a Space, a server, a webhook.
+TRACKIO_REMOTE_ENV = ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_WEBHOOK_URL")
+
+
+def _trackio_logger(recipe: cfg.Recipe, resumed: bool) -> TrackioLogger | None:
+    """A local-only trackio run named after the recipe (a resumed run continues the newest
+    run of that name), or None when trackio is not installed. Nothing goes to the network:
+    no Space, server or webhook (their environment variables are ignored) and no Hub user
+    lookup (trackio asks the Hub who the token belongs to; the name is left out instead)."""
+    try:
+        import trackio
+    except ImportError:
+        return None
+    from unittest import mock
+
+    local_env = {k: v for k, v in os.environ.items() if k not in TRACKIO_REMOTE_ENV}
+    with (
+        mock.patch.dict(os.environ, local_env, clear=True),
+        mock.patch.object(trackio.Run, "_get_username", return_value=None, create=True),
+        contextlib.redirect_stdout(io.StringIO()),  # its banner; the line below says where the run is
+    ):
+        run = trackio.init(
+            project=TRACKIO_PROJECT,
+            name=recipe.name,
+            config=cfg.to_dict(recipe),
+            resume="allow" if resumed else "never",
+            space_id=None,
+            server_url=None,
+            embed=False,
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+        )
+    from trackio.utils import TRACKIO_DIR
+
+    print(f"trackio: run {recipe.name} in {TRACKIO_DIR} (to view: trackio show --project {TRACKIO_PROJECT})")
+    return TrackioLogger(trackio, run)
+
+
 def _summary_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -228,8 +284,8 @@ def _summary_writer(log_dir: Path):
 
 
 def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[TrainingCallback]:
-    """The recipe's sinks: the metrics files, and wandb / TensorBoard when asked for and
-    installed (a warning otherwise)."""
+    """The recipe's sinks: the metrics files, and wandb / TensorBoard / trackio when asked for
+    and installed (a warning otherwise)."""
     out: list[TrainingCallback] = [MetricsFiles(run_dir, resume_step, cfg.run_label(recipe))]
     if recipe.system.memory_limit_gb:
         out.append(MemoryLimitWatch(recipe.system.memory_limit_gb))
@@ -247,4 +303,14 @@ def sinks(recipe: cfg.Recipe, run_dir: Path, resume_step: int | None) -> list[Tr
             print("warning: logging.tensorboard is on but no SummaryWriter is installed; skipping it")
         else:
             out.append(TensorBoardLogger(writer))
+    if log.trackio:
+        try:
+            logger = _trackio_logger(recipe, resumed=resume_step is not None)
+        except Exception as exc:  # noqa: BLE001 - its store (not the run folder) could not be opened
+            print(f"warning: logging.trackio: trackio did not start ({type(exc).__name__}: {exc}); skipping it")
+        else:
+            if logger is None:
+                print("warning: logging.trackio is on but trackio is not installed; skipping it (pip install trackio)")
+            else:
+                out.append(logger)
     return out

@@ -10,15 +10,17 @@ import json
 from pathlib import Path
 
 from cast_mlx import config as cfg
-from cast_mlx.engine import models
 from cast_mlx.errors import disk_full
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
+from cast_mlx.training.model_card import CARD, latest_checkpoint, model_folder, use_commands, write_card
 
 
 def write_run_report(run_dir: Path) -> Path | None:
-    """The run's HTML report page (`cast_mlx.report`); a failure there costs only the page
-    (one warning line; a full disk's names the page and the free space)."""
+    """The run's HTML report page (`cast_mlx.report`), and the model card in its last
+    checkpoint (`write_run_card`); a failure there costs only the page (one warning line; a
+    full disk's names the page and the free space)."""
+    write_run_card(run_dir)
     try:
         from cast_mlx.training.report import write_report
 
@@ -31,6 +33,21 @@ def write_run_report(run_dir: Path) -> Path | None:
 
 
 REPORT_LATER = "the checkpoints are safe; write it later with python -m cast_mlx.report {run_dir}"
+
+
+def write_run_card(run_dir: Path) -> Path | None:
+    """The model card (README.md) in the run's last checkpoint, which makes it an mlx-lm
+    adapter folder with its card (`model_card`); a failure costs only the card (a warning)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    try:
+        return write_card(run_dir, ckpt)
+    except Exception as exc:  # noqa: BLE001 - the checkpoint itself is already safe
+        full = disk_full(exc, ckpt / CARD, "the model card")
+        why = str(full) if full is not None else f"{type(exc).__name__}: {exc}"
+        print(f"warning: the model card could not be written ({why}); the checkpoints are safe")
+        return None
 
 
 def read_evals(run_dir: Path) -> list[dict]:
@@ -59,12 +76,6 @@ def best_saved_eval(run_dir: Path) -> float:
         ),
         default=-1.0,
     )
-
-
-def model_folder(recipe: cfg.Recipe) -> str:
-    """What mlx-lm's commands take as --model for this run's base model."""
-    name = recipe.model.name
-    return str(models.embedded_dir(name)) if name in models.EMBEDDED else name
 
 
 def summary_lines(
@@ -103,13 +114,9 @@ def summary_lines(
         lines.append(f"  best checkpoint (by eval accuracy): {best}")
     use = best or last
     if use is not None:
-        folder = model_folder(r)
-        lines += [
-            "  use it:",
-            f'    mlx_lm.generate --model {folder} --adapter-path {use} --prompt "What is 12 + 7?"',
-            f"    mlx_lm.fuse --model {folder} --adapter-path {use} --save-path {out_dir / 'fused'}",
-            f"    python -m cast_mlx.eval --adapter {use} --task {r.data.task}",
-        ]
+        commands = use_commands(model_folder(r), str(use), str(out_dir / "fused"), r.data.task)
+        commands.append(f"python -m cast_mlx.publish {out_dir} --repo NAME  # to the Hugging Face Hub")
+        lines += ["  use it:", *(f"    {c}" for c in commands)]
     if report is not None:
         lines.append(f"  report: {report}")
     return lines
