@@ -150,6 +150,18 @@ class CompiledPolicyLoss:
         self.multiple = multiple
         self._fns: dict[bool, CountingCompiled] = {}
 
+    @classmethod
+    def of(cls, loss) -> "CompiledPolicyLoss":
+        """The loss of a recipe's `loss` section (`config.LossConfig`)."""
+        return cls(
+            eps_low=loss.eps_low,
+            eps_high=loss.eps_high,
+            loss_agg=loss.loss_agg,
+            mask_truncated=loss.mask_truncated,
+            beta=loss.beta,
+            importance_level=loss.importance_level,
+        )
+
     @property
     def compile_count(self) -> int:
         return sum(fn.compile_count for fn in self._fns.values())

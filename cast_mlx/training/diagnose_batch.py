@@ -191,9 +191,7 @@ def gradient_comparison(model, recipe, c: Collected, group_size: int) -> dict:
     variant, _ = compute_advantages(a.name, b["rewards"], gaps, b["mask"], **common, **params)
     grpo_params = params | {"scale_rewards": facts_of("grpo").scale_rewards}
     grpo, _ = compute_advantages("grpo", b["rewards"], gaps, b["mask"], **common, **grpo_params)
-    loss_fn = CompiledPolicyLoss(
-        eps_low=L.eps_low, eps_high=L.eps_high, loss_agg=L.loss_agg, mask_truncated=L.mask_truncated
-    )
+    loss_fn = CompiledPolicyLoss.of(dataclasses.replace(L, beta=0.0))  # the policy loss alone (no KL reference here)
     norm = loss_norm(b["mask"], b["truncated"], mask_truncated=L.mask_truncated)
 
     def gradient(adv) -> np.ndarray | None:

@@ -136,15 +136,7 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         ref_params = Teacher.create(model, kind="base").params
     params = {k: v for k, v in asdict(a).items() if k != "name"}
     advantages = CompiledAdvantages(a.name, group_size=recipe.sampling.group_size, **params)
-    L = recipe.loss
-    loss_fn = CompiledPolicyLoss(
-        eps_low=L.eps_low,
-        eps_high=L.eps_high,
-        loss_agg=L.loss_agg,
-        mask_truncated=L.mask_truncated,
-        beta=L.beta,
-        importance_level=L.importance_level,
-    )
+    loss_fn = CompiledPolicyLoss.of(recipe.loss)
     return Run(
         recipe=recipe,
         model=model,
