@@ -9,16 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cast_mlx.algorithm.advantages import (
-    DEFAULT_PARAMS,
-    ESTIMATORS,
-    base_advantages,
-    cast_token_advantages,
-    compute_advantages,
-    default_scale_rewards,
-    zero_variance_groups,
-)
+from cast_mlx.algorithm.advantages import base_advantages, cast_token_advantages, zero_variance_groups
 from cast_mlx.algorithm.compiled import CompiledAdvantages, bucket_length, compile_count
+from cast_mlx.algorithm.estimators import DEFAULT_PARAMS, ESTIMATORS, compute_advantages, default_scale_rewards
 from cast_mlx.algorithm.facts import ALGORITHMS, AlgorithmFacts, declare, facts_of
 
 from helpers import torch_reference
@@ -500,7 +493,7 @@ def test_registry_matches_the_recipe_schema():
 
 
 def test_one_registration_serves_eager_and_compiled():
-    from cast_mlx.algorithm import advantages
+    from cast_mlx.algorithm import estimators
 
     def half_lambda(step, *, cast_lambda):
         return cast_lambda / (1 + step)
@@ -517,7 +510,7 @@ def test_one_registration_serves_eager_and_compiled():
         summary="a test's estimator",
     )
 
-    @advantages.register_estimator(toy_facts, schedule=half_lambda)  # facts and kernel in one step
+    @estimators.register_estimator(toy_facts, schedule=half_lambda)  # facts and kernel in one step
     def toy(rewards, gaps, mask, lam, *, group_size, scale_rewards, eps, a_max):
         base = base_advantages(rewards, group_size=group_size, scale_rewards=scale_rewards, zero_var_value=0.0, eps=eps)
         return mx.where(mask != 0, lam * mx.clip(base[:, None], -a_max, a_max), 0.0), base
@@ -537,11 +530,11 @@ def test_one_registration_serves_eager_and_compiled():
         assert np.array_equal(np.array(c_token), np.array(token))
         assert np.array_equal(np.array(c_base), np.array(base))
         with pytest.raises(ValueError, match="registered twice"):
-            advantages.register_estimator("toy")(toy)
+            estimators.register_estimator("toy")(toy)
         with pytest.raises(ValueError, match="registered twice"):
-            advantages.register_estimator(toy_facts)(toy)
+            estimators.register_estimator(toy_facts)(toy)
     finally:
-        advantages.ESTIMATORS.pop("toy", None)
+        estimators.ESTIMATORS.pop("toy", None)
         ALGORITHMS.pop("toy", None)
 
 
@@ -589,7 +582,7 @@ def test_the_facts_match_what_the_kernels_do():
 
 
 def test_a_bad_registration_leaves_the_registry_unchanged():
-    from cast_mlx.algorithm import advantages
+    from cast_mlx.algorithm import estimators
 
     before_est, before_facts = dict(ESTIMATORS), dict(ALGORITHMS)
 
@@ -597,7 +590,7 @@ def test_a_bad_registration_leaves_the_registry_unchanged():
         return gaps, rewards
 
     with pytest.raises(ValueError, match="declare it"):
-        advantages.register_estimator("undeclared")(kernel)
+        estimators.register_estimator("undeclared")(kernel)
     with pytest.raises(ValueError, match="declared twice"):
         declare(ALGORITHMS["grpo"])
     bad = dict(vars(ALGORITHMS["grpo"])) | {"name": "half", "teacher_context": "nowhere"}
@@ -608,10 +601,10 @@ def test_a_bad_registration_leaves_the_registry_unchanged():
     declare(AlgorithmFacts(**(bad | {"teacher_context": "question-only"})))
     try:
         with pytest.raises(ValueError, match="not_a_field"):
-            advantages.register_estimator("half")(kernel)
+            estimators.register_estimator("half")(kernel)
         assert "half" not in ESTIMATORS
         with pytest.raises(ValueError, match="'half' is declared but no estimator is registered"):
-            advantages.get_estimator("half")
+            estimators.get_estimator("half")
     finally:
         ALGORITHMS.pop("half", None)
     assert ESTIMATORS == before_est and ALGORITHMS == before_facts
@@ -621,7 +614,7 @@ def test_a_registration_with_its_facts_is_all_or_nothing():
     """Registering an estimator with its AlgorithmFacts checks the facts, the three parts'
     signatures, their parameters and the facts against the kernel before either table
     changes: every failure below leaves both as they were."""
-    from cast_mlx.algorithm import advantages
+    from cast_mlx.algorithm import estimators
 
     before_est, before_facts = dict(ESTIMATORS), dict(ALGORITHMS)
     good = AlgorithmFacts(
@@ -687,12 +680,12 @@ def test_a_registration_with_its_facts_is_all_or_nothing():
     ]
     for facts, parts, fn, message in cases:
         with pytest.raises(ValueError, match=message):
-            advantages.register_estimator(facts, **parts)(fn)
+            estimators.register_estimator(facts, **parts)(fn)
         assert ESTIMATORS == before_est and ALGORITHMS == before_facts, message
     with pytest.raises(TypeError):  # incomplete facts: every field is required
         AlgorithmFacts("half", uses_teacher=True)
 
-    advantages.register_estimator(good)(kernel)  # the same facts with a fitting kernel register
+    estimators.register_estimator(good)(kernel)  # the same facts with a fitting kernel register
     try:
         assert ALGORITHMS["half"] is good and ESTIMATORS["half"].kernel is kernel
         assert ESTIMATORS["half"].params == ("scale_rewards", "eps", "special_tokens", "gap_centering")

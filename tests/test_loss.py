@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cast_mlx.algorithm.advantages import compute_advantages
 from cast_mlx.algorithm.compiled import CompiledPolicyLoss, compile_count
+from cast_mlx.algorithm.estimators import compute_advantages
 from cast_mlx.algorithm.loss import LOSS_AGGS, loss_norm, merge_norms, policy_loss
 from cast_mlx.training.metrics import cast_diagnostics
 

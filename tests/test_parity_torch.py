@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from cast_mlx.algorithm import advantages, loss, teacher
+from cast_mlx.algorithm import estimators, loss, teacher
 from cast_mlx.engine import logprobs, models
 
 torch = pytest.importorskip("torch")
@@ -69,7 +69,7 @@ def test_loss_and_lora_grad_match_pytorch(fresh_smol, hf, loss_agg):
     old = lp_now + 0.3 * mx.random.normal(lp_now.shape, key=mx.random.key(1)) * batch.mask
     gaps = (t.score(model, batch, TEMPERATURE) - old) * batch.mask
     rewards = mx.array([1.0, 0.0, 1.0, 1.0])
-    adv, _ = advantages.compute_advantages("cast", rewards, gaps, batch.mask, group_size=2)
+    adv, _ = estimators.compute_advantages("cast", rewards, gaps, batch.mask, group_size=2)
     truncated = mx.array([0, 0, 0, 1])
 
     def loss_fn(m):
@@ -143,7 +143,7 @@ def test_two_clipped_updates_match_pytorch(fresh_smol, hf, level):
     batch = _rows(tok)
     contexts = _contexts(tok)
     rewards = mx.array([1.0, 0.0, 1.0, 0.0])
-    adv, _ = advantages.compute_advantages("grpo", rewards, mx.zeros(batch.mask.shape), batch.mask, group_size=2)
+    adv, _ = estimators.compute_advantages("grpo", rewards, mx.zeros(batch.mask.shape), batch.mask, group_size=2)
     truncated = mx.zeros((4,))
     sets = [
         "loss.num_iterations=2",

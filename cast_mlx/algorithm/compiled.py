@@ -8,7 +8,8 @@ import functools
 
 import mlx.core as mx
 
-from cast_mlx.algorithm import advantages as adv_mod
+from cast_mlx.algorithm import estimators
+from cast_mlx.algorithm.advantages import check_inputs
 from cast_mlx.algorithm.loss import LossNorm, check_loss_options, loss_norm, policy_loss
 
 _TRACES = 0  # total traces over all wrappers
@@ -80,11 +81,11 @@ class CompiledAdvantages:
     like `compute_advantages` (same values; the length padding is removed again)."""
 
     def __init__(self, name: str, *, group_size: int, multiple: int = 32, **params):
-        self.estimator = adv_mod.get_estimator(name)
+        self.estimator = estimators.get_estimator(name)
         self.params = self.estimator.resolve(params)  # validated here, not inside a trace
         self.name, self.group_size, self.multiple = name, group_size, multiple
-        self.needs_special = adv_mod.needs_special(self.params)
-        keys = self.estimator.kernel_params + adv_mod.SHAPING_PARAMS
+        self.needs_special = estimators.needs_special(self.params)
+        keys = self.estimator.kernel_params + estimators.SHAPING_PARAMS
         static = tuple(sorted((k, _hashable(self.params[k])) for k in keys))
         self._fn = _advantage_kernel(name, group_size, static)
 
@@ -93,7 +94,7 @@ class CompiledAdvantages:
         return self._fn.compile_count
 
     def __call__(self, rewards, gaps, mask, step: int = 0, special=None):
-        adv_mod.check_inputs(rewards, gaps, mask, self.group_size)
+        check_inputs(rewards, gaps, mask, self.group_size)
         length = mask.shape[1]
         target = bucket_length(length, self.multiple)
         arrays = [
@@ -103,7 +104,7 @@ class CompiledAdvantages:
             mx.array(self.estimator.lam(step, self.params), dtype=mx.float32),
         ]
         if self.needs_special:
-            adv_mod.require_special(self.params, special)
+            estimators.require_special(self.params, special)
             arrays.append(pad_length((special != 0).astype(mx.float32), target))
         token, base = self._fn(*arrays)
         return token[:, :length], base
@@ -116,10 +117,10 @@ def _hashable(v):
 @functools.lru_cache(maxsize=None)
 def _advantage_kernel(name: str, group_size: int, static: tuple) -> CountingCompiled:
     """One compiled `run_estimator` per (estimator, group size, static parameters)."""
-    est, p = adv_mod.get_estimator(name), dict(static)
+    est, p = estimators.get_estimator(name), dict(static)
 
     def bound(rewards, gaps, mask, lam, special=None):
-        return adv_mod.run_estimator(est, p, rewards, gaps, mask, lam, special, group_size)
+        return estimators.run_estimator(est, p, rewards, gaps, mask, lam, special, group_size)
 
     return CountingCompiled(bound, f"advantages/{name}")
 

@@ -1,6 +1,6 @@
 """What each algorithm is, declared once and read everywhere (recipe defaults and checks,
 the estimator registry, the dashboard): pure Python, so that a recipe validates without
-loading MLX. `cast_mlx.algorithm.advantages` registers one kernel per declared name."""
+loading MLX. `cast_mlx.algorithm.estimators` registers one kernel per declared name."""
 
 from __future__ import annotations
 

@@ -176,8 +176,8 @@ def gradient_comparison(model, recipe, c: Collected, group_size: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from cast_mlx.algorithm.advantages import compute_advantages
     from cast_mlx.algorithm.compiled import CompiledPolicyLoss
+    from cast_mlx.algorithm.estimators import compute_advantages
     from cast_mlx.algorithm.facts import facts_of
     from cast_mlx.algorithm.loss import loss_norm, rows_with_loss
     from cast_mlx.training.update import accumulate_gradients

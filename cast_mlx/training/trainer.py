@@ -33,8 +33,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from cast_mlx import config as cfg
-from cast_mlx.algorithm.advantages import get_estimator
 from cast_mlx.algorithm.compiled import CompiledAdvantages, CompiledPolicyLoss, compile_count
+from cast_mlx.algorithm.estimators import get_estimator
 from cast_mlx.algorithm.teacher import Teacher
 from cast_mlx.engine import blas, models, rollout
 from cast_mlx.engine import distributed as dist

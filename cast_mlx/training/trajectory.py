@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from cast_mlx.algorithm.advantages import get_estimator
+from cast_mlx.algorithm.estimators import get_estimator
 from cast_mlx.algorithm.teacher import Teacher, reference_logprobs, row_contexts, teacher_gaps
 from cast_mlx.engine import rollout
 from cast_mlx.tasks import data, rewards

@@ -3,8 +3,8 @@
 It is deliberately *not* a port of `cast_mlx`: groups are handled one by one in Python,
 the token rule is the section-4 table spelled out case by case, and the loss walks the
 completions one by one. Everything is float64 so that it can judge the float32 MLX code.
-Conventions the spec leaves open are the ones documented in `cast_mlx/advantages.py` and
-`cast_mlx/loss.py` (a zero-variance group is all-correct when its reward is > 0; "batch"
+Conventions the spec leaves open are the ones documented in `cast_mlx/algorithm/advantages.py`
+and `cast_mlx/algorithm/loss.py` (a zero-variance group is all-correct when its reward is > 0; "batch"
 std is over all rewards; rows without loss-bearing tokens count as absent).
 
 Torch is imported only under `tests/`.
