@@ -254,6 +254,10 @@ class SystemConfig:
     # the blocks above: same log-probs and gradients to float rounding (logprobs.py).
     # false: every scoring pass runs the whole model.
     reuse_frozen: bool = True
+    # Decode the rollout with the compiled static-shape step (a fixed-capacity KV cache and a
+    # length mask, engine/static_decode.py): the same ids, log-probs to float rounding. Off
+    # until measured to pay (docs/speed.md); models it does not cover decode as without.
+    compiled_decode: bool = False
 
 
 @dataclass
