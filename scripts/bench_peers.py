@@ -9,21 +9,26 @@ Each tool runs `--steps` steps in its own process, one after the other (never si
 
 - ours: `python -m cast_mlx.train` with the workload's `--set` overrides; per-step times from
   its metrics.jsonl (model load and the step-0 eval excluded: eval is off);
-- TRL 1.16 `GRPOTrainer` (torch 2.13 CPU, float32, LoRA through PEFT, `loss_type="grpo"`, no
+- TRL 1.16 `GRPOTrainer` (torch 2.13 CPU, LoRA through PEFT, `loss_type="grpo"`, no
   gradient checkpointing, `use_vllm=False`), in its own venv that this script creates on
   first use (`--venv`, default ~/.cache/cast-mlx/bench/trl-venv; torch==2.13.0 is the CPU
   wheel on the package index here, other torch specs pull CUDA builds). Its step time comes
   from a `TrainerCallback`, its rollout time and tokens from a wrapper around `_generate`.
+  It runs in float32 and, where the CPU has native bfloat16 (`native_bf16` in the line says
+  what was detected: /proc/cpuinfo's avx512_bf16 / amx_bf16 / arm bf16 flags, or macOS's
+  `hw.optional.arm.FEAT_BF16`), in bfloat16 too (bfloat16 weights and `bf16=True`'s autocast);
+  `--trl-dtypes` picks them by hand, `trl_dtypes` says which ran.
 
 Per tool: the median step, rollout and rest-of-step seconds over the steps, completion tokens
-per step, rollout tokens/s, peak RSS. Ratios against TRL: `cast_step_vs_trl`,
-`grpo_step_vs_trl` (targets 0.5 and 0.4), `rollout_tok_s_vs_trl` (target 1.5). Our GRPO
-skips the update when every group has zero variance; `grpo_update_steps` says how many of its
-steps had one, and `grpo.step_s_with_update` is the median over those.
+per step, rollout tokens/s, peak RSS (`trl` holds one result per dtype). Ratios against the
+faster TRL run (`trl_fastest`): `cast_step_vs_trl`, `grpo_step_vs_trl` (targets 0.5 and 0.4),
+`*_rollout_tok_s_vs_trl` (target 1.5); they are also printed to stderr. Our GRPO skips the
+update when every group has zero variance; `grpo.update_steps` says how many of its steps had
+one, and `grpo.step_s_with_update` is the median over those.
 
-Not in CI (it installs TRL and takes ~10 minutes). Prints ONE JSON line.
+Not in CI (it installs TRL and takes ~10 minutes, ~15 with bfloat16). Prints ONE JSON line.
 Usage: python scripts/bench_peers.py [--steps 3] [--venv DIR] [--skip-trl] [--only [cast] [grpo]]
-(`--only` with no name: TRL alone)
+[--trl-dtypes float32 bfloat16]  (`--only` with no name: TRL alone)
 """
 
 from __future__ import annotations
@@ -64,17 +69,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 spec = json.load(open(sys.argv[1]))
+dtype = getattr(torch, spec.get("dtype", "float32"))
 torch.manual_seed(0)
-kw = dict(gguf_file=spec["gguf_name"])
-tok = AutoTokenizer.from_pretrained(spec["gguf_dir"], **kw)
-loaded = AutoModelForCausalLM.from_pretrained(spec["gguf_dir"], dtype=torch.float32, **kw)
-# transformers marks a GGUF-loaded model as quantized and refuses to train it: the same
-# (dequantized, float32) weights in a plain model
-config = loaded.config
-del config.quantization_config
-model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-model.load_state_dict(loaded.state_dict())
-del loaded
+if "config" in spec:  # random weights from a published config (bench_scale.py)
+    from transformers import AutoConfig
+    fields = dict(spec["config"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+else:
+    kw = dict(gguf_file=spec["gguf_name"])
+    tok = AutoTokenizer.from_pretrained(spec["gguf_dir"], **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(spec["gguf_dir"], dtype=torch.float32, **kw)
+    # transformers marks a GGUF-loaded model as quantized and refuses to train it: the same
+    # (dequantized) weights in a plain model of the run's dtype
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
 n_layers = model.config.num_hidden_layers
 rows = [json.loads(line) for line in open(spec["prompts"])]
 dataset = Dataset.from_list(rows)
@@ -96,18 +109,22 @@ class StepTimer(TrainerCallback):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         steps.append({"step_s": time.perf_counter() - self.t, "rss_gb": rss})
 
+rows_per_step = spec["prompts_per_step"] * spec["group"]
+micro = spec.get("micro_batch") or rows_per_step  # one optimizer step: all rows, in micro-batches
 args = GRPOConfig(
-    output_dir=spec["out"], per_device_train_batch_size=spec["prompts_per_step"] * spec["group"],
-    gradient_accumulation_steps=1, num_generations=spec["group"], max_completion_length=spec["max_new"],
-    temperature=1.0, top_p=0.95, top_k=20, learning_rate=1e-5, beta=0.0, loss_type="grpo",
-    num_iterations=1, gradient_checkpointing=False, use_vllm=False, max_steps=spec["steps"],
-    logging_steps=1, report_to=[], save_strategy="no", bf16=False, fp16=False, use_cpu=True,
-    seed=0, dataloader_num_workers=0, warmup_steps=0, lr_scheduler_type="constant",
+    output_dir=spec["out"], per_device_train_batch_size=micro,
+    gradient_accumulation_steps=rows_per_step // micro, num_generations=spec["group"],
+    max_completion_length=spec["max_new"], temperature=spec.get("temperature", 1.0), top_p=0.95, top_k=20,
+    learning_rate=1e-5, beta=0.0, loss_type="grpo", num_iterations=1, gradient_checkpointing=False,
+    use_vllm=False, max_steps=spec["steps"], logging_steps=1, report_to=[], save_strategy="no",
+    bf16=dtype == torch.bfloat16, fp16=False, use_cpu=True, seed=0, dataloader_num_workers=0,
+    warmup_steps=0, lr_scheduler_type="constant",
 )
+lora_layers = spec.get("lora_layers", 8)
 lora = LoraConfig(
-    r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+    r=spec.get("lora_rank", 8), lora_alpha=spec.get("lora_alpha", 16), lora_dropout=0.0, task_type="CAUSAL_LM",
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    layers_to_transform=list(range(n_layers - 8, n_layers)),
+    layers_to_transform=list(range(n_layers - lora_layers, n_layers)),
 )
 trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=dataset,
                       processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
@@ -120,7 +137,7 @@ def timed_generate(prompts):
 trainer._generate = timed_generate
 trainer.train()
 print("RESULT " + json.dumps({"steps": steps, "generate": gen, "torch": torch.__version__,
-                              "threads": torch.get_num_threads()}))
+                              "threads": torch.get_num_threads(), "dtype": str(dtype).split(".")[-1]}))
 """
 
 
@@ -139,6 +156,65 @@ def versions(python: Path) -> dict:
         ["torch", "trl", "peft", "transformers", "accelerate"],
     )
     return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 / AMX; "bf16": arm64 Linux
+
+
+def native_bf16(system: str, machine: str, cpuinfo: str = "", sysctl: str | None = None) -> tuple[bool, str]:
+    """Whether the CPU has native bfloat16 arithmetic (which torch's CPU kernels use), and what
+    was detected: on Linux the flags of /proc/cpuinfo (`cpuinfo`, its text), on macOS the
+    value of `sysctl hw.optional.arm.FEAT_BF16` (`sysctl`; M2 and later: 1)."""
+    if system == "Linux":
+        flags = set()
+        for line in cpuinfo.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+        found = [f for f in BF16_FLAGS if f in flags]
+        if found:
+            return True, f"/proc/cpuinfo flags: {' '.join(found)}"
+        return False, f"/proc/cpuinfo flags: none of {', '.join(BF16_FLAGS)} ({machine})"
+    if system == "Darwin":
+        value = "unknown" if sysctl is None else sysctl.strip()
+        said = f"sysctl hw.optional.arm.FEAT_BF16={value} ({machine}; TRL runs on the CPU)"
+        return (sysctl or "").strip() == "1", said
+    return False, f"{system} {machine}: bfloat16 support not detected on this system"
+
+
+def detect_bf16() -> tuple[bool, str]:
+    """`native_bf16` on this machine."""
+    system, cpuinfo, value = platform.system(), "", None
+    if system == "Linux":
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            pass
+    elif system == "Darwin":
+        done = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+        value = done.stdout.strip() if done.returncode == 0 else None
+    return native_bf16(system, platform.machine(), cpuinfo, value)
+
+
+def trl_dtypes(asked: list[str] | None, native: bool) -> list[str]:
+    """The dtypes TRL runs in: as asked, else float32 and, with native bfloat16, bfloat16."""
+    return list(asked) if asked else ["float32", "bfloat16"] if native else ["float32"]
+
+
+def fastest(runs: dict[str, dict]) -> str | None:
+    """The key of the run with the shortest median step (None if none was timed)."""
+    timed = {k: r for k, r in runs.items() if r.get("step_s")}
+    return min(timed, key=lambda k: timed[k]["step_s"]) if timed else None
+
+
+def ratios_vs(ours: dict[str, dict], peer: dict) -> dict:
+    """`{algorithm}_step_vs_trl` and `{algorithm}_rollout_tok_s_vs_trl` of each of our runs
+    against one TRL run."""
+    out = {}
+    for algorithm, r in ours.items():
+        out[f"{algorithm}_step_vs_trl"] = round(r["step_s"] / peer["step_s"], 3)
+        out[f"{algorithm}_rollout_tok_s_vs_trl"] = round(r["rollout_tok_s"] / peer["rollout_tok_s"], 3)
+    return out
 
 
 def median(xs):
@@ -173,20 +249,28 @@ def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
     return result
 
 
-def run_trl(python: Path, prompts_file: Path, out: Path, steps: int) -> dict:
-    from cast_mlx.engine import models
-
-    gguf = models.gguf_path(models.DEFAULT_MODEL)
+def run_trl(
+    python: Path, prompts_file: Path, out: Path, steps: int, dtype: str = "float32", shape: dict | None = None
+) -> dict:
+    """TRL's GRPO steps in its venv, in `dtype`. `shape` changes the workload (bench_scale.py):
+    `config` and `tokenizer_dir` (random weights from a config instead of the embedded model),
+    `prompts_per_step`, `group`, `max_new`, `lora_rank`, `lora_alpha`, `lora_layers`,
+    `micro_batch`, `temperature`."""
     spec = {
-        "gguf_dir": str(gguf.parent),
-        "gguf_name": gguf.name,
         "prompts": str(prompts_file),
         "out": str(out),
         "steps": steps,
+        "dtype": dtype,
         "prompts_per_step": PROMPTS,
         "group": GROUP,
         "max_new": MAX_NEW,
+        **(shape or {}),
     }
+    if "config" not in spec:
+        from cast_mlx.engine import models
+
+        gguf = models.gguf_path(models.DEFAULT_MODEL)
+        spec |= {"gguf_dir": str(gguf.parent), "gguf_name": gguf.name}
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     (out / "child.py").write_text(TRL_CHILD)
@@ -203,6 +287,7 @@ def run_trl(python: Path, prompts_file: Path, out: Path, steps: int) -> dict:
     if len(step_s) != steps:
         raise RuntimeError(f"TRL: {len(step_s)} steps timed for {steps}")
     return {
+        "dtype": raw["dtype"],
         "step_s": median(step_s),
         "rollout_s": median(rollout),
         "rest_s": median([s - r for s, r in zip(step_s, rollout)]),
@@ -238,8 +323,11 @@ def main(argv=None) -> int:
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--only", nargs="*", default=["cast", "grpo"], choices=["cast", "grpo"])  # none: TRL only
+    ap.add_argument("--trl-dtypes", nargs="+", choices=["float32", "bfloat16"], default=None)
     args = ap.parse_args(argv)
     line: dict = {"bench": "peers", "machine": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    native, detected = detect_bf16()
+    line["native_bf16"] = {"native": native, "detected": detected}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data_dir = write_workload(tmp_path / "workload")
@@ -247,19 +335,22 @@ def main(argv=None) -> int:
             python = ensure_venv(args.venv)
             line["trl_versions"] = versions(python)
             line["trl_threads"] = thread_settings()  # its environment: ours, as inherited
-            line["trl"] = run_trl(python, templated_prompts(tmp_path), tmp_path / "trl", args.steps)
+            line["trl_dtypes"] = trl_dtypes(args.trl_dtypes, native)
+            prompts = templated_prompts(tmp_path)
+            line["trl"] = {
+                d: run_trl(python, prompts, tmp_path / f"trl-{d}", args.steps, d) for d in line["trl_dtypes"]
+            }
         import mlx.core as mx
 
         line["ours_versions"] = {"mlx": mx.__version__, "blas": active_blas(), "threads": thread_settings()}
         for algorithm in args.only:
             line[algorithm] = run_ours(algorithm, data_dir, tmp_path / f"ours-{algorithm}", args.steps)
-    trl = line.get("trl")
-    if trl:
-        for algorithm in args.only:
-            line[f"{algorithm}_step_vs_trl"] = round(line[algorithm]["step_s"] / trl["step_s"], 3)
-            line[f"{algorithm}_rollout_tok_s_vs_trl"] = round(
-                line[algorithm]["rollout_tok_s"] / trl["rollout_tok_s"], 3
-            )
+    best = fastest(line.get("trl", {}))
+    if best:
+        line["trl_fastest"] = best
+        line.update(ratios_vs({a: line[a] for a in args.only}, line["trl"][best]))
+        said = ", ".join(f"{k} {v}" for k, v in line.items() if k.endswith("_vs_trl"))
+        print(f"[bench_peers] against TRL {best} (the faster of {', '.join(line['trl'])}): {said}", file=sys.stderr)
     print(json.dumps(line))
     return 0
 
