@@ -267,8 +267,9 @@ def test_compare_variants_of_ones_own(tmp_path):
 
 
 def test_compare_cast_variants_are_the_papers_cast_on_the_default_recipe():
-    """The default recipe runs a CAST variant (cast-verl, EOS following the verifier, no
-    zero-variance base); the comparison's `cast` must still be CAST as in the paper."""
+    """The default recipe runs GRPO with the teacher switches set for its previous default
+    (EOS following the verifier, no zero-variance base); the comparison's `cast` must still
+    be CAST as in the paper."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
 
@@ -276,7 +277,7 @@ def test_compare_cast_variants_are_the_papers_cast_on_the_default_recipe():
 
     recipe = ROOT / "recipes" / "smollm2-135m-arith.yaml"
     shipped = cfg.load_recipe(recipe, []).algorithm
-    assert (shipped.name, shipped.special_tokens, shipped.zero_var_base) == ("cast-verl", "verifier", 0.0)
+    assert (shipped.name, shipped.special_tokens, shipped.zero_var_base) == ("grpo", "verifier", 0.0)
     v = compare.variants(False, True)
     paper = cfg.load_recipe(recipe, v["cast"]).algorithm
     assert (paper.name, paper.special_tokens, paper.zero_var_base, paper.scale_rewards) == (
