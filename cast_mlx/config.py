@@ -21,7 +21,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -44,10 +44,12 @@ if typing.TYPE_CHECKING:
     AlgorithmName = str
     ScaleRewards = str
     TeacherContext = str
+    MicroBatch = int  # a run's recipe holds the int: trainer.setup replaces `auto` by the plan's pick
 else:
     AlgorithmName = Literal[tuple(sorted(ALGORITHMS))]
     ScaleRewards = Literal[SCALE_REWARDS]
     TeacherContext = Literal[TEACHER_CONTEXTS]
+    MicroBatch = Union[int, Literal["auto"]]
 
 
 # --------------------------------------------------------------------------- sections
@@ -200,7 +202,9 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = bounds(1e-8, gt=0.0)
     max_grad_norm: float = bounds(1.0, gt=0.0)
-    micro_batch_size: int = bounds(8, ge=1)  # completions per forward/backward
+    # completions per forward/backward; auto: the largest that the memory plan fits in the
+    # memory budget (training/memory_plan.py), said in the run's header
+    micro_batch_size: MicroBatch = bounds(8, ge=1)
 
 
 @dataclass

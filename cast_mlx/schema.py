@@ -78,7 +78,7 @@ def coerce(value, tp, where: str):
             try:
                 return coerce(value, arg, where)
             except ConfigError:
-                if len(args) == 2:
+                if len(args) == 2 and type(None) in args:  # Optional[X]: X's own message
                     raise
         raise ConfigError(f"{where}: expected {type_name(tp)}, got {show(value)}")
     if origin is Literal:
@@ -125,7 +125,7 @@ def coerce(value, tp, where: str):
 
 def check_bounds(value, f: dataclasses.Field, where: str) -> None:
     m = f.metadata
-    if value is None or not m:
+    if value is None or not m or isinstance(value, str):  # a word a numeric field allows (`auto`)
         return
     for key, ok, word in (
         ("ge", lambda v, b: v >= b, ">="),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,7 +290,14 @@ def test_a_memory_limit_below_the_weights_is_refused_and_one_over_it_is_reported
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert refused.stderr.startswith("error: system.memory_limit_gb: ") and "weights alone" in refused.stderr
     assert not (tmp_path / "low").exists()
-    # above the weights, below what a step needs (MLX's limit is soft on the CPU): one warning
+    # above the weights, below what a step needs (MLX's limit is soft on the CPU): one warning.
+    # The memory plan refuses such a limit before loading a model it knows (test_memory_plan.py),
+    # so the step runs on the same model under a type the plan does not know (mlx-lm: a llama).
+    unplanned = tmp_path / "unplanned"
+    shutil.copytree(tiny_model_dir, unplanned)
+    config = json.loads((unplanned / "config.json").read_text())
+    (unplanned / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+    sets[0] = f"model.name={unplanned}"
     over = train(stored * 1.01, tmp_path / "over")
     assert over.returncode == 0, over.stderr
     assert over.stdout.count("above system.memory_limit_gb") == 1

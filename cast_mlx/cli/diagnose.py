@@ -13,6 +13,7 @@ from cast_mlx.errors import EXIT_ERROR, EXIT_USAGE
 from cast_mlx.tasks import data
 from cast_mlx.training import diagnose as dg
 from cast_mlx.training import diagnose_batch as batch
+from cast_mlx.training import memory_plan
 from cast_mlx.training.diagnose import DEFAULT_CONTEXTS, TOKEN_CLASSES, report
 
 
@@ -102,6 +103,7 @@ def resolve_args(args) -> dict:
         recipe = cfg.from_dict(cfg.apply_overrides(cfg.to_dict(recipe), overrides))
     except cfg.ConfigError as exc:
         raise UsageError(str(exc)) from None
+    recipe = memory_plan.with_micro_batch(recipe, None)  # `auto`: diagnose's batches are small
     sampling = recipe.sampling
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")

@@ -102,17 +102,48 @@ def context_length(model) -> int | None:
     return None
 
 
-def check_memory_limit(recipe: cfg.Recipe) -> None:
-    """`system.memory_limit_gb` must hold at least the model's weights: their files on disk
-    are a lower bound (on the CPU the weights are dequantized to float32, larger still).
-    ConfigError before the model loads otherwise. (MLX's limit is soft on the CPU: a step
-    that goes over it is reported after the step, see `callbacks.MemoryLimitWatch`.)"""
+def machine_memory() -> int:
+    """What this machine has for MLX, in bytes: Metal's recommended working set on a Mac GPU
+    (what MLX allows itself by default), else the physical memory."""
+    import os
+
+    from cast_mlx.engine import fastmath
+
+    if not fastmath.on_cpu():
+        info = mx.device_info()
+        for key in ("max_recommended_working_set_size", "memory_size"):
+            value = info.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(recipe: cfg.Recipe) -> tuple[int, str]:
+    """The bytes a run may use and how to name them: `system.memory_limit_gb` when set, else
+    what the machine has (`machine_memory`). The one place that decides it, for the weights
+    check below and the memory plan (`memory_plan.plan_run`)."""
     limit = recipe.system.memory_limit_gb
-    stored = models.stored_weight_bytes(recipe.model.name) if limit else None
-    if limit and stored and stored > limit * 2**30:
+    if limit:
+        return int(limit * 2**30), f"system.memory_limit_gb = {limit:g} GB"
+    have = machine_memory()
+    return have, f"this machine's {have / 2**30:.3g} GB (system.memory_limit_gb unset)"
+
+
+def check_memory_limit(recipe: cfg.Recipe) -> None:
+    """The memory budget (`memory_budget`) must hold at least the model's weights: their
+    files on disk are a lower bound (on the CPU the weights are dequantized to float32, larger
+    still). ConfigError before the model loads otherwise. The memory plan (`memory_plan`) then
+    checks a whole step's peak, once the data is read. (MLX's limit is soft on the CPU: a step
+    that goes over it is reported after the step, see `callbacks.MemoryLimitWatch`.)"""
+    limit, name = recipe.system.memory_limit_gb, recipe.model.name
+    stored = models.stored_weight_bytes(name)
+    budget, label = memory_budget(recipe)
+    if stored and stored > budget:
         raise cfg.ConfigError(
-            f"system.memory_limit_gb: {limit:g} GB is less than {recipe.model.name}'s weights alone "
+            f"system.memory_limit_gb: {limit:g} GB is less than {name}'s weights alone "
             f"({stored / 2**30:.2f} GB on disk, more in memory); raise it or leave it unset"
+            if limit
+            else f"model.name: {name}'s weights alone ({stored / 2**30:.2f} GB on disk) exceed {label}"
         )
 
 

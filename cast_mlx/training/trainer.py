@@ -43,7 +43,7 @@ from cast_mlx.errors import EXIT_DRIFT, EXIT_SIGNAL, TrainingError, disk_full
 from cast_mlx.tasks import data, rewards, verify
 from cast_mlx.training import callbacks as cb
 from cast_mlx.training import checkpoint as ckpt_io
-from cast_mlx.training import preflight, sampling
+from cast_mlx.training import memory_plan, preflight, sampling
 from cast_mlx.training.checkpoint import TrainState
 from cast_mlx.training.dashboard import make_view
 from cast_mlx.training.evaluation import base_model_eval, evaluate_held_out
@@ -82,6 +82,7 @@ class Run:
     # (0: none, or system.reuse_frozen false); LoRA's blocks do not change during a run
     frozen_split: int = 0
     reward_fns: list = field(default_factory=list)  # reward.functions; empty: the math verifier alone
+    memory: str = ""  # the memory plan's header line (memory_plan.describe)
     # progress inside a step, for the dashboard (fit points it at the callbacks)
     phase: Callable[..., None] = field(default=lambda *args: None)
     state: TrainState = field(default_factory=TrainState)
@@ -108,6 +109,8 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
     if recipe.system.cache_limit_gb is not None:
         mx.set_cache_limit(int(recipe.system.cache_limit_gb * 2**30))
     problems, held_out = preflight.load_data(recipe)  # before the model: a data error costs no load time
+    plan, note = memory_plan.plan_run(recipe, problems, world.size)  # a step that cannot fit stops here
+    recipe = memory_plan.with_micro_batch(recipe, plan)  # `auto`: the plan's pick
     warm = preflight.check_warm_start(recipe)
     reward_fns = rewards.parse_functions(recipe.reward, answer_format=recipe.data.answer_format)
     model, tokenizer = models.load(recipe.model.name, dtype=recipe.model.dtype)
@@ -154,6 +157,7 @@ def setup(recipe: cfg.Recipe, out_dir: Path | None = None, world: dist.World | N
         special_ids=rollout.special_token_ids(tokenizer),
         frozen_split=frozen_blocks(model) if recipe.system.reuse_frozen else 0,
         reward_fns=reward_fns,
+        memory=memory_plan.describe(plan, note),
         state=TrainState(recipe_hash=cfg.recipe_hash(recipe), world_size=world.size, run_id=ckpt_io.new_run_id()),
         world=world,
     )
@@ -345,6 +349,7 @@ def run_info(run: Run) -> dict:
         "blas": blas.active_blas(),
         "out": str(run.out_dir),
         "step": run.state.step,  # where this invocation starts (a resumed run: its checkpoint's)
+        "memory plan": run.memory,
     }
     if run.world.size > 1:
         info["processes"] = run.world.size
