@@ -106,6 +106,8 @@ def evaluate(run: Path, budgets: list[float]) -> None:
     for row in todo:
         ckpt = run / checkpoint.CHECKPOINTS / f"step_{row['step']:06d}"
         recipe = cfg.load_recipe(ckpt / "recipe.yaml")
+        if not recipe.logging.eval_every:  # a run continued without evals: the same held-out problems
+            recipe = cfg.load_recipe(ckpt / "recipe.yaml", ["logging.eval_every=1"])
         with trainer.setup(recipe, out_dir=run) as r:
             trainer.resume(r, ckpt)
             m = evaluate_held_out(r.model, r.tokenizer, r.held_out, recipe, r.verifier, r.world)
