@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,24 @@ def fresh_smol(smol):
 
 
 @pytest.fixture(scope="session")
-def hf(smol_gguf: Path):
-    """`(model, tokenizer)` from PyTorch transformers loading the same GGUF (float32)."""
+def hf(smol_dir: Path):
+    """`(model, tokenizer)` from PyTorch transformers loading the same GGUF (float32).
+
+    With `CAST_MLX_HF_FROM_FOLDER=1` transformers loads the converted folder itself (a float32
+    safetensors in the HF layout) instead: how `scripts/gpu_check.sh` runs the parity tests on
+    a machine that has no route to the GGUF, with a random-weight model of the same shape."""
+    from cast_mlx.engine import models
+
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    kw = dict(gguf_file=smol_gguf.name)
-    tok = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(smol_gguf.parent), dtype=torch.float32, **kw)
+    if os.environ.get("CAST_MLX_HF_FROM_FOLDER"):
+        folder, kw = smol_dir, {}
+    else:
+        pytest.importorskip("gguf")
+        gguf = models.gguf_path(models.DEFAULT_MODEL)
+        folder, kw = gguf.parent, dict(gguf_file=gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
     model.eval()
     return model, tok
 

@@ -123,9 +123,10 @@ def test_the_plan_is_within_15_percent_of_the_measured_peaks_at_smollm2_135m(smo
 
 
 def test_the_plan_of_the_mac_recipe_at_qwen2_5_0_5b():
-    """recipes/qwen0.5b.yaml's settings at Qwen2.5-0.5B's shape: 4-bit on a Mac fits 8 GB (issue
-    #29's target; the measurement on a Mac is still to come); float32 (this CPU) needs more: its
-    weights are 7x larger and the adapted layers are merged while sampling."""
+    """recipes/qwen0.5b.yaml's settings at Qwen2.5-0.5B's shape: the plan puts 4-bit under 8 GB
+    (issue #29's target) and float32 (this CPU) above it: its weights are 7x larger and the adapted
+    layers are merged while sampling. A prediction only: at micro-batch 4 the update measured
+    8.87 GB on CUDA against the plan's 4.90 (docs/benchmarks.md), so the recipe runs 2."""
     recipe = cfg.load_recipe(ROOT / "recipes" / "qwen0.5b.yaml")
     shape = mp.shape_of(sm.config("qwen2.5-0.5b") | {"quantization": {"group_size": 64, "bits": 4}})
     work = mp.workload(recipe, prompt_tokens=200, teacher_tokens=0)
