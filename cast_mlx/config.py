@@ -258,10 +258,6 @@ class SystemConfig:
     # the blocks above: same log-probs and gradients to float rounding (logprobs.py).
     # false: every scoring pass runs the whole model.
     reuse_frozen: bool = True
-    # Decode the rollout with the compiled static-shape step (a fixed-capacity KV cache and a
-    # length mask, engine/static_decode.py): the same ids, log-probs to float rounding. Off
-    # until measured to pay (docs/speed.md); models it does not cover decode as without.
-    compiled_decode: bool = False
 
 
 @dataclass
@@ -400,6 +396,25 @@ def _check_data_path(d: DataConfig, eval_every: int) -> None:
         )
 
 
+# Fields that were removed, and why; `false`/absent loads as before (run folders of older
+# versions hold them), anything else is refused in one line.
+RETIRED = {
+    ("system", "compiled_decode"): "the compiled static-shape decode step was removed: it ran at 0.83x the "
+    "engine's tok/s on the CPU and gave other ids on CUDA (docs/speed.md); delete the line",
+}
+
+
+def _retired_fields(data: dict) -> dict:
+    data = dict(data)
+    for (section, name), why in RETIRED.items():
+        part = data.get(section)
+        if isinstance(part, dict) and name in part:
+            if part[name] not in (False, None):
+                raise ConfigError(f"{section}.{name}: {why}")
+            data[section] = {k: v for k, v in part.items() if k != name}
+    return data
+
+
 def _renamed_contexts(data: dict) -> dict:
     """Renamed teacher contexts given their new names, so that older recipes and run folders
     still load."""
@@ -422,7 +437,7 @@ def _fill_defaults(r: Recipe) -> None:
 
 def from_dict(data: dict) -> Recipe:
     """A validated recipe with every derived default resolved (no field means "default")."""
-    recipe = build(Recipe, _renamed_contexts(data), "")
+    recipe = build(Recipe, _renamed_contexts(_retired_fields(data)), "")
     _fill_defaults(recipe)
     _check_recipe(recipe)
     return recipe

@@ -16,15 +16,8 @@ first, and reports each one's fastest run (default 1).
 and on the device (MLX ops, pipelined with `mx.async_eval`, the GPU default): the before and
 after of the on-device path (same streams, same key).
 
-`--compiled-decode` also times the engine with the compiled static-shape decode step
-(`generate_groups(compiled=True)`, engine/static_decode.py) next to the default one (same
-prompts, key and streams: `same_ids` says whether they drew the same tokens). Its steps are
-traced once per (batch size, cache capacity) and kept with the model, so the first run pays
-the traces: `compiled_first` is that run, `compiled` the fastest of the others when
-`--repeats` > 1 (else the first).
-
 Prints ONE JSON line. Usage: python scripts/bench_rollout.py [--prompts 8] [--group 8]
-[--max-new 128] [--seed 0] [--repeats 1] [--skip-peer] [--sampling-paths] [--compiled-decode]
+[--max-new 128] [--seed 0] [--repeats 1] [--skip-peer] [--sampling-paths]
 """
 
 from __future__ import annotations
@@ -73,14 +66,10 @@ def rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def run_engine(
-    model, prompts, group, max_new, eos, seed, on_device: bool | None = None, compiled: bool = False, ids=None
-) -> dict:
+def run_engine(model, prompts, group, max_new, eos, seed, on_device: bool | None = None) -> dict:
     mx.reset_peak_memory()
     params = rollout.SamplingParams(temperature=1.0, max_new_tokens=max_new, max_batch=len(prompts) * group)
-    out = rollout.generate_groups(model, prompts, group, params, eos, key=seed, on_device=on_device, compiled=compiled)
-    if ids is not None:
-        ids.append(out.tokens.tolist())
+    out = rollout.generate_groups(model, prompts, group, params, eos, key=seed, on_device=on_device)
     return {
         "tok_s": round(out.tokens_per_second, 2),
         "tokens": out.decode_tokens,
@@ -132,10 +121,6 @@ def main(argv=None) -> int:
         help="also time the engine with host (numpy) and on-device (MLX, pipelined) sampling, "
         "the before/after of the GPU path",
     )  # fmt: skip
-    ap.add_argument(
-        "--compiled-decode", action="store_true",
-        help="also time the engine with the compiled static-shape decode step (same streams)",
-    )  # fmt: skip
     args = ap.parse_args(argv)
 
     model, tokenizer = models.load(models.DEFAULT_MODEL)
@@ -149,18 +134,11 @@ def main(argv=None) -> int:
 
     ours, peers = [], []
     paths: dict[str, list] = {"host": [], "device": []} if args.sampling_paths else {}
-    compiled: list[dict] = []
-    ids: dict[str, list] = {"engine": [], "compiled": []}
     for i in range(max(1, args.repeats)):
-        order = ["engine", "peer", *paths, *(["compiled"] if args.compiled_decode else [])]
+        order = ["engine", "peer", *paths]
         for name in order if i % 2 == 0 else reversed(order):
             if name == "engine":
-                ours.append(run_engine(model, prompts, args.group, args.max_new, eos, args.seed, ids=ids["engine"]))
-            elif name == "compiled":
-                run = run_engine(
-                    model, prompts, args.group, args.max_new, eos, args.seed, compiled=True, ids=ids["compiled"]
-                )
-                compiled.append(run)
+                ours.append(run_engine(model, prompts, args.group, args.max_new, eos, args.seed))
             elif name == "peer" and not args.skip_peer:
                 peers.append(run_peer(model, tokenizer, prompts, args.group, args.max_new, args.seed))
             elif name in paths:
@@ -185,11 +163,6 @@ def main(argv=None) -> int:
         result["device_vs_host_sampling"] = round(
             result["sampling_device"]["tok_s"] / result["sampling_host"]["tok_s"], 3
         )
-    if compiled:
-        result["compiled_first"] = compiled[0]
-        result["compiled"] = max(compiled[1:] or compiled, key=lambda r: r["tok_s"])
-        result["compiled_vs_engine"] = round(result["compiled"]["tok_s"] / best["tok_s"], 3)
-        result["same_ids"] = all(a == ids["engine"][0] for a in ids["engine"] + ids["compiled"])
     if peers:
         peer = max(peers, key=lambda r: r["tok_s"])
         result["batch_generate"] = peer

@@ -48,6 +48,21 @@ def test_defaults_and_overrides():
     assert cfg.recipe_hash(r) != base
 
 
+def test_a_retired_field_loads_when_off_and_is_refused_when_on(tmp_path: Path):
+    """Run folders of older versions hold `system.compiled_decode: false`: they load as the
+    same recipe; a file asking for the removed step is refused in one line naming the field."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "recipes/smoke.yaml").read_text())
+    for value in (False, True):
+        data.setdefault("system", {})["compiled_decode"] = value
+        (tmp_path / f"{value}.yaml").write_text(yaml.safe_dump(data))
+    off = cfg.load_recipe(tmp_path / "False.yaml")
+    assert cfg.recipe_hash(off) == cfg.recipe_hash(cfg.load_recipe(ROOT / "recipes/smoke.yaml"))
+    with pytest.raises(cfg.ConfigError, match=r"^system\.compiled_decode: .*removed"):
+        cfg.load_recipe(tmp_path / "True.yaml")
+
+
 def test_exponent_floats_without_a_dot(tmp_path: Path):
     # YAML 1.1 (PyYAML) reads 4e-4 as a string; float fields accept it, in a file and in --set
     recipe = tmp_path / "r.yaml"

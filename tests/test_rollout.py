@@ -404,20 +404,6 @@ def test_device_path_gives_the_host_paths_rollout(setup, sampled):
     np.testing.assert_allclose(np.array(device.logprobs), np.array(host.logprobs), atol=1e-4)
 
 
-def test_compiled_decode_gives_the_batched_caches_rollout(setup, greedy, sampled):
-    """The compiled static-shape step (`compiled=True`, engine/static_decode.py; the tiny
-    model's tests cover buckets, compaction and kept states) on the embedded model."""
-    model, _, prompts, eos = setup
-    params = SamplingParams(temperature=0, max_new_tokens=12)
-    got = generate_groups(model, prompts, 2, params, eos, key=0, compiled=True)
-    assert rows_of(got) == rows_of(greedy) and got.finish_reasons == greedy.finish_reasons
-    np.testing.assert_allclose(np.array(got.logprobs), np.array(greedy.logprobs), atol=1e-5)
-    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12)
-    got = generate_groups(model, prompts, 3, params, eos, key=2, compiled=True, on_device=True)
-    assert rows_of(got) == rows_of(sampled) and got.finish_reasons == sampled.finish_reasons
-    np.testing.assert_allclose(np.array(got.logprobs), np.array(sampled.logprobs), atol=1e-4)
-
-
 @pytest.mark.parametrize("on_device,plain_head", [(False, True), (True, True), (False, False)])
 def test_kept_frozen_states_are_the_fresh_forwards_and_change_nothing(setup, monkeypatch, on_device, plain_head):
     """`keep_states=k` (both decode paths, in waves with compaction, with the plain-head

@@ -25,7 +25,6 @@ from cast_mlx.engine.logprobs import (
 )
 from cast_mlx.engine.models import merged_lora
 from cast_mlx.engine.sampler import sample_tokens, sample_tokens_mx, uniform_table
-from cast_mlx.engine.static_decode import StaticDecoder, supported
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
@@ -156,8 +155,6 @@ def plain_head(model) -> mx.array | None:
 def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache, split: int = 0, keep=None) -> mx.array:
     """float32 `[B, V]` logits after the last position of `inputs` `[B, n]` (lazy). With
     `split` > 0, the states entering block `split` (`[B, n, H]`) are appended to `keep`."""
-    if isinstance(cache, StaticDecoder):  # the compiled step (static_decode.py)
-        return cache.next_logits(inputs, keep)
     if split:
         states = lower_states(model.model, inputs, cache, split)
         keep.append(states)
@@ -174,11 +171,6 @@ def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache, split:
 def next_logits(model, head: mx.array | None, inputs: mx.array, cache, split: int = 0, keep=None) -> np.ndarray:
     """`next_logits_mx`, as numpy."""
     return np.array(next_logits_mx(model, head, inputs, cache, split, keep))
-
-
-def _step_logits(model, inputs: mx.array, cache, split: int, keep: list) -> mx.array:
-    """`next_logits_mx` with the model's head: what the compiled step runs (static_decode)."""
-    return next_logits_mx(model, plain_head(model), inputs, cache, split, keep)
 
 
 def check_cache_kind(model) -> None:
@@ -225,10 +217,8 @@ def prefill(model, head, prompts: list[list[int]], room: int, on_device: bool = 
     return batch, (logits if on_device else np.array(logits)), states
 
 
-def filter_cache(cache: list[BatchKVCache] | StaticDecoder, rows: np.ndarray) -> None:
+def filter_cache(cache: list[BatchKVCache], rows: np.ndarray) -> None:
     """Keep (and repeat) the given batch rows of every layer's cache, in place."""
-    if isinstance(cache, StaticDecoder):
-        return cache.filter(rows)
     index = mx.array(rows.astype(np.int32))
     for c in cache:
         c.filter(index)
@@ -305,20 +295,16 @@ class _Streams:
         return _Wave(self.ids, self.lps, self.lengths, self.eos, prefill_seconds, prompt_states, states)
 
 
-def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool, split: int = 0, compiled: bool = False):
-    """Prefill, then broadcast each prompt's cache row to its `group_size` streams (with
-    `compiled`, into the fixed cache of the compiled step: `static_decode.StaticDecoder`)."""
+def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool, split: int = 0):
+    """Prefill, then broadcast each prompt's cache row to its `group_size` streams."""
     head = plain_head(model)
     start = time.perf_counter()
-    room = 1 if compiled else steps
-    cache, logits, prompt_states = prefill(model, head, prompts, room=room, on_device=on_device, split=split)
+    cache, logits, prompt_states = prefill(model, head, prompts, room=steps, on_device=on_device, split=split)
     if on_device:
         mx.eval(logits)
     prefill_seconds = time.perf_counter() - start
     prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
     filter_cache(cache, prompt_of_stream)
-    if compiled:
-        cache = StaticDecoder(model, cache, _step_logits, split)
     return head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states
 
 
@@ -332,18 +318,16 @@ def decode_wave(
     progress=None,
     on_device: bool = False,
     split: int = 0,
-    compiled: bool = False,
 ) -> _Wave:
     """Prefill `prompts` once, broadcast to `group_size` streams each, and decode them all
     together; `uniforms` `[len(prompts) * group_size, max_new_tokens]` drive the draws.
     `progress(tokens, streams_done)`, if given, hears after every decode step. With `split`
-    > 0, the states entering block `split` are kept (`_Wave.prompt_states`, `.states`).
-    `compiled`: decode with the compiled fixed-cache step (`static_decode`)."""
+    > 0, the states entering block `split` are kept (`_Wave.prompt_states`, `.states`)."""
     if on_device:
-        return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress, split, compiled)
+        return decode_wave_on_device(model, prompts, group_size, p, eos_ids, uniforms, progress, split)
     steps, n = p.max_new_tokens, len(prompts) * group_size
     head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states = _start_wave(
-        model, prompts, group_size, steps, False, split, compiled
+        model, prompts, group_size, steps, False, split
     )
     rows = np.arange(n)  # rows[j]: the stream (0..n-1) that batch row j decodes
 
@@ -378,7 +362,6 @@ def decode_wave_on_device(
     uniforms: np.ndarray,
     progress=None,
     split: int = 0,
-    compiled: bool = False,
 ) -> _Wave:
     """`decode_wave` with the draws on the device, pipelined: step t + 1 is queued
     (`mx.async_eval`) before the host reads step t's ids. Streams that finish at step t are
@@ -386,7 +369,7 @@ def decode_wave_on_device(
     and the queued step's ids alike. Each stream's draws are the same as on the host path."""
     steps, n = p.max_new_tokens, len(prompts) * group_size
     head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states = _start_wave(
-        model, prompts, group_size, steps, True, split, compiled
+        model, prompts, group_size, steps, True, split
     )
     table = mx.array(uniforms)
     rows = np.arange(n)
@@ -437,7 +420,6 @@ def generate_groups(
     progress=None,
     on_device: bool | None = None,
     keep_states: int = 0,
-    compiled: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt with the model's current weights.
 
@@ -459,8 +441,6 @@ def generate_groups(
     keep_states: k > 0 keeps the states entering block k (`logprobs.frozen_blocks(model)`,
                 the first block with trainable parameters) in `Rollout.frozen`, for the
                 update to run the top blocks only.
-    compiled:   decode with the compiled static-shape step (`static_decode`): the same ids;
-                models it does not support (`static_decode.supported`) decode as without.
 
     Returns a `Rollout` (see its docstring for shapes and conventions).
     """
@@ -481,7 +461,6 @@ def generate_groups(
 
     per_wave = max(1, p.max_batch // group_size)
     device = not fastmath.on_cpu() if on_device is None else on_device
-    compiled = compiled and supported(model)
     was_training = model.training
     model.eval()  # no dropout, so the adapters can be merged for decoding
     try:
@@ -495,7 +474,7 @@ def generate_groups(
                 if progress is not None:
                     hear = lambda t, d, before=before: progress(t, p.max_new_tokens, before + d, n_streams)  # noqa: E731
                 u = uniforms[rows]
-                waves.append(decode_wave(model, chunk, group_size, p, eos, u, hear, device, keep_states, compiled))
+                waves.append(decode_wave(model, chunk, group_size, p, eos, u, hear, device, keep_states))
     finally:
         model.train(was_training)
 

@@ -192,7 +192,6 @@ def sample(run: Run, problems: list, round: int = 0) -> Trajectory:
         total_streams=world.size * streams,
         progress=lambda t, cap, done, n: run.phase("sampling", t, cap, f"{done}/{n} streams done"),
         keep_states=run.frozen_split,
-        compiled=r.system.compiled_decode,
     )
     return Trajectory(problems, prompts, out, r.sampling.group_size)
 
