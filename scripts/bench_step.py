@@ -106,12 +106,19 @@ def workload_overrides(data_dir: Path, algorithm: str, steps: int = 3) -> list[s
 
 
 def recipe_for(
-    data_dir: Path, algorithm: str, micro_batch: int | None, share_prefix: bool, reuse_frozen: bool = True
+    data_dir: Path,
+    algorithm: str,
+    micro_batch: int | None,
+    share_prefix: bool,
+    reuse_frozen: bool = True,
+    teacher_context: str | None = None,
 ) -> cfg.Recipe:
     sets = workload_overrides(data_dir, algorithm) + [
         f"system.share_prefix={str(share_prefix).lower()}",
         f"system.reuse_frozen={str(reuse_frozen).lower()}",
     ]
+    if teacher_context:
+        sets.append(f"teacher.context={teacher_context}")
     if micro_batch:
         sets.append(f"optimizer.micro_batch_size={micro_batch}")
     return cfg.load_recipe(RECIPE, sets)
@@ -230,13 +237,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-frozen", type=int, default=1, choices=(0, 1))
     ap.add_argument("--variants", nargs="+", default=["cast", "grpo", "grpo_same_rows"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-context", default=None, help="CAST's teacher.context (default: the recipe's)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_workload(Path(tmp) / "workload")
         results, batch, floor = {}, None, {}
         for variant in args.variants:
             algorithm = "cast" if variant == "cast" else "grpo"
-            recipe = recipe_for(data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen))
+            recipe = recipe_for(
+                data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen),
+                args.teacher_context,
+            )  # fmt: skip
             with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
                 if batch is None:  # sampled once, by the first variant's (still untrained) model
                     batch, mixed = mixed_batch(run)
@@ -255,6 +266,7 @@ def main(argv=None) -> int:
         "share_prefix": bool(args.share_prefix),
         "reuse_frozen": bool(args.reuse_frozen),
         "repeats": args.repeats,
+        "teacher_context": recipe.teacher.context,
         "completion_tokens": int(out.mask.sum().item()),
         "prompt_tokens": sum(len(p) for p in prompts),
         "truncated": sum(f == "length" for f in out.finish_reasons),
