@@ -88,7 +88,7 @@ def test_the_mac_setting_is_the_mac_recipe_and_default_is_bench_peers(tmp_path):
     mac = bench_scale.recipe_for({"setting": "mac"}, "cast", tmp_path)
     s = mac.sampling
     assert (s.prompts_per_step, s.group_size, s.max_new_tokens) == (4, 8, 320)
-    assert (mac.lora.rank, mac.lora.alpha, mac.lora.num_layers, mac.optimizer.micro_batch_size) == (16, 32, 16, 4)
+    assert (mac.lora.rank, mac.lora.alpha, mac.lora.num_layers, mac.optimizer.micro_batch_size) == (16, 32, 16, 2)
     assert mac.algorithm.name == "cast" and mac.data.task == "custom"
     default = bench_scale.recipe_for({"setting": "default", "group": 4, "max_new": 1024}, "grpo", tmp_path)
     s = default.sampling
