@@ -36,13 +36,13 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from cast_mlx.algorithm.teacher import Teacher  # noqa: E402
-from cast_mlx.engine import logprobs, models  # noqa: E402
+from cast_mlx.engine import logprobs  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import cpu_name, matmul_gflops, median_seconds  # noqa: E402
+from profile_update import KEYS, workload_model  # noqa: E402
 
-KEYS = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
 QUESTION = "Solve step by step and give the final answer after ####. What is 47 * 86 - 1234 + 56?"
 
 
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    model, tok = models.load(models.DEFAULT_MODEL, "auto")
-    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=KEYS)
+    model, tok = workload_model()
     teacher = Teacher.create(model)
     context = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
     vocab = model.model.embed_tokens.weight.shape[0]

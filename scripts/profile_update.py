@@ -42,6 +42,14 @@ from bench_step import cpu_name, median_seconds  # noqa: E402
 KEYS = [f"self_attn.{k}_proj" for k in "qkvo"] + [f"mlp.{k}_proj" for k in ("gate", "up", "down")]
 
 
+def workload_model():
+    """The embedded model in its default dtype with the speed workload's LoRA (rank 8, all seven
+    projections of the last 8 blocks): `(model, tokenizer)`."""
+    model, tok = models.load(models.DEFAULT_MODEL, "auto")
+    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=KEYS)
+    return model, tok
+
+
 def median_time(fn, repeats: int) -> float:
     return round(median_seconds(fn, repeats), 4)
 
@@ -53,8 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    model, tok = models.load(models.DEFAULT_MODEL, "auto")
-    models.attach_lora(model, rank=8, alpha=16, dropout=0.0, num_layers=8, keys=KEYS)
+    model, tok = workload_model()
     split = logprobs.frozen_blocks(model)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 47 * 86?"}], add_generation_prompt=True)
     params = rollout.SamplingParams(temperature=1.0, max_new_tokens=args.length)
