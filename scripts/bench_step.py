@@ -203,13 +203,24 @@ def matmul_gflops(hidden: int, inner: int, rows: int = 512, repeats: int = 10) -
     return 2 * rows * hidden * inner / median_seconds(lambda: x @ w.T, repeats) / 1e9
 
 
-def forward_gflop(model, positions: int, head_positions: int) -> float:
-    """The matmul GFLOP of a forward: `positions` through every block's linear layers and
-    `head_positions` through the vocabulary head (attention's and the elementwise work left out)."""
-    linears = [m for layer in model.model.layers for _, m in layer.named_modules() if type(m) is nn.Linear]
-    block_params = sum(m.weight.size for m in linears)
+def matmul_gflop_by_part(model, positions: int, head_positions: int) -> dict[str, float]:
+    """The matmul GFLOP of a forward per linear layer's name (`q_proj`, ..., summed over the
+    blocks) and `head`: `positions` through every block's linear layers and `head_positions`
+    through the vocabulary head (attention's and the elementwise work left out)."""
+    parts: dict[str, float] = {}
+    for layer in model.model.layers:
+        for path, m in layer.named_modules():
+            if type(m) is nn.Linear:  # a LoRA layer's base is `<name>.linear`
+                name = path.removesuffix(".linear").rsplit(".", 1)[-1]
+                parts[name] = parts.get(name, 0.0) + 2 * m.weight.size * positions / 1e9
     args = model.args
-    return (2 * block_params * positions + 2 * args.vocab_size * args.hidden_size * head_positions) / 1e9
+    parts["head"] = 2 * args.vocab_size * args.hidden_size * head_positions / 1e9
+    return parts
+
+
+def forward_gflop(model, positions: int, head_positions: int) -> float:
+    """The matmul GFLOP of a forward (`matmul_gflop_by_part`, summed)."""
+    return sum(matmul_gflop_by_part(model, positions, head_positions).values())
 
 
 def teacher_floor(run, traj) -> dict:
@@ -241,7 +252,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_workload(Path(tmp) / "workload")
-        results, batch, floor = {}, None, {}
+        results, batch, floor, context = {}, None, {}, None
         for variant in args.variants:
             algorithm = "cast" if variant == "cast" else "grpo"
             recipe = recipe_for(
@@ -253,6 +264,8 @@ def main(argv=None) -> int:
                     batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
                 results[variant] = time_variant(run, batch, args.repeats, same_rows=variant == "grpo_same_rows")
+                if variant == "cast":
+                    context = recipe.teacher.context
                 if variant == "cast" and recipe.teacher.context != "same":  # (`same`: the top blocks only)
                     floor = teacher_floor(run, batch)
     prompts, out = batch.prompts, batch.rollout
@@ -266,7 +279,7 @@ def main(argv=None) -> int:
         "share_prefix": bool(args.share_prefix),
         "reuse_frozen": bool(args.reuse_frozen),
         "repeats": args.repeats,
-        "teacher_context": recipe.teacher.context,
+        "teacher_context": context,  # CAST's (None when it did not run)
         "completion_tokens": int(out.mask.sum().item()),
         "prompt_tokens": sum(len(p) for p in prompts),
         "truncated": sum(f == "length" for f in out.finish_reasons),

@@ -40,8 +40,8 @@ from cast_mlx.engine import logprobs  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import cpu_name, matmul_gflops, median_seconds  # noqa: E402
-from profile_update import KEYS, workload_model  # noqa: E402
+from bench_step import cpu_name, matmul_gflop_by_part, matmul_gflops, median_seconds  # noqa: E402
+from profile_update import workload_model  # noqa: E402
 
 QUESTION = "Solve step by step and give the final answer after ####. What is 47 * 86 - 1234 + 56?"
 
@@ -96,23 +96,6 @@ def exclusive(inclusive: dict[str, float]) -> dict[str, float]:
     return own
 
 
-def matmul_gflop(model, positions: int, completion: int) -> dict[str, float]:
-    """Matmul GFLOP of one forward by part: every projection over all positions, the head over
-    the completion positions."""
-    out: dict[str, float] = defaultdict(float)
-    for layer in model.model.layers:
-        for key in KEYS:
-            mod = layer
-            for name in key.split("."):
-                mod = getattr(mod, name)
-            base = getattr(mod, "linear", mod)
-            o, i = base.weight.shape
-            out[key.rsplit(".", 1)[-1]] += 2 * positions * i * o / 1e9
-    v, h = model.model.embed_tokens.weight.shape
-    out["head"] = 2 * completion * v * h / 1e9
-    return dict(out)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
@@ -147,7 +130,7 @@ def main(argv=None) -> int:
         parts["backbone_rest" if path == "model" else kind(path)] += seconds / runs
     parts["head"] = eager - sum(parts.values())  # what the modules did not take: head, log-softmax, gather
     completion = args.rows * args.length
-    gflop = matmul_gflop(model, len(context) + completion, completion)
+    gflop = matmul_gflop_by_part(model, len(context) + completion, completion)
     args_ = model.args
     rate = matmul_gflops(args_.hidden_size, args_.intermediate_size)
     floor = sum(gflop.values()) / rate
