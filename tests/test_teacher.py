@@ -227,15 +227,23 @@ def test_shared_prefix_edge_cases_and_fallback(lora_model, monkeypatch):
     assert len(calls) == 1 and calls[0].get("cache") is None  # one per-row forward, no cache
 
 
-@pytest.mark.parametrize("kind", ["linear", "tied-embedding", "linear-with-bias"])
+HEAD_KINDS = ["linear", "tied-embedding", "linear-with-bias", "quantized-linear", "quantized-tied-embedding"]
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_head_vjp_equals_autodiff_of_the_plain_formula(kind, with_entropy):
     """The head's hand-written backward (closed-form softmax gradients, logits recomputed)
-    gives autodiff's values and gradients; a head it cannot transpose (a bias) takes mx.vjp."""
+    gives autodiff's values and gradients, for float and quantized (QLoRA) heads; a head it
+    cannot transpose (a bias) takes mx.vjp."""
     mx.random.seed(3)
-    vocab, width = 37, 8
-    layer = nn.Embedding(vocab, width) if kind == "tied-embedding" else nn.Linear(width, vocab, bias=kind != "linear")
-    head = layer.as_linear if kind == "tied-embedding" else layer
+    vocab, width = 37, 64  # a quantized layer's width is a multiple of its group size
+    tied = kind.endswith("tied-embedding")
+    layer = nn.Embedding(vocab, width) if tied else nn.Linear(width, vocab, bias=kind == "linear-with-bias")
+    if kind.startswith("quantized"):
+        layer = layer.to_quantized(group_size=32, bits=4)
+        assert type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    head = layer.as_linear if tied else layer
     assert (logprobs._head_transpose(head) is None) == (kind == "linear-with-bias")
     h = mx.random.normal((2, 5, width))
     tokens = mx.random.randint(0, vocab, (2, 5))

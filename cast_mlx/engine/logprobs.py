@@ -205,13 +205,22 @@ def _predicting_states(model: nn.Module, backbone, batch: Batch) -> mx.array:
 
 
 def _head_transpose(head):
-    """`dz -> dz @ W` for a float head `h -> h @ W.T` (an `nn.Linear` without bias, or a tied
-    `nn.Embedding`), else None: the head's vjp then comes from `mx.vjp`, at one more matmul."""
+    """`dz -> dz @ W` for a head `h -> h @ W.T` without bias (an `nn.Linear`, a tied
+    `nn.Embedding`, or their quantized kinds: a quantized matmul, untransposed), else None:
+    the head's vjp then comes from `mx.vjp`, which builds the head's forward again."""
     owner = getattr(head, "__self__", head)  # `embed_tokens.as_linear` is a bound method
-    if type(owner) not in (nn.Linear, nn.Embedding) or "bias" in owner:
+    if "bias" in owner:
         return None
-    weight = owner.weight
-    return lambda dz: dz.astype(weight.dtype) @ weight
+    if type(owner) in (nn.Linear, nn.Embedding):
+        weight = owner.weight
+        return lambda dz: dz.astype(weight.dtype) @ weight
+    if type(owner) in (nn.QuantizedLinear, nn.QuantizedEmbedding):
+        q = owner
+        return lambda dz: mx.quantized_matmul(
+            dz.astype(q.scales.dtype), q.weight, scales=q.scales, biases=q.get("biases"), transpose=False,
+            group_size=q.group_size, bits=q.bits, mode=q.mode,
+        )  # fmt: skip
+    return None
 
 
 def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
