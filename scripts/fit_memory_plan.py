@@ -1,5 +1,5 @@
 """Measure a step's peak memory per phase at a few model shapes and fit the memory plan's
-constants (`cast_mlx/training/memory_plan.py`).
+constants (`cast_mlx/training/memory_laws.py`).
 
     python scripts/fit_memory_plan.py --out runs/memory-plan.jsonl   # measure all points, fit, print
     python scripts/fit_memory_plan.py --from runs/memory-plan.jsonl  # fit and print only
@@ -44,6 +44,7 @@ import scale_models as sm  # noqa: E402  (loads the fast BLAS before mlx.core)
 # isort: split
 import mlx.core as mx  # noqa: E402
 
+from cast_mlx.training import memory_laws as laws  # noqa: E402
 from cast_mlx.training import memory_plan as mp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def fit_load(rows: list[dict]) -> float:
             shape = mp.Shape(**row["shape"])
             stored, run = mp.weight_bytes(shape, "quantized"), mp.weight_bytes(shape, "float32")
             extras.append((row["measured"]["load"] * MiB - stored - run) / run)
-    return round(float(np.median(extras)), 3) if extras else mp.LOAD_EXTRA
+    return round(float(np.median(extras)), 3) if extras else laws.LOAD_EXTRA
 
 
 def predicted(row: dict) -> dict[str, float]:
@@ -217,14 +218,14 @@ CONSTANTS = (
 
 @contextmanager
 def constants(**values):
-    saved = {k: getattr(mp, k) for k in values}
+    saved = {k: getattr(laws, k) for k in values}
     for k, v in values.items():
-        setattr(mp, k, v)
+        setattr(laws, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(mp, k, v)
+            setattr(laws, k, v)
 
 
 def _work(row: dict) -> mp.Workload:
@@ -268,7 +269,7 @@ def fit_quantized_head(rows: list[dict]) -> float:
                 with constants(HEAD_QUANTIZED=1.0):
                     head = predicted(row)[phase] - rest
                 ratios.append((row["measured"][phase] - rest) / head)
-    return round(float(np.median(ratios)), 2) if ratios else mp.HEAD_QUANTIZED
+    return round(float(np.median(ratios)), 2) if ratios else laws.HEAD_QUANTIZED
 
 
 def _has_pass(row: dict, phase: str) -> bool:
@@ -315,8 +316,8 @@ def fit(rows: list[dict]) -> dict:
     rows = [row for row in rows if "load" not in row]
     for _ in range(3):  # the head and the per-token constants, each with the other's last fit
         with constants(**values):
-            values["UPDATE_HEAD"] = fit_head(rows, "update", "UPDATE_HEAD") or mp.UPDATE_HEAD
-            values["TEACHER_HEAD"] = fit_head(rows, "teacher", "TEACHER_HEAD") or mp.TEACHER_HEAD
+            values["UPDATE_HEAD"] = fit_head(rows, "update", "UPDATE_HEAD") or laws.UPDATE_HEAD
+            values["TEACHER_HEAD"] = fit_head(rows, "teacher", "TEACHER_HEAD") or laws.TEACHER_HEAD
         with constants(**values):
             values |= fit_tokens(rows, "update", ("UPDATE_H", "UPDATE_I", "UPDATE_T"))
             values |= fit_tokens(rows, "teacher", ("TEACHER_H", "TEACHER_I"))
@@ -328,7 +329,7 @@ def fit(rows: list[dict]) -> dict:
             for r in rows
             if "rollout" in r["measured"]
         ]
-    values["ROLLOUT_LOGITS"] = round(float(np.median(spare)), 2) if spare else mp.ROLLOUT_LOGITS
+    values["ROLLOUT_LOGITS"] = round(float(np.median(spare)), 2) if spare else laws.ROLLOUT_LOGITS
     return values
 
 
@@ -358,7 +359,7 @@ def report(rows: list[dict], values: dict) -> list[str]:
             if "load" in row:  # models.load of a model stored in another dtype
                 shape = mp.Shape(**row["shape"])
                 guess_load = mp.weight_bytes(shape, "quantized") + mp.weight_bytes(shape, "float32") * (
-                    1 + mp.LOAD_EXTRA
+                    1 + laws.LOAD_EXTRA
                 )
                 got, err = row["measured"]["load"], guess_load / MiB / row["measured"]["load"] - 1
                 guessed = f"{got:.1f} | {guess_load / MiB:.1f} | {err:+.1%}"

@@ -37,26 +37,11 @@ the float32 logits, in positions' worth, that the head holds per completion posi
 L = 128 and 2.5 past 768 under a gradient, 2.0 to 1.2 without. MLX orders a graph breadth-first
 (MLX_BFS_MAX_WIDTH, 20 arrays wide), so several chunks' vocabulary-wide temporaries are alive at
 once; at width 1 the update still held 2.8 positions' worth at L = 256 (3.7 at 20). A quantized
-or half-precision head holds HEAD_QUANTIZED times a float32 one's (its logits are cast to float32
-and its backward runs it again through `mx.vjp`). The per-token constants count activation
-elements per position (per adapted block for `u_H`, `u_I`).
+or half-precision head holds HEAD_QUANTIZED times a float32 one's (its logits are cast to float32),
+and on a GPU a quantized head under a gradient UPDATE_HEAD_QUANTIZED_GPU times. The per-token
+constants count activation elements per position (per adapted block for `u_H`, `u_I`).
 
-Calibration (`python scripts/fit_memory_plan.py` re-measures, fits and prints the constants and
-the table): MLX's peak memory (`mx.get_peak_memory`, reset before each phase) of
-`trainer.sample` to the full token cap (random weights never sample EOS) and of `trainer.learn`'s
-teacher and update on a synthetic batch of rows of exactly `L` tokens, on random-weight models
-of four shapes (scripts/scale_models.py's `tiny` and `smollm2-135m`, a 1024-wide 8-block llama
-and a 4-block qwen2 of Qwen2.5-0.5B's widths and vocabulary), float32 and (tiny) 4-bit, on the
-2-core EPYC CPU (MLX 0.32.4, MKL), prompts of 50 tokens; and models.load of the embedded model.
-The head laws come from `tiny` (width 64: the head is nearly all its memory), the per-token
-constants from the other shapes by least squares. At the 25 points of `CALIBRATION` every phase
-is within 3% of its measured peak (its memory above the weights within 8%); at three points
-left out (tests/test_memory_plan.py) within 1%. On CUDA (one H200, docs/benchmarks.md) float32
-Qwen2.5-0.5B and 1.5B came within 3% (update) and 6% (rollout, teacher); but 4-bit Qwen2.5-0.5B
-at the Mac recipe's shape peaked at 8.87 GB in the update, 81% above the plan's 4.90: its
-quantized terms come from the tiny model alone and do not hold there. Not measured: Metal (its
-kernels differ, and the CPU's fused SwiGLU keeps fewer temporaries), the held-out eval's
-generation, and dynamic sampling's extra rounds.
+The constants and how they were measured: `memory_py`.
 """
 
 from __future__ import annotations
@@ -67,71 +52,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from cast_mlx import config as cfg
-from cast_mlx.engine import models
+from cast_mlx.engine import fastmath, models
 from cast_mlx.engine.logprobs import SPLIT_MODEL_TYPES
+from cast_mlx.training import memory_laws as laws
 
 GB = 2**30
 KNOWN_TYPES = ("llama", "qwen2", "qwen3")  # the architectures the plan's constants were measured on
 DEFAULT_MICRO_BATCH = cfg.OptimizerConfig().micro_batch_size  # what `auto` falls back to without a plan
 PROMPTS_TOKENIZED = 16  # the longest prompts (by characters) that are tokenized for the plan
-
-# --- the fitted constants (scripts/fit_memory_plan.py prints them) ---------------------------
-# (L, positions' worth of [n, 1, V] float32 logits per completion position), interpolated in L
-UPDATE_HEAD = ((32, 4.39), (64, 4.36), (128, 4.37), (256, 3.67), (512, 3.13), (768, 2.46), (1024, 2.55), (1536, 2.58))
-TEACHER_HEAD = ((32, 2.02), (64, 2.01), (128, 2.01), (256, 1.99), (512, 1.74), (768, 1.41), (1024, 1.24))
-UPDATE_H, UPDATE_I, UPDATE_T = 12.06, 4.86, 10.8  # activation elements per position and adapted layer; per position
-TEACHER_H, TEACHER_I = 0.0, 4.76  # activation elements per position of a teacher pass
-ROLLOUT_LOGITS, ROLLOUT_STATES = 1.28, 4.0  # [B, V] float32 logits in a decode step; S at the rollout's end
-HEAD_QUANTIZED = 1.24  # a quantized (or half-precision) head's memory against a float32 head's
-# models.load of a checkpoint stored in another dtype (the embedded 4-bit SmolLM2 run in float32):
-# the stored weights, the converted ones and this share of the converted ones in temporaries
-LOAD_EXTRA = 0.091  # measured: 653.7 MiB for the embedded SmolLM2-135M (predicted 653.6)
-# The measured points (scripts/fit_memory_plan.py's POINTS): shape, dtype, algorithm, P, G,
-# micro-batch, L, LoRA layers, max_batch, then MiB at the rollout's, teacher's and update's peak.
-CALIBRATION = (  # fmt: skip
-    ("tiny", "float32", "cast", 1, 2, 2, 32, 8, 64, None, 39, 73),
-    ("tiny", "float32", "cast", 1, 2, 2, 64, 8, 64, None, 63, 128),
-    ("tiny", "float32", "cast", 1, 2, 2, 128, 8, 64, None, 112, 239),
-    ("tiny", "float32", "cast", 1, 2, 2, 256, 8, 64, None, 207, 393),
-    ("tiny", "float32", "cast", 1, 2, 2, 512, 8, 64, None, 351, 666),
-    ("tiny", "float32", "cast", 1, 2, 2, 768, 8, 64, None, 424, 796),
-    ("tiny", "float32", "cast", 1, 2, 2, 1024, 8, 64, None, 496, 1091),
-    ("tiny", "float32", "grpo", 1, 2, 2, 1536, 8, 64, None, 15, 1642),
-    ("tiny", "float32", "cast", 2, 8, 8, 64, 8, 64, 23, 209, 458),
-    ("smollm2-135m", "float32", "grpo", 1, 4, 4, 64, 4, 64, 592, 518, 797),
-    ("smollm2-135m", "float32", "grpo", 1, 4, 4, 64, 16, 64, 766, 529, 1025),
-    ("smollm2-135m", "float32", "grpo", 1, 4, 4, 128, 8, 64, 662, 522, 1196),
-    ("smollm2-135m", "float32", "cast", 2, 8, 8, 64, 8, 64, 717, 740, 1208),
-    ("smollm2-135m", "float32", "cast", 4, 8, 4, 64, 16, 16, 837, 648, 1043),
-    ("wide", "float32", "grpo", 1, 4, 4, 64, 2, 64, 786, 662, 976),
-    ("wide", "float32", "grpo", 1, 4, 4, 64, 6, 64, 1026, 670, 1124),
-    ("wide", "float32", "cast", 2, 4, 4, 64, 4, 64, 918, 792, 1048),
-    ("wide", "float32", "grpo", 1, 2, 2, 128, 6, 64, 1024, 670, 1122),
-    ("qwen-wide", "float32", "grpo", 1, 2, 2, 64, 2, 64, 870, 752, 1135),
-    ("qwen-wide", "float32", "cast", 1, 4, 4, 64, 2, 64, 872, 1076, 1502),
-    ("qwen-wide", "float32", "grpo", 1, 2, 2, 128, 2, 64, 870, 753, 1478),
-    ("tiny", "4bit", "cast", 1, 4, 4, 64, 8, 64, None, 124, 268),
-    ("tiny", "4bit", "cast", 1, 2, 2, 128, 8, 64, None, 124, 268),
-    ("tiny", "float32", "cast-verl", 2, 8, 4, 64, 8, 64, None, 399, 239),
-    ("smollm2-135m", "float32", "cast-verl", 2, 4, 4, 64, 8, 64, None, 723, 880),
-)
-
-# The embedded model's converted config (models.convert_gguf) when it is not fetched yet.
-BUILTIN_CONFIGS = {
-    "smollm2-135m-instruct": {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "vocab_size": 49152,
-        "tie_word_embeddings": True,
-        "quantization": {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}},
-    },
-}
-
 
 # --------------------------------------------------------------------------- the model's shape
 
@@ -199,7 +127,8 @@ def model_config(spec: str) -> tuple[dict | None, Path | None, str | None]:
         folder = models.embedded_dir(spec)
         if (folder / "config.json").is_file():
             return _read_config(folder)
-        return BUILTIN_CONFIGS.get(spec), None, None if spec in BUILTIN_CONFIGS else f"{spec}: no config known"
+        builtin = laws.BUILTIN_CONFIGS.get(spec)
+        return builtin, None, None if builtin else f"{spec}: no config known"
     path = Path(spec).expanduser()
     if path.is_dir():
         return _read_config(path)
@@ -261,6 +190,7 @@ class Workload:
     same_context: bool = False  # teacher.context same: the old policy is scored too (teacher.teacher_gaps)
     share_prefix: bool = True
     reuse_frozen: bool = True
+    gpu: bool = False  # MLX computes on a GPU (Metal, CUDA), where a quantized head's gradient holds more
 
 
 def weight_bytes(s: Shape, dtype: str) -> int:
@@ -343,24 +273,27 @@ def predict(s: Shape, w: Workload) -> dict[str, int]:
     weights = weight_bytes(s, w.dtype)
     stored = "quantized" if s.quant else {4: "float32", 2: "bfloat16"}[s.float_bytes]
     converted = w.dtype != stored and not (w.dtype == "quantized" and not s.quant)
-    load = weight_bytes(s, stored) + weights * (1 + LOAD_EXTRA) if converted else weights
+    load = weight_bytes(s, stored) + weights * (1 + laws.LOAD_EXTRA) if converted else weights
     resident = weights + lora * (3 + w.snapshot + (0.5 if w.reference else 0))
     rows = w.prompts * w.group
     states = rows * w.max_new * s.hidden * b_a if frozen_split(s, w) else 0
     streams = min(w.prompts, max(1, w.max_batch // w.group)) * w.group
     kv = s.layers * 2 * streams * s.kv_heads * s.head_dim * (w.prompt_tokens + w.max_new) * b_a
     merged = 0 if w.dtype == "quantized" else k * sum(i * o for i, o in keys) * weight_element_bytes(s, w.dtype)
-    decode = merged + kv + states + ROLLOUT_LOGITS * streams * s.vocab * 4
-    rollout = resident + max(decode, ROLLOUT_STATES * states)
-    head_factor = 1.0 if w.dtype == "float32" else HEAD_QUANTIZED
+    decode = merged + kv + states + laws.ROLLOUT_LOGITS * streams * s.vocab * 4
+    rollout = resident + max(decode, laws.ROLLOUT_STATES * states)
+    head_factor = 1.0 if w.dtype == "float32" else laws.HEAD_QUANTIZED
     teacher = resident + states
     if w.teacher_tokens or w.reference:
         n, tok = pass_size(w, teacher=True)
-        teacher += n * s.vocab * 4 * _interpolate(TEACHER_HEAD, w.max_new) * head_factor
-        teacher += tok * (TEACHER_H * s.hidden + TEACHER_I * s.intermediate) * b_a
+        teacher += n * s.vocab * 4 * _interpolate(laws.TEACHER_HEAD, w.max_new) * head_factor
+        teacher += tok * (laws.TEACHER_H * s.hidden + laws.TEACHER_I * s.intermediate) * b_a
     n, tok = pass_size(w, teacher=False)
-    head = n * s.vocab * 4 * _interpolate(UPDATE_HEAD, w.max_new) * head_factor
-    layers = k * tok * (UPDATE_H * s.hidden + UPDATE_I * s.intermediate) * b_a + tok * UPDATE_T * s.hidden * b_a
+    if w.gpu and w.dtype == "quantized":
+        head_factor = laws.UPDATE_HEAD_QUANTIZED_GPU
+    head = n * s.vocab * 4 * _interpolate(laws.UPDATE_HEAD, w.max_new) * head_factor
+    per_block = laws.UPDATE_H * s.hidden + laws.UPDATE_I * s.intermediate
+    layers = k * tok * per_block * b_a + tok * laws.UPDATE_T * s.hidden * b_a
     update = resident + states + 2 * lora + head + layers
     return {
         "load": int(load),
@@ -437,6 +370,7 @@ def workload(recipe: cfg.Recipe, prompt_tokens: int, teacher_tokens: int, world_
         same_context=uses_teacher and t.context == "same",
         share_prefix=r.system.share_prefix,
         reuse_frozen=r.system.reuse_frozen,
+        gpu=not fastmath.on_cpu(),
     )
 
 
