@@ -148,7 +148,7 @@ def points(run: Path, budgets: list[float]) -> dict[str, dict]:
 
 
 def report(root: Path, budgets: list[float], baseline: str, out: Path) -> None:
-    from cast_mlx.training.evaluation import mcnemar_exact
+    from cast_mlx.training.eval_stats import mcnemar_exact
 
     runs = runs_of(root)
     steps = sorted({k for v in runs.values() for d in v.values() for k in points(d, budgets) if k.startswith("step")},

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from cast_mlx.cli import EXIT_USAGE, OneLineParser  # noqa: E402
 from cast_mlx.config import ORACLE_LABEL  # noqa: E402
-from cast_mlx.training.evaluation import paired_comparison  # noqa: E402
+from cast_mlx.training.eval_stats import paired_comparison  # noqa: E402
 from cast_mlx.training.plot import PlotError, plot_runs, read_jsonl, read_metrics, series, skipped_note  # noqa: E402
 
 REWARD_WINDOW = 5  # steps averaged at each end of a run for the training-reward change

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cast_mlx.cli import eval as eval_cli
+from cast_mlx.training import eval_stats as stats
 from cast_mlx.training import evaluation as ev
 
 from helpers import run_cli, tiny_checkpoint
@@ -31,7 +32,7 @@ from helpers import run_cli, tiny_checkpoint
     ],
 )
 def test_pass_at_k_hand_computed(n, c, k, expected):
-    assert ev.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    assert stats.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
 
 def test_pass_at_k_equals_subset_enumeration():
@@ -42,13 +43,13 @@ def test_pass_at_k_equals_subset_enumeration():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(outcomes, k))
                 share = sum(any(s) for s in subsets) / len(subsets)
-                assert ev.pass_at_k(n, c, k) == pytest.approx(share, abs=1e-12), (n, c, k)
+                assert stats.pass_at_k(n, c, k) == pytest.approx(share, abs=1e-12), (n, c, k)
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)])
 def test_pass_at_k_rejects_bad_counts(n, c, k):
     with pytest.raises(ValueError, match="pass_at_k"):
-        ev.pass_at_k(n, c, k)
+        stats.pass_at_k(n, c, k)
 
 
 # --------------------------------------------------------------------------- maj@k
@@ -56,28 +57,28 @@ def test_pass_at_k_rejects_bad_counts(n, c, k):
 
 def test_majority_vote_picks_the_most_common_answer_by_value():
     # "7", "7.00" and "$7" are one answer (exact value 7): 3 votes against 2 for "5"
-    assert ev.majority_vote(["5", "7", "5", "7.00", "$7"]) == 1
+    assert stats.majority_vote(["5", "7", "5", "7.00", "$7"]) == 1
 
 
 def test_majority_vote_tie_goes_to_the_answer_seen_first():
     # 2 votes each: "4" (first at index 1) beats "3" (first at index 2)
-    assert ev.majority_vote([None, "4", "3", "3", "4.0"]) == 1
-    assert ev.majority_vote(["3", "4", "4", "3"]) == 0
-    assert ev.majority_vote(["x + 1", "1+x"]) == 0  # different text, 1 vote each
+    assert stats.majority_vote([None, "4", "3", "3", "4.0"]) == 1
+    assert stats.majority_vote(["3", "4", "4", "3"]) == 0
+    assert stats.majority_vote(["x + 1", "1+x"]) == 0  # different text, 1 vote each
 
 
 def test_majority_vote_ignores_missing_answers():
-    assert ev.majority_vote([None, None, "12"]) == 2
-    assert ev.majority_vote([None, None]) is None
-    assert ev.majority_vote([]) is None
+    assert stats.majority_vote([None, None, "12"]) == 2
+    assert stats.majority_vote([None, None]) is None
+    assert stats.majority_vote([]) is None
 
 
 def test_answer_key_groups_equal_numbers_but_not_percent():
-    assert ev.answer_key("1,000") == ev.answer_key("1000.0")
-    assert ev.answer_key("3/4") == ev.answer_key("0.75")
-    assert ev.answer_key("50%") != ev.answer_key("50")
-    assert ev.answer_key("x + 1") == ev.answer_key("x+1")
-    assert ev.answer_key(None) is None
+    assert stats.answer_key("1,000") == stats.answer_key("1000.0")
+    assert stats.answer_key("3/4") == stats.answer_key("0.75")
+    assert stats.answer_key("50%") != stats.answer_key("50")
+    assert stats.answer_key("x + 1") == stats.answer_key("x+1")
+    assert stats.answer_key(None) is None
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -86,11 +87,11 @@ def test_answer_key_groups_equal_numbers_but_not_percent():
 def test_bootstrap_ci_is_deterministic_by_seed_and_contains_the_mean():
     rng = np.random.default_rng(7)
     values = (rng.random(200) < 0.3).astype(float)
-    a = ev.bootstrap_ci(values, seed=3)
-    assert a == ev.bootstrap_ci(values, seed=3)
+    a = stats.bootstrap_ci(values, seed=3)
+    assert a == stats.bootstrap_ci(values, seed=3)
     scores = rng.random(50)  # continuous values: another seed moves the quantiles
-    assert ev.bootstrap_ci(scores, seed=3) == ev.bootstrap_ci(scores, seed=3)
-    assert ev.bootstrap_ci(scores, seed=3) != ev.bootstrap_ci(scores, seed=4)
+    assert stats.bootstrap_ci(scores, seed=3) == stats.bootstrap_ci(scores, seed=3)
+    assert stats.bootstrap_ci(scores, seed=3) != stats.bootstrap_ci(scores, seed=4)
     low, high = a
     assert low < values.mean() < high
     # the 95% interval of a proportion near 0.3 with 200 items is about +-0.065
@@ -98,32 +99,32 @@ def test_bootstrap_ci_is_deterministic_by_seed_and_contains_the_mean():
 
 
 def test_bootstrap_ci_of_constant_values_is_a_point():
-    assert ev.bootstrap_ci([1.0] * 10, seed=0) == (1.0, 1.0)
+    assert stats.bootstrap_ci([1.0] * 10, seed=0) == (1.0, 1.0)
 
 
 def test_bootstrap_ci_rejects_empty():
     with pytest.raises(ValueError, match="non-empty"):
-        ev.bootstrap_ci([], seed=0)
+        stats.bootstrap_ci([], seed=0)
 
 
 # --------------------------------------------------------------------------- summary
 
 
 def _completion(answer, correct):
-    return ev.Completion(text=f"#### {answer}", answer=answer, strict=correct, lenient=correct, finish="eos")
+    return stats.Completion(text=f"#### {answer}", answer=answer, strict=correct, lenient=correct, finish="eos")
 
 
 def test_summarize_from_per_problem_results():
     # problem 1: greedy right, samples 2/3 right, majority "4" right
     # problem 2: greedy wrong, samples 1/3 right, majority "9" wrong
-    p1 = ev.ProblemResult(
+    p1 = stats.ProblemResult(
         "a",
         "2+2",
         "4",
         _completion("4", True),
         [_completion("4", True), _completion("5", False), _completion("4", True)],
     )
-    p2 = ev.ProblemResult(
+    p2 = stats.ProblemResult(
         "b",
         "3+3",
         "6",
@@ -131,8 +132,8 @@ def test_summarize_from_per_problem_results():
         [_completion("9", False), _completion("6", True), _completion("9", False)],
     )
     for p in (p1, p2):
-        p.majority = ev.majority_vote([c.answer for c in p.samples])
-    summary = ev.summarize([p1, p2], k=3, seed=0)
+        p.majority = stats.majority_vote([c.answer for c in p.samples])
+    summary = stats.summarize([p1, p2], k=3, seed=0)
     assert set(summary) == {"greedy/strict", "greedy/lenient", "mean@3", "pass@3", "maj@3"}
     assert summary["greedy/lenient"].value == pytest.approx(0.5)
     assert summary["mean@3"].value == pytest.approx((2 / 3 + 1 / 3) / 2)
@@ -200,20 +201,20 @@ def test_adapter_recipe_sets_the_prompt_defaults(tmp_path):
     ],
 )
 def test_mcnemar_exact_hand_computed(only_new, only_baseline, expected):
-    assert ev.mcnemar_exact(only_new, only_baseline) == pytest.approx(expected)
+    assert stats.mcnemar_exact(only_new, only_baseline) == pytest.approx(expected)
 
 
 def test_paired_comparison_counts_and_interval():
-    p = ev.paired_comparison([True, True, False, False, False], [True, False, True, True, False])
+    p = stats.paired_comparison([True, True, False, False, False], [True, False, True, True, False])
     assert (p.n, p.both, p.only_new, p.only_baseline, p.neither) == (5, 1, 2, 1, 1)
     assert p.difference == pytest.approx(0.2)
     half = 1.96 * math.sqrt((3 / 5 - 0.2**2) / 5)
     assert (p.ci_low, p.ci_high) == pytest.approx((0.2 - half, 0.2 + half))
-    assert p.p_value == pytest.approx(ev.mcnemar_exact(2, 1)) and p.p_value == 1.0
-    same = ev.paired_comparison([True, False], [True, False])
+    assert p.p_value == pytest.approx(stats.mcnemar_exact(2, 1)) and p.p_value == 1.0
+    same = stats.paired_comparison([True, False], [True, False])
     assert same.difference == 0 and same.ci_low == same.ci_high == 0 and same.p_value == 1.0
     with pytest.raises(ValueError, match="equal, non-empty"):
-        ev.paired_comparison([True], [True, False])
+        stats.paired_comparison([True], [True, False])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -251,14 +252,14 @@ def test_cli_greedy_accuracy_matches_its_per_problem_json(tmp_path):
 
 def test_baseline_must_hold_the_same_problems_in_order():
     base = {"a": {}, "b": {}}
-    ev.check_same_problems(base, ["a", "b"], "f.json")
+    stats.check_same_problems(base, ["a", "b"], "f.json")
     for ids, words in [
         (["a"], "it holds 2 problems, this eval 1"),
         (["a", "c"], "problem 'c' of this eval is not in it"),
         (["b", "a"], "its problems come in another order"),
     ]:
         with pytest.raises(ev.UsageError, match=f"--baseline f.json: {words}"):
-            ev.check_same_problems(base, ids, "f.json")
+            stats.check_same_problems(base, ids, "f.json")
 
 
 @pytest.mark.model  # runs the model (or mlx.launch) in subprocesses

@@ -13,18 +13,15 @@ from cast_mlx.cli import OneLineParser
 from cast_mlx.errors import EXIT_ERROR, EXIT_USAGE, UsageError
 from cast_mlx.tasks import data
 from cast_mlx.training import evaluation as ev
+from cast_mlx.training.eval_stats import EvalResult, check_same_problems, compare_to_baseline, read_baseline
 from cast_mlx.training.evaluation import (
     DEFAULT_ARITHMETIC_EVAL_SIZE,
     EVAL_TASKS,
-    EvalResult,
     adapter_recipe,
-    check_same_problems,
-    compare_to_baseline,
     custom_data,
     evaluate,
     load_policy,
     load_problems,
-    read_baseline,
     resolve_adapter,
 )
 

@@ -109,7 +109,7 @@ def _per_problem(run_dir: Path) -> dict[int, list]:
 def paired_line(run_dir: Path, step: int) -> str | None:
     """The first eval against the eval at `step`, paired on the same problems (the summary's
     test: the difference with its 95% CI and the exact McNemar p), or None."""
-    from cast_mlx.training.evaluation import paired_comparison
+    from cast_mlx.training.eval_stats import paired_comparison
 
     results = _per_problem(run_dir)
     first = min(results, default=None)

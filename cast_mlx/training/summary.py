@@ -84,7 +84,7 @@ def summary_lines(
     """The end-of-run summary: steps and time, the eval first -> last with the paired test of
     `cast_mlx.eval --baseline` (same problems), the best and last checkpoints, and the
     commands that use them."""
-    from cast_mlx.training.evaluation import paired_comparison
+    from cast_mlx.training.eval_stats import paired_comparison
 
     r = recipe
     minutes, secs = divmod(int(seconds), 60)
