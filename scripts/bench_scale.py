@@ -16,7 +16,7 @@ Settings (`--settings`):
 - `mac`: recipes/qwen0.5b.yaml's: 4 x 8, 320 tokens, LoRA r16 on 16 blocks, micro-batch 2 (4 until
   session 13, when the update measured 8.9 GB at 0.5B in 4-bit).
 `--group-sizes` and `--token-caps` replace the setting's group size and token cap (every
-combination is one configuration).
+combination is one configuration); `--micro-batch` its micro-batch.
 
 Per configuration, in a process of its own (so that its RSS is its own):
 - `rollout`: `trainer.sample` on the setting's prompts and groups, up to `--rollout-tokens`
@@ -106,6 +106,8 @@ def recipe_for(spec: dict, algorithm: str, data_dir: Path):
         sets.append(f"sampling.group_size={spec['group']}")
     if spec.get("max_new"):
         sets.append(f"sampling.max_new_tokens={spec['max_new']}")
+    if spec.get("micro_batch"):
+        sets.append(f"optimizer.micro_batch_size={spec['micro_batch']}")
     return cfg.load_recipe(ROOT / setting["recipe"], sets)
 
 
@@ -384,7 +386,7 @@ def peer(spec: dict, dtype: str, args) -> dict:
             "lora_rank": lo.rank,
             "lora_alpha": lo.alpha,
             "lora_layers": lo.num_layers,
-            "micro_batch": SETTINGS[spec["setting"]]["trl_micro_batch"],
+            "micro_batch": spec.get("micro_batch") or SETTINGS[spec["setting"]]["trl_micro_batch"],
             "temperature": s.temperature,
         }
         python = ensure_venv(args.venv)
@@ -413,6 +415,7 @@ def configurations(args) -> list[dict]:
             "algorithms": args.algorithms,
             "phases": args.phases,
             "rollout_tokens": args.rollout_tokens,
+            "micro_batch": args.micro_batch,
             "warmup": args.warmup,
             "repeats": args.repeats,
         }
@@ -443,6 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--algorithms", nargs="+", default=["grpo", "cast"], choices=["grpo", "cast"])
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--rollout-tokens", type=int, default=None)
+    ap.add_argument("--micro-batch", type=int, default=None, help="replaces the setting's micro-batch")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--peer", action="store_true", help="also TRL's GRPO step at each configuration's shapes")
@@ -451,7 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ours", action="store_true", help="with --peer: TRL's runs alone")
     ap.add_argument("--venv", type=Path, default=None, help="TRL's venv (default: bench_peers')")
     ap.add_argument("--out", type=Path, default=None, help="append each JSON line to this file")
-    ap.add_argument("--from", dest="source", type=Path, default=None, help="a JSONL of results: table/plot only")
+    ap.add_argument(
+        "--from", dest="source", type=Path, nargs="+", default=None, help="JSONL files of results: table/plot only"
+    )
     ap.add_argument("--table", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -460,9 +466,9 @@ def main(argv=None) -> int:
         print(json.dumps(measure(json.loads(args.child))))
         return 0
     if args.source:
-        lines = [json.loads(x) for x in args.source.read_text().splitlines() if x.strip()]
+        lines = [json.loads(x) for path in args.source for x in path.read_text().splitlines() if x.strip()]
         if args.table:
-            sm.write_table(lines, args.table, args.source.as_posix())
+            sm.write_table(lines, args.table, "`, `".join(path.as_posix() for path in args.source))
         if args.plot:
             sm.write_plot(lines, args.plot)
         return 0

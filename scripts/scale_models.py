@@ -38,22 +38,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from cast_mlx.training.memory_laws import BUILTIN_CONFIGS  # noqa: E402
+
 DTYPES = ("float32", "4bit")
 QUANT = {"group_size": 64, "bits": 4}  # mlx_lm.convert's defaults
 
 MODELS: dict[str, dict] = {
-    "smollm2-135m": {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "vocab_size": 49152,
+    "smollm2-135m": {  # the embedded model's shape (as the memory plan knows it), unquantized
+        **{k: v for k, v in BUILTIN_CONFIGS["smollm2-135m-instruct"].items() if k != "quantization"},
         "max_position_embeddings": 8192,
         "rope_theta": 100000.0,
         "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
         "published": {"params": 135e6},
@@ -270,7 +265,64 @@ def write_table(lines: list[dict], path: Path, source: str) -> None:
             f"{r['prompts']} x {r['group']} x {r['max_new']} | {r['run']} | {rollout} | {fmt(r['teacher_s'])} | "
             f"{fmt(r['update_s'])} | {fmt(r['step_s'])} | {fmt(r['peak_gb'])} | {fmt(r['rss_gb'])} |"
         )
-    path.write_text("\n".join(out) + "\n")
+    path.write_text("\n".join(out + cost_laws(lines)) + "\n")
+
+
+def exponent(points: list[tuple[float, float]]) -> float | None:
+    """The power `a` of a law `y ~ x^a`: the least-squares slope of log y against log x (None
+    with fewer than two distinct x)."""
+    import numpy as np
+
+    pts = [(x, y) for x, y in points if x and y]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    return float(np.polyfit(np.log([x for x, _ in pts]), np.log([y for _, y in pts]), 1)[0])
+
+
+def cost_laws(lines: list[dict]) -> list[str]:
+    """The table's second part: for each run measured at two sizes or more, the powers of its
+    step seconds and peak memory (MLX's peak; TRL's peak RSS) in the parameters; for each run
+    measured at two step sizes or more of one model, the powers of its teacher + update seconds
+    and peak memory in the step's completion tokens (P x G x tokens)."""
+    by_size: dict[tuple, list[dict]] = {}
+    by_tokens: dict[tuple, list[dict]] = {}
+    for r in rows_of(lines):
+        shape = f"{r['prompts']} x {r['group']} x {r['max_new']}"
+        by_size.setdefault((r["setting"], r["run"], r["dtype"], shape), []).append(r)
+        by_tokens.setdefault((r["setting"], r["run"], r["dtype"], r["model"]), []).append(r)
+
+    def memory(r):
+        return r["peak_gb"] if r["peak_gb"] is not None else r["rss_gb"]
+
+    out = []
+    for (setting, run, dtype, shape), rs in sorted(by_size.items()):
+        step = exponent([(r["params"], r["step_s"]) for r in rs])
+        if step is not None:
+            peak = exponent([(r["params"], memory(r)) for r in rs])
+            models = ", ".join(r["model"] for r in sorted(rs, key=lambda r: r["params"]))
+            out.append(
+                f"| {setting} | {run} | {dtype} | parameters ({models}; {shape}) | step s | {step:.2f} | {fmt(peak)} |"
+            )
+    for (setting, run, dtype, model), rs in sorted(by_tokens.items()):
+        tokens = [(r["prompts"] * r["group"] * r["max_new"], r) for r in rs]
+        learn = exponent([(t, r.get("learn_s")) for t, r in tokens])
+        if learn is not None:
+            peak = exponent([(t, memory(r)) for t, r in tokens])
+            counts = ", ".join(str(t) for t in sorted({t for t, _ in tokens}))
+            against = f"completion tokens ({model}; {counts})"
+            out.append(f"| {setting} | {run} | {dtype} | {against} | teacher + update s | {learn:.2f} | {fmt(peak)} |")
+    if not out:
+        return []
+    return [
+        "",
+        "## Cost laws",
+        "",
+        "The powers `a` of `cost ~ x^a` (least-squares slopes on log-log axes) over the rows above.",
+        "",
+        "| setting | run | dtype | against | time | power (time) | power (peak memory) |",
+        "|---|---|---|---|---|---:|---:|",
+        *out,
+    ]
 
 
 def write_plot(lines: list[dict], path: Path) -> None:
@@ -291,7 +343,7 @@ def write_plot(lines: list[dict], path: Path) -> None:
     sweeps: dict = {}
     for r in rows:
         curves.setdefault(f"{r['run']} {r['dtype']} {r['prompts']}x{r['group']}x{r['max_new']}", []).append(r)
-        sweeps.setdefault(f"{r['run']} {r['dtype']} {r['model']}", []).append(r)
+        sweeps.setdefault(f"{r['run']} {r['dtype']} {r['model']} ({r['setting']})", []).append(r)
     for label, rs in sorted(curves.items()):
         for ax, key in ((axes[0], "step_s"), (axes[1], "peak_gb")):
             pts = sorted((r["params"], value(r, key)) for r in rs if value(r, key))

@@ -5,6 +5,7 @@ TRL is not run here."""
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -100,10 +101,14 @@ def test_configurations_are_every_combination():
     args = argparse.Namespace(
         models=["smollm2-135m", "qwen3-1.7b"], dtype=["float32", "4bit"], settings=["mac"], group_sizes=[4, 8, 16],
         token_caps=None, algorithms=["grpo"], phases=["update"], rollout_tokens=None, warmup=0, repeats=1,
+        micro_batch=4,
     )  # fmt: skip
     specs = bench_scale.configurations(args)
     assert len(specs) == 2 * 2 * 1 * 3
     assert {(s["group"], s["max_new"]) for s in specs} == {(4, None), (8, None), (16, None)}
+    assert {s["micro_batch"] for s in specs} == {4}
+    recipe = bench_scale.recipe_for(specs[0], "grpo", ROOT / "recipes")
+    assert recipe.optimizer.micro_batch_size == 4 and recipe.sampling.group_size == 4  # the mac recipe says 2 and 8
 
 
 # --------------------------------------------------------------------------- a smoke run
@@ -187,13 +192,29 @@ def test_the_table_has_a_row_per_run_and_skips_failed_lines(tmp_path):
     path = tmp_path / "scale.md"
     sm.write_table(fake_lines(), path, "results.jsonl")
     text = path.read_text()
-    rows = [x for x in text.splitlines() if x.startswith("| default |")]
+    rows = [x for x in text.split("## Cost laws")[0].splitlines() if x.startswith("| default |")]
     assert len(rows) == 5  # 2 models x GRPO, CAST + TRL; the failed line has no row
     assert "CPU X (2 cores)" in text and "`results.jsonl` (4 lines" in text
     assert rows[0].startswith("| default | smollm2-135m | 0.135B | bfloat16 | 2 x 8 x 128 | TRL GRPO | 20.0 |")
     assert rows[0].endswith("| — | 10.00 | 30.00 | — | 5.60 |")  # TRL: no teacher column, no MLX peak
     cast = next(r for r in rows if "| CAST |" in r and "0.494B" in r)
     assert cast.endswith("| 30.0 (128) | 1.00 | 60.00 | 31.00 | 4.94 | 1.50 |")
+    # the laws: each of our runs measured at two sizes; TRL at one has none
+    laws = [x for x in text.split("## Cost laws")[1].splitlines() if x.startswith("| default |")]
+    assert [x.split(" | ")[1] for x in laws] == ["CAST", "GRPO"]
+    steps = {"CAST": (11.0, 31.0), "GRPO": (10.0, 30.0)}  # ours(): step + teacher; peak = params / 1e8
+    for law in laws:
+        run, power, peak = law.split(" | ")[1], float(law.split(" | ")[-2]), float(law.split(" | ")[-1][:-2])
+        want = math.log(steps[run][1] / steps[run][0]) / math.log(494032768 / 134515008)
+        assert power == pytest.approx(want, abs=0.005) and peak == pytest.approx(1.0, abs=0.005)
+
+
+def test_a_power_law_s_exponent_is_its_log_log_slope():
+    assert sm.exponent([(10.0, 3.0 * 10.0**0.8), (100.0, 3.0 * 100.0**0.8), (1000.0, 3.0 * 1000.0**0.8)]) == (
+        pytest.approx(0.8)
+    )
+    assert sm.exponent([(10.0, 1.0)]) is None and sm.exponent([(10.0, 1.0), (10.0, 2.0)]) is None
+    assert sm.exponent([(10.0, None), (100.0, 2.0)]) is None  # a missing value is no point
 
 
 def test_the_plot_is_a_png(tmp_path):
