@@ -215,7 +215,9 @@ def test_input_errors_are_reported_before_the_model_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _popen_in_own_group(args: list[str], env: dict | None = None) -> subprocess.Popen:
+def _popen_in_own_group(args: list[str], env: dict | None = None, sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """The CLI in its own process group, as a terminal gives a job, with SIGINT's disposition
+    `sigint` (a terminal job's is the default, whatever this test process has)."""
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -223,7 +225,8 @@ def _popen_in_own_group(args: list[str], env: dict | None = None) -> subprocess.
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group, as a terminal gives a job
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )
 
 
@@ -256,10 +259,15 @@ def test_a_signal_to_the_process_group_stops_cleanly(tmp_path, smol_dir, sig, co
     assert steps == list(range(1, steps[-1] + 1))
 
 
-def test_ctrl_c_during_start_up_writes_nothing(tmp_path, smol_dir):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN])
+def test_ctrl_c_during_start_up_writes_nothing(tmp_path, smol_dir, inherited):
+    """Also when the process inherits SIGINT ignored, as a shell's background job does (a test
+    run started with `&` passes that on to this child)."""
     out = tmp_path / "s"
     args = ["-m", "cast_mlx.train", "--recipe", "recipes/smoke.yaml", "--no-dashboard"]
-    proc = _popen_in_own_group([*args, "--set", f"logging.out_dir={out}"], env={"PYTHONUNBUFFERED": "1"})
+    proc = _popen_in_own_group(
+        [*args, "--set", f"logging.out_dir={out}"], env={"PYTHONUNBUFFERED": "1"}, sigint=inherited
+    )
     assert proc.stdout is not None
     for line in proc.stdout:  # the resolved recipe comes first, then the start-up
         if line.startswith("# recipe hash"):

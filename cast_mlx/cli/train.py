@@ -190,17 +190,20 @@ def take_out_dir(lock, out_dir: Path, fresh: bool, overwrite: bool, world) -> No
 
 class StartupSignals:
     """Until the loop takes over (it stops between steps), SIGINT and SIGTERM interrupt the
-    start-up at once: nothing has been written then, so there is nothing to save."""
+    start-up at once: nothing has been written then, so there is nothing to save. SIGINT gets
+    this handler too, not Python's default one: a process started in the background by a
+    shell inherits SIGINT ignored, and Python then installs no handler for it."""
 
     def __enter__(self):
         def handler(signum, frame):
             raise KeyboardInterrupt(signum)
 
-        self.previous = signal.signal(signal.SIGTERM, handler)
+        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
 def check_world(recipe: cfg.Recipe, ckpt, world) -> None:
