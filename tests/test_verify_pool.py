@@ -188,7 +188,9 @@ CHILD = textwrap.dedent(
             print(json.dumps(verifier.worker_pids), flush=True)
             time.sleep(120)
             sys.exit(3)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM too: KeyboardInterrupt
+        # both raise KeyboardInterrupt, SIGINT too when it came in ignored (a background test run)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             print(json.dumps(verifier.worker_pids), flush=True)
             time.sleep(120)
