@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from cast_mlx.training.memory_laws import BUILTIN_CONFIGS  # noqa: E402
+from cast_mlx.training.memory_laws import BUILTIN_CONFIGS
 
 DTYPES = ("float32", "4bit")
 QUANT = {"group_size": 64, "bits": 4}  # mlx_lm.convert's defaults
@@ -268,6 +268,11 @@ def write_table(lines: list[dict], path: Path, source: str) -> None:
     path.write_text("\n".join(out + cost_laws(lines)) + "\n")
 
 
+def memory_gb(r: dict) -> float | None:
+    """A row's peak memory: MLX's peak; TRL's peak RSS (it has no MLX peak)."""
+    return r["peak_gb"] if r["peak_gb"] is not None else r["rss_gb"]
+
+
 def exponent(points: list[tuple[float, float]]) -> float | None:
     """The power `a` of a law `y ~ x^a`: the least-squares slope of log y against log x (None
     with fewer than two distinct x)."""
@@ -291,14 +296,11 @@ def cost_laws(lines: list[dict]) -> list[str]:
         by_size.setdefault((r["setting"], r["run"], r["dtype"], shape), []).append(r)
         by_tokens.setdefault((r["setting"], r["run"], r["dtype"], r["model"]), []).append(r)
 
-    def memory(r):
-        return r["peak_gb"] if r["peak_gb"] is not None else r["rss_gb"]
-
     out = []
     for (setting, run, dtype, shape), rs in sorted(by_size.items()):
         step = exponent([(r["params"], r["step_s"]) for r in rs])
         if step is not None:
-            peak = exponent([(r["params"], memory(r)) for r in rs])
+            peak = exponent([(r["params"], memory_gb(r)) for r in rs])
             models = ", ".join(r["model"] for r in sorted(rs, key=lambda r: r["params"]))
             out.append(
                 f"| {setting} | {run} | {dtype} | parameters ({models}; {shape}) | step s | {step:.2f} | {fmt(peak)} |"
@@ -307,7 +309,7 @@ def cost_laws(lines: list[dict]) -> list[str]:
         tokens = [(r["prompts"] * r["group"] * r["max_new"], r) for r in rs]
         learn = exponent([(t, r.get("learn_s")) for t, r in tokens])
         if learn is not None:
-            peak = exponent([(t, memory(r)) for t, r in tokens])
+            peak = exponent([(t, memory_gb(r)) for t, r in tokens])
             counts = ", ".join(str(t) for t in sorted({t for t, _ in tokens}))
             against = f"completion tokens ({model}; {counts})"
             out.append(f"| {setting} | {run} | {dtype} | {against} | teacher + update s | {learn:.2f} | {fmt(peak)} |")
@@ -334,8 +336,8 @@ def write_plot(lines: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def value(r, key):  # TRL has no MLX peak: its RSS
-        return r["rss_gb"] if key == "peak_gb" and r["peak_gb"] is None else r.get(key)
+    def value(r, key):
+        return memory_gb(r) if key == "peak_gb" else r.get(key)
 
     rows = rows_of(lines)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))

@@ -41,7 +41,7 @@ or half-precision head holds HEAD_QUANTIZED times a float32 one's (its logits ar
 and on a GPU a quantized head under a gradient UPDATE_HEAD_QUANTIZED_GPU times. The per-token
 constants count activation elements per position (per adapted block for `u_H`, `u_I`).
 
-The constants and how they were measured: `memory_py`.
+The constants and how they were measured: `memory_laws.py`.
 """
 
 from __future__ import annotations
@@ -289,9 +289,8 @@ def predict(s: Shape, w: Workload) -> dict[str, int]:
         teacher += n * s.vocab * 4 * _interpolate(laws.TEACHER_HEAD, w.max_new) * head_factor
         teacher += tok * (laws.TEACHER_H * s.hidden + laws.TEACHER_I * s.intermediate) * b_a
     n, tok = pass_size(w, teacher=False)
-    if w.gpu and w.dtype == "quantized":
-        head_factor = laws.UPDATE_HEAD_QUANTIZED_GPU
-    head = n * s.vocab * 4 * _interpolate(laws.UPDATE_HEAD, w.max_new) * head_factor
+    update_factor = laws.UPDATE_HEAD_QUANTIZED_GPU if w.gpu and w.dtype == "quantized" else head_factor
+    head = n * s.vocab * 4 * _interpolate(laws.UPDATE_HEAD, w.max_new) * update_factor
     per_block = laws.UPDATE_H * s.hidden + laws.UPDATE_I * s.intermediate
     layers = k * tok * per_block * b_a + tok * laws.UPDATE_T * s.hidden * b_a
     update = resident + states + 2 * lora + head + layers
