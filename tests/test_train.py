@@ -14,13 +14,15 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx.utils import tree_unflatten
 
 from cast_mlx import config as cfg
 from cast_mlx.algorithm.teacher import teacher_gaps
 from cast_mlx.engine import models, rollout
+from cast_mlx.engine.logprobs import score_in_buckets
 from cast_mlx.errors import EXIT_DRIFT
 from cast_mlx.training import checkpoint, trainer
-from cast_mlx.training.trajectory import score_teacher
+from cast_mlx.training.trajectory import judge, score_teacher
 from cast_mlx.training.update import update
 
 from helpers import ROOT, run_cli, smoke_args, tiny_checkpoint
@@ -334,13 +336,15 @@ def test_grpo_skips_zero_variance_groups(smoke_run):
 
 
 def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
-    """Teacher = policy weights (step 0) and context `same`: g = 0 exactly, so nothing flips
-    by numerical noise (old log-probs come from the teacher's own scoring path)."""
+    """Teacher = policy weights (step 0) and context `same`: g = 0 exactly, with nothing
+    scored, so nothing flips by numerical noise; the teacher's scoring path and the
+    sampler's log-probs agree to ~1e-4 (far above a weight-lag gap right after a refresh)."""
     recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", [f"logging.out_dir={tmp_path / 'z'}", "teacher.context=same"])
     with trainer.setup(recipe) as run:
         problems = trainer.next_prompts(run)
         traj = trainer.sample(run, problems)
         out = traj.rollout
+        assert run.teacher.is_policy(run.model)
         gaps, lp_t = teacher_gaps(
             run.model,
             run.teacher,
@@ -353,10 +357,50 @@ def test_gap_is_exactly_zero_for_an_identical_teacher(tmp_path, smol_dir):
             micro_batch=8,
             share_prefix=True,
         )
-        assert float(mx.abs(gaps).max()) == 0.0
+        assert gaps is not None and float(mx.abs(gaps).max()) == 0.0 and lp_t is None
+        score = lambda b: run.teacher.score(run.model, b, recipe.sampling.temperature)  # noqa: E731
+        lp_t = score_in_buckets(score, traj.contexts, out.tokens, out.mask, 8, True, out.frozen)
         assert float(mx.abs(lp_t * out.mask).sum()) > 0  # real log-probs, not zeros
-        # and the sampler's own log-probs agree with the scoring path to ~1e-4
         assert float(mx.abs((lp_t - out.logprobs) * out.mask).max()) < 5e-4
+
+
+def test_same_teacher_gaps_wait_for_the_update(tmp_path, smol_dir):
+    """`teacher.context: same` with one update per batch: lp_old is the update's own forward
+    (spec step 3), so the teacher stage scores the teacher alone. The gaps, advantages and
+    update equal those of scoring lp_old in a pass of its own; the rows the update skips
+    (truncated) are scored with the weights before the step."""
+    sets = [f"logging.out_dir={tmp_path / 's'}", "teacher.context=same", "sampling.group_size=4"]
+    recipe = cfg.load_recipe(ROOT / "recipes/smoke.yaml", sets)
+    with trainer.setup(recipe) as run:
+        mx.random.seed(1)  # a policy away from its teacher (the initial adapter)
+        moved = {k: 0.05 * mx.random.normal(v.shape) for k, v in models.lora_state(run.model).items()}
+        run.model.update(tree_unflatten(list(moved.items())))
+        assert not run.teacher.is_policy(run.model)
+        traj = trainer.sample(run, trainer.next_prompts(run))
+        judge(traj, run.tokenizer, run.recipe, run.verifier, run.reward_fns, run.special_ids)
+        r, out = run.recipe, traj.rollout
+        common = dict(temperature=r.sampling.temperature, micro_batch=4, share_prefix=True)
+        gaps, _ = teacher_gaps(
+            run.model, run.teacher, traj.contexts, traj.contexts, out, traj.mask, same_context=True, **common
+        )
+        adv, _ = run.advantages(traj.rewards, gaps, traj.mask, step=0, special=traj.special)
+        run.optimizer = optim.SGD(learning_rate=1.0)
+        start = models.lora_state(run.model)
+        update_of(run, traj.contexts, out.tokens, traj.mask, adv, traj.truncated, frozen=out.frozen)
+        two_pass = models.lora_state(run.model)
+        run.model.update(tree_unflatten(list(start.items())))
+
+        skipped = int(traj.truncated.sum())
+        assert 0 < skipped < traj.n_rows  # both kinds of row: scored in the update, and not
+        metrics, _ = trainer.learn(run, traj)
+        assert metrics["update_applied"]
+        assert float(mx.abs(gaps).max()) > 1e-3  # a real weight-lag gap
+        np.testing.assert_allclose(np.array(traj.gaps), np.array(gaps), atol=2e-5)
+        np.testing.assert_allclose(np.array(traj.adv), np.array(adv), atol=2e-5)
+        now = models.lora_state(run.model)
+        for k in now:
+            moved_a, moved_b = np.array(two_pass[k]) - np.array(start[k]), np.array(now[k]) - np.array(start[k])
+            np.testing.assert_allclose(moved_b, moved_a, atol=1e-4 * max(np.abs(moved_a).max(), 1e-8), err_msg=k)
 
 
 def test_kl_to_the_base_model_is_zero_then_positive(tmp_path, smol_dir):

@@ -120,6 +120,14 @@ class Teacher:
             return True
         return False
 
+    def is_policy(self, model: nn.Module) -> bool:
+        """Whether the view holds exactly the policy's LoRA tensors (a snapshot not yet moved
+        by an update: the same arrays, or equal ones after a resume)."""
+        current = lora_state(model)
+        return current.keys() == self.params.keys() and all(
+            a is self.params[k] or bool(mx.array_equal(a, self.params[k])) for k, a in current.items()
+        )
+
     def score(self, model: nn.Module, batch: Batch, temperature: float, chunk: int = 64) -> mx.array:
         """Teacher log-probs `[N, L]` of the batch's completion tokens (no gradient)."""
         with swapped_lora(model, self.params):
@@ -164,8 +172,11 @@ def row_contexts(
     return [ctx[i // group_size] for i in range(len(questions) * group_size)]
 
 
-def model_logprobs(model, contexts, tokens, mask, temperature, micro_batch, share_prefix, frozen=None) -> mx.array:
-    """The model's own log-probs `[N, L]` of the rows' tokens, chunked, without gradient."""
+def model_logprobs(
+    model, contexts, tokens, mask, temperature, micro_batch, share_prefix, frozen=None, rows=None
+) -> mx.array:
+    """The model's own log-probs `[N, L]` of the rows' tokens (of `rows` only; the others
+    0), chunked, without gradient."""
     return score_in_buckets(
         lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
         contexts,
@@ -174,6 +185,7 @@ def model_logprobs(model, contexts, tokens, mask, temperature, micro_batch, shar
         micro_batch,
         share_prefix,
         frozen,
+        rows,
     )
 
 
@@ -189,25 +201,34 @@ def teacher_gaps(
     temperature: float,
     micro_batch: int,
     share_prefix: bool,
-) -> tuple[mx.array, mx.array | None]:
+    defer: bool = False,
+) -> tuple[mx.array | None, mx.array | None]:
     """`g = lp_T - lp_old` `[N, L]` (zeros without a teacher) and the teacher log-probs.
 
     `lp_old` is the sampler's log-probs (`out.logprobs`), except for a teacher on the
-    student's own prompt (`same_context`): then it is scored by the teacher's own chunked
-    forward, so a teacher with the policy's weights gives exactly g = 0 (the sampler's
-    KV-cache path differs by ~1e-4, which would flip tokens at random); with a different
-    context the gaps are far larger than that."""
+    student's own prompt (`same_context`), whose gaps come from the weight lag alone and are
+    smaller than the sampler's KV-cache path differs (~1e-4, which would flip tokens at
+    random). There `lp_old` is the policy's chunked forward:
+    - a teacher that holds the policy's weights (`Teacher.is_policy`) gives g = 0 exactly,
+      with nothing scored;
+    - with `defer`, the gaps are left to the update, whose forward computes `lp_old` (spec
+      step 3: `lp_old = stop_gradient(lp_theta)`); the gaps returned are None;
+    - else the policy is scored here by the teacher's chunked forward."""
     if teacher is None:
+        return mx.zeros(mask.shape), None
+    if same_context and teacher.is_policy(model):
         return mx.zeros(mask.shape), None
     # the rollout's frozen-block states are the student's context's (the `same` teacher's)
     frozen = out.frozen if contexts == student_contexts else None
+    lp_t = score_in_buckets(
+        lambda b: teacher.score(model, b, temperature), contexts, out.tokens, mask, micro_batch, share_prefix, frozen
+    )
+    if same_context and defer:
+        return None, lp_t
     if same_context:
         lp_old = model_logprobs(model, contexts, out.tokens, mask, temperature, micro_batch, share_prefix, frozen)
     else:
         lp_old = out.logprobs
-    lp_t = score_in_buckets(
-        lambda b: teacher.score(model, b, temperature), contexts, out.tokens, mask, micro_batch, share_prefix, frozen
-    )
     return (lp_t - lp_old) * mask, lp_t
 
 

@@ -374,15 +374,23 @@ def score_in_buckets(
     size: int,
     share_prefix: bool = True,
     frozen: FrozenStates | None = None,
+    rows: list[int] | None = None,
 ) -> mx.array:
     """`score(batch) -> [n, l]` applied to length buckets of `size` rows, reassembled `[N, L]`
-    (with `share_prefix`, buckets of one context each, each scored after one pass of it)."""
+    (with `share_prefix`, buckets of one context each, each scored after one pass of it).
+    `rows`: score only these (the others are 0); None: all."""
     n, length = tokens.shape
-    buckets = length_buckets(mask, size, contexts if share_prefix else None)
+    rows = list(range(n)) if rows is None else rows
+    if not rows:
+        return mx.zeros((n, length))
+    picked = [contexts[i] for i in rows] if share_prefix else None
+    buckets = [[rows[j] for j in b] for b in length_buckets(mask[mx.array(rows)], size, picked)]
     pieces = []
-    for rows in buckets:
-        lp = score(trimmed_batch(contexts, tokens, mask, rows, share_prefix, frozen))
+    for bucket in buckets:
+        lp = score(trimmed_batch(contexts, tokens, mask, bucket, share_prefix, frozen))
         pieces.append(mx.pad(lp, [(0, 0), (0, length - lp.shape[1])]))
-    order = [i for rows in buckets for i in rows]
-    inverse = mx.argsort(mx.array(order))
-    return mx.concatenate(pieces, axis=0)[inverse]
+    scored = mx.concatenate(pieces, axis=0)
+    if len(rows) < n:  # zero rows for the others, in one gather
+        scored = mx.concatenate([scored, mx.zeros((1, length))], axis=0)
+    where = {i: k for k, i in enumerate(i for bucket in buckets for i in bucket)}
+    return scored[mx.array([where.get(i, len(rows)) for i in range(n)])]

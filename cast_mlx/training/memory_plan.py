@@ -12,8 +12,9 @@ dtype). LoRA on `k` blocks, rank `r`, over the `keys` linears (`in x out` each);
 on this process; `L` = sampling.max_new_tokens; `C` the longest prompt, `C_t` the longest
 teacher context; `V`, `H`, `I` the vocabulary, hidden and MLP widths; `kv` heads of `hd`.
 `n` rows a pass holds at once: a micro-batch's (at most `G` with system.share_prefix, whose
-buckets hold one prompt's rows), or all `N` for the old policy of a `same`-context teacher and
-the KL reference, which `teacher.model_logprobs` evaluates over all micro-batches in one go;
+buckets hold one prompt's rows), or all `N` for the old policy of a `same`-context teacher (the
+rows its update skips: at worst all) and the KL reference, which `teacher.model_logprobs`
+evaluates over all micro-batches in one go;
 `tok` = the positions those rows run (`n L` + one context per bucket; `n (C + L)` unshared).
 
     weights  W = every parameter x b_w; quantized: bits/8 per linear or embedding weight and a
@@ -187,7 +188,7 @@ class Workload:
     teacher_tokens: int = 0  # the longest teacher context (0: no teacher pass)
     snapshot: float = 0.0  # LoRA copies the teacher holds (1: snapshot/ema, 0.5: base)
     reference: bool = False  # loss.beta > 0: a KL reference pass and its copy
-    same_context: bool = False  # teacher.context same: the old policy is scored too (teacher.teacher_gaps)
+    same_context: bool = False  # teacher.context same: the old policy of the rows the update skips (at worst all)
     share_prefix: bool = True
     reuse_frozen: bool = True
     gpu: bool = False  # MLX computes on a GPU (Metal, CUDA), where a quantized head's gradient holds more

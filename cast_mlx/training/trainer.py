@@ -7,10 +7,10 @@ A `Run` holds what a run owns (model, optimizer, teacher, data, compiled functio
 1. sampling: P prompts x G completions from the current policy (`engine.rollout`).
 2. rewards: decode and judge every row (`tasks.rewards.judge_rows`).
 3. teacher: the teacher's log-prob gap and the KL reference (`algorithm.teacher`).
-4. advantages: the recipe's registered estimator, compiled (`algorithm.compiled`).
+4. advantages: the recipe's registered estimator, compiled (`algorithm.compiled`); within
+   the update for a `same`-context teacher, whose gaps need its log-probs (`trajectory`).
 5. update: micro-batched gradients, clip, AdamW, the NaN guard (`training.update`).
-6. the metrics line (`training.metrics`); `fit` hands it to the callbacks and writes
-   checkpoints (`training.checkpoint`).
+6. the metrics line (`training.metrics`); `fit` writes checkpoints (`training.checkpoint`).
 
 Randomness is derived from `(seed, step)` and the data order from `(seed, epoch)`, so a
 run resumed from a checkpoint continues bit-identically on the same machine.
@@ -58,7 +58,7 @@ from cast_mlx.training.summary import (
     summary_lines,
     write_run_report,
 )
-from cast_mlx.training.trajectory import Trajectory, judge, score_teacher
+from cast_mlx.training.trajectory import Trajectory, advantages_in_update, gaps_after_update, judge, score_teacher
 from cast_mlx.training.update import build_optimizer, count_step, guarded_update, lr_schedule
 
 
@@ -247,16 +247,19 @@ def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=No
     score_teacher(traj, run.model, run.tokenizer, r, run.teacher, run.ref_params)
     times["teacher"] = time.perf_counter() - t
 
-    # -- advantages and the update
+    # -- advantages and the update (a `same` teacher's gaps wait for the update's lp_old)
     t = time.perf_counter()
-    traj.adv, traj.base = run.advantages(traj.rewards, traj.gaps, traj.mask, step=st.step, special=traj.special)
+    deferred = traj.gaps is None
+    gaps = mx.zeros(traj.rollout.mask.shape) if traj.gaps is None else traj.gaps
+    traj.adv, traj.base = run.advantages(traj.rewards, gaps, traj.mask, step=st.step, special=traj.special)
+    before = models.lora_state(run.model)  # arrays are replaced, not written: no copy
     result = guarded_update(
         run.model,
         run.optimizer,
         run.loss_fn,
         r,
         run.world,
-        inputs={"rewards": traj.rewards, "teacher gaps": traj.gaps, "advantages": traj.adv},
+        inputs={"rewards": traj.rewards, "teacher gaps": traj.teacher_lp if deferred else gaps, "advantages": traj.adv},
         contexts=traj.contexts,
         tokens=traj.rollout.tokens,
         mask=traj.mask,
@@ -265,7 +268,11 @@ def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=No
         ref_lp=traj.ref_lp,
         frozen=traj.rollout.frozen,
         phase=run.phase,
+        advantages_of=advantages_in_update(traj, run.advantages, st.step) if deferred else None,
     )
+    if deferred:
+        gaps_after_update(traj, run.model, r, result.behaviour, before)
+        traj.adv, traj.base = run.advantages(traj.rewards, traj.gaps, traj.mask, step=st.step, special=traj.special)
     mx.clear_cache()
     times["update"] = time.perf_counter() - t
 

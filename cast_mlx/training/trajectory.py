@@ -10,7 +10,14 @@ from typing import Any, cast
 import mlx.core as mx
 
 from cast_mlx.algorithm.estimators import get_estimator
-from cast_mlx.algorithm.teacher import Teacher, reference_logprobs, row_contexts, teacher_gaps
+from cast_mlx.algorithm.teacher import (
+    Teacher,
+    model_logprobs,
+    reference_logprobs,
+    row_contexts,
+    swapped_lora,
+    teacher_gaps,
+)
 from cast_mlx.engine import rollout
 from cast_mlx.tasks import data, rewards
 from cast_mlx.tasks.rewards import RowRewards
@@ -33,6 +40,7 @@ class Trajectory:
     special: mx.array | None = None  # [N, L] end-of-turn and template tokens
     eos: mx.array | None = None  # [N, L] the final EOS token of each finished row
     gaps: mx.array | None = None  # [N, L] teacher minus old log-probs (zeros without a teacher)
+    teacher_lp: mx.array | None = None  # [N, L] the `same` teacher's log-probs while its gaps wait for the update
     ref_lp: mx.array | None = None  # [N, L] the KL reference's log-probs (beta > 0 only)
     adv: mx.array | None = None  # [N, L] advantages
     base: mx.array | None = None  # [N] base (sequence-level) advantages
@@ -211,7 +219,59 @@ def score_teacher(traj: Trajectory, model, tokenizer, recipe, teacher: Teacher |
     contexts = traj.contexts
     teacher_ctx = teacher_rows(traj, tokenizer, recipe) if teacher is not None else contexts
     same = r.teacher.context == "same"
-    traj.gaps, _ = teacher_gaps(model, teacher, teacher_ctx, contexts, out, mask, same_context=same, **common)
+    defer = same and r.loss.num_iterations == 1  # lp_old is then the update's own forward (`gaps_after_update`)
+    traj.gaps, lp_t = teacher_gaps(
+        model, teacher, teacher_ctx, contexts, out, mask, same_context=same, defer=defer, **common
+    )
+    traj.teacher_lp = lp_t if traj.gaps is None else None
     if ref_params is not None:
         traj.ref_lp = reference_logprobs(model, ref_params, contexts, out, mask, **common)
+    mx.eval(traj.gaps if traj.gaps is not None else traj.teacher_lp)
+
+
+def advantages_in_update(traj: Trajectory, advantages, step: int):
+    """For gaps that wait for the update: `(rows, lp_old) -> advantages of those rows`, from
+    `lp_old`, the log-probs of the update's forward on them. The estimator runs on the whole
+    batch (its base advantages read every row's reward) with zero gaps in the other rows;
+    the token rules read a row's own gaps only, so the rows' values are the batch's."""
+    lp_t, mask, special = traj.teacher_lp, traj.mask, traj.special
+    assert lp_t is not None and mask is not None
+
+    def of(rows: list[int], lp_old: mx.array) -> mx.array:
+        idx, length = mx.array(rows), lp_old.shape[1]
+        gaps = mx.zeros((traj.n_rows, length))
+        gaps[idx] = (lp_t[idx, :length] - lp_old) * mask[idx, :length]
+        cut = None if special is None else special[:, :length]
+        return advantages(traj.rewards, gaps, mask[:, :length], step=step, special=cut)[0][idx]
+
+    return of
+
+
+def gaps_after_update(traj: Trajectory, model, recipe, behaviour: list, before: dict) -> None:
+    """The deferred gaps `lp_T - lp_old`: `lp_old` from the update's forward (`behaviour`: its
+    micro-batches' rows and log-probs before the step) and, for the rows it skipped (no
+    loss), from a pass of the policy as it was (`before`: its LoRA tensors before the step),
+    so that every row's gaps reach the metrics."""
+    r, out, mask = recipe, traj.rollout, traj.mask
+    lp_t = traj.teacher_lp
+    assert lp_t is not None and mask is not None
+    n, length = mask.shape
+    done = {i for rows, _ in behaviour for i in rows}
+    rest = [i for i in range(n) if i not in done]
+    with swapped_lora(model, before):
+        lp_old = model_logprobs(
+            model,
+            traj.contexts,
+            out.tokens,
+            mask,
+            r.sampling.temperature,
+            r.optimizer.micro_batch_size,
+            r.system.share_prefix,
+            out.frozen,
+            rest,
+        )
+    for rows, lp in behaviour:
+        lp_old[mx.array(rows)] = mx.pad(lp, [(0, 0), (0, length - lp.shape[1])])
+    traj.gaps = (lp_t - lp_old) * mask
+    traj.teacher_lp = None
     mx.eval(traj.gaps)

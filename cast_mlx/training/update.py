@@ -63,6 +63,7 @@ class UpdateResult:
     aux: dict = field(default_factory=dict)
     applied: bool = False
     nonfinite: str | None = None
+    behaviour: list = field(default_factory=list)  # per micro-batch: (rows, log-probs before the step)
 
 
 def first_nonfinite(arrays: dict[str, mx.array], mask: mx.array) -> str | None:
@@ -124,19 +125,25 @@ def accumulate_gradients(
     frozen,
     phase,
     old_lp: list | None = None,
+    advantages_of: Callable | None = None,
 ):
     """The LoRA gradient of the loss summed over micro-batches of `rows` (the rows with loss),
     with the loss's value, the entropy sum, the loss metrics' sums and each micro-batch's
-    log-probs: `(grads or None, total, entropy_sum, metric_sums, lps)`. `old_lp`: the
-    behaviour log-probs of each micro-batch (the `lps` of an earlier call on the same rows);
-    None: the policy's own (ratio 1: the first update on a batch). The update takes a step
-    with it; `diagnose --vs-grpo` compares two of them on the same batch."""
+    rows and log-probs: `(grads or None, total, entropy_sum, metric_sums, lps)`. `old_lp`:
+    the behaviour log-probs of each micro-batch (the `lps` of an earlier call on the same
+    rows); None: the policy's own (ratio 1: the first update on a batch). `advantages_of`:
+    `(rows, lp_old) -> advantages`, for advantages that read `lp_old` (gaps that wait for
+    the update); `adv` then only picked the rows. The update takes a step with it;
+    `diagnose --vs-grpo` compares two of them on the same batch."""
     r = recipe
     temperature = r.sampling.temperature
+    current: list[int] = []  # the micro-batch's rows, for advantages_of
 
     def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb, old_mb):
         lp, ent = token_logprobs(model, batch, temperature, with_entropy=True)
         old = mx.stop_gradient(lp) if old_mb is None else old_mb
+        if advantages_of is not None:
+            adv_mb = advantages_of(current, old)
         value, metrics = loss_fn(lp, old, adv_mb, batch.mask, trunc_mb, ref_mb, norm)
         return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()), mx.stop_gradient(lp))
 
@@ -144,7 +151,7 @@ def accumulate_gradients(
     total, grads, entropy_sum = mx.array(0.0), None, mx.array(0.0)
     metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
     metric_sums = {k: mx.array(0.0) for k in metric_names}
-    lps: list[mx.array] = []
+    lps: list[tuple[list[int], mx.array]] = []
     # micro-batches of rows of similar length, each padded only to its own longest row
     # (and, with system.share_prefix, of one prompt: scored after one pass of it)
     share = r.system.share_prefix
@@ -156,14 +163,15 @@ def accumulate_gradients(
         batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
         length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
-        old_mb = None if old_lp is None else old_lp[done - 1]
+        old_mb = None if old_lp is None else old_lp[done - 1][1]
+        current[:] = mb
         (value, (metrics, ent, lp)), g = grad_fn(model, batch, adv[idx, :length], truncated[idx], ref_mb, old_mb)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         total = total + value
         entropy_sum = entropy_sum + ent
         for k, v in metrics.items():
             metric_sums[k] = metric_sums[k] + v
-        lps.append(lp)
+        lps.append((mb, lp))
         mx.eval(grads, total, lp)
         phase("update", done, len(buckets))
     return grads, total, entropy_sum, metric_sums, lps
@@ -184,6 +192,7 @@ def update(
     ref_lp=None,
     frozen=None,
     phase: Callable[..., None] = lambda *a: None,
+    advantages_of: Callable | None = None,
 ) -> UpdateResult:
     """Accumulate gradients over micro-batches, clip, and apply one AdamW step (with
     `frozen`, the rollout's frozen-block states of these rows: only the top blocks run).
@@ -201,8 +210,14 @@ def update(
     log-probs are the first update's own (taken before its step), so the later updates'
     ratios move and their clip acts. The result is the first update's, with
     `iteration_metrics` in its aux; the updates stop at the first one not applied.
+
+    `advantages_of` (`accumulate_gradients`; one update per batch only): the advantages of
+    each micro-batch from its own forward's log-probs; `adv` then only picks the rows. The
+    result's `behaviour` holds each micro-batch's rows and log-probs before the step.
     """
     r = recipe
+    if advantages_of is not None and r.loss.num_iterations != 1:
+        raise ValueError("advantages_of: needs loss.num_iterations = 1 (later updates would need fixed advantages)")
     norm = dist.global_norm(world, loss_norm(mask, truncated, mask_truncated=r.loss.mask_truncated))
     rows = rows_with_loss(adv, mask, truncated, beta=r.loss.beta, mask_truncated=r.loss.mask_truncated)
     # the tokens of the rows that go through the forward pass (for the mean entropy), and
@@ -210,7 +225,9 @@ def update(
     n_tok = mask[mx.array(rows)].sum() if rows else mx.array(0.0)
     carried = loss_mask(mask, truncated, r.loss.mask_truncated)
     loss_tok = carried[mx.array(rows)].sum() if rows else mx.array(0.0)
-    batch = dict(contexts=contexts, tokens=tokens, mask=mask, adv=adv, truncated=truncated, ref_lp=ref_lp)
+    batch = dict(
+        contexts=contexts, tokens=tokens, mask=mask, adv=adv, truncated=truncated, ref_lp=ref_lp, adv_of=advantages_of
+    )
     results: list[UpdateResult] = []
     old_lp = None  # the behaviour policy's log-probs: the first update's, taken before its step
     while len(results) < r.loss.num_iterations:
@@ -218,7 +235,8 @@ def update(
             model, optimizer, loss_fn, r, world, norm, rows, n_tok, loss_tok, batch | {"frozen": frozen}, phase, old_lp
         )
         results.append(result)
-        old_lp = lps if old_lp is None else old_lp
+        if old_lp is None:
+            old_lp = result.behaviour = lps
         if not result.applied:  # nothing to learn, or a non-finite loss: no further updates on it
             break
     if r.loss.num_iterations > 1:
@@ -249,7 +267,7 @@ def _one_update(model, optimizer, loss_fn, r, world, norm, rows, n_tok, loss_tok
     metric_names = LOSS_METRICS + (("kl_mean",) if batch["ref_lp"] is not None else ())
     grads, total, entropy_sum, metric_sums, lps = accumulate_gradients(
         model, loss_fn, r, norm, rows, batch["contexts"], batch["tokens"], batch["mask"], batch["adv"],
-        batch["truncated"], batch["ref_lp"], batch["frozen"], phase, old_lp=old_lp,
+        batch["truncated"], batch["ref_lp"], batch["frozen"], phase, old_lp=old_lp, advantages_of=batch["adv_of"],
     )  # fmt: skip
     stats = dist.sum_values(
         world,
