@@ -21,12 +21,16 @@ code) and reports the median of each phase:
 `teacher_floor_s`, and `cast_vs_grpo_same_rows_floor` is the ratio if the teacher took only
 that: what an exact teacher allows on this machine with the GRPO step as measured.
 
-Memory: `peak_gb` is MLX's peak during a variant's steps (reset before each); `rss_gb` the
-process's peak resident set after it (it only grows; CAST runs first, so its value is the
-sampling + CAST peak). `--micro-batch` sets optimizer.micro_batch_size (default: the
-recipe's); `--share-prefix 0` scores each row with its own full forward (the old path);
-`--reuse-frozen 0` runs the whole model in the update instead of the top blocks from the
-rollout's kept states.
+The variants' runs are all set up first, then take their steps in turn (two warm-up rounds,
+then `--repeats` rounds of one step each). Run one variant after the other, as this script
+did before, they met the machine at different times: this CPU's speed drifts within a
+process (one batch's update took 3.9-5.0 s over eight steps), and the two orders of CAST and
+GRPO gave CAST/GRPO 1.72 and 1.23 on the same code. Memory: `step_added_gb` is the most
+MLX memory a variant's step added to what was resident before it (every variant's model
+is); `rss_gb` the process's peak resident set at the end. `--micro-batch` sets
+optimizer.micro_batch_size (default: the recipe's); `--share-prefix 0` scores each row with
+its own full forward (the old path); `--reuse-frozen 0` runs the whole model in the update
+instead of the top blocks from the rollout's kept states.
 
 Prints ONE JSON line. Usage: python scripts/bench_step.py [--repeats 3] [--micro-batch N]
 [--share-prefix 0|1] [--reuse-frozen 0|1] [--variants cast grpo grpo_same_rows]
@@ -35,6 +39,7 @@ Prints ONE JSON line. Usage: python scripts/bench_step.py [--repeats 3] [--micro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -52,6 +57,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from cast_mlx import config as cfg  # noqa: E402
+from cast_mlx.algorithm.compiled import compile_count  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 from cast_mlx.training import trainer  # noqa
 from cast_mlx.training.trajectory import judge, teacher_rows  # noqa: E402
@@ -154,26 +160,49 @@ def mixed_batch(run, tries: int = 8):
     return traj, False
 
 
-def time_variant(run, traj, repeats: int, same_rows: bool = False) -> dict:
-    if same_rows:  # every row with tokens carries (a negligible) loss, as under CAST
-        compiled = run.advantages
+def same_rows(compiled):
+    """`grpo_same_rows`' advantages: every row with tokens carries (a negligible) loss, as
+    under CAST."""
 
-        def all_rows(rewards, gaps, mask, step=0, special=None):
-            adv, base = compiled(rewards, gaps, mask, step=step, special=special)
-            return mx.where((adv == 0) & (mask > 0), 1e-9, adv), base
+    def all_rows(rewards, gaps, mask, step=0, special=None):
+        adv, base = compiled(rewards, gaps, mask, step=step, special=special)
+        return mx.where((adv == 0) & (mask > 0), 1e-9, adv), base
 
-        run.advantages = all_rows
-    mx.reset_peak_memory()
-    lines = [trainer.learn(run, traj)[0] for _ in range(repeats + 1)][1:]  # first: warm-up
-    med = {k: statistics.median(m[f"time/{k}"] for m in lines) for k in ("verify", "teacher", "update")}
-    return {
-        "step_s": round(sum(med.values()), 3),
-        **{f"{k}_s": round(v, 3) for k, v in med.items()},
-        "rows_updated": PROMPTS * GROUP - int(lines[-1]["rows_skipped"]),
-        "peak_gb": round(mx.get_peak_memory() / 2**30, 3),
-        "rss_gb": round(rss_gb(), 3),
-        "compiles_after_warmup": int(lines[-1]["compile_count"] - lines[0]["compile_count"]),
-    }
+    return all_rows
+
+
+WARMUP_ROUNDS = 2  # CAST's first step with a `same` teacher scores none: it still holds the policy's weights
+
+
+def time_variants(runs: dict, traj, repeats: int) -> dict:
+    """`trainer.learn` on `traj` for every variant's run, in rounds that run each variant once
+    in turn (`WARMUP_ROUNDS`, then `repeats` timed ones), so that each variant meets the
+    machine at the same times: this CPU's speed drifts within a process. Each variant's
+    medians, rows updated, the MLX memory its steps added to what was resident before them
+    (every variant's model is), and the traces its timed steps compiled."""
+    lines: dict[str, list[dict]] = {v: [] for v in runs}
+    added = dict.fromkeys(runs, 0)
+    compiles = dict.fromkeys(runs, 0)
+    for done in range(WARMUP_ROUNDS + repeats):
+        for variant, run in runs.items():
+            resident, traces = mx.get_active_memory(), compile_count()
+            mx.reset_peak_memory()
+            line = trainer.learn(run, traj)[0]
+            if done >= WARMUP_ROUNDS:
+                lines[variant].append(line)
+                added[variant] = max(added[variant], mx.get_peak_memory() - resident)
+                compiles[variant] += compile_count() - traces
+    out = {}
+    for variant, timed in lines.items():
+        med = {k: statistics.median(m[f"time/{k}"] for m in timed) for k in ("verify", "teacher", "update")}
+        out[variant] = {
+            "step_s": round(sum(med.values()), 3),
+            **{f"{k}_s": round(v, 3) for k, v in med.items()},
+            "rows_updated": PROMPTS * GROUP - int(timed[-1]["rows_skipped"]),
+            "step_added_gb": round(added[variant] / 2**30, 3),
+            "compiles_after_warmup": compiles[variant],
+        }
+    return out
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -252,22 +281,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_workload(Path(tmp) / "workload")
-        results, batch, floor, context = {}, None, {}, None
-        for variant in args.variants:
-            algorithm = "cast" if variant == "cast" else "grpo"
-            recipe = recipe_for(
-                data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen),
-                args.teacher_context,
-            )  # fmt: skip
-            with trainer.setup(recipe, out_dir=Path(tmp) / variant) as run:
+        runs, batch, floor, context = {}, None, {}, None
+        with contextlib.ExitStack() as stack:
+            for variant in args.variants:
+                algorithm = "cast" if variant == "cast" else "grpo"
+                recipe = recipe_for(
+                    data_dir, algorithm, args.micro_batch, bool(args.share_prefix), bool(args.reuse_frozen),
+                    args.teacher_context,
+                )  # fmt: skip
+                run = runs[variant] = stack.enter_context(trainer.setup(recipe, out_dir=Path(tmp) / variant))
+                if variant == "grpo_same_rows":
+                    run.advantages = same_rows(run.advantages)
+                if variant == "cast":
+                    context = recipe.teacher.context
                 if batch is None:  # sampled once, by the first variant's (still untrained) model
                     batch, mixed = mixed_batch(run)
                     rss_sampling = rss_gb()
-                results[variant] = time_variant(run, batch, args.repeats, same_rows=variant == "grpo_same_rows")
-                if variant == "cast":
-                    context = recipe.teacher.context
-                if variant == "cast" and recipe.teacher.context != "same":  # (`same`: the top blocks only)
-                    floor = teacher_floor(run, batch)
+            results = time_variants(runs, batch, args.repeats)
+            if "cast" in runs and context != "same":  # (`same`: the top blocks only)
+                floor = teacher_floor(runs["cast"], batch)
     prompts, out = batch.prompts, batch.rollout
     line = {
         "bench": "step",
@@ -285,6 +317,7 @@ def main(argv=None) -> int:
         "truncated": sum(f == "length" for f in out.finish_reasons),
         "lengths": [int(n) for n in out.lengths.tolist()],
         "rss_gb_after_sampling": round(rss_sampling, 3),
+        "rss_gb": round(rss_gb(), 3),  # the process's peak: every variant's model is loaded
         # False: no tried pair had right and wrong answers in both groups; plain GRPO then
         # updates fewer rows (maybe none), and grpo_same_rows is the comparison to read
         "mixed_groups": mixed,

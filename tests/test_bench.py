@@ -33,3 +33,21 @@ def test_forward_gflop_counts_the_block_linears_and_the_head(lora):
     assert per_block == sum(v.size for v in block) and len(block) == 7
     expected = 2 * (args.num_hidden_layers * per_block) * 10 + 2 * args.vocab_size * h * 4
     assert bench_step.forward_gflop(model, positions=10, head_positions=4) == pytest.approx(expected / 1e9)
+
+
+def test_bench_step_times_the_variants_in_turn(monkeypatch):
+    """Each round runs every variant once, so a drifting machine meets them alike; the warm-up
+    rounds are not timed and each variant's medians are its own steps'."""
+    calls, seconds = [], {"cast": iter([9, 9, 5, 7, 6]), "grpo": iter([9, 9, 4, 3, 8])}
+
+    def learn(run, traj):
+        calls.append(run)
+        line = {"time/verify": 0.0, "time/teacher": 1.0 if run == "cast" else 0.0, "time/update": next(seconds[run])}
+        return line | {"rows_skipped": 0, "compile_count": 0}, []
+
+    monkeypatch.setattr(bench_step.trainer, "learn", learn)
+    out = bench_step.time_variants({"cast": "cast", "grpo": "grpo"}, traj=None, repeats=3)
+    assert calls == ["cast", "grpo"] * (bench_step.WARMUP_ROUNDS + 3)
+    assert out["cast"]["update_s"] == 6 and out["cast"]["step_s"] == 7
+    assert out["grpo"]["update_s"] == 4 and out["grpo"]["step_s"] == 4
+    assert out["cast"]["rows_updated"] == bench_step.PROMPTS * bench_step.GROUP
