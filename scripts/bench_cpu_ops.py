@@ -41,7 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
-from cast_mlx.engine import fastmath, models, rollout
+from cast_mlx.engine import fastmath, kv_forward, models
 from cast_mlx.engine.blas import active_blas, thread_settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +56,9 @@ def median_ms(fn, repeats: int) -> float:
 def decode_costs(model, repeats: int) -> dict:
     """One decode step of 16 streams of the embedded model, 100 positions cached: a block (with
     its cache), the seven matmuls of a block alone, all 30 blocks, and the head's matmul."""
-    head = rollout.plain_head(model)
-    cache, _, _ = rollout.prefill(model, head, [[1] + [28] * 99, [1] + [29] * 99], room=8)
-    rollout.filter_cache(cache, np.repeat(np.arange(2), 8))
+    head = kv_forward.plain_head(model)
+    cache, _, _ = kv_forward.prefill(model, head, [[1] + [28] * 99, [1] + [29] * 99], room=8)
+    kv_forward.filter_cache(cache, np.repeat(np.arange(2), 8))
     mx.eval([c.state for c in cache])
     x = mx.random.normal((16, 1, model.args.hidden_size), key=mx.random.key(7))
     mx.eval(x)
@@ -88,12 +88,12 @@ def decode_costs(model, repeats: int) -> dict:
     def step(rows):  # a whole decode step (blocks, norm, head) of `rows` streams
         ids = mx.full((rows, 1), 30, dtype=mx.int32)
         caches = cache if rows == 16 else one
-        logits = rollout.next_logits_mx(model, head, ids, caches)
+        logits = kv_forward.next_logits_mx(model, head, ids, caches)
         mx.eval(logits)
         rewind(caches)
         return logits
 
-    one, _, _ = rollout.prefill(model, head, [[1] + [28] * 99], room=8)
+    one, _, _ = kv_forward.prefill(model, head, [[1] + [28] * 99], room=8)
     mx.eval([c.state for c in one])
     out = {
         "step_16_streams": round(median_ms(lambda: step(16), max(3, repeats // 3)), 1),

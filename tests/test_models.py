@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx.cli import models as models_cli
-from cast_mlx.engine import models
+from cast_mlx.engine import gguf_weights, models
 
 from helpers import run_cli
 
@@ -57,7 +57,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
     # llama.cpp's convert script: reshape(n_head, 2, dim/n_head/2, ...).swapaxes(1, 2)
     permuted = w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(w.shape)
     assert not np.array_equal(permuted, w)
-    np.testing.assert_array_equal(np.array(models.unpermute_rope_rows(mx.array(permuted), n_heads)), w)
+    np.testing.assert_array_equal(np.array(gguf_weights.unpermute_rope_rows(mx.array(permuted), n_heads)), w)
 
 
 def test_mlx_lm_loads_folder_unchanged(smol_dir: Path):
@@ -116,7 +116,7 @@ def test_fetch_is_atomic(tmp_path, monkeypatch, smol_gguf: Path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(models, "_download_gguf", fake_download)
-    monkeypatch.setattr(models, "convert_gguf", dying_convert)
+    monkeypatch.setattr(gguf_weights, "convert_gguf", dying_convert)
     with pytest.raises(KeyboardInterrupt):
         models.fetch("smollm2-135m-instruct")
     assert not models.embedded_dir("smollm2-135m-instruct").exists()

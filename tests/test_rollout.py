@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
 
-from cast_mlx.engine import models, rollout, sampler
+from cast_mlx.engine import kv_forward, models, rollout, sampler
 from cast_mlx.engine.rollout import SamplingParams, generate_groups
 from cast_mlx.engine.sampler import inverse_cdf, keep_mask, sample_tokens
 
@@ -270,7 +270,7 @@ def test_lora_layers_are_merged_while_sampling_and_back_after(fresh_smol, setup)
 def test_quantized_model(smol_dir, setup):
     _, _, prompts, eos = setup
     model, _ = models.load(models.DEFAULT_MODEL, dtype="quantized")
-    assert models.is_quantized(model) and rollout.plain_head(model) is None
+    assert models.is_quantized(model) and kv_forward.plain_head(model) is None
     out = generate_groups(model, prompts[2:], 2, SamplingParams(temperature=0, max_new_tokens=3), eos, key=0)
     ref = greedy_reference(model, prompts[2], 3, eos)
     assert rows_of(out) == [ref, ref]
@@ -494,4 +494,4 @@ def test_models_without_a_plain_cache_are_refused_and_scored_per_row():
     with pytest.raises(
         ValueError, match=r"only plain KVCache layers are supported, got \['KVCache', 'RotatingKVCache'\]"
     ):
-        rollout.check_cache_kind(Windowed())
+        kv_forward.check_cache_kind(Windowed())

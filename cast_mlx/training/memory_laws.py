@@ -66,7 +66,7 @@ CALIBRATION = (  # fmt: skip
     ("smollm2-135m", "float32", "cast-verl", 2, 4, 4, 64, 8, 64, None, 723, 880),
 )
 
-# The embedded model's converted config (models.convert_gguf) when it is not fetched yet.
+# The embedded model's converted config (gguf_weights.convert_gguf) when it is not fetched yet.
 BUILTIN_CONFIGS = {
     "smollm2-135m-instruct": {
         "model_type": "llama",
