@@ -186,6 +186,7 @@ def build(name_or_cfg, dtype: str = "float32", seed: int = 0, materialise: bool 
         )
     if fastmath.on_cpu():
         fastmath.use_fast_swiglu(model)
+        fastmath.use_fast_attention()
     if materialise:
         mx.eval(model.parameters())
     model.eval()

@@ -76,3 +76,66 @@ def test_the_embedded_model_loads_with_the_fast_swiglu_on_the_cpu_only(smol):
     model, _ = smol
     kinds = {type(layer.mlp).__name__ for layer in model.model.layers}
     assert kinds == ({"SwiGLU"} if mx.default_device() == mx.cpu else {"MLP"})
+
+
+def _mlx_attention(*args, **kw):
+    fastmath.use_fast_attention()  # records mlx-lm's own function first
+    return fastmath._MLX_ATTENTION["mlx_lm.models.base"](*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "causal", "bool_2d", "bool_4d", "additive", "one_query", "row_without_keys"]
+)
+def test_attention_matches_mlx_and_hands_back_what_it_does_not_cover(mask_kind):
+    """The fast attention equals mlx-lm's (MLX's fused call) in values and gradients for the
+    masks it covers, with grouped query heads and a cached prefix (S > L); the others go to
+    mlx-lm's function unchanged."""
+    b, hq, hk, length, prefix, d = 2, 6, 2, 1 if mask_kind == "one_query" else 5, 3, 8
+    span = length + prefix
+    keys_ = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((b, hq, length, d), key=keys_[0])
+    k = mx.random.normal((b, hk, span, d), key=keys_[1])
+    v = mx.random.normal((b, hk, span, d), key=keys_[2])
+    visible = mx.arange(prefix, span)[:, None] >= mx.arange(span)[None]
+    mask = {
+        "none": None,
+        "causal": "causal",
+        "one_query": None,
+        "bool_2d": visible,
+        "bool_4d": mx.broadcast_to(visible & (mx.arange(span) > 0)[None], (b, 1, length, span)),
+        "additive": mx.where(visible, 0.0, -1e9),
+        "row_without_keys": mx.concatenate([mx.zeros((1, 1, length, span), dtype=mx.bool_),
+                                            mx.broadcast_to(visible, (1, 1, length, span))]),
+    }[mask_kind]  # fmt: skip
+    scale = d**-0.5
+
+    def fast(q):
+        return fastmath.attention(q, k, v, None, scale=scale, mask=mask)
+
+    def mlx(q):
+        return _mlx_attention(q, k, v, None, scale=scale, mask=mask)
+
+    got = fast(q)
+    if mask_kind == "row_without_keys":  # MLX gives NaN there; ours uniform weights, finite
+        assert bool(mx.all(mx.isfinite(got)))
+        means = np.array(v[0]).mean(axis=1)  # [hk, d]: every key weighted alike
+        want = np.repeat(means, hq // hk, axis=0)[:, None, :].repeat(length, axis=1)
+        np.testing.assert_allclose(np.array(got[0]), want, atol=1e-5)
+        np.testing.assert_allclose(np.array(got[1]), np.array(mlx(q)[1]), atol=1e-5)
+        return
+    np.testing.assert_allclose(np.array(got), np.array(mlx(q)), atol=1e-5)
+    w = mx.random.normal(got.shape, key=mx.random.key(5))
+    g_fast = mx.grad(lambda x: (fast(x) * w).sum())(q)
+    g_mlx = mx.grad(lambda x: (mlx(x) * w).sum())(q)
+    assert float(mx.abs(g_mlx).max()) > 1e-3
+    np.testing.assert_allclose(np.array(g_fast), np.array(g_mlx), atol=1e-5)
+
+
+def test_use_fast_attention_points_the_three_modules_at_it_once():
+    import mlx_lm.models.llama as llama
+    import mlx_lm.models.qwen3 as qwen3
+
+    fastmath.use_fast_attention()
+    assert llama.scaled_dot_product_attention is fastmath.attention
+    assert qwen3.scaled_dot_product_attention is fastmath.attention
+    assert fastmath.use_fast_attention() == 0  # already done

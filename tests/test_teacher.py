@@ -227,6 +227,54 @@ def test_shared_prefix_edge_cases_and_fallback(lora_model, monkeypatch):
     assert len(calls) == 1 and calls[0].get("cache") is None  # one per-row forward, no cache
 
 
+def test_scoring_in_buckets_runs_each_context_once(lora_model, monkeypatch):
+    """`score_in_buckets` keeps a context's pass for the context's other buckets: the same
+    log-probs as a fresh pass per bucket, with one pass of the context in all."""
+    model, tok = lora_model
+    _perturb(model)
+    context, tokens, mask = _group(tok, lengths=(9, 2, 8, 1))
+    contexts = [context] * 4
+    want = np.array(logprobs.token_logprobs(model, logprobs.make_batch(contexts, tokens, mask), 1.0))
+    passes = []
+    backbone = model.model.__call__
+    spy = lambda self, ids, **k: passes.append(ids.shape) or backbone(ids, **k)  # noqa: E731
+    monkeypatch.setattr(type(model.model), "__call__", spy)
+    got = logprobs.score_in_buckets(lambda b: logprobs.token_logprobs(model, b, 1.0), contexts, tokens, mask, 2)
+    np.testing.assert_allclose(np.array(got), want, atol=1e-4)  # other paddings: rounding only
+    assert passes.count((1, len(context))) == 1 and len(passes) == 3  # one context pass, then 2 buckets' rows
+
+
+def test_length_buckets_cut_more_when_a_context_runs_once():
+    mask = mx.array([[1.0] * 80 + [0.0] * 20, [1.0] * 100] + [[1.0] * 80 + [0.0] * 20] * 2)
+    contexts = [[5] * 60] * 4
+    assert logprobs.length_buckets(mask, 4, contexts) == [[1, 0, 2, 3]]  # 476 positions; cut: 492
+    assert logprobs.length_buckets(mask, 4, contexts, context_once=True) == [[1], [0, 2, 3]]  # 416 / 372
+
+
+def test_a_model_of_unknown_layout_scores_from_its_full_logits():
+    """A model without mlx-lm's decoder layout: its own logits, the identity as the head."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+        def __call__(self, x):
+            return self.out(mx.tanh(self.embed(x)))
+
+    mx.random.seed(0)
+    model = Tiny()
+    rows = [([7, 8], [1, 2, 3]), ([9], [4, 5])]
+    tokens, mask = mx.array([[1, 2, 3], [4, 5, 0]]), mx.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    lp = np.array(logprobs.token_logprobs(model, logprobs.make_batch([c for c, _ in rows], tokens, mask), 0.7))
+    for i, (context, completion) in enumerate(rows):
+        logits = model(mx.array([context + completion]))[0] / 0.7
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        want = [logp[len(context) - 1 + j, t] for j, t in enumerate(completion)]
+        np.testing.assert_allclose(lp[i, : len(completion)], want, atol=1e-5)
+    assert lp[1, 2] == 0.0  # masked
+
+
 HEAD_KINDS = ["linear", "tied-embedding", "linear-with-bias", "quantized-linear", "quantized-tied-embedding"]
 
 

@@ -1,9 +1,11 @@
-"""Faster `exp` and SwiGLU on MLX's CPU backend (through `power(2, .)`); other backends get
-MLX's own ops. `use_fast_swiglu` swaps a loaded model's MLP modules, keeping their parameter
-names. Why: docs/design.md, "Faster exponentials"."""
+"""Faster `exp`, SwiGLU and attention on MLX's CPU backend (through `power(2, .)`); other
+backends get MLX's own ops. `use_fast_swiglu` swaps a loaded model's MLP modules, keeping their
+parameter names; `use_fast_attention` the attention function of mlx-lm's llama/qwen modules.
+Why: docs/design.md, "Faster exponentials"."""
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 import mlx.core as mx
@@ -11,6 +13,7 @@ import mlx.nn as nn
 
 LOG2E = 1.4426950408889634
 SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+ATTENTION_MODULES = SWIGLU_MLP_MODULES  # each calls its module's `scaled_dot_product_attention`
 
 
 def on_cpu() -> bool:
@@ -57,3 +60,58 @@ def use_fast_swiglu(model: nn.Module) -> int:
             layer.mlp = SwiGLU(mlp)
             replaced += 1
     return replaced
+
+
+@partial(mx.compile, shapeless=True)
+def softmax(scores: mx.array) -> mx.array:
+    """`softmax(scores)` over the last axis, with `exp` as `power(2, .)` (the CPU's fast path)."""
+    shifted = scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    e = mx.power(2.0, shifted * LOG2E)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+_MLX_ATTENTION: dict = {}  # module name -> its own `scaled_dot_product_attention`
+
+
+def attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
+    """mlx-lm's `scaled_dot_product_attention(queries [B, Hq, L, D], keys/values [B, Hk, S, D],
+    ...)` with the fast `softmax` on the CPU, for several queries a row (scoring, the update,
+    prefill) under no mask, a causal one or a boolean one. Anything else (one query: a decode
+    step; a quantized cache, sinks, an additive mask, another backend) goes to mlx-lm's own,
+    which on the CPU composes the same ops with MLX's slower `exp`."""
+    b, heads, length, dim = queries.shape
+    if length < 2 or hasattr(cache, "bits") or sinks is not None or not _plain(mask) or not on_cpu():
+        return _MLX_ATTENTION["mlx_lm.models.base"](queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    kv_heads, span = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(b, kv_heads, heads // kv_heads, length, dim)  # the heads sharing a key
+    scores = (q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)).astype(mx.float32)
+    if isinstance(mask, str):  # "causal": the queries are the last `length` positions
+        mask = mx.arange(span - length, span)[:, None] >= mx.arange(span)[None]
+    elif mask is not None and mask.ndim == 4:  # [B, 1, L, S]
+        mask = mx.expand_dims(mask, 2)
+    if mask is not None:  # a finite floor: a row with no visible key gets uniform weights, not NaN
+        scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
+    out = softmax(scores).astype(values.dtype) @ mx.expand_dims(values, 2)
+    return out.reshape(b, heads, length, dim)
+
+
+def _plain(mask) -> bool:
+    """A mask `attention` handles: none, "causal", or boolean `[L, S]` / `[B, 1, L, S]`."""
+    if mask is None or isinstance(mask, str):
+        return mask in (None, "causal")
+    return mask.dtype == mx.bool_ and (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1))
+
+
+def use_fast_attention() -> int:
+    """Point the attention of mlx-lm's llama/qwen2/qwen3 modules at `attention` (process-wide,
+    once); returns how many modules changed. `attention` itself hands every case it does not
+    cover back to mlx-lm's function."""
+    base = importlib.import_module("mlx_lm.models.base")
+    _MLX_ATTENTION.setdefault("mlx_lm.models.base", base.scaled_dot_product_attention)
+    changed = 0
+    for name in ATTENTION_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "scaled_dot_product_attention") is not attention:
+            setattr(module, "scaled_dot_product_attention", attention)
+            changed += 1
+    return changed

@@ -11,6 +11,7 @@ from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
@@ -37,6 +38,9 @@ class Batch:
     mask: mx.array  # float32 [N, L]
     prefix: list[int] | None = None  # the one context of every row, run once (None: per row)
     states: BatchStates | None = None  # kept frozen-block states: run the top blocks only
+    # the shared context's pass by context, kept for the next batch of that context; only
+    # for scoring without gradients under unchanged weights (`score_in_buckets`)
+    prefix_passes: dict | None = None
 
 
 def make_batch(
@@ -192,14 +196,22 @@ def _predicting_states(model: nn.Module, backbone, batch: Batch) -> mx.array:
             )
         hidden = forward(batch.inputs, full)
         return mx.take_along_axis(hidden, batch.positions[..., None], axis=1)
-    prefix = None if st is None else st.contexts[0][None]
-    last = forward(mx.array([batch.prefix], dtype=mx.int32), prefix, cache)[:, -1:, :]
+    used = cache[0 if st is None else st.split :]  # the caches of the blocks that run
+    key = tuple(batch.prefix or ())
+    if batch.prefix_passes is not None and key in batch.prefix_passes:
+        last, kv = batch.prefix_passes[key]
+    else:
+        prefix = None if st is None else st.contexts[0][None]
+        last = forward(mx.array([batch.prefix], dtype=mx.int32), prefix, cache)[:, -1:, :]
+        kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in used]
+        if batch.prefix_passes is not None:
+            batch.prefix_passes[key] = (last, kv)
     last = mx.broadcast_to(last, (n, 1, last.shape[-1]))
     if length == 1:
         return last
-    for c in cache[0 if st is None else st.split :]:  # gradients flow through the repeat
-        c.keys = mx.repeat(c.keys[..., : c.offset, :], n, axis=0)
-        c.values = mx.repeat(c.values[..., : c.offset, :], n, axis=0)
+    for c, (keys, values) in zip(used, kv):  # gradients flow through the repeat
+        c.keys, c.values = mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0)
+        c.offset = keys.shape[2]
     rest = forward(batch.tokens[:, :-1], None if st is None else st.tokens[:, :-1], cache)
     return mx.concatenate([last, rest], axis=1)
 
@@ -209,7 +221,7 @@ def _head_transpose(head):
     `nn.Embedding`, or their quantized kinds: a quantized matmul, untransposed), else None:
     the head's vjp then comes from `mx.vjp`, which builds the head's forward again."""
     owner = getattr(head, "__self__", head)  # `embed_tokens.as_linear` is a bound method
-    if "bias" in owner:
+    if not isinstance(owner, nn.Module) or "bias" in owner:
         return None
     if type(owner) in (nn.Linear, nn.Embedding):
         weight = owner.weight
@@ -235,7 +247,8 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
     transpose = _head_transpose(head)
 
     def logits_of(h):
-        return head(h).astype(mx.float32) * inv_temp
+        z = head(h).astype(mx.float32)
+        return z if inv_temp == 1.0 else z * inv_temp  # x * 1 is x: skip a pass over the vocabulary
 
     @mx.custom_function
     def forward(h):
@@ -259,7 +272,8 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
         if with_entropy:  # E_p[z] = lse - H
             weight = weight + g_ent[..., None] * (z - (lse - entropy)[..., None])
         dz = g_lp[..., None] * (mx.arange(z.shape[-1]) == tokens[..., None]) - fastmath.exp(z - lse[..., None]) * weight
-        dz = dz * inv_temp
+        if inv_temp != 1.0:
+            dz = dz * inv_temp
         if transpose is not None:
             return transpose(dz).astype(h.dtype)
         return mx.vjp(lambda x: head(x).astype(mx.float32), [h], [dz])[1][0]
@@ -272,38 +286,56 @@ def _chunk_logprobs(head, hidden, tokens, inv_temp, with_entropy: bool):
     return lp, entropy
 
 
+def _masked_positions(mask: mx.array) -> tuple[mx.array, mx.array, int]:
+    """(flat indices of the unmasked positions of `[N, L]` `mask`, for each flat position
+    its index among them or their count (a zero slot) when masked, their count)."""
+    keep = np.flatnonzero(np.array(mask).reshape(-1) > 0)
+    slot = np.full(mask.size, keep.size, dtype=np.int32)
+    slot[keep] = np.arange(keep.size, dtype=np.int32)
+    return mx.array(keep.astype(np.int32)), mx.array(slot), int(keep.size)
+
+
 def token_logprobs(
     model: nn.Module, batch: Batch, temperature: float = 1.0, *, chunk: int = 64, with_entropy: bool = False
 ):
     """`log_softmax(logits / T)[token]` in float32 for every completion position: `[N, L]`
-    (0 where masked). With `with_entropy`, also the entropy of that distribution `[N, L]`."""
+    (0 where masked). With `with_entropy`, also the entropy of that distribution `[N, L]`.
+
+    The head runs on the unmasked positions only, gathered into chunks of `chunk * N` rows
+    (no more than `chunk` positions of every row): padding costs no vocabulary work."""
     inv_temp = 1.0 / temperature
     backbone, head = backbone_and_head(model)
-    if backbone is None:  # unknown layout: full logits (fine for small vocabularies)
-        states = None
+    if backbone is None:  # unknown layout: the full logits, an identity head (fine for small vocabularies)
+        states = mx.take_along_axis(model(batch.inputs), batch.positions[..., None], axis=1)
+        head = _identity
     else:
         states = _predicting_states(model, backbone, batch)
     n, length = batch.tokens.shape
+    keep, slot, count = _masked_positions(batch.mask)
+    hidden = states.reshape(n * length, -1)[keep]
+    tokens = batch.tokens.reshape(-1)[keep]
     lps, ents = [], []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        pos = batch.positions[:, start:stop]
-        tok = batch.tokens[:, start:stop]
-        if states is None:
-            full = model(batch.inputs)
-            h = mx.take_along_axis(full, pos[..., None], axis=1)
-            lp, ent = _chunk_logprobs(lambda x: x, h, tok, inv_temp, with_entropy)
-        else:
-            lp, ent = _chunk_logprobs(head, states[:, start:stop], tok, inv_temp, with_entropy)
+    rows = chunk * n
+    for start in range(0, count, rows):
+        part = slice(start, start + rows)
+        lp, ent = _chunk_logprobs(head, hidden[part], tokens[part], inv_temp, with_entropy)
         lps.append(lp)
         ents.append(ent)
-    mask = batch.mask
-    lp = mx.concatenate(lps, axis=1) * mask
-    ent = mx.concatenate(ents, axis=1) * mask
-    return (lp, ent) if with_entropy else lp
+    zero = mx.zeros((1,))  # the slot of every masked position
+
+    def spread(parts):
+        return mx.concatenate(parts + [zero])[slot].reshape(n, length) * batch.mask
+
+    return (spread(lps), spread(ents)) if with_entropy else spread(lps)
 
 
-def length_buckets(mask: mx.array, size: int, contexts: list[list[int]] | None = None) -> list[list[int]]:
+def _identity(x: mx.array) -> mx.array:
+    return x
+
+
+def length_buckets(
+    mask: mx.array, size: int, contexts: list[list[int]] | None = None, context_once: bool = False
+) -> list[list[int]]:
     """Row indices in groups of `size` rows of similar completion length, longest first.
 
     Scoring a group pads only to its own longest row, so sorted groups waste far less work
@@ -312,7 +344,9 @@ def length_buckets(mask: mx.array, size: int, contexts: list[list[int]] | None =
     With `contexts` (one per row), a bucket holds rows of one context only, so that it can
     be scored after one pass of that context (`make_batch`), and a context's rows are cut
     where that costs the fewest positions (`split_by_cost`): one long completion does not
-    pad seven short ones to its length when a second pass of the context is cheaper."""
+    pad seven short ones to its length when a second pass of the context is cheaper.
+    `context_once`: a context's pass is kept for its next bucket (`Batch.prefix_passes`),
+    so a cut costs a pass's fixed overhead only."""
     lengths = cast("list[float]", mask.sum(axis=1).tolist())
     if contexts is None:
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -324,7 +358,8 @@ def length_buckets(mask: mx.array, size: int, contexts: list[list[int]] | None =
     for key, rows in by_context.items():
         order = sorted(rows, key=lambda i: (-lengths[i], i))
         widths = [max(int(lengths[i]), 1) for i in order]
-        buckets += [order[a:b] for a, b in split_by_cost(widths, size, len(key) + PASS_OVERHEAD)]
+        setup = PASS_OVERHEAD + (0 if context_once else len(key))
+        buckets += [order[a:b] for a, b in split_by_cost(widths, size, setup)]
     return buckets
 
 
@@ -377,17 +412,22 @@ def score_in_buckets(
     rows: list[int] | None = None,
 ) -> mx.array:
     """`score(batch) -> [n, l]` applied to length buckets of `size` rows, reassembled `[N, L]`
-    (with `share_prefix`, buckets of one context each, each scored after one pass of it).
+    (with `share_prefix`, buckets of one context each, scored after one pass of that context,
+    kept for its other buckets: `score` takes no gradient and the weights do not change
+    between its calls).
     `rows`: score only these (the others are 0); None: all."""
     n, length = tokens.shape
     rows = list(range(n)) if rows is None else rows
     if not rows:
         return mx.zeros((n, length))
     picked = [contexts[i] for i in rows] if share_prefix else None
-    buckets = [[rows[j] for j in b] for b in length_buckets(mask[mx.array(rows)], size, picked)]
+    buckets = [[rows[j] for j in b] for b in length_buckets(mask[mx.array(rows)], size, picked, context_once=True)]
+    passes: dict = {}  # each context's pass, run once for all its buckets
     pieces = []
     for bucket in buckets:
-        lp = score(trimmed_batch(contexts, tokens, mask, bucket, share_prefix, frozen))
+        batch = trimmed_batch(contexts, tokens, mask, bucket, share_prefix, frozen)
+        batch.prefix_passes = passes
+        lp = score(batch)
         pieces.append(mx.pad(lp, [(0, 0), (0, length - lp.shape[1])]))
     scored = mx.concatenate(pieces, axis=0)
     if len(rows) < n:  # zero rows for the others, in one gather

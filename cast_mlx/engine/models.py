@@ -338,8 +338,9 @@ def load(spec: str = DEFAULT_MODEL, dtype: str = "auto"):
         dt = getattr(mx, want)
         dequantize(model, dt)
         cast_floats(model, dt)
-    if fastmath.on_cpu():  # MLX's CPU sigmoid is slow; the fast SwiGLU computes the same
+    if fastmath.on_cpu():  # MLX's CPU exp and sigmoid are slow; the fast ones compute the same
         fastmath.use_fast_swiglu(model)
+        fastmath.use_fast_attention()
     mx.eval(model.parameters())
     model.eval()
     return model, tokenizer
