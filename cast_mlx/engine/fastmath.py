@@ -111,7 +111,7 @@ def use_fast_attention() -> int:
     changed = 0
     for name in ATTENTION_MODULES:
         module = importlib.import_module(name)
-        if module.scaled_dot_product_attention is not attention:  # type: ignore[attr-defined]
+        if module.scaled_dot_product_attention is not attention:
             module.scaled_dot_product_attention = attention  # type: ignore[attr-defined]
             changed += 1
     return changed
