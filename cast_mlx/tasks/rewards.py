@@ -4,13 +4,8 @@ stage of a training step (`judge_rows`). The plug-in convention: docs/howto-rewa
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
-import os
-import reprlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cast_mlx.config import ConfigError, RewardConfig
-from cast_mlx.errors import TrainingError
-from cast_mlx.tasks import verify
+from cast_mlx.tasks import reward_plugins, verify
+from cast_mlx.tasks.reward_plugins import RewardError, describe, load_plugin
 from cast_mlx.tasks.verify import TimeoutPool, Verdict, Verifier, mathverify
 from cast_mlx.tasks.verify.extract import extract_answer
 
@@ -32,10 +27,6 @@ _RESERVED = ("completions", "prompts", "answers")  # keywords that `score` fills
 # Importing a plug-in (once per worker) may take far longer than a call, e.g. one that
 # imports a large library: it gets its own limit so that its first call is not timed out.
 LOAD_TIMEOUT = 60.0
-
-
-class RewardError(TrainingError):
-    """A reward function failed in training: it raised, hung, or returned bad values."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +107,7 @@ def parse_spec(spec: object, where: str) -> tuple[Literal["builtin", "plugin"], 
     location, attr = spec.rsplit(":", 1)  # the last colon: a Windows path has one too
     if not location or not attr.isidentifier():
         raise ConfigError(f"{where}: {spec!r} is malformed; expected module:function or path/to/file.py:function")
-    if _is_file(location):
+    if reward_plugins.is_file_target(location):
         path = Path(location)
         if path.suffix != ".py":
             raise ConfigError(f"{where}: {spec!r} is malformed; a file plug-in names a .py file")
@@ -162,107 +153,7 @@ def _import_check(spec: str, target: str, where: str) -> None:
         raise ConfigError(f"{where}: cannot load {spec!r}: {describe(e)}") from None
 
 
-# ---- loading (in this process at parse time, in the workers at score time) --------------
-
-
-def _is_file(location: str) -> bool:
-    return location.endswith(".py") or "/" in location or os.sep in location
-
-
-def load_plugin(target: str) -> Callable[..., Any]:
-    """The function of a target ("module:function" or "/path/file.py:function"), imported now."""
-    location, attr = target.rsplit(":", 1)
-    module = _load_file(location) if _is_file(location) else importlib.import_module(location)
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise AttributeError(f"{location} has no function {attr!r}")
-    if not callable(fn):
-        raise TypeError(f"{location}:{attr} is a {type(fn).__name__}, not a function")
-    return fn
-
-
-def _load_file(path: str) -> Any:
-    """Import a .py file as a module of its own (named after its path, so two never clash)."""
-    name = "cast_mlx_reward_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path} cannot be imported as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickle look the module up while it runs
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-_PLUGINS: dict[str, Callable[..., Any]] = {}  # in a worker: the loaded plug-ins by target
-
-
-def _cached_plugin(target: str, search_path: tuple[str, ...]) -> Callable[..., Any]:
-    fn = _PLUGINS.get(target)
-    if fn is None:
-        if sys.path != list(search_path):  # import the module the main process checked
-            sys.path[:] = search_path
-            importlib.invalidate_caches()
-        fn = _PLUGINS[target] = load_plugin(target)
-    return fn
-
-
-def _worker_load(targets: tuple[str, ...], search_path: tuple[str, ...]) -> tuple:
-    """Worker job: import the plug-ins, under `LOAD_TIMEOUT` rather than a call's limit."""
-    for target in targets:
-        try:
-            _cached_plugin(target, search_path)
-        except BaseException as e:  # user code: report it, rather than lose the worker (SystemExit)
-            return ("error", target, describe(e))
-    return ("ok",)
-
-
-def _worker_call(label: str, target: str, search_path: tuple[str, ...], completions: list[str], kwargs: dict) -> tuple:
-    """Worker job: one plug-in call. Its values are checked here, so only floats and None go
-    back (an unpicklable return value would kill the worker), and a failure is a message."""
-    try:
-        values = _cached_plugin(target, search_path)(completions, **kwargs)
-    except BaseException as e:  # user code: report it, rather than lose the worker (SystemExit)
-        return ("error", f"reward function {label!r} raised {describe(e)}")
-    try:
-        return ("ok", check_values(label, values, len(completions)))
-    except RewardError as e:
-        return ("error", str(e))
-
-
-# ---- values -----------------------------------------------------------------------------
-
-
-def check_values(label: str, values: Any, n: int) -> list[float | None]:
-    """A function's return value as floats and None, or a `RewardError` naming it and the row."""
-    if hasattr(values, "tolist"):  # NumPy / MLX arrays
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise RewardError(
-            f"reward function {label!r} returned a {type(values).__name__}; expected a list of {n} numbers or None"
-        )
-    if len(values) != n:
-        raise RewardError(f"reward function {label!r} returned {len(values)} values for {n} completions")
-    out: list[float | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if not isinstance(v, numbers.Real):
-            raise RewardError(
-                f"reward function {label!r} returned a {type(v).__name__} at row {i} ({short_repr(v)}); "
-                "rewards are numbers or None"
-            )
-        x = float(v)
-        if not math.isfinite(x):
-            raise RewardError(
-                f"reward function {label!r} returned {x} at row {i}; rewards must be finite (None: cannot judge)"
-            )
-        out.append(x)
-    return out
+# ---- built-in values -----------------------------------------------------------------------------
 
 
 def format_reward(completion: str, answer_format: str) -> float:
@@ -295,16 +186,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def describe(e: BaseException) -> str:
-    """`Type: first line of the message`, for one-line errors."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def short_repr(value: Any) -> str:
-    return reprlib.repr(value).replace("\n", "\\n")
 
 
 # ---- scoring ----------------------------------------------------------------------------
@@ -433,12 +314,12 @@ def _run_plugins(
     # One load job per worker: the pool hands one call to each idle worker, so each imports
     # the plug-ins (or finds them cached) before the calls' deadlines start.
     load_limit = max(timeout, LOAD_TIMEOUT)
-    for loaded in pool.run([(_worker_load, (targets, search_path))] * pool.size, timeout=load_limit):
+    for loaded in pool.run([(reward_plugins.worker_load, (targets, search_path))] * pool.size, timeout=load_limit):
         if loaded is None:
             raise RewardError(f"reward plug-ins were not imported by a worker within {load_limit:g}s (a hung import?)")
         if loaded[0] == "error":
             raise RewardError(f"reward function {by_target[loaded[1]]!r} failed to load in a worker: {loaded[2]}")
-    calls = [(_worker_call, (fn.spec, fn.target, search_path, completions, kwargs)) for fn in fns]
+    calls = [(reward_plugins.worker_call, (fn.spec, fn.target, search_path, completions, kwargs)) for fn in fns]
     values: dict[str, list[float | None]] = {}
     for fn, result in zip(fns, pool.run(calls, timeout=timeout)):
         if result is None:  # the pool's default: killed at the deadline, or its worker died twice
