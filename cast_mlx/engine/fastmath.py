@@ -10,6 +10,7 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import base as mlx_base
 
 LOG2E = 1.4426950408889634
 SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
@@ -70,9 +71,6 @@ def softmax(scores: mx.array) -> mx.array:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-_MLX_ATTENTION: dict = {}  # module name -> its own `scaled_dot_product_attention`
-
-
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention(queries [B, Hq, L, D], keys/values [B, Hk, S, D],
     ...)` with the fast `softmax` on the CPU, for several queries a row (scoring, the update,
@@ -81,7 +79,7 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> m
     which on the CPU composes the same ops with MLX's slower `exp`."""
     b, heads, length, dim = queries.shape
     if length < 2 or hasattr(cache, "bits") or sinks is not None or not _plain(mask) or not on_cpu():
-        return _MLX_ATTENTION["mlx_lm.models.base"](queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return mlx_base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     kv_heads, span = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(b, kv_heads, heads // kv_heads, length, dim)  # the heads sharing a key
     scores = (q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)).astype(mx.float32)
@@ -105,9 +103,7 @@ def _plain(mask) -> bool:
 def use_fast_attention() -> int:
     """Point the attention of mlx-lm's llama/qwen2/qwen3 modules at `attention` (process-wide,
     once); returns how many modules changed. `attention` itself hands every case it does not
-    cover back to mlx-lm's function."""
-    base = importlib.import_module("mlx_lm.models.base")
-    _MLX_ATTENTION.setdefault("mlx_lm.models.base", base.scaled_dot_product_attention)
+    cover back to mlx-lm's function (the one in `mlx_lm.models.base`, which stays as it is)."""
     changed = 0
     for name in ATTENTION_MODULES:
         module = importlib.import_module(name)

@@ -1,6 +1,7 @@
 """Reward functions: the built-ins and the plug-ins that `reward.functions` names, their
-weighted sum and correctness threshold, the checks on what a plug-in returns, and the rewards
-stage of a training step (`judge_rows`). The plug-in convention: docs/howto-reward-plugin.md."""
+weighted sum and correctness threshold, and the rewards stage of a training step
+(`judge_rows`). What the workers run for a plug-in (importing, calling, checking what it
+returns): `reward_plugins`. The plug-in convention: docs/howto-reward-plugin.md."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def _import_check(spec: str, target: str, where: str) -> None:
         raise ConfigError(f"{where}: cannot load {spec!r}: {describe(e)}") from None
 
 
-# ---- built-in values -----------------------------------------------------------------------------
+# ---- built-in values --------------------------------------------------------------------
 
 
 def format_reward(completion: str, answer_format: str) -> float:

@@ -250,7 +250,7 @@ def learn(run: Run, traj: Trajectory, sample_seconds: float = 0.0, comm_start=No
     # -- advantages and the update (a `same` teacher's gaps wait for the update's lp_old)
     t = time.perf_counter()
     deferred = traj.gaps is None
-    gaps = mx.zeros(traj.rollout.mask.shape) if traj.gaps is None else traj.gaps
+    gaps = mx.zeros(traj.rollout.mask.shape) if deferred else traj.gaps
     traj.adv, traj.base = run.advantages(traj.rewards, gaps, traj.mask, step=st.step, special=traj.special)
     before = models.lora_state(run.model)  # arrays are replaced, not written: no copy
     result = guarded_update(
