@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import base as mlx_base
 
-from cast_mlx.engine import fastmath
+from cast_mlx.engine import fastmath, hostmath
 
 
 @pytest.mark.parametrize("cpu", [True, False])
@@ -135,3 +135,24 @@ def test_use_fast_attention_points_the_three_modules_at_it_once():
     assert llama.scaled_dot_product_attention is fastmath.attention
     assert qwen3.scaled_dot_product_attention is fastmath.attention
     assert fastmath.use_fast_attention() == 0  # already done
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_scoring_runs_the_blocks_softmax_and_swiglu_in_numpy_with_the_same_values(arch, monkeypatch):
+    """Inside `hostmath.scoring()` (a forward no gradient is taken through) the attention's
+    softmax and the SwiGLU are numpy's, and the model's output is unchanged."""
+    fastmath.use_fast_attention()
+    model = _tiny(arch)
+    fastmath.use_fast_swiglu(model)
+    ids = mx.array([[1, 5, 9, 2, 7], [3, 3, 8, 1, 0]])
+    want = model(ids)
+    calls = []
+    for name in ("softmax", "swiglu"):
+        real = getattr(hostmath, name)
+        monkeypatch.setattr(hostmath, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    with hostmath.scoring():
+        got = model(ids)
+    assert calls.count("softmax") == 2 and calls.count("swiglu") == 2  # one of each a block
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+    model(ids)
+    assert len(calls) == 4  # off again outside the block

@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx.algorithm import teacher
-from cast_mlx.engine import logprobs, models
+from cast_mlx.engine import fastmath, logprobs, models
 
 LORA = dict(
     rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -74,9 +74,10 @@ def test_snapshot_lags_and_refreshes(lora_model):
     model, tok = lora_model
     _, _, batch = _batch(tok)
     t = teacher.Teacher.create(model, kind="snapshot", refresh=2)
-    base_lp = np.array(logprobs.token_logprobs(model, batch, 1.0))  # lora_b = 0: the base model
+    scored = lambda m: np.array(logprobs.token_logprobs(m, batch, 1.0, numpy_passes=True))  # noqa: E731  (as score)
+    base_lp = scored(model)  # lora_b = 0: the base model
     _perturb(model)
-    policy_lp = np.array(logprobs.token_logprobs(model, batch, 1.0))
+    policy_lp = scored(model)
     before = models.lora_state(model)
     teacher_lp = np.array(t.score(model, batch, 1.0))
     after = models.lora_state(model)
@@ -124,7 +125,9 @@ def test_base_and_ema_kinds(lora_model, smol):
     # base = adapters disabled: equal to the plain model without LoRA
     plain, _ = smol
     np.testing.assert_allclose(
-        np.array(base.score(model, batch, 1.0)), np.array(logprobs.token_logprobs(plain, batch, 1.0)), atol=1e-6
+        np.array(base.score(model, batch, 1.0)),
+        np.array(logprobs.token_logprobs(plain, batch, 1.0, numpy_passes=True)),
+        atol=1e-6,
     )
 
 
@@ -249,6 +252,46 @@ def test_length_buckets_cut_more_when_a_context_runs_once():
     contexts = [[5] * 60] * 4
     assert logprobs.length_buckets(mask, 4, contexts) == [[1, 0, 2, 3]]  # 476 positions; cut: 492
     assert logprobs.length_buckets(mask, 4, contexts, context_once=True) == [[1], [0, 2, 3]]  # 416 / 372
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scoring_without_gradient_gives_the_update_paths_values(lora_model, temperature):
+    """`numpy_passes` (numpy's passes over the vocabulary on the CPU) gives the log-probs and
+    entropies of the differentiable path (MLX's), up to the drift of MLX's float32 sums over a
+    49k vocabulary (~2e-4; numpy's pairwise sums are the closer: `test_hostmath`)."""
+    model, tok = lora_model
+    _, _, batch = _batch(tok)
+    assert fastmath.on_cpu()
+    want_lp, want_ent = logprobs.token_logprobs(model, batch, temperature, with_entropy=True)
+    lp, ent = logprobs.token_logprobs(model, batch, temperature, with_entropy=True, numpy_passes=True)
+    np.testing.assert_allclose(np.array(lp), np.array(want_lp), atol=5e-4)
+    np.testing.assert_allclose(np.array(ent), np.array(want_ent), atol=5e-3)
+    assert float(mx.abs(lp).min()) == 0.0 and float(mx.abs(lp).max()) > 0.1  # masked 0, scored not
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy-passes", "mlx-passes"])
+def test_scoring_paths_agree_on_a_small_vocabulary(host, monkeypatch):
+    """Both ways of scoring without a gradient (numpy's passes: the CPU; MLX's: any other
+    backend) give the differentiable path's values to float32 rounding."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+        def __call__(self, x):
+            return self.out(mx.tanh(self.embed(x)))
+
+    mx.random.seed(1)
+    model = Tiny()
+    tokens, mask = mx.array([[1, 2, 3], [4, 5, 0]]), mx.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    batch = logprobs.make_batch([[7, 8], [9]], tokens, mask)
+    want = logprobs.token_logprobs(model, batch, 0.7, with_entropy=True)
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: host)
+    got = logprobs.token_logprobs(model, batch, 0.7, with_entropy=True, numpy_passes=True)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)
 
 
 def test_a_model_of_unknown_layout_scores_from_its_full_logits():

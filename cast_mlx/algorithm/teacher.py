@@ -128,10 +128,13 @@ class Teacher:
             a is self.params[k] or bool(mx.array_equal(a, self.params[k])) for k, a in current.items()
         )
 
-    def score(self, model: nn.Module, batch: Batch, temperature: float, chunk: int = 64) -> mx.array:
-        """Teacher log-probs `[N, L]` of the batch's completion tokens (no gradient)."""
+    def score(
+        self, model: nn.Module, batch: Batch, temperature: float, chunk: int = 64, numpy_passes: bool = True
+    ) -> mx.array:
+        """Teacher log-probs `[N, L]` of the batch's completion tokens (no gradient;
+        `numpy_passes`: `token_logprobs`')."""
         with swapped_lora(model, self.params):
-            lp = mx.stop_gradient(token_logprobs(model, batch, temperature, chunk=chunk))
+            lp = mx.stop_gradient(token_logprobs(model, batch, temperature, chunk=chunk, numpy_passes=numpy_passes))
             mx.eval(lp)
         return lp
 
@@ -173,12 +176,12 @@ def row_contexts(
 
 
 def model_logprobs(
-    model, contexts, tokens, mask, temperature, micro_batch, share_prefix, frozen=None, rows=None
+    model, contexts, tokens, mask, temperature, micro_batch, share_prefix, frozen=None, rows=None, numpy_passes=True
 ) -> mx.array:
     """The model's own log-probs `[N, L]` of the rows' tokens (of `rows` only; the others
-    0), chunked, without gradient."""
+    0), chunked, without gradient (`numpy_passes`: `token_logprobs`')."""
     return score_in_buckets(
-        lambda b: mx.stop_gradient(token_logprobs(model, b, temperature)),
+        lambda b: mx.stop_gradient(token_logprobs(model, b, temperature, numpy_passes=numpy_passes)),
         contexts,
         tokens,
         mask,
@@ -220,9 +223,11 @@ def teacher_gaps(
         return mx.zeros(mask.shape), None
     # the rollout's frozen-block states are the student's context's (the `same` teacher's)
     frozen = out.frozen if contexts == student_contexts else None
+    numpy_passes = not (same_context and defer)  # deferred: read against the update's own log-probs
     lp_t = score_in_buckets(
-        lambda b: teacher.score(model, b, temperature), contexts, out.tokens, mask, micro_batch, share_prefix, frozen
-    )
+        lambda b: teacher.score(model, b, temperature, numpy_passes=numpy_passes),
+        contexts, out.tokens, mask, micro_batch, share_prefix, frozen,
+    )  # fmt: skip
     if same_context and defer:
         return None, lp_t
     if same_context:

@@ -12,6 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base as mlx_base
 
+from cast_mlx.engine import hostmath
+
 LOG2E = 1.4426950408889634
 SWIGLU_MLP_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 ATTENTION_MODULES = SWIGLU_MLP_MODULES  # each calls its module's `scaled_dot_product_attention`
@@ -47,7 +49,8 @@ class SwiGLU(nn.Module):
                 setattr(self, name, mlp[name])
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        act = hostmath.swiglu if hostmath.active() else swiglu
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
 def use_fast_swiglu(model: nn.Module) -> int:
@@ -89,7 +92,8 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> m
         mask = mx.expand_dims(mask, 2)
     if mask is not None:  # a finite floor: a row with no visible key gets uniform weights, not NaN
         scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
-    out = softmax(scores).astype(values.dtype) @ mx.expand_dims(values, 2)
+    weights = hostmath.softmax(scores) if hostmath.active() else softmax(scores)
+    out = weights.astype(values.dtype) @ mx.expand_dims(values, 2)
     return out.reshape(b, heads, length, dim)
 
 

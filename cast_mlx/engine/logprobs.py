@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from cast_mlx.engine import fastmath
+from cast_mlx.engine import fastmath, hostmath
 
 
 @dataclass
@@ -257,11 +257,11 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
         # one exp pass for both: lse = m + log sum e, H = lse - sum(e z) / sum e, e = exp(z - m)
         top = mx.stop_gradient(z.max(axis=-1, keepdims=True))
         e = fastmath.exp(z - top)
-        total = e.sum(axis=-1)
+        total = _vocab_sum(e)
         lse = top[..., 0] + mx.log(total)
         if not with_entropy:
             return picked - lse, mx.zeros_like(picked), lse
-        return picked - lse, lse - (e * z).sum(axis=-1) / total, lse
+        return picked - lse, lse - _vocab_sum(e * z) / total, lse
 
     @forward.vjp
     def backward(h, cotangents, outputs):  # one primal: MLX passes the array itself
@@ -281,6 +281,18 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
     return forward
 
 
+def _vocab_sum(x: mx.array) -> mx.array:
+    """`x.sum(axis=-1)` in blocks of up to 256 terms, then over the blocks. MLX's CPU sum
+    accumulates one term after another: over a 49k vocabulary its log-sum-exp drifts by up to
+    ~2e-4 from the exact value, in blocks by ~2e-6 (as numpy's pairwise sum, which scoring
+    uses on the CPU: the two must agree for the `same` teacher's small gaps)."""
+    width = x.shape[-1]
+    block = next((b for b in (256, 128, 64, 32) if width % b == 0), width)
+    if block == width:
+        return x.sum(axis=-1)
+    return x.reshape(*x.shape[:-1], width // block, block).sum(axis=-1).sum(axis=-1)
+
+
 def _chunk_logprobs(head, hidden, tokens, inv_temp, with_entropy: bool):
     lp, entropy, _ = _head_logprobs(head, tokens, inv_temp, with_entropy)(hidden)
     return lp, entropy
@@ -296,13 +308,32 @@ def _masked_positions(mask: mx.array) -> tuple[mx.array, mx.array, int]:
 
 
 def token_logprobs(
-    model: nn.Module, batch: Batch, temperature: float = 1.0, *, chunk: int = 64, with_entropy: bool = False
+    model: nn.Module,
+    batch: Batch,
+    temperature: float = 1.0,
+    *,
+    chunk: int = 64,
+    with_entropy: bool = False,
+    numpy_passes: bool = False,
 ):
     """`log_softmax(logits / T)[token]` in float32 for every completion position: `[N, L]`
     (0 where masked). With `with_entropy`, also the entropy of that distribution `[N, L]`.
 
     The head runs on the unmasked positions only, gathered into chunks of `chunk * N` rows
-    (no more than `chunk` positions of every row): padding costs no vocabulary work."""
+    (no more than `chunk` positions of every row): padding costs no vocabulary work.
+
+    `numpy_passes` (on the CPU; for scoring, which takes no gradient): the log-softmax's
+    passes over the vocabulary run in numpy (`hostmath`), chunk by chunk, ~1/3 of the head's
+    time. Not under a gradient: evaluating part-way inside `value_and_grad` keeps every
+    intermediate of the forward alive (an update's memory grew ~4x), and numpy's results
+    carry no gradient. Not where a result is compared at the 1e-6 level with the update's
+    log-probs (the `same` teacher's gaps): the two ways round differently (~1e-6)."""
+    host = numpy_passes and fastmath.on_cpu()
+    with hostmath.scoring(host):
+        return _token_logprobs(model, batch, temperature, chunk, with_entropy, host)
+
+
+def _token_logprobs(model, batch, temperature, chunk, with_entropy, host):
     inv_temp = 1.0 / temperature
     backbone, head = backbone_and_head(model)
     if backbone is None:  # unknown layout: the full logits, an identity head (fine for small vocabularies)
@@ -316,9 +347,14 @@ def token_logprobs(
     tokens = batch.tokens.reshape(-1)[keep]
     lps, ents = [], []
     rows = chunk * n
+    host_tokens = np.array(tokens) if host else None
     for start in range(0, count, rows):
         part = slice(start, start + rows)
-        lp, ent = _chunk_logprobs(head, hidden[part], tokens[part], inv_temp, with_entropy)
+        if host_tokens is not None:
+            logits = head(hidden[part]).astype(mx.float32)
+            lp, ent, _ = hostmath.logits_stats(logits, host_tokens[part], inv_temp, with_entropy)
+        else:
+            lp, ent = _chunk_logprobs(head, hidden[part], tokens[part], inv_temp, with_entropy)
         lps.append(lp)
         ents.append(ent)
     zero = mx.zeros((1,))  # the slot of every masked position

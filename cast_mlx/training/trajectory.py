@@ -269,6 +269,7 @@ def gaps_after_update(traj: Trajectory, model, recipe, behaviour: list, before: 
             r.system.share_prefix,
             out.frozen,
             rest,
+            numpy_passes=False,  # as the update's forward computes the other rows' lp_old
         )
     for rows, lp in behaviour:
         lp_old[mx.array(rows)] = mx.pad(lp, [(0, 0), (0, length - lp.shape[1])])
