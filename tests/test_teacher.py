@@ -270,21 +270,24 @@ def test_scoring_without_gradient_gives_the_update_paths_values(lora_model, temp
     assert float(mx.abs(lp).min()) == 0.0 and float(mx.abs(lp).max()) > 0.1  # masked 0, scored not
 
 
+class _Tiny(nn.Module):
+    """A model without mlx-lm's decoder layout (11 tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def __call__(self, x):
+        return self.out(mx.tanh(self.embed(x)))
+
+
 @pytest.mark.parametrize("host", [True, False], ids=["numpy-passes", "mlx-passes"])
 def test_scoring_paths_agree_on_a_small_vocabulary(host, monkeypatch):
     """Both ways of scoring without a gradient (numpy's passes: the CPU; MLX's: any other
     backend) give the differentiable path's values to float32 rounding."""
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
-
-        def __call__(self, x):
-            return self.out(mx.tanh(self.embed(x)))
-
     mx.random.seed(1)
-    model = Tiny()
+    model = _Tiny()
     tokens, mask = mx.array([[1, 2, 3], [4, 5, 0]]), mx.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     batch = logprobs.make_batch([[7, 8], [9]], tokens, mask)
     want = logprobs.token_logprobs(model, batch, 0.7, with_entropy=True)
@@ -297,16 +300,8 @@ def test_scoring_paths_agree_on_a_small_vocabulary(host, monkeypatch):
 def test_a_model_of_unknown_layout_scores_from_its_full_logits():
     """A model without mlx-lm's decoder layout: its own logits, the identity as the head."""
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed, self.out = nn.Embedding(11, 8), nn.Linear(8, 11)
-
-        def __call__(self, x):
-            return self.out(mx.tanh(self.embed(x)))
-
     mx.random.seed(0)
-    model = Tiny()
+    model = _Tiny()
     rows = [([7, 8], [1, 2, 3]), ([9], [4, 5])]
     tokens, mask = mx.array([[1, 2, 3], [4, 5, 0]]), mx.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     lp = np.array(logprobs.token_logprobs(model, logprobs.make_batch([c for c, _ in rows], tokens, mask), 0.7))

@@ -216,7 +216,9 @@ def teacher_gaps(
       with nothing scored;
     - with `defer`, the gaps are left to the update, whose forward computes `lp_old` (spec
       step 3: `lp_old = stop_gradient(lp_theta)`); the gaps returned are None;
-    - else the policy is scored here by the teacher's chunked forward."""
+    - else the policy is scored here by the teacher's chunked forward.
+    Deferred gaps are read against the update's log-probs, so the teacher then scores with
+    MLX's ops as the update does (bit-identical), not numpy's (`token_logprobs`)."""
     if teacher is None:
         return mx.zeros(mask.shape), None
     if same_context and teacher.is_policy(model):

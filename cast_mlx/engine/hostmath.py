@@ -1,16 +1,16 @@
-"""The log-softmax's passes over the vocabulary in numpy, for scoring on MLX's CPU backend.
+"""Scoring's elementwise-heavy passes in numpy, for MLX's CPU backend.
 
 On this CPU MLX's elementwise ops take ~13 ns an element for `exp`, ~6.5 ns for `power(2, .)`
 and ~2 ns for an add, where numpy's vectorised ufuncs take ~0.5 ns. Scoring's log-softmax
 makes several such passes over `[positions, vocabulary]` logits (a 49k vocabulary: 31M
-elements for 641 positions). Here they run in numpy on a zero-copy view of the logits, which
-MLX computes (the matmul stays MLX's), and the results come back as MLX arrays. Numpy's
-pairwise sums are also closer to exact: log-probs within ~3e-6 of a float64 reference, where
-MLX's float32 reduction drifts by up to ~2e-4 on a 49k vocabulary.
+elements for 641 positions), and each block's attention softmax and SwiGLU a few more. Here
+they run in numpy on zero-copy views of arrays MLX computed (the matmuls stay MLX's), and the
+results come back as MLX arrays. Numpy's pairwise sums are also closer to exact: log-probs
+within ~3e-6 of a float64 reference.
 
-For results no gradient is taken through (a view evaluates the array: under a transform that
-keeps the forward's intermediates alive; inside `mx.compile` it fails). Why:
-docs/design.md, "Faster exponentials"."""
+Only for forwards no gradient is taken through: a view evaluates its array, which under a
+transform keeps the forward's intermediates alive and inside `mx.compile` fails, and numpy's
+results carry no gradient. Why and where: docs/design.md, "Faster exponentials"."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from contextvars import ContextVar
 
 import mlx.core as mx
 import numpy as np
+
+enabled = True  # False: scoring keeps MLX's ops on the CPU too (the memory plan's measurements)
 
 
 def view(a: mx.array) -> np.ndarray:

@@ -328,7 +328,7 @@ def token_logprobs(
     intermediate of the forward alive (an update's memory grew ~4x), and numpy's results
     carry no gradient. Not where a result is compared at the 1e-6 level with the update's
     log-probs (the `same` teacher's gaps): the two ways round differently (~1e-6)."""
-    host = numpy_passes and fastmath.on_cpu()
+    host = numpy_passes and hostmath.enabled and fastmath.on_cpu()
     with hostmath.scoring(host):
         return _token_logprobs(model, batch, temperature, chunk, with_entropy, host)
 
