@@ -156,3 +156,18 @@ def test_scoring_runs_the_blocks_softmax_and_swiglu_in_numpy_with_the_same_value
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
     model(ids)
     assert len(calls) == 4  # off again outside the block
+
+
+def test_scoring_leaves_half_precision_swiglu_to_mlx(monkeypatch):
+    """Numpy has no bfloat16: a half-precision MLP (a 4-bit model's activations) keeps MLX's op."""
+    model = _tiny("llama")
+    fastmath.use_fast_swiglu(model)
+    model.set_dtype(mx.bfloat16)
+    mlp = model.model.layers[0].mlp
+    x = mx.random.normal((2, 3, 32), key=mx.random.key(4)).astype(mx.bfloat16)
+    want = mlp(x)
+    monkeypatch.setattr(hostmath, "swiglu", lambda *a: pytest.fail("numpy got a bfloat16 array"))
+    with hostmath.scoring():
+        got = mlp(x)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))

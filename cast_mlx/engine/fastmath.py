@@ -49,8 +49,9 @@ class SwiGLU(nn.Module):
                 setattr(self, name, mlp[name])
 
     def __call__(self, x: mx.array) -> mx.array:
-        act = hostmath.swiglu if hostmath.active() else swiglu
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        gate = self.gate_proj(x)  # numpy has no bfloat16: half-precision activations stay in MLX
+        act = hostmath.swiglu if hostmath.active() and gate.dtype == mx.float32 else swiglu
+        return self.down_proj(act(gate, self.up_proj(x)))
 
 
 def use_fast_swiglu(model: nn.Module) -> int:
