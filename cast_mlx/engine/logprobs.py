@@ -323,11 +323,12 @@ def token_logprobs(
     (no more than `chunk` positions of every row): padding costs no vocabulary work.
 
     `numpy_passes` (on the CPU; for scoring, which takes no gradient): the log-softmax's
-    passes over the vocabulary run in numpy (`hostmath`), chunk by chunk, ~1/3 of the head's
-    time. Not under a gradient: evaluating part-way inside `value_and_grad` keeps every
-    intermediate of the forward alive (an update's memory grew ~4x), and numpy's results
-    carry no gradient. Not where a result is compared at the 1e-6 level with the update's
-    log-probs (the `same` teacher's gaps): the two ways round differently (~1e-6)."""
+    passes over the vocabulary, and the blocks' attention softmax and SwiGLU
+    (`hostmath.scoring`), run in numpy. Not under a gradient: evaluating part-way inside
+    `value_and_grad` keeps every intermediate of the forward alive (an update's memory grew
+    ~4x), and numpy's results carry no gradient. Not where a result is compared at the 1e-6
+    level with the update's log-probs (the `same` teacher's gaps): the two ways round
+    differently (up to ~4e-6)."""
     host = numpy_passes and hostmath.enabled and fastmath.on_cpu()
     with hostmath.scoring(host):
         return _token_logprobs(model, batch, temperature, chunk, with_entropy, host)
