@@ -284,8 +284,8 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
 def _vocab_sum(x: mx.array) -> mx.array:
     """`x.sum(axis=-1)` in blocks of up to 256 terms, then over the blocks. MLX's CPU sum
     accumulates one term after another: over a 49k vocabulary its log-sum-exp drifts by up to
-    ~2e-4 from the exact value, in blocks by ~2e-6 (as numpy's pairwise sum, which scoring
-    uses on the CPU: the two must agree for the `same` teacher's small gaps)."""
+    ~2e-4 from the exact value, in blocks by ~2e-6, as close as numpy's pairwise sum (which
+    scoring uses on the CPU), so the two ways differ by rounding only."""
     width = x.shape[-1]
     block = next((b for b in (256, 128, 64, 32) if width % b == 0), width)
     if block == width:
