@@ -4,6 +4,10 @@ The workload is `bench_step.py`'s (the speed issue's): the embedded SmolLM2-135M
 float32, 2 prompts x 8 completions per step, <= 128 new tokens, T 1.0 / top-p 0.95 / top-k 20,
 LoRA rank 8 (alpha 16) on all seven projections of the last 8 blocks, lr 1e-5, beta 0, one
 update per batch, the same 64 prompts (chat-templated once, here, and given to TRL as text).
+Each step of both tools samples the same prompts: TRL gets them in the order our run draws
+them (`training_order`) with its shuffle off, and the script checks our run's samples file
+against that order. Until session 18 TRL shuffled its own way, so the tools answered other
+prompts each step (our completions ran 925 tokens a step against TRL's 678-693).
 
 Each tool runs `--steps` steps in its own process, one after the other (never side by side):
 
@@ -44,7 +48,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import GROUP, MAX_NEW, PROMPTS, cpu_name, workload_overrides, workload_problems, write_workload  # noqa: E402
+from bench_step import (  # noqa: E402
+    GROUP,
+    MAX_NEW,
+    PROMPTS,
+    RECIPE,
+    cpu_name,
+    workload_overrides,
+    workload_problems,
+    write_workload,
+)
 
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
@@ -115,6 +128,7 @@ args = GRPOConfig(
     output_dir=spec["out"], per_device_train_batch_size=micro,
     gradient_accumulation_steps=rows_per_step // micro, num_generations=spec["group"],
     max_completion_length=spec["max_new"], temperature=spec.get("temperature", 1.0), top_p=0.95, top_k=20,
+    shuffle_dataset=False,  # the prompts come in our run's order (bench_peers.training_order)
     learning_rate=1e-5, beta=0.0, loss_type="grpo", num_iterations=1, gradient_checkpointing=False,
     use_vllm=False, max_steps=spec["steps"], logging_steps=1, report_to=[], save_strategy="no",
     bf16=dtype == torch.bfloat16, fp16=False, use_cpu=True, seed=0, dataloader_num_workers=0,
@@ -132,7 +146,8 @@ inner = trainer._generate
 def timed_generate(prompts):
     t = time.perf_counter()
     out = inner(prompts)
-    gen.append({"rollout_s": time.perf_counter() - t, "tokens": sum(len(ids) for ids in out[1])})
+    seen = sorted(set(prompts))  # which prompts this step answered
+    gen.append({"rollout_s": time.perf_counter() - t, "tokens": sum(len(ids) for ids in out[1]), "prompts": seen})
     return out
 trainer._generate = timed_generate
 trainer.train()
@@ -221,9 +236,33 @@ def median(xs):
     return round(statistics.median(xs), 3) if xs else None
 
 
+def training_order(data_dir: Path, steps: int) -> list[int]:
+    """The workload's problems (indices) in the order our run draws them, whole epochs, enough
+    for `steps` steps: its recipe's seed and shuffle, epoch after epoch (`sampling.epoch_order`)."""
+    from cast_mlx import config
+    from cast_mlx.training import sampling
+
+    recipe = config.load_recipe(RECIPE, workload_overrides(data_dir, "grpo", steps))
+    n, want = len(workload_problems()), steps * recipe.sampling.prompts_per_step
+    order: list[int] = []
+    for epoch in range(-(-want // n)):
+        order += sampling.epoch_order(n, recipe.seed, epoch, recipe.data.shuffle)
+    return order
+
+
+def check_drawn(samples_file: Path, questions: list[str], per_step: int) -> None:
+    """Raise unless each step of our run (its samples file) sampled `questions[(step - 1) *
+    per_step : step * per_step]`: what TRL was given for that step."""
+    for line in samples_file.read_text().splitlines():
+        r = json.loads(line)
+        step = r["step"]
+        if r["problem"] not in questions[(step - 1) * per_step : step * per_step]:
+            raise RuntimeError(f"ours: step {step} sampled {r['problem']!r}, not one of TRL's prompts for that step")
+
+
 def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
     sets = workload_overrides(data_dir, algorithm, steps) + [f"logging.out_dir={out}"]
-    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", "recipes/smollm2-135m-arith-grpo.yaml", "--no-dashboard"]
+    cmd = [sys.executable, "-m", "cast_mlx.train", "--recipe", str(RECIPE), "--no-dashboard"]
     cmd += [a for s in sets for a in ("--set", s)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -231,6 +270,8 @@ def run_ours(algorithm: str, data_dir: Path, out: Path, steps: int) -> dict:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     if len(lines) != steps:  # judge the run by what it wrote
         raise RuntimeError(f"ours ({algorithm}): {len(lines)} metrics lines for {steps} steps")
+    problems = workload_problems()
+    check_drawn(out / "samples.jsonl", [problems[i]["question"] for i in training_order(data_dir, steps)], PROMPTS)
     tokens = [m["tokens_per_s/generate"] * m["time/sample"] for m in lines]
     result = {
         "step_s": median([m["time/step"] for m in lines]),
@@ -286,6 +327,12 @@ def run_trl(
     tokens = [g["tokens"] for g in raw["generate"]][: len(step_s)]
     if len(step_s) != steps:
         raise RuntimeError(f"TRL: {len(step_s)} steps timed for {steps}")
+    given = [json.loads(x)["prompt"] for x in prompts_file.read_text().splitlines()]
+    per_step = spec["prompts_per_step"]
+    for k, g in enumerate(raw["generate"][:steps]):  # the prompts in the order given, per_step a step
+        if g["prompts"] != sorted(set(given[k * per_step : (k + 1) * per_step])):
+            first = k * per_step
+            raise RuntimeError(f"TRL: step {k + 1} did not sample prompts {first}-{first + per_step - 1} of its file")
     return {
         "dtype": raw["dtype"],
         "step_s": median(step_s),
@@ -299,9 +346,9 @@ def run_trl(
     }
 
 
-def templated_prompts(folder: Path) -> Path:
+def templated_prompts(folder: Path, order: list[int] | None = None) -> Path:
     """The workload's prompts exactly as we feed them (chat template and answer instruction),
-    as text for TRL, with their answers."""
+    as text for TRL, with their answers; in `order` (indices) if given, else as listed."""
     from mlx_lm.utils import load_tokenizer  # cast_mlx (the BLAS) came first, with bench_step
 
     from cast_mlx.engine import models
@@ -309,7 +356,9 @@ def templated_prompts(folder: Path) -> Path:
 
     tokenizer = load_tokenizer(models.fetch(models.DEFAULT_MODEL))
     rows = []
-    for i, r in enumerate(workload_problems()):
+    problems = workload_problems()
+    for i in range(len(problems)) if order is None else order:
+        r = problems[i]
         problem = data.Problem(id=str(i), question=r["question"], gold=r["answer"])
         rows.append({"prompt": data.build_prompt(tokenizer, problem, None, "hash"), "answer": r["answer"]})
     path = folder / "prompts.jsonl"
@@ -336,7 +385,7 @@ def main(argv=None) -> int:
             line["trl_versions"] = versions(python)
             line["trl_threads"] = thread_settings()  # its environment: ours, as inherited
             line["trl_dtypes"] = trl_dtypes(args.trl_dtypes, native)
-            prompts = templated_prompts(tmp_path)
+            prompts = templated_prompts(tmp_path, training_order(data_dir, args.steps))
             line["trl"] = {
                 d: run_trl(python, prompts, tmp_path / f"trl-{d}", args.steps, d) for d in line["trl_dtypes"]
             }

@@ -262,3 +262,30 @@ def test_ratios_are_against_the_faster_trl_run():
         "grpo_step_vs_trl": 0.25,
         "grpo_rollout_tok_s_vs_trl": 1.5,
     }
+
+
+def test_trl_gets_the_prompts_in_the_order_our_run_draws_them(tmp_path):
+    from types import SimpleNamespace
+
+    from cast_mlx import config
+    from cast_mlx.training import sampling
+
+    data_dir = bench_peers.write_workload(tmp_path / "w")
+    steps, n = 40, len(bench_peers.workload_problems())  # past one epoch of 64 prompts
+    recipe = config.load_recipe(bench_peers.RECIPE, bench_peers.workload_overrides(data_dir, "grpo", steps))
+    state, drawn = SimpleNamespace(epoch=0, cursor=0), []
+    for _ in range(steps):
+        drawn += sampling.next_indices(n, state, recipe)
+    order = bench_peers.training_order(data_dir, steps)
+    assert order[: len(drawn)] == drawn and len(order) == 2 * n
+    assert order[:n] != list(range(n))  # the default recipe shuffles: file order would differ
+
+
+def test_check_drawn_refuses_a_step_that_sampled_other_prompts(tmp_path):
+    questions = ["q0", "q1", "q2", "q3"]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"step": s, "problem": p}) + "\n" for s, p in [(1, "q1"), (2, "q2")]))
+    bench_peers.check_drawn(samples, questions, per_step=2)
+    samples.write_text(json.dumps({"step": 2, "problem": "q1"}) + "\n")
+    with pytest.raises(RuntimeError, match="step 2 sampled 'q1'"):
+        bench_peers.check_drawn(samples, questions, per_step=2)
