@@ -239,7 +239,7 @@ def matmul_gflop_by_part(model, positions: int, head_positions: int) -> dict[str
     parts: dict[str, float] = {}
     for layer in model.model.layers:
         for path, m in layer.named_modules():
-            if type(m) is nn.Linear:  # a LoRA layer's base is `<name>.linear`
+            if isinstance(m, nn.Linear):  # a LoRA layer's base is `<name>.linear`; a LoRA layer is no Linear
                 name = path.removesuffix(".linear").rsplit(".", 1)[-1]
                 parts[name] = parts.get(name, 0.0) + 2 * m.weight.size * positions / 1e9
     args = model.args
