@@ -138,10 +138,11 @@ def measure(point: Point) -> dict:
     """The point's measured peaks (MiB) with the plan's shape and workload, as one JSON-able row."""
     import bench_scale
 
-    from cast_mlx.engine import hostmath
+    from cast_mlx.engine import hostmath, packed
     from cast_mlx.training import trainer
 
-    hostmath.enabled = False  # the laws are MLX's own allocations: the ops a Mac runs (numpy's are not counted)
+    # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packed scoring
+    hostmath.enabled = packed.enabled = False
     start, dtype = time.perf_counter(), point.dtype
     row: dict = {"point": dataclasses.asdict(point), "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:

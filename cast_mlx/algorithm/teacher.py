@@ -32,6 +32,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from cast_mlx.algorithm.facts import TEACHER_CONTEXTS
+from cast_mlx.engine import packed
 from cast_mlx.engine.logprobs import Batch, score_in_buckets, token_logprobs
 from cast_mlx.engine.models import lora_state
 
@@ -138,6 +139,13 @@ class Teacher:
             mx.eval(lp)
         return lp
 
+    def score_packed(self, model: nn.Module, contexts, tokens, mask, temperature: float, budget: int) -> mx.array:
+        """`score` for rows on contexts of their own, packed (`packed.packed_logprobs`, where
+        `packed.supported(model)`): the same log-probs to float rounding, with fewer and
+        larger matmuls."""
+        with swapped_lora(model, self.params):
+            return packed.packed_logprobs(model, contexts, tokens, mask, temperature, budget)
+
     def state(self) -> dict:
         return dict(self.params)
 
@@ -226,10 +234,15 @@ def teacher_gaps(
     # the rollout's frozen-block states are the student's context's (the `same` teacher's)
     frozen = out.frozen if contexts == student_contexts else None
     numpy_passes = not (same_context and defer)  # deferred: read against the update's own log-probs
-    lp_t = score_in_buckets(
-        lambda b: teacher.score(model, b, temperature, numpy_passes=numpy_passes),
-        contexts, out.tokens, mask, micro_batch, share_prefix, frozen,
-    )  # fmt: skip
+    if frozen is None and numpy_passes and share_prefix and packed.supported(model):
+        # its own contexts: every row in one forward where a bucket's positions allow
+        budget = micro_batch * mask.shape[1] + max(len(c) for c in contexts)
+        lp_t = teacher.score_packed(model, contexts, out.tokens, mask, temperature, budget)
+    else:
+        lp_t = score_in_buckets(
+            lambda b: teacher.score(model, b, temperature, numpy_passes=numpy_passes),
+            contexts, out.tokens, mask, micro_batch, share_prefix, frozen,
+        )  # fmt: skip
     if same_context and defer:
         return None, lp_t
     if same_context:

@@ -80,7 +80,11 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> m
     ...)` with the fast `softmax` on the CPU, for several queries a row (scoring, the update,
     prefill) under no mask, a causal one or a boolean one. Anything else (one query: a decode
     step; a quantized cache, sinks, an additive mask, another backend) goes to mlx-lm's own,
-    which on the CPU composes the same ops with MLX's slower `exp`."""
+    which on the CPU composes the same ops with MLX's slower `exp`. A packed forward's layout
+    (`packed.PackedLayout`, in the cache's place) does its own attention."""
+    attend = getattr(cache, "attend", None)
+    if attend is not None:
+        return attend(queries, keys, values, scale)
     b, heads, length, dim = queries.shape
     if length < 2 or hasattr(cache, "bits") or sinks is not None or not _plain(mask) or not on_cpu():
         return mlx_base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)

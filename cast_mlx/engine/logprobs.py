@@ -343,13 +343,24 @@ def _token_logprobs(model, batch, temperature, chunk, with_entropy, host):
     else:
         states = _predicting_states(model, backbone, batch)
     n, length = batch.tokens.shape
-    keep, slot, count = _masked_positions(batch.mask)
+    keep, slot, _ = _masked_positions(batch.mask)
     hidden = states.reshape(n * length, -1)[keep]
     tokens = batch.tokens.reshape(-1)[keep]
+    lp, ent = head_logprobs(head, hidden, tokens, inv_temp, with_entropy, host, chunk * n)
+    zero = mx.zeros((1,))  # the slot of every masked position
+
+    def spread(values):
+        return mx.concatenate([values, zero])[slot].reshape(n, length) * batch.mask
+
+    return (spread(lp), spread(ent)) if with_entropy else spread(lp)
+
+
+def head_logprobs(head, hidden: mx.array, tokens: mx.array, inv_temp: float, with_entropy: bool, host: bool, rows: int):
+    """`(log-prob, entropy)` `[K]` of `tokens` `[K]` from their predicting states `[K, H]`, the
+    head run on `rows` of them at a time (`host`: the log-softmax's passes in numpy)."""
     lps, ents = [], []
-    rows = chunk * n
     host_tokens = np.array(tokens) if host else None
-    for start in range(0, count, rows):
+    for start in range(0, hidden.shape[0], rows):
         part = slice(start, start + rows)
         if host_tokens is not None:
             logits = head(hidden[part]).astype(mx.float32)
@@ -358,12 +369,9 @@ def _token_logprobs(model, batch, temperature, chunk, with_entropy, host):
             lp, ent = _chunk_logprobs(head, hidden[part], tokens[part], inv_temp, with_entropy)
         lps.append(lp)
         ents.append(ent)
-    zero = mx.zeros((1,))  # the slot of every masked position
-
-    def spread(parts):
-        return mx.concatenate(parts + [zero])[slot].reshape(n, length) * batch.mask
-
-    return (spread(lps), spread(ents)) if with_entropy else spread(lps)
+    if not lps:  # no position to score
+        return mx.zeros((0,)), mx.zeros((0,))
+    return mx.concatenate(lps), mx.concatenate(ents)
 
 
 def _identity(x: mx.array) -> mx.array:
