@@ -4,7 +4,9 @@ On the speed workload's shapes (`bench_step.py`): the embedded SmolLM2-135M-Inst
 default dtype (float32 on the CPU), LoRA rank 8 on all seven projections of the last 8 blocks,
 a snapshot teacher on an answer-free context (one prompt of ~70 tokens, `--rows` completions of
 `--length` tokens, the shared prefix: the context once, then every completion token), scored
-as the trainer scores it (`Teacher.score`: all blocks, then the chunked head and log-softmax).
+as the trainer scores it: packed (`Teacher.score_packed`: every position through the blocks
+and the head as one matrix) where the model allows, else `--bucketed` (`Teacher.score`: the
+rows as one batch after a pass of the context).
 
 - `teacher_forward_s`: the whole call, lazily evaluated as in training (median of `--repeats`);
 - `parts`: the same forward with every module's output evaluated where it is produced, each
@@ -12,12 +14,12 @@ as the trainer scores it (`Teacher.score`: all blocks, then the chunked head and
   projections (with their LoRA), `attention_core` (RoPE, the cache, scaled dot-product
   attention, reshapes), `swiglu`, `norm`, `block_rest` (the residual adds), `backbone_rest`
   (embedding, final norm, the cache's repeat to the rows) and `head` (the vocabulary matmul,
-  log-softmax and gather, by difference). `eager_total_s` is their sum: what the forward
-  costs with no lazy fusion;
+  log-softmax and gathers, by difference; packed, the pack's building too). `eager_total_s`
+  is their sum: what the forward costs with no lazy fusion;
 - `floor_s`: the forward's matmul FLOPs at `matmul_gflops` (bench_step's best rate on a
   block's largest matmul), and each part's share of the matmul FLOPs.
 
-Prints ONE JSON line. Usage: python scripts/profile_teacher.py [--rows 8] [--length 128] [--repeats 3]
+Prints ONE JSON line. Usage: python scripts/profile_teacher.py [--rows 8] [--length 128] [--repeats 3] [--bucketed]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from cast_mlx.algorithm.teacher import Teacher  # noqa: E402
-from cast_mlx.engine import logprobs  # noqa: E402
+from cast_mlx.engine import logprobs, packed  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucketed", action="store_true", help="score as one bucket (Teacher.score), not packed")
     args = ap.parse_args(argv)
 
     model, tok = workload_model()
@@ -110,10 +113,15 @@ def main(argv=None) -> int:
     tokens = mx.random.randint(0, vocab, (args.rows, args.length), key=mx.random.key(0))
     mask = mx.ones(tokens.shape)
     batch = logprobs.trimmed_batch([context] * args.rows, tokens, mask, list(range(args.rows)))
+    use_packed = packed.supported(model) and not args.bucketed
 
     def forward():
+        if use_packed:  # as the trainer's teacher stage scores contexts of the teacher's own
+            return teacher.score_packed(model, [context] * args.rows, tokens, mask, 1.0, tokens.size + len(context))
         return teacher.score(model, batch, 1.0)
 
+    completion = args.rows * args.length
+    gflop = matmul_gflop_by_part(model, len(context) + completion, completion)  # before the clock wraps
     forward()
     lazy = median_seconds(forward, args.repeats)
     clock = Clock()
@@ -129,8 +137,6 @@ def main(argv=None) -> int:
     for path, seconds in exclusive(clock.inclusive).items():
         parts["backbone_rest" if path == "model" else kind(path)] += seconds / runs
     parts["head"] = eager - sum(parts.values())  # what the modules did not take: head, log-softmax, gather
-    completion = args.rows * args.length
-    gflop = matmul_gflop_by_part(model, len(context) + completion, completion)
     args_ = model.args
     rate = matmul_gflops(args_.hidden_size, args_.intermediate_size)
     floor = sum(gflop.values()) / rate
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
         "length": args.length,
         "context_tokens": len(context),
         "repeats": runs,
+        "packed": use_packed,
         "teacher_forward_s": round(lazy, 4),
         "eager_total_s": round(eager, 4),
         "matmul_gflop": round(sum(gflop.values()), 2),
