@@ -202,12 +202,18 @@ def test_the_ports_same_context_teacher_runs_the_top_blocks_on_the_rollouts_stat
         return real(score, contexts, tokens, mask, micro_batch, share_prefix, frozen, rows)
 
     monkeypatch.setattr(teacher_module, "score_in_buckets", spy)
+    packs = []  # a teacher on its own context runs the whole model, packed (no kept states)
+    real_packed = teacher_module.packed.packed_logprobs
+    monkeypatch.setattr(
+        teacher_module.packed, "packed_logprobs", lambda *a, **k: packs.append(1) or real_packed(*a, **k)
+    )
     for context in ("same", "instructed"):
         recipe = tiny_recipe(
             tmp_path / context, tiny_model_dir, "algorithm.name=cast-verl", f"teacher.context={context}"
         )
         assert recipe.teacher.context == context
         seen.clear()
+        packs.clear()
         with trainer.setup(recipe) as run:
             traj = trainer.sample(run, trainer.next_prompts(run))
             metrics, _ = trainer.learn(run, traj)
@@ -218,8 +224,8 @@ def test_the_ports_same_context_teacher_runs_the_top_blocks_on_the_rollouts_stat
                 metrics, _ = trainer.learn(run, traj)
         assert "cast/adv/at_a_max_share" not in metrics  # the port has no clip at a_max
         if context == "same":  # the port's default: the policy's own prompt, top blocks only
-            assert seen and all(f is not None for f in seen)
+            assert seen and all(f is not None for f in seen) and not packs
             assert np.abs(np.array(traj.gaps)).max() > 0  # the weight lag of one update
-        else:  # another context: the whole model runs
-            assert seen and all(f is None for f in seen)
+        else:  # another context: the whole model runs, packed
+            assert not seen and packs
             assert np.abs(np.array(traj.gaps)).max() > 0

@@ -139,12 +139,14 @@ class Teacher:
             mx.eval(lp)
         return lp
 
-    def score_packed(self, model: nn.Module, contexts, tokens, mask, temperature: float, budget: int) -> mx.array:
+    def score_packed(
+        self, model: nn.Module, contexts, tokens, mask, temperature: float, budget: int, chunk: int = 512
+    ) -> mx.array:
         """`score` for rows on contexts of their own, packed (`packed.packed_logprobs`, where
         `packed.supported(model)`): the same log-probs to float rounding, with fewer and
         larger matmuls."""
         with swapped_lora(model, self.params):
-            return packed.packed_logprobs(model, contexts, tokens, mask, temperature, budget)
+            return packed.packed_logprobs(model, contexts, tokens, mask, temperature, budget, chunk=chunk)
 
     def state(self) -> dict:
         return dict(self.params)
@@ -235,9 +237,10 @@ def teacher_gaps(
     frozen = out.frozen if contexts == student_contexts else None
     numpy_passes = not (same_context and defer)  # deferred: read against the update's own log-probs
     if frozen is None and numpy_passes and share_prefix and packed.supported(model):
-        # its own contexts: every row in one forward where a bucket's positions allow
+        # its own contexts: every row in one forward where a bucket's positions allow, and
+        # the head's logits a full bucket's chunk at a time (`token_logprobs`: 64 a row)
         budget = micro_batch * mask.shape[1] + max(len(c) for c in contexts)
-        lp_t = teacher.score_packed(model, contexts, out.tokens, mask, temperature, budget)
+        lp_t = teacher.score_packed(model, contexts, out.tokens, mask, temperature, budget, chunk=64 * micro_batch)
     else:
         lp_t = score_in_buckets(
             lambda b: teacher.score(model, b, temperature, numpy_passes=numpy_passes),
