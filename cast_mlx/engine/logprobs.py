@@ -329,9 +329,14 @@ def token_logprobs(
     ~4x), and numpy's results carry no gradient. Not where a result is compared at the 1e-6
     level with the update's log-probs (the `same` teacher's gaps): the two ways round
     differently (up to ~4e-6)."""
-    host = numpy_passes and hostmath.enabled and fastmath.on_cpu()
+    host = host_passes(numpy_passes)
     with hostmath.scoring(host):
         return _token_logprobs(model, batch, temperature, chunk, with_entropy, host)
+
+
+def host_passes(numpy_passes: bool) -> bool:
+    """Whether scoring asked for `numpy_passes` runs them: on the CPU, unless `hostmath` is off."""
+    return numpy_passes and hostmath.enabled and fastmath.on_cpu()
 
 
 def _token_logprobs(model, batch, temperature, chunk, with_entropy, host):

@@ -187,7 +187,7 @@ def packed_logprobs(
     lengths = [int(np.flatnonzero(m)[-1]) + 1 if m.any() else 0 for m in host_mask]
     host_ids = np.array(tokens)
     head = logprobs.backbone_and_head(model)[1]
-    host = numpy_passes and hostmath.enabled and fastmath.on_cpu()
+    host = logprobs.host_passes(numpy_passes)
     out = np.zeros((n, length), np.float32)
     with hostmath.scoring(host):
         for rows in split_rows(contexts, lengths, budget):
