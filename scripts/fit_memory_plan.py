@@ -138,11 +138,11 @@ def measure(point: Point) -> dict:
     """The point's measured peaks (MiB) with the plan's shape and workload, as one JSON-able row."""
     import bench_scale
 
-    from cast_mlx.engine import host_kv, hostmath, packed
+    from cast_mlx.engine import hostmath, packed
     from cast_mlx.training import trainer
 
     # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packed scoring
-    hostmath.enabled = packed.enabled = host_kv.enabled = False
+    hostmath.enabled = packed.enabled = False
     start, dtype = time.perf_counter(), point.dtype
     row: dict = {"point": dataclasses.asdict(point), "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:

@@ -12,7 +12,7 @@ from typing import cast
 import mlx.core as mx
 import numpy as np
 
-from cast_mlx.engine import fastmath, host_kv
+from cast_mlx.engine import fastmath
 from cast_mlx.engine.kv_forward import check_cache_kind, filter_cache, next_logits, next_logits_mx, plain_head, prefill
 from cast_mlx.engine.logprobs import FrozenStates
 from cast_mlx.engine.models import merged_lora
@@ -204,7 +204,6 @@ def _start_wave(model, prompts, group_size: int, steps: int, on_device: bool, sp
     prefill_seconds = time.perf_counter() - start
     prompt_of_stream = np.repeat(np.arange(len(prompts)), group_size)
     filter_cache(cache, prompt_of_stream)
-    cache = host_kv.to_host(model, cache, steps)  # on the CPU: the decode's attention in numpy
     return head, cache, logits, prompt_of_stream, prefill_seconds, prompt_states
 
 
