@@ -134,17 +134,19 @@ def random_setup(point: Point, workdir: Path, dtype: str = "float32"):
             yield run
 
 
-def measure(point: Point) -> dict:
-    """The point's measured peaks (MiB) with the plan's shape and workload, as one JSON-able row."""
+def measure(point: Point, cpu_paths: bool = False) -> dict:
+    """The point's measured peaks (MiB) with the plan's shape and workload, as one JSON-able
+    row. `cpu_paths`: as a run on the CPU scores (numpy passes, the packed teacher), to check
+    the plan against; the fit never takes such rows."""
     import bench_scale
 
     from cast_mlx.engine import hostmath, packed
     from cast_mlx.training import trainer
 
     # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packed scoring
-    hostmath.enabled = packed.enabled = False
+    hostmath.enabled = packed.enabled = cpu_paths
     start, dtype = time.perf_counter(), point.dtype
-    row: dict = {"point": dataclasses.asdict(point), "dtype": dtype}
+    row: dict = {"point": dataclasses.asdict(point), "dtype": dtype, "cpu_paths": cpu_paths}
     with tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:
         prompt, teacher = mp.longest_prompts(run.recipe, run.problems[: point.prompts], run.tokenizer)
         work = mp.workload(run.recipe, prompt, teacher)
@@ -300,7 +302,7 @@ def fit_tokens(rows: list[dict], phase: str, names: tuple[str, ...]) -> dict[str
         y.append((row["measured"][phase] - rest) * MiB)
         wts.append(1.0 / (row["measured"][phase] * MiB))
     if not a:
-        return {name: getattr(mp, name) for name in names}
+        return {name: getattr(laws, name) for name in names}
     matrix, target, weight = np.array(a, float), np.array(y, float), np.array(wts)
     active = list(range(len(names)))
     while True:  # non-negative: drop a column whose coefficient comes out below 0 and refit
@@ -316,7 +318,7 @@ def fit_tokens(rows: list[dict], phase: str, names: tuple[str, ...]) -> dict[str
 
 def fit(rows: list[dict]) -> dict:
     values: dict = {"LOAD_EXTRA": fit_load(rows)}
-    rows = [row for row in rows if "load" not in row]
+    rows = [row for row in rows if "load" not in row and not row.get("cpu_paths")]  # MLX's own ops only
     for _ in range(3):  # the head and the per-token constants, each with the other's last fit
         with constants(**values):
             values["UPDATE_HEAD"] = fit_head(rows, "update", "UPDATE_HEAD") or laws.UPDATE_HEAD
@@ -390,7 +392,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="append each measured row (JSON) to this file")
     ap.add_argument("--from", dest="source", type=Path, default=None, help="fit these rows; measure nothing")
     ap.add_argument("--check", nargs="*", default=None, help="measure these shapes' points; compare, no fit")
+    ap.add_argument(
+        "--cpu-paths", action="store_true", help="with --check: measure as a CPU run scores (numpy passes, packing)"
+    )
     args = ap.parse_args(argv)
+    if args.cpu_paths and args.check is None:
+        ap.error("--cpu-paths: only with --check (the laws are fitted on MLX's own ops)")
     if args.source:
         rows = [json.loads(x) for x in args.source.read_text().splitlines() if x.strip()]
     else:
@@ -398,11 +405,11 @@ def main(argv=None) -> int:
         rows = []
         for point in ["load"] * (args.check is None) + points:
             print(f"[fit_memory_plan] {point}", file=sys.stderr, flush=True)
-            rows.append(measure_load() if point == "load" else measure(point))
+            rows.append(measure_load() if point == "load" else measure(point, args.cpu_paths))
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
-    current = {k: getattr(mp, k) for k in CONSTANTS}
+    current = {k: getattr(laws, k) for k in CONSTANTS}
     values = current if args.check is not None else fit(rows)
     print("\n".join(report(rows, values)))
     return 0
