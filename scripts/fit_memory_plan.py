@@ -144,6 +144,7 @@ def measure(point: Point, cpu_paths: bool = False) -> dict:
     from cast_mlx.training import trainer
 
     # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packed scoring
+    # (`cpu_paths` turns both on, to check the plan against a CPU run's own allocations)
     hostmath.enabled = packed.enabled = cpu_paths
     start, dtype = time.perf_counter(), point.dtype
     row: dict = {"point": dataclasses.asdict(point), "dtype": dtype, "cpu_paths": cpu_paths}
