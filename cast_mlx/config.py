@@ -111,6 +111,9 @@ class SamplingConfig:
     top_p: float = bounds(1.0, gt=0.0, le=1.0)
     top_k: int = bounds(0, ge=0)  # 0: off
     min_p: float = bounds(0.0, ge=0.0, lt=1.0)
+    # joint: each filter on the full distribution (mlx-lm). sequential: top-p on what top-k
+    # kept, renormalised (Hugging Face transformers, TRL, vLLM): fewer tokens where top-k holds < top_p
+    filter_order: Literal["joint", "sequential"] = "joint"
     max_new_tokens: int = bounds(256, ge=1)
     max_batch: int = bounds(64, ge=1)  # decode streams per wave
     # DAPO's dynamic sampling (verl filter_groups, OpenRLHF --dynamic_filtering): draw further

@@ -289,3 +289,14 @@ def test_check_drawn_refuses_a_step_that_sampled_other_prompts(tmp_path):
     samples.write_text(json.dumps({"step": 2, "problem": "q1"}) + "\n")
     with pytest.raises(RuntimeError, match="step 2 sampled 'q1'"):
         bench_peers.check_drawn(samples, questions, per_step=2)
+
+
+def test_our_peer_runs_filter_in_trls_order(tmp_path):
+    """bench_peers' runs of ours sample as transformers' `generate` does (top-k, then top-p
+    over what top-k kept), and the workload's recipe takes that setting."""
+    from cast_mlx import config
+
+    sets = bench_peers.workload_overrides(tmp_path, "grpo") + bench_peers.PEER_SAMPLING
+    recipe = config.load_recipe(bench_peers.RECIPE, sets)
+    assert recipe.sampling.filter_order == "sequential"
+    assert (recipe.sampling.top_k, recipe.sampling.top_p) == (20, 0.95)

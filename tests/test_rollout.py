@@ -142,6 +142,19 @@ def test_same_seed_same_ids_different_seed_differs(setup):
     assert len({tuple(r) for r in rows_of(first)}) > 1
 
 
+def test_the_filter_order_reaches_both_draw_paths(setup):
+    """With top-k 3 and top-p 0.6 the orders keep other sets wherever top-3 holds < 100% of
+    the mass: the same key draws other ids; the host and the device path the same ones."""
+    model, _, prompts, eos = setup
+    kw = dict(temperature=1.0, top_k=3, top_p=0.6, max_new_tokens=16)
+    joint = generate_groups(model, prompts[:1], 4, SamplingParams(**kw), eos, key=3)
+    params = SamplingParams(**kw, filter_order="sequential")
+    sequential = generate_groups(model, prompts[:1], 4, params, eos, key=3)
+    assert rows_of(sequential) != rows_of(joint)
+    on_device = generate_groups(model, prompts[:1], 4, params, eos, key=3, on_device=True)
+    assert rows_of(on_device) == rows_of(sequential)
+
+
 def test_waves_give_the_same_results(setup, greedy, sampled):
     model, _, prompts, eos = setup
     waves = generate_groups(
@@ -200,6 +213,8 @@ def test_bad_settings_are_clear_errors(setup):
     model, _, prompts, eos = setup
     with pytest.raises(ValueError, match="sampling.top_p"):
         generate_groups(model, prompts, 2, SamplingParams(top_p=0.0), eos, key=0)
+    with pytest.raises(ValueError, match="sampling.filter_order: must be one of joint, sequential, got 'hf'"):
+        generate_groups(model, prompts, 2, SamplingParams(filter_order="hf"), eos, key=0)
     with pytest.raises(ValueError, match="prompt 1: is empty"):
         generate_groups(model, [prompts[0], []], 2, SamplingParams(), eos, key=0)
     with pytest.raises(ValueError, match="group_size"):
@@ -213,6 +228,8 @@ def test_recipe_sampling_config_is_accepted():
         group_size=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_new_tokens=99, max_batch=16
     )
     assert rollout.as_sampling_params(cfg) == SamplingParams(0.7, 0.9, 20, 0.05, 99, 16)
+    cfg = SamplingConfig(top_p=0.9, top_k=20, filter_order="sequential")
+    assert rollout.as_sampling_params(cfg).filter_order == "sequential"
 
     class Partial:  # missing attributes take the defaults
         temperature = 0.0
@@ -319,6 +336,12 @@ def test_temperature_scales_the_distribution_and_the_logprobs():
         ({"top_p": 0.4}, [0]),  # the top token is always kept
         ({"min_p": 0.5}, [0, 1]),  # p >= 0.25
         ({"top_k": 3, "top_p": 0.9, "min_p": 0.4}, [0, 1]),  # the intersection
+        # top-3 holds 0.95: jointly top-p 0.82 keeps the third token (0.8 before it < 0.82);
+        # in sequence it reads 0.5, 0.3, 0.15 renormalised (0.8 / 0.95 = 0.84 >= 0.82) and not
+        ({"top_k": 3, "top_p": 0.82}, [0, 1, 2]),
+        ({"top_k": 3, "top_p": 0.82, "filter_order": "sequential"}, [0, 1]),
+        ({"top_p": 0.82, "filter_order": "sequential"}, [0, 1, 2]),  # no top-k: the same as joint
+        ({"top_k": 2, "min_p": 0.5, "filter_order": "sequential"}, [0, 1]),
     ],
 )
 def test_filters_sample_renormalised_but_report_unfiltered_logprobs(kw, kept):
@@ -353,6 +376,8 @@ def test_greedy_sampler_and_bad_logits():
     "kw, most_differing",
     [
         ({"temperature": 0.7, "top_p": 0.95, "top_k": 20}, 0),  # the authors' regime
+        ({"temperature": 0.7, "top_p": 0.95, "top_k": 20, "filter_order": "sequential"}, 0),
+        ({"temperature": 1.0, "top_p": 0.6, "top_k": 5, "filter_order": "sequential"}, 0),
         ({"temperature": 1.0, "min_p": 0.05, "top_k": 100}, 0),
         ({"temperature": 0}, 0),
         # 49k candidates: float32 prefix sums (GPUs have no float64) land a draw that falls
@@ -452,6 +477,42 @@ def full_sort_keep_mask(lp, top_p=1.0, top_k=0, min_p=0.0):
     if min_p > 0.0:
         keep &= lp >= lp.max(axis=-1, keepdims=True) + np.log(min_p)
     return keep
+
+
+def warpers_keep_mask(lp, top_p=1.0, top_k=0, min_p=0.0):
+    """The sequential order as Hugging Face's warpers apply it: top-k's scores, softmax over
+    them, drop the least likely tokens whose ascending cumulative mass is <= 1 - top_p, then
+    min-p against the most likely token."""
+    scores = lp.astype(np.float64)
+    if top_k:
+        scores = np.where(scores < np.sort(scores, axis=-1)[:, -top_k:][:, :1], -np.inf, scores)
+    if top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")
+        probs = np.exp(np.take_along_axis(scores, order, axis=-1))
+        cum = np.cumsum(probs / probs.sum(axis=-1, keepdims=True), axis=-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        removed = np.zeros_like(drop)
+        np.put_along_axis(removed, order, drop, axis=-1)
+        scores = np.where(removed, -np.inf, scores)
+    if min_p > 0.0:
+        scores = np.where(scores < scores.max(axis=-1, keepdims=True) + np.log(min_p), -np.inf, scores)
+    return np.isfinite(scores)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000])
+@pytest.mark.parametrize(
+    "kw", [{"top_k": 20, "top_p": 0.95}, {"top_k": 3, "top_p": 0.5}, {"top_k": 60, "top_p": 0.7, "min_p": 0.01}]
+)
+def test_sequential_order_keeps_what_hugging_faces_warpers_keep(vocab, kw):
+    rng = np.random.default_rng(vocab + 1)
+    z = (rng.standard_normal((24, vocab)) * np.array([0.1, 1.0, 4.0] * 8)[:, None]).astype(np.float32)  # no ties
+    lp = z - np.log(np.exp(z.astype(np.float64)).sum(axis=-1, keepdims=True)).astype(np.float32)
+    got = keep_mask(lp, **kw, filter_order="sequential")
+    want = warpers_keep_mask(lp, **kw)
+    assert np.array_equal(got, want)
+    joint = keep_mask(lp, **kw)
+    assert (joint & ~got).any() and not (got & ~joint).any()  # a subset of the joint set, and a smaller one
 
 
 @pytest.mark.parametrize("vocab", [49152, 1000, 300])

@@ -16,7 +16,7 @@ from cast_mlx.engine import fastmath
 from cast_mlx.engine.kv_forward import check_cache_kind, filter_cache, next_logits, next_logits_mx, plain_head, prefill
 from cast_mlx.engine.logprobs import FrozenStates
 from cast_mlx.engine.models import merged_lora
-from cast_mlx.engine.sampler import sample_tokens, sample_tokens_mx, uniform_table
+from cast_mlx.engine.sampler import FILTER_ORDERS, sample_tokens, sample_tokens_mx, uniform_table
 
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
@@ -32,6 +32,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off
     max_new_tokens: int = 256
     max_batch: int = 64  # decode streams per wave
+    filter_order: str = "joint"  # `sampler.FILTER_ORDERS`: joint (mlx-lm's) or sequential (HF's, vLLM's)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def as_sampling_params(params) -> SamplingParams:
     p = SamplingParams(
         **{
             name: getattr(params, name, getattr(d, name))
-            for name in ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "max_batch")
+            for name in ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "max_batch", "filter_order")
         }
     )
     checks = [
@@ -91,6 +92,7 @@ def as_sampling_params(params) -> SamplingParams:
         ("top_p", 0 < p.top_p <= 1, "in (0, 1]"),
         ("top_k", p.top_k >= 0, ">= 0"),
         ("min_p", 0 <= p.min_p < 1, "in [0, 1)"),
+        ("filter_order", p.filter_order in FILTER_ORDERS, f"one of {', '.join(FILTER_ORDERS)}"),
         ("max_new_tokens", p.max_new_tokens >= 1, ">= 1"),
         ("max_batch", p.max_batch >= 1, ">= 1"),
     ]
@@ -231,7 +233,7 @@ def decode_wave(
     rows = np.arange(n)  # rows[j]: the stream (0..n-1) that batch row j decodes
 
     def draw(logits, t):
-        return sample_tokens(logits, uniforms[rows, t], p.temperature, p.top_p, p.top_k, p.min_p)
+        return sample_tokens(logits, uniforms[rows, t], p.temperature, p.top_p, p.top_k, p.min_p, p.filter_order)
 
     ids, lps = draw(logits[prompt_of_stream], 0)
     out = _Streams(n, steps, eos_ids)
@@ -275,7 +277,7 @@ def decode_wave_on_device(
 
     def draw(logits, t, rows):
         u = table[mx.array(rows.astype(np.int32)), t]
-        return sample_tokens_mx(logits, u, p.temperature, p.top_p, p.top_k, p.min_p)
+        return sample_tokens_mx(logits, u, p.temperature, p.top_p, p.top_k, p.min_p, p.filter_order)
 
     current = draw(logits[mx.array(prompt_of_stream.astype(np.int32))], 0, rows)
     mx.async_eval(current)

@@ -6,8 +6,16 @@ Sampling and log-probs (`sample_tokens`, pure numpy functions over a `[B, V]` lo
   temperature-scaled distribution *before* any top-p/top-k/min-p filtering, i.e. what a
   plain scoring forward pass computes at temperature `T`.
 - `T = 0` is greedy decoding (argmax); its log-probs are then taken at `T = 1`.
-- top-k, top-p and min-p each choose a set of tokens from the full temperature-scaled
-  distribution; the sample is drawn from their intersection (renormalised).
+- The filters' order (`sampling.filter_order`, `FILTER_ORDERS`):
+  - `joint` (the default, as mlx-lm's `make_sampler`): top-k, top-p and min-p each choose a
+    set of tokens from the full temperature-scaled distribution; the sample is drawn from
+    their intersection (renormalised).
+  - `sequential` (Hugging Face transformers' order, hence TRL's; vLLM's too): top-k first,
+    then top-p on the renormalised distribution of what top-k kept, then min-p. Top-p then
+    keeps fewer tokens wherever top-k's set holds less than all the mass: for a threshold
+    `top_p` the kept mass is `top_p` times top-k's. min-p compares a token with the most
+    likely one, which renormalising does not change. (vLLM applies min-p before top-k and
+    top-p; with `min_p = 0` the two orders are the same.)
 - Draws use inverse-CDF sampling with one uniform number per stream and step, taken from a
   `[P*G, max_new_tokens]` table made from the key up front. A stream's randomness therefore
   does not depend on which other streams share its batch: results are deterministic for a
@@ -34,16 +42,21 @@ import numpy as np
 
 CDF_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF search
 TOP_P_CANDIDATES = 256  # most likely tokens top-p looks at before sorting a whole row
+FILTER_ORDERS = ("joint", "sequential")
 
 
-def keep_mask(logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+def keep_mask(
+    logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, filter_order: str = "joint"
+):
     """Boolean `[B, V]` of the tokens that top-k, top-p and min-p all keep (None: no filter).
 
-    Each filter looks at the full distribution `logprobs` (normalised log-probs):
-    top-k keeps the tokens at least as likely as the k-th most likely one; top-p keeps the
-    smallest set of most likely tokens whose mass reaches `top_p` (the most likely token is
-    always kept); min-p keeps tokens with probability >= `min_p` * the top probability.
-    Ties at a threshold are kept.
+    With `filter_order="joint"` each filter looks at the full distribution `logprobs`
+    (normalised log-probs): top-k keeps the tokens at least as likely as the k-th most likely
+    one; top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (the
+    most likely token is always kept); min-p keeps tokens with probability >= `min_p` * the
+    top probability. Ties at a threshold are kept. `"sequential"`: top-p reads the
+    distribution top-k left, renormalised, so its mass target is `top_p` times the mass of
+    top-k's set (ties included).
 
     top-p needs the most likely tokens in order, but only until their mass reaches `top_p`:
     it sorts the `top_k` largest (or the `TOP_P_CANDIDATES` largest) and sorts the whole
@@ -64,10 +77,13 @@ def keep_mask(logprobs: np.ndarray, top_p: float = 1.0, top_k: int = 0, min_p: f
         m = top_k if with_k else min(vocab, TOP_P_CANDIDATES)
         if largest is None:
             largest = k_largest(logprobs, m)
-        threshold, reached = _top_p_threshold(-np.sort(-largest, axis=-1), top_p)
+        target = np.full(len(logprobs), top_p)
+        if with_k and filter_order == "sequential":
+            target = top_p * _kept_mass(largest, keep)
+        threshold, reached = _top_p_threshold(-np.sort(-largest, axis=-1), target)
         if not with_k and not reached.all():
             rest = ~reached  # the mass lies beyond the candidates: sort those rows fully
-            threshold[rest] = _top_p_threshold(-np.sort(-logprobs[rest], axis=-1), top_p)[0]
+            threshold[rest] = _top_p_threshold(-np.sort(-logprobs[rest], axis=-1), target[rest])[0]
             reached[:] = True
         keep &= logprobs >= np.where(reached, threshold, -np.inf)[:, None]
         active = True
@@ -94,13 +110,21 @@ def k_largest(x: np.ndarray, k: int) -> np.ndarray:
     return np.partition(candidates, candidates.shape[1] - k, axis=-1)[:, candidates.shape[1] - k :]
 
 
-def _top_p_threshold(desc: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+def _kept_mass(largest: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The probability mass `[B]` (float64) of top-k's set: the k largest log-probs of each
+    row (`largest`), plus the tokens tied with the k-th that `keep` also holds."""
+    kth = largest.min(axis=-1)
+    ties = keep.sum(axis=-1) - largest.shape[1]
+    return np.exp(largest.astype(np.float64)).sum(axis=-1) + ties * np.exp(kth.astype(np.float64))
+
+
+def _top_p_threshold(desc: np.ndarray, top_p) -> tuple[np.ndarray, np.ndarray]:
     """From log-probs sorted most likely first `[B, m]`: the log-prob of the last token that
-    top-p keeps, and whether the mass reached `top_p` within these `m` (else the kept set
-    may extend past them)."""
+    top-p keeps, and whether the mass reached `top_p` (a number, or one per row) within these
+    `m` (else the kept set may extend past them)."""
     probs = np.exp(desc.astype(np.float64))
     mass_before = np.cumsum(probs, axis=-1) - probs
-    inside = (mass_before < top_p).sum(axis=-1)
+    inside = (mass_before < np.reshape(top_p, (-1, 1))).sum(axis=-1)
     n_keep = np.maximum(inside, 1)
     return desc[np.arange(len(desc)), n_keep - 1], inside < desc.shape[-1]
 
@@ -138,6 +162,7 @@ def sample_tokens(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
+    filter_order: str = "joint",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample one id per row of `logits` `[B, V]`; returns `(ids int32 [B], logprobs f32 [B])`.
 
@@ -158,25 +183,30 @@ def sample_tokens(
     if temperature == 0:
         ids = np.argmax(z, axis=-1)
     else:
-        keep = keep_mask(z - lse[:, None], top_p, top_k, min_p)
+        keep = keep_mask(z - lse[:, None], top_p, top_k, min_p, filter_order)
         if keep is not None:
             weights = np.where(keep, weights, np.float32(0))
         ids = inverse_cdf(weights, np.asarray(uniforms))
     return ids.astype(np.int32), (z[rows, ids] - lse).astype(np.float32)
 
 
-def keep_mask_mx(lp: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array | None:
+def keep_mask_mx(
+    lp: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, filter_order: str = "joint"
+) -> mx.array | None:
     """`keep_mask` in MLX ops (float32 prefix sums)."""
     vocab = lp.shape[-1]
     keep = None
+    target: float | mx.array = top_p
     if 0 < top_k < vocab:
         kth = mx.partition(lp, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
         keep = lp >= kth
+        if filter_order == "sequential":  # top-p over top-k's set, renormalised
+            target = top_p * blocked_sum(mx.where(keep, mx.exp(lp), 0.0))[:, None]
     if top_p < 1.0:
         desc = -mx.sort(-lp, axis=-1)
         probs = mx.exp(desc)
         mass_before = blocked_cumsum(probs) - probs
-        n_keep = mx.maximum((mass_before < top_p).sum(axis=-1), 1)
+        n_keep = mx.maximum((mass_before < target).sum(axis=-1), 1)
         threshold = mx.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
         keep = lp >= threshold if keep is None else keep & (lp >= threshold)
     if min_p > 0.0:
@@ -228,6 +258,7 @@ def sample_tokens_mx(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
+    filter_order: str = "joint",
 ) -> tuple[mx.array, mx.array]:
     """`sample_tokens` on the device: `(ids int32 [B], logprobs float32 [B])`, lazy.
     Non-finite logits are not checked here (that would sync); the host path raises."""
@@ -240,7 +271,7 @@ def sample_tokens_mx(
     if temperature == 0:
         ids = mx.argmax(z, axis=-1)
     else:
-        keep = keep_mask_mx(z - lse[:, None], top_p, top_k, min_p)
+        keep = keep_mask_mx(z - lse[:, None], top_p, top_k, min_p, filter_order)
         if keep is not None:
             weights = mx.where(keep, weights, 0.0)
         ids = inverse_cdf_mx(weights, uniforms)
