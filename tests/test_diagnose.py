@@ -259,6 +259,8 @@ def test_cli_on_the_embedded_model(tmp_path, smol_dir):
         "8",
         "--contexts",
         "plain,instructed",
+        "--set",
+        "sampling.filter_order=sequential",
         "--out",
         str(out),
     )
@@ -266,6 +268,8 @@ def test_cli_on_the_embedded_model(tmp_path, smol_dir):
     doc = json.loads(out.read_text())
     assert set(doc["contexts"]) == {"question-only", "instructed"} and len(doc["completions"]) == 4
     assert doc["settings"]["sampling"]["max_new_tokens"] == 8 and doc["settings"]["sampling"]["group_size"] == 2
+    assert doc["settings"]["sampling"]["filter_order"] == "sequential"
+    assert "(top-p over top-k, sequential)" in " ".join(proc.stdout.split())
     assert " ".join(doc["verdict"].split()) in " ".join(proc.stdout.split())  # rich wraps the line
 
 

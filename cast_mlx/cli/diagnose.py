@@ -146,7 +146,8 @@ def print_report(doc: dict, s: dict) -> None:
     mix = doc["groups"]
     console.print(
         f"[bold]{s['model']}[/]{' + ' + s['adapter'] if s['adapter'] else ''} on {s['task']}: {s['n']} prompts x "
-        f"{sp.group_size}, T={sp.temperature}, top-p {sp.top_p}, top-k {sp.top_k}, {sp.max_new_tokens} tokens; "
+        f"{sp.group_size}, T={sp.temperature}, top-p {sp.top_p}, top-k {sp.top_k}"
+        f"{' (top-p over top-k, sequential)' if sp.filter_order == 'sequential' else ''}, {sp.max_new_tokens} tokens; "
         f"accuracy {doc['accuracy']:.1%}, truncated {doc['truncated_share']:.1%}; groups all-correct "
         f"{mix['all_correct']:.0%} / all-wrong {mix['all_wrong']:.0%} / mixed {mix['mixed']:.0%}"
     )
