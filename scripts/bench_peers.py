@@ -10,7 +10,7 @@ against that order. Until session 18 TRL shuffled its own way, so the tools answ
 prompts each step (our completions ran 925 tokens a step against TRL's 678-693). Both tools
 filter in the same order (`PEER_SAMPLING`): top-k, then top-p on what top-k kept,
 renormalised, as transformers' `generate` does; until session 20 ours ran its default order
-(`joint`: top-p over the full distribution), which keeps more tokens and drew ~7-9% longer
+(`joint`: top-p over the full distribution), which keeps more tokens and drew 7-10% longer
 completions on this workload.
 
 Each tool runs `--steps` steps in its own process, one after the other (never side by side):

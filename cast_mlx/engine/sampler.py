@@ -196,16 +196,17 @@ def keep_mask_mx(
     """`keep_mask` in MLX ops (float32 prefix sums)."""
     vocab = lp.shape[-1]
     keep = None
-    target: float | mx.array = top_p
     if 0 < top_k < vocab:
         kth = mx.partition(lp, vocab - top_k, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
         keep = lp >= kth
-        if filter_order == "sequential":  # top-p over top-k's set, renormalised
-            target = top_p * blocked_sum(mx.where(keep, mx.exp(lp), 0.0))[:, None]
     if top_p < 1.0:
         desc = -mx.sort(-lp, axis=-1)
         probs = mx.exp(desc)
-        mass_before = blocked_cumsum(probs) - probs
+        cum = blocked_cumsum(probs)
+        target: float | mx.array = top_p
+        if keep is not None and filter_order == "sequential":  # top-p over top-k's set, renormalised
+            target = top_p * mx.take_along_axis(cum, keep.sum(axis=-1, keepdims=True) - 1, axis=-1)
+        mass_before = cum - probs
         n_keep = mx.maximum((mass_before < target).sum(axis=-1), 1)
         threshold = mx.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
         keep = lp >= threshold if keep is None else keep & (lp >= threshold)
