@@ -140,12 +140,14 @@ def measure(point: Point, cpu_paths: bool = False) -> dict:
     the plan against; the fit never takes such rows."""
     import bench_scale
 
-    from cast_mlx.engine import hostmath, packed
+    from cast_mlx.engine import hostmath, logprobs, packed
     from cast_mlx.training import trainer
 
-    # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packed scoring
-    # (`cpu_paths` turns both on, to check the plan against a CPU run's own allocations)
+    # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packs, the
+    # head's backward recomputing its logits (`cpu_paths` turns the CPU's ways on, to check the
+    # plan against a CPU run's own allocations)
     hostmath.enabled = packed.enabled = cpu_paths
+    logprobs.KEEP_EXP = None if cpu_paths else False
     start, dtype = time.perf_counter(), point.dtype
     row: dict = {"point": dataclasses.asdict(point), "dtype": dtype, "cpu_paths": cpu_paths}
     with tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:

@@ -129,3 +129,120 @@ def test_the_teacher_stage_packs_contexts_of_its_own(monkeypatch):
     assert calls == [1]
     np.testing.assert_allclose(np.array(lp_t), np.array(lp_b), rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(np.array(gaps), np.array(gaps_b), rtol=1e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- the update's packs
+
+
+def _frozen(model, prompts, tokens, group):
+    """The rollout's kept states for rows `group` per prompt: each prompt's states entering the
+    first adapted block, and each row's completion tokens' (as the rollout keeps them)."""
+    inner, split = model.model, logprobs.frozen_blocks(model)
+    assert split > 0
+    ids = np.array(tokens)
+    kept = [logprobs.lower_states(inner, mx.array([p]), None, split)[0] for p in prompts]
+    rows = []
+    for i in range(ids.shape[0]):
+        p = prompts[i // group]
+        rows.append(logprobs.lower_states(inner, mx.array([p + ids[i].tolist()]), None, split)[0][len(p) :])
+    return logprobs.FrozenStates(split, kept, mx.stack(rows), group)
+
+
+def _update_batch():
+    model = _tiny("llama")
+    lengths = [6, 1, 3, 5, 2, 0, 6, 4]  # a one-token row and an empty one
+    tokens, mask = _rows(lengths, width=7, seed=3)
+    contexts = [CTX_A] * 4 + [CTX_B] * 4
+    return model, contexts, tokens, mask, _frozen(model, [CTX_A, CTX_B], tokens, 4)
+
+
+@pytest.mark.parametrize("kept_states", [True, False])
+def test_a_pack_gives_the_buckets_log_probs_entropies_and_gradients(kept_states):
+    model, contexts, tokens, mask, frozen = _update_batch()
+    frozen = frozen if kept_states else None
+    model.train()
+    rows = list(range(8))
+    w = mx.random.normal(mask.shape, key=mx.random.key(1)) * mask
+
+    def bucketed(model):
+        total = mx.array(0.0)
+        for bucket in logprobs.length_buckets(mask, 3, contexts):
+            batch = logprobs.trimmed_batch(contexts, tokens, mask, bucket, True, frozen)
+            lp, ent = logprobs.token_logprobs(model, batch, 0.7, with_entropy=True)
+            total = total + (lp * w[mx.array(bucket), : lp.shape[1]]).sum() + mx.stop_gradient(ent.sum())
+        return total
+
+    def one_pack(model):
+        lp, ent = packed.rows_logprobs(model, contexts, tokens, mask, rows, 0.7, frozen, with_entropy=True)
+        return (lp * w[:, : lp.shape[1]]).sum() + mx.stop_gradient(ent.sum())
+
+    (va, ga), (vb, gb) = nn.value_and_grad(model, bucketed)(model), nn.value_and_grad(model, one_pack)(model)
+    assert abs(va.item() - vb.item()) < 1e-4 * max(1.0, abs(va.item()))
+    from mlx.utils import tree_flatten
+
+    a, b = dict(tree_flatten(ga)), dict(tree_flatten(gb))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        if k.endswith("lora_b"):  # every B gets a gradient (A only where B is nonzero)
+            assert float(mx.abs(a[k]).max()) > 0, k
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+    lp, ent = packed.rows_logprobs(model, contexts, tokens, mask, rows, 0.7, frozen, with_entropy=True)
+    assert lp.shape == (8, 6) and float(mx.abs(lp[5]).sum()) == 0.0 and float(ent[0, 0]) > 0
+
+
+def test_row_packs_hold_a_micro_batch_of_the_longest_rows_at_most():
+    _, contexts, _, mask, _ = _update_batch()
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    assert packed.row_packs(contexts, mask, rows, 8) == [[0, 3, 2, 1, 6, 7, 4]]  # one pack, longest first
+    small = packed.row_packs(contexts, mask, rows, 1)  # budget: 7 positions and a context
+    assert sorted(i for p in small for i in p) == rows and len(small) > 2
+    for p in small:
+        lengths = packed.row_lengths(np.array(mask[mx.array(p)]))
+        assert sum(lengths) + sum(len(c) for c in {tuple(contexts[i]) for i in p}) <= 7 + 5 or len(p) == 1
+    assert packed.row_packs(contexts, mask, [], 8) == []
+
+
+def test_the_update_runs_packs_with_the_buckets_gradients(monkeypatch):
+    """`accumulate_gradients` on the CPU: packs of rows (`packed.row_packs`); the same loss and
+    gradients as the padded buckets, and scoring the rows with the same weights
+    (`packed.score_rows`, as a `same` teacher with deferred gaps does) gives exactly the
+    update's log-probs."""
+    from mlx.utils import tree_flatten
+
+    from cast_mlx import config as cfg
+    from cast_mlx.algorithm.compiled import CompiledPolicyLoss
+    from cast_mlx.algorithm.loss import loss_norm
+    from cast_mlx.training.update import accumulate_gradients
+
+    model, contexts, tokens, mask, frozen = _update_batch()
+    model.train()
+    recipe = cfg.load_recipe("recipes/smoke.yaml", ["optimizer.micro_batch_size=2", "sampling.temperature=0.7"])
+    loss_fn = CompiledPolicyLoss.of(recipe.loss)
+    adv = mx.random.normal(mask.shape, key=mx.random.key(2)) * mask
+    truncated = mx.zeros((8,))
+    norm = loss_norm(mask, truncated, mask_truncated=recipe.loss.mask_truncated)
+    rows = [0, 1, 2, 3, 4, 6, 7]
+    calls = []
+    real = packed.rows_logprobs
+    monkeypatch.setattr(packed, "rows_logprobs", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+
+    def run():
+        return accumulate_gradients(
+            model, loss_fn, recipe, norm, rows, contexts, tokens, mask, adv, truncated, None, frozen, lambda *a: None
+        )
+
+    grads, total, entropy, _, lps = run()
+    assert calls and sum(calls) == len(rows)  # every row, in packs
+    assert sorted(i for mb, _ in lps for i in mb) == rows
+    monkeypatch.setattr(packed, "supported", lambda m: False)  # the buckets, as on a GPU
+    calls.clear()
+    grads_b, total_b, entropy_b, _, _ = run()
+    assert not calls
+    assert abs(total.item() - total_b.item()) < 1e-5 and abs(entropy.item() - entropy_b.item()) < 1e-3
+    a, b = dict(tree_flatten(grads)), dict(tree_flatten(grads_b))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    monkeypatch.undo()
+    scored = packed.score_rows(model, contexts, tokens, mask, rows, 0.7, 2, frozen)
+    for mb, lp in lps:
+        assert mx.array_equal(scored[mx.array(mb), : lp.shape[1]], lp).item()  # bit for bit

@@ -235,16 +235,26 @@ def _head_transpose(head):
     return None
 
 
-def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
-    """`h -> (log-prob of tokens, entropy, logsumexp)` under `softmax(head(h) / T)`, with a
-    hand-written vjp.
+KEEP_EXP: bool | None = None  # the head's backward reads the forward's exponentials; None: on the CPU only
 
-    The `[rows, positions, vocab]` logits exist only inside it: the backward recomputes them
-    (as `mx.checkpoint` would) and applies the closed-form gradients, d lp / dz = onehot - p and
-    d H / dz = -p (z - E_p[z]), in a few elementwise passes, where autodiff of the forward
-    re-ran every op of the logsumexp and the entropy and then differentiated each of them.
-    On a 49k vocabulary those passes, not the matmul, were most of an update's head cost."""
+
+def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
+    """`h -> (log-prob of tokens, entropy, logsumexp, e, sum e)` under `softmax(head(h) / T)`
+    (e = exp(z - max z), an output on the CPU only), with a hand-written vjp.
+
+    The `[rows, positions, vocab]` logits exist only inside it. The backward applies the
+    closed-form gradients, d lp / dz = onehot - p and d H / dz = -p (z - E_p[z]), in a few
+    elementwise passes, where autodiff of the forward re-ran every op of the logsumexp and
+    the entropy and then differentiated each of them: on a 49k vocabulary those passes, not
+    the matmul, were most of an update's head cost. Two ways (`KEEP_EXP`):
+    - on the CPU the backward reads the forward's `e` (kept until then) and writes `g` at the
+      tokens in place of a vocabulary-wide onehot; the entropy, which the update only
+      reports, passes no gradient: two passes over the vocabulary where the other way
+      runs the head's matmul again and six (docs/speed.md, "Packed updates");
+    - elsewhere (a Mac, a GPU: where memory is what limits, and what the memory plan's laws
+      were measured on) it recomputes the logits, as `mx.checkpoint` would."""
     transpose = _head_transpose(head)
+    keep = fastmath.on_cpu() if KEEP_EXP is None else KEEP_EXP
 
     def logits_of(h):
         z = head(h).astype(mx.float32)
@@ -259,19 +269,25 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
         e = fastmath.exp(z - top)
         total = _vocab_sum(e)
         lse = top[..., 0] + mx.log(total)
-        if not with_entropy:
-            return picked - lse, mx.zeros_like(picked), lse
-        return picked - lse, lse - _vocab_sum(e * z) / total, lse
+        entropy = lse - _vocab_sum(e * z) / total if with_entropy else mx.zeros_like(picked)
+        # e and its sum, for the backward: p = e / sum, no pass of its own in a forward
+        return picked - lse, entropy, lse, e if keep else mx.zeros((1,)), total
 
     @forward.vjp
     def backward(h, cotangents, outputs):  # one primal: MLX passes the array itself
-        g_lp, g_ent, _ = cotangents  # the logsumexp is an internal output: no cotangent reaches it
-        _, entropy, lse = outputs
-        z = logits_of(h)
-        weight = g_lp[..., None]
-        if with_entropy:  # E_p[z] = lse - H
-            weight = weight + g_ent[..., None] * (z - (lse - entropy)[..., None])
-        dz = g_lp[..., None] * (mx.arange(z.shape[-1]) == tokens[..., None]) - fastmath.exp(z - lse[..., None]) * weight
+        g_lp, g_ent = cotangents[:2]  # the logsumexp, e and its sum are internal outputs
+        _, entropy, lse, e, total = outputs
+        if keep:  # -g p = e * (-g / sum e), then + g at each position's token (no onehot)
+            dz = e * (-g_lp / total)[..., None]
+            at = tokens[..., None]
+            dz = mx.put_along_axis(dz, at, mx.take_along_axis(dz, at, axis=-1) + g_lp[..., None], axis=-1)
+        else:
+            z = logits_of(h)
+            weight = g_lp[..., None]
+            if with_entropy:  # E_p[z] = lse - H
+                weight = weight + g_ent[..., None] * (z - (lse - entropy)[..., None])
+            onehot = mx.arange(z.shape[-1]) == tokens[..., None]
+            dz = g_lp[..., None] * onehot - fastmath.exp(z - lse[..., None]) * weight
         if inv_temp != 1.0:
             dz = dz * inv_temp
         if transpose is not None:
@@ -294,7 +310,7 @@ def _vocab_sum(x: mx.array) -> mx.array:
 
 
 def _chunk_logprobs(head, hidden, tokens, inv_temp, with_entropy: bool):
-    lp, entropy, _ = _head_logprobs(head, tokens, inv_temp, with_entropy)(hidden)
+    lp, entropy, *_ = _head_logprobs(head, tokens, inv_temp, with_entropy)(hidden)
     return lp, entropy
 
 
