@@ -205,8 +205,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = bounds(1e-8, gt=0.0)
     max_grad_norm: float = bounds(1.0, gt=0.0)
-    # completions per forward/backward (on the CPU: a pack of as many positions as that many
-    # of the longest completions); auto: the largest that the memory plan fits in the
+    # completions per forward/backward; auto: the largest that the memory plan fits in the
     # memory budget (training/memory_plan.py), said in the run's header
     micro_batch_size: MicroBatch = bounds(8, ge=1)
 

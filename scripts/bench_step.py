@@ -16,6 +16,10 @@ code) and reports the median of each phase:
 - `grpo_same_rows`: GRPO made to update every row CAST updates (zero advantages replaced by
   1e-9), so that `cast_vs_grpo_same_rows` compares the same work: the paper's overhead.
 
+It reruns one batch, so every shape after the warm-up rounds is one it has met: a cost that
+a training run pays on each new shape does not show here (session 21: a packed update ran
+faster here and slower in runs; docs/speed.md). Judge a change to the update by a run too.
+
 `teacher_floor` bounds that overhead from below: the teacher's matmul FLOPs on this batch
 (`forward_gflop`) at the best rate this process reaches on a block's largest matmul gives
 `teacher_floor_s`, and `cast_vs_grpo_same_rows_floor` is the ratio if the teacher took only

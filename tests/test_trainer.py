@@ -202,13 +202,6 @@ def test_the_ports_same_context_teacher_runs_the_top_blocks_on_the_rollouts_stat
         return real(score, contexts, tokens, mask, micro_batch, share_prefix, frozen, rows)
 
     monkeypatch.setattr(teacher_module, "score_in_buckets", spy)
-    real_rows = teacher_module.packed.score_rows  # on the CPU: the update's packs
-
-    def spy_rows(model, contexts, tokens, mask, rows, temperature, micro_batch, frozen=None):
-        seen.append(frozen)
-        return real_rows(model, contexts, tokens, mask, rows, temperature, micro_batch, frozen)
-
-    monkeypatch.setattr(teacher_module.packed, "score_rows", spy_rows)
     packs = []  # a teacher on its own context runs the whole model, packed (no kept states)
     real_packed = teacher_module.packed.packed_logprobs
     monkeypatch.setattr(

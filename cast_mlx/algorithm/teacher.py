@@ -148,13 +148,6 @@ class Teacher:
         with swapped_lora(model, self.params):
             return packed.packed_logprobs(model, contexts, tokens, mask, temperature, budget, chunk=chunk)
 
-    def score_rows(self, model: nn.Module, contexts, tokens, mask, temperature: float, micro_batch: int, frozen=None):
-        """`score` of every row with tokens in the packs an update of them runs
-        (`packed.score_rows`), so that a teacher holding the policy's weights gives exactly
-        the update's log-probs."""
-        with swapped_lora(model, self.params):
-            return packed.score_rows(model, contexts, tokens, mask, None, temperature, micro_batch, frozen)
-
     def state(self) -> dict:
         return dict(self.params)
 
@@ -243,10 +236,7 @@ def teacher_gaps(
     # the rollout's frozen-block states are the student's context's (the `same` teacher's)
     frozen = out.frozen if contexts == student_contexts else None
     numpy_passes = not (same_context and defer)  # deferred: read against the update's own log-probs
-    deferred_packs = same_context and defer and packed.packs_update(model, share_prefix)
-    if deferred_packs:  # as the update will run these rows: the same packs, the same ops
-        lp_t = teacher.score_rows(model, contexts, out.tokens, mask, temperature, micro_batch, frozen)
-    elif frozen is None and numpy_passes and share_prefix and packed.supported(model):
+    if frozen is None and numpy_passes and share_prefix and packed.supported(model):
         # its own contexts: every row in one forward where a bucket's positions allow, and
         # the head's logits a full bucket's chunk at a time (`token_logprobs`: 64 a row)
         budget = micro_batch * mask.shape[1] + max(len(c) for c in contexts)

@@ -250,7 +250,7 @@ def _head_logprobs(head, tokens, inv_temp: float, with_entropy: bool):
     - on the CPU the backward reads the forward's `e` (kept until then) and writes `g` at the
       tokens in place of a vocabulary-wide onehot; the entropy, which the update only
       reports, passes no gradient: two passes over the vocabulary where the other way
-      runs the head's matmul again and six (docs/speed.md, "Packed updates");
+      runs the head's matmul again and six (docs/speed.md, "The head's backward on the CPU");
     - elsewhere (a Mac, a GPU: where memory is what limits, and what the memory plan's laws
       were measured on) it recomputes the logits, as `mx.checkpoint` would."""
     transpose = _head_transpose(head)

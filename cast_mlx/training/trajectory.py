@@ -18,7 +18,7 @@ from cast_mlx.algorithm.teacher import (
     swapped_lora,
     teacher_gaps,
 )
-from cast_mlx.engine import packed, rollout
+from cast_mlx.engine import rollout
 from cast_mlx.tasks import data, rewards
 from cast_mlx.tasks.rewards import RowRewards
 
@@ -259,24 +259,18 @@ def gaps_after_update(traj: Trajectory, model, recipe, behaviour: list, before: 
     done = {i for rows, _ in behaviour for i in rows}
     rest = [i for i in range(n) if i not in done]
     with swapped_lora(model, before):
-        if packed.packs_update(model, r.system.share_prefix):  # as the update ran its rows
-            lp_old = packed.score_rows(
-                model, traj.contexts, out.tokens, mask, rest, r.sampling.temperature, r.optimizer.micro_batch_size,
-                out.frozen,
-            )  # fmt: skip
-        else:
-            lp_old = model_logprobs(
-                model,
-                traj.contexts,
-                out.tokens,
-                mask,
-                r.sampling.temperature,
-                r.optimizer.micro_batch_size,
-                r.system.share_prefix,
-                out.frozen,
-                rest,
-                numpy_passes=False,  # as the update's forward computes the other rows' lp_old
-            )
+        lp_old = model_logprobs(
+            model,
+            traj.contexts,
+            out.tokens,
+            mask,
+            r.sampling.temperature,
+            r.optimizer.micro_batch_size,
+            r.system.share_prefix,
+            out.frozen,
+            rest,
+            numpy_passes=False,  # as the update's forward computes the other rows' lp_old
+        )
     for rows, lp in behaviour:
         lp_old[mx.array(rows)] = mx.pad(lp, [(0, 0), (0, length - lp.shape[1])])
     traj.gaps = (lp_t - lp_old) * mask

@@ -11,14 +11,12 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_map
 
 from cast_mlx import config as cfg
 from cast_mlx.algorithm.loss import loss_mask, loss_norm, rows_with_loss
 from cast_mlx.engine import distributed as dist
-from cast_mlx.engine import packed
-from cast_mlx.engine.logprobs import Batch, length_buckets, token_logprobs, trimmed_batch
+from cast_mlx.engine.logprobs import length_buckets, token_logprobs, trimmed_batch
 from cast_mlx.errors import TrainingError
 
 LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean")  # policy_loss's metrics (+ kl_mean)
@@ -141,51 +139,33 @@ def accumulate_gradients(
     temperature = r.sampling.temperature
     current: list[int] = []  # the micro-batch's rows, for advantages_of
 
-    share = r.system.share_prefix
-    packs = packed.packs_update(model, share)
-
-    def forward(model, batch):
-        if packs:  # `batch`: the rows of one pack
-            return packed.rows_logprobs(model, contexts, tokens, mask, batch, temperature, frozen, with_entropy=True)
-        return token_logprobs(model, batch, temperature, with_entropy=True)
-
-    def micro_loss(model, batch, mask_mb, adv_mb, trunc_mb, ref_mb, old_mb):
-        lp, ent = forward(model, batch)
+    def micro_loss(model, batch, adv_mb, trunc_mb, ref_mb, old_mb):
+        lp, ent = token_logprobs(model, batch, temperature, with_entropy=True)
         old = mx.stop_gradient(lp) if old_mb is None else old_mb
         if advantages_of is not None:
             adv_mb = advantages_of(current, old)
-        value, metrics = loss_fn(lp, old, adv_mb, mask_mb, trunc_mb, ref_mb, norm)
-        return value, (metrics, mx.stop_gradient((ent * mask_mb).sum()), mx.stop_gradient(lp))
+        value, metrics = loss_fn(lp, old, adv_mb, batch.mask, trunc_mb, ref_mb, norm)
+        return value, (metrics, mx.stop_gradient((ent * batch.mask).sum()), mx.stop_gradient(lp))
 
     grad_fn = nn.value_and_grad(model, micro_loss)
     total, grads, entropy_sum = mx.array(0.0), None, mx.array(0.0)
     metric_names = LOSS_METRICS + (("kl_mean",) if ref_lp is not None else ())
     metric_sums = {k: mx.array(0.0) for k in metric_names}
     lps: list[tuple[list[int], mx.array]] = []
-    if packs:  # on the CPU: packs of rows without padding, each context once (`packed.row_packs`)
-        micro_batches = packed.row_packs(contexts, mask, rows, r.optimizer.micro_batch_size)
-    else:
-        # micro-batches of rows of similar length, each padded only to its own longest row
-        # (and, with system.share_prefix, of one prompt: scored after one pass of it)
-        by_prompt = [contexts[i] for i in rows] if share else None
-        buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size, by_prompt) if rows else []
-        micro_batches = [[rows[j] for j in b] for b in buckets]
-    phase("update", 0, len(micro_batches))
-    for done, mb in enumerate(micro_batches, 1):
+    # micro-batches of rows of similar length, each padded only to its own longest row
+    # (and, with system.share_prefix, of one prompt: scored after one pass of it)
+    share = r.system.share_prefix
+    by_prompt = [contexts[i] for i in rows] if share else None
+    buckets = length_buckets(mask[mx.array(rows)], r.optimizer.micro_batch_size, by_prompt) if rows else []
+    phase("update", 0, len(buckets))
+    for done, mb in enumerate(([rows[j] for j in b] for b in buckets), 1):
         idx = mx.array(mb)
-        batch: list[int] | Batch  # a pack's rows, or a padded bucket
-        if packs:
-            batch, length = mb, max(max(packed.row_lengths(np.array(mask[idx]))), 1)
-        else:
-            batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
-            length = batch.tokens.shape[1]
+        batch = trimmed_batch(contexts, tokens, mask, mb, share, frozen)
+        length = batch.tokens.shape[1]
         ref_mb = None if ref_lp is None else ref_lp[idx, :length]
         old_mb = None if old_lp is None else old_lp[done - 1][1]
         current[:] = mb
-        mask_mb = mask[idx, :length].astype(mx.float32)
-        (value, (metrics, ent, lp)), g = grad_fn(
-            model, batch, mask_mb, adv[idx, :length], truncated[idx], ref_mb, old_mb
-        )
+        (value, (metrics, ent, lp)), g = grad_fn(model, batch, adv[idx, :length], truncated[idx], ref_mb, old_mb)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         total = total + value
         entropy_sum = entropy_sum + ent
@@ -193,7 +173,7 @@ def accumulate_gradients(
             metric_sums[k] = metric_sums[k] + v
         lps.append((mb, lp))
         mx.eval(grads, total, lp)
-        phase("update", done, len(micro_batches))
+        phase("update", done, len(buckets))
     return grads, total, entropy_sum, metric_sums, lps
 
 
