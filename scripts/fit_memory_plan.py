@@ -134,23 +134,33 @@ def random_setup(point: Point, workdir: Path, dtype: str = "float32"):
             yield run
 
 
+@contextmanager
+def scoring_paths(cpu_paths: bool):
+    """The laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packs, the
+    head's backward recomputing its logits. `cpu_paths` turns the CPU's ways on, to check the
+    plan against a CPU run's own allocations. The process's settings come back afterwards."""
+    from cast_mlx.engine import head, hostmath, packed
+
+    saved = hostmath.enabled, packed.enabled, head.KEEP_EXP
+    hostmath.enabled = packed.enabled = cpu_paths
+    head.KEEP_EXP = None if cpu_paths else False
+    try:
+        yield
+    finally:
+        hostmath.enabled, packed.enabled, head.KEEP_EXP = saved
+
+
 def measure(point: Point, cpu_paths: bool = False) -> dict:
     """The point's measured peaks (MiB) with the plan's shape and workload, as one JSON-able
     row. `cpu_paths`: as a run on the CPU scores (numpy passes, the packed teacher), to check
     the plan against; the fit never takes such rows."""
     import bench_scale
 
-    from cast_mlx.engine import hostmath, logprobs, packed
     from cast_mlx.training import trainer
 
-    # the laws are MLX's own allocations of the ops a Mac runs: no numpy passes, no packs, the
-    # head's backward recomputing its logits (`cpu_paths` turns the CPU's ways on, to check the
-    # plan against a CPU run's own allocations)
-    hostmath.enabled = packed.enabled = cpu_paths
-    logprobs.KEEP_EXP = None if cpu_paths else False
     start, dtype = time.perf_counter(), point.dtype
     row: dict = {"point": dataclasses.asdict(point), "dtype": dtype, "cpu_paths": cpu_paths}
-    with tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:
+    with scoring_paths(cpu_paths), tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:
         prompt, teacher = mp.longest_prompts(run.recipe, run.problems[: point.prompts], run.tokenizer)
         work = mp.workload(run.recipe, prompt, teacher)
         shape = mp.shape_of(SHAPES[point.shape] | {"torch_dtype": "bfloat16"})

@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from cast_mlx.engine import logprobs, models, rollout  # noqa: E402
 from cast_mlx.engine.blas import active_blas, thread_settings  # noqa: E402
+from cast_mlx.engine.head import chunk_logprobs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import cpu_name, median_seconds  # noqa: E402
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     line["head_matmul_s"] = median_time(lambda: mx.eval(head(states)), args.repeats)
     for name, entropy in (("head_logprobs_s", False), ("head_logprobs_entropy_s", True)):
         line[name] = median_time(
-            lambda e=entropy: mx.eval(logprobs._chunk_logprobs(head, states, full.tokens, 1.0, e)), args.repeats
+            lambda e=entropy: mx.eval(chunk_logprobs(head, states, full.tokens, 1.0, e)), args.repeats
         )
 
     def objective(m, batch):

@@ -287,3 +287,18 @@ def test_the_budget_is_the_limit_or_what_the_machine_has():
     assert preflight.memory_budget(limited) == (12 * GB, "system.memory_limit_gb = 12 GB")
     budget, label = preflight.memory_budget(cfg.load_recipe(None))
     assert budget == preflight.machine_memory() > GB and label.startswith("this machine's ")
+
+
+@pytest.mark.parametrize("cpu_paths", [False, True])
+def test_measure_sets_the_scoring_paths_and_gives_them_back(cpu_paths):
+    import fit_memory_plan as fit
+
+    from cast_mlx.engine import head, hostmath, packed
+
+    before = hostmath.enabled, packed.enabled, head.KEEP_EXP
+    with fit.scoring_paths(cpu_paths):
+        assert (hostmath.enabled, packed.enabled, head.KEEP_EXP) == (cpu_paths, cpu_paths, None if cpu_paths else False)
+    assert (hostmath.enabled, packed.enabled, head.KEEP_EXP) == before
+    with pytest.raises(RuntimeError), fit.scoring_paths(cpu_paths):
+        raise RuntimeError("a failed measurement")
+    assert (hostmath.enabled, packed.enabled, head.KEEP_EXP) == before

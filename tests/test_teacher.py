@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from cast_mlx.algorithm import teacher
 from cast_mlx.engine import fastmath, logprobs, models
+from cast_mlx.engine import head as head_mod
 
 LORA = dict(
     rank=4, alpha=8.0, dropout=0.0, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -325,7 +326,7 @@ def test_head_vjp_equals_autodiff_of_the_plain_formula(kind, with_entropy, keep,
     float and quantized (QLoRA) heads; a head it cannot transpose (a bias) takes mx.vjp.
     With the exponentials kept (the CPU's way) no gradient flows through the entropy, a
     metric the update only reports."""
-    monkeypatch.setattr(logprobs, "KEEP_EXP", keep)
+    monkeypatch.setattr(head_mod, "KEEP_EXP", keep)
     mx.random.seed(3)
     vocab, width = 37, 64  # a quantized layer's width is a multiple of its group size
     tied = kind.endswith("tied-embedding")
@@ -334,7 +335,7 @@ def test_head_vjp_equals_autodiff_of_the_plain_formula(kind, with_entropy, keep,
         layer = layer.to_quantized(group_size=32, bits=4)
         assert type(layer) in (nn.QuantizedLinear, nn.QuantizedEmbedding)
     head = layer.as_linear if tied else layer
-    assert (logprobs._head_transpose(head) is None) == (kind == "linear-with-bias")
+    assert (head_mod.transpose_of(head) is None) == (kind == "linear-with-bias")
     h = mx.random.normal((2, 5, width))
     tokens = mx.random.randint(0, vocab, (2, 5))
     w_lp, w_ent = mx.random.normal((2, 5)), mx.random.normal((2, 5))
@@ -354,7 +355,7 @@ def test_head_vjp_equals_autodiff_of_the_plain_formula(kind, with_entropy, keep,
 
         return f
 
-    ours = lambda x: logprobs._chunk_logprobs(head, x, tokens, inv_temp, with_entropy)  # noqa: E731
+    ours = lambda x: head_mod.chunk_logprobs(head, x, tokens, inv_temp, with_entropy)  # noqa: E731
     (lp_a, ent_a), (lp_b, ent_b) = ours(h), plain(h)
     np.testing.assert_allclose(np.array(lp_a), np.array(lp_b), atol=1e-5)
     if with_entropy:

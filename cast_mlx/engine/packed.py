@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from cast_mlx.engine import fastmath, hostmath, logprobs
+from cast_mlx.engine.head import head_logprobs
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")  # blocks: norm, attention(x, mask, cache), norm, MLP
 enabled = True  # False: the buckets on the CPU too (the memory plan's measurements: what a Mac runs)
@@ -198,7 +199,7 @@ def packed_logprobs(
             hidden = mx.stop_gradient(packed_hidden(model, pack))
             where = np.concatenate(pack.predicting)
             wanted = mx.array(np.concatenate([host_ids[i, : lengths[i]] for i in scored]).astype(np.int32))
-            lp, _ = logprobs.head_logprobs(head, hidden[mx.array(where)], wanted, 1.0 / temperature, False, host, chunk)
+            lp, _ = head_logprobs(head, hidden[mx.array(where)], wanted, 1.0 / temperature, False, host, chunk)
             mx.eval(lp)
             values, at = np.array(lp), 0
             for i in scored:

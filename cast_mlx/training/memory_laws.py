@@ -18,7 +18,7 @@ these CPU terms give (its rollout 0.83 against 0.52 and its teacher 2.35 against
 closer). On a GPU the plan therefore counts a quantized head under a gradient at
 `UPDATE_HEAD_QUANTIZED_GPU`, the factor that puts that one point at its measured peak: fitted,
 so that point is no test of it, and measured before the quantized head's backward became one
-quantized matmul (`logprobs._head_transpose`), which may hold less. Not measured: Metal (its
+quantized matmul (`head.transpose_of`), which may hold less. Not measured: Metal (its
 kernels differ, and the CPU's fused SwiGLU keeps fewer temporaries), the held-out eval's
 generation, and dynamic sampling's extra rounds.
 """
