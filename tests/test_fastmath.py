@@ -171,3 +171,76 @@ def test_scoring_leaves_half_precision_swiglu_to_mlx(monkeypatch):
         got = mlp(x)
     assert got.dtype == mx.bfloat16
     np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
+# ---------------------------------------------------------------- the decode step's linears
+
+
+def test_transposes_only_one_position_of_a_multiple_of_the_row_block_without_bias():
+    plain, biased = nn.Linear(8, 6, bias=False), nn.Linear(8, 6)
+    block = fastmath.DECODE_ROW_BLOCK
+    assert fastmath.transposes(plain, mx.zeros((block, 1, 8)))
+    assert fastmath.transposes(plain, mx.zeros((2 * block, 1, 8)))
+    assert not fastmath.transposes(plain, mx.zeros((block - 4, 1, 8)))  # other row counts
+    assert not fastmath.transposes(plain, mx.zeros((block, 3, 8)))  # several positions: scoring, prefill
+    assert not fastmath.transposes(plain, mx.zeros((block, 8)))
+    assert not fastmath.transposes(biased, mx.zeros((block, 1, 8)))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 12])
+def test_transposed_linear_gives_the_linears_values(rows):
+    layer = nn.Linear(576, 192, bias=False)
+    x = mx.random.normal((rows, 1, 576), key=mx.random.key(rows))
+    got = fastmath._transposed_linear(layer, x)
+    assert got.shape == (rows, 1, 192)
+    np.testing.assert_allclose(np.array(got), np.array(layer(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_decode_linears_swaps_the_call_only_inside_and_gives_it_back(monkeypatch, on):
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", on)
+    before = nn.Linear.__call__
+    with fastmath.decode_linears():
+        assert (nn.Linear.__call__ is fastmath._transposed_linear) == on
+    assert nn.Linear.__call__ is before
+    with pytest.raises(RuntimeError), fastmath.decode_linears():
+        raise RuntimeError("a failed step")
+    assert nn.Linear.__call__ is before
+
+
+def test_transposed_decode_by_default_on_the_cpu_with_mkl_only(monkeypatch):
+    from cast_mlx.engine import blas
+
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", None)
+    monkeypatch.setattr(blas, "active_blas", lambda: "MKL (/x/libmkl_rt.so.2)")
+    assert fastmath.transposed_decode() == fastmath.on_cpu()
+    monkeypatch.setattr(blas, "active_blas", lambda: "OpenBLAS (/x/libopenblas.so)")
+    assert not fastmath.transposed_decode()
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
+    assert fastmath.transposed_decode()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rollout_draws_the_same_streams_with_transposed_decode_linears(monkeypatch, arch):
+    """2 prompts x 8 streams: the first steps run 16 rows, transposed; compaction then takes
+    the batch to other row counts, which keep the plain product."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from cast_mlx.engine.rollout import SamplingParams, generate_groups
+
+    model = _tiny(arch)
+    layer = model.model.layers[1].self_attn
+    layer.o_proj = LoRALinear.from_base(layer.o_proj, r=4)  # a LoRA layer's base goes the same way
+    layer.o_proj.lora_b = mx.random.normal(layer.o_proj.lora_b.shape, key=mx.random.key(7)) * 0.1
+    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=24)
+    real, taken = fastmath.transposes, []
+    monkeypatch.setattr(fastmath, "transposes", lambda lin, x: taken.append(real(lin, x)) or taken[-1])
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", on)
+        outs[on] = generate_groups(model, [[1, 5, 9, 2], [3, 4, 8]], 8, params, {0}, key=11)
+        if on:  # 7 linears a block (qwen2's q/k/v have biases: 4), 2 blocks, at the 16-row steps
+            assert sum(taken) >= (8 if arch == "qwen2" else 14) and not all(taken)
+    assert np.array_equal(np.array(outs[True].tokens), np.array(outs[False].tokens))
+    np.testing.assert_allclose(np.array(outs[True].logprobs), np.array(outs[False].logprobs), atol=1e-5)
+    assert int(np.array(outs[True].lengths).max()) > 1

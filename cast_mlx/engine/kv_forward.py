@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
+from cast_mlx.engine import fastmath
 from cast_mlx.engine.logprobs import backbone_and_head, lower_states, plain_cache, run_blocks, upper_hidden
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward (bounds the attention memory)
@@ -35,7 +36,13 @@ def plain_head(model) -> mx.array | None:
 
 def next_logits_mx(model, head: mx.array | None, inputs: mx.array, cache, split: int = 0, keep=None) -> mx.array:
     """float32 `[B, V]` logits after the last position of `inputs` `[B, n]` (lazy). With
-    `split` > 0, the states entering block `split` (`[B, n, H]`) are appended to `keep`."""
+    `split` > 0, the states entering block `split` (`[B, n, H]`) are appended to `keep`.
+    The blocks' linears run in the form the CPU's BLAS prefers (`fastmath.decode_linears`)."""
+    with fastmath.decode_linears():
+        return _next_logits(model, head, inputs, cache, split, keep)
+
+
+def _next_logits(model, head, inputs, cache, split, keep) -> mx.array:
     if split:
         states = lower_states(model.model, inputs, cache, split)
         keep.append(states)
