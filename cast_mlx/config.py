@@ -37,19 +37,26 @@ from cast_mlx.schema import (
     show,
 )
 
-# The choices that `algorithm.facts` owns: the declared algorithms, and the two fields whose
-# default is the algorithm's. The schema checks a value against these Literals at run time;
-# mypy sees plain strings (a Literal cannot be built from a table for it).
+# The sampler's filter orders (`engine/sampler.py`), named here because this module must not
+# load MLX; `rollout` checks its own parameters against them too.
+FILTER_ORDERS = ("joint", "sequential")
+
+# The choices that `algorithm.facts` owns (the declared algorithms, and the two fields whose
+# default is the algorithm's) and the filter orders above. The schema checks a value against
+# these Literals at run time; mypy sees plain strings (a Literal cannot be built from a table
+# for it).
 if typing.TYPE_CHECKING:
     AlgorithmName = str
     ScaleRewards = str
     TeacherContext = str
     MicroBatch = int  # a run's recipe holds the int: trainer.setup replaces `auto` by the plan's pick
+    FilterOrder = str
 else:
     AlgorithmName = Literal[tuple(sorted(ALGORITHMS))]
     ScaleRewards = Literal[SCALE_REWARDS]
     TeacherContext = Literal[TEACHER_CONTEXTS]
     MicroBatch = Union[int, Literal["auto"]]
+    FilterOrder = Literal[FILTER_ORDERS]
 
 
 # --------------------------------------------------------------------------- sections
@@ -113,7 +120,7 @@ class SamplingConfig:
     min_p: float = bounds(0.0, ge=0.0, lt=1.0)
     # joint: each filter on the full distribution (mlx-lm). sequential: top-p on what top-k
     # kept, renormalised (Hugging Face transformers, TRL, vLLM): fewer tokens where top-k holds < top_p
-    filter_order: Literal["joint", "sequential"] = "joint"
+    filter_order: FilterOrder = "joint"
     max_new_tokens: int = bounds(256, ge=1)
     max_batch: int = bounds(64, ge=1)  # decode streams per wave
     # DAPO's dynamic sampling (verl filter_groups, OpenRLHF --dynamic_filtering): draw further

@@ -12,11 +12,12 @@ from typing import cast
 import mlx.core as mx
 import numpy as np
 
+from cast_mlx.config import FILTER_ORDERS
 from cast_mlx.engine import fastmath
 from cast_mlx.engine.kv_forward import check_cache_kind, filter_cache, next_logits, next_logits_mx, plain_head, prefill
 from cast_mlx.engine.logprobs import FrozenStates
 from cast_mlx.engine.models import merged_lora
-from cast_mlx.engine.sampler import FILTER_ORDERS, sample_tokens, sample_tokens_mx, uniform_table
+from cast_mlx.engine.sampler import sample_tokens, sample_tokens_mx, uniform_table
 
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
@@ -32,7 +33,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off
     max_new_tokens: int = 256
     max_batch: int = 64  # decode streams per wave
-    filter_order: str = "joint"  # `sampler.FILTER_ORDERS`: joint (mlx-lm's) or sequential (HF's, vLLM's)
+    filter_order: str = "joint"  # `config.FILTER_ORDERS`: joint (mlx-lm's) or sequential (HF's, vLLM's)
 
 
 @dataclass

@@ -6,7 +6,7 @@ Sampling and log-probs (`sample_tokens`, pure numpy functions over a `[B, V]` lo
   temperature-scaled distribution *before* any top-p/top-k/min-p filtering, i.e. what a
   plain scoring forward pass computes at temperature `T`.
 - `T = 0` is greedy decoding (argmax); its log-probs are then taken at `T = 1`.
-- The filters' order (`sampling.filter_order`, `FILTER_ORDERS`):
+- The filters' order (`sampling.filter_order`, `config.FILTER_ORDERS`):
   - `joint` (the default, as mlx-lm's `make_sampler`): top-k, top-p and min-p each choose a
     set of tokens from the full temperature-scaled distribution; the sample is drawn from
     their intersection (renormalised).
@@ -42,7 +42,6 @@ import numpy as np
 
 CDF_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF search
 TOP_P_CANDIDATES = 256  # most likely tokens top-p looks at before sorting a whole row
-FILTER_ORDERS = ("joint", "sequential")
 
 
 def keep_mask(
