@@ -176,18 +176,42 @@ def test_scoring_leaves_half_precision_swiglu_to_mlx(monkeypatch):
 # ---------------------------------------------------------------- the decode step's linears
 
 
-def test_transposes_only_one_position_of_a_multiple_of_the_row_block_without_bias():
+def test_transposes_one_position_at_its_row_counts_without_bias():
     plain, biased = nn.Linear(8, 6, bias=False), nn.Linear(8, 6)
-    block = fastmath.DECODE_ROW_BLOCK
-    assert fastmath.transposes(plain, mx.zeros((block, 1, 8)))
-    assert fastmath.transposes(plain, mx.zeros((2 * block, 1, 8)))
-    assert not fastmath.transposes(plain, mx.zeros((block - 4, 1, 8)))  # other row counts
-    assert not fastmath.transposes(plain, mx.zeros((block, 3, 8)))  # several positions: scoring, prefill
-    assert not fastmath.transposes(plain, mx.zeros((block, 8)))
-    assert not fastmath.transposes(biased, mx.zeros((block, 1, 8)))
+    for rows in (3, 4, 16, 24, 32, 40, 64):
+        assert fastmath.transposes(plain, mx.zeros((rows, 1, 8))), rows
+    for rows in (1, 2, 5, 8, 12, 15, 17, 20, 36):  # other row counts
+        assert not fastmath.transposes(plain, mx.zeros((rows, 1, 8))), rows
+    assert not fastmath.transposes(plain, mx.zeros((16, 3, 8)))  # several positions: scoring, prefill
+    assert not fastmath.transposes(plain, mx.zeros((16, 8)))
+    assert not fastmath.transposes(biased, mx.zeros((16, 1, 8)))
 
 
-@pytest.mark.parametrize("rows", [16, 32, 12])
+@pytest.mark.parametrize(
+    "live, batch, kept",
+    [
+        (16, 16, 16),
+        (12, 16, 16),
+        (10, 16, 16),
+        (9, 16, 9),
+        (4, 16, 4),
+        (1, 16, 1),
+        (20, 32, 32),
+        (19, 32, 19),
+        (14, 32, 16),
+        (14, 15, 14),
+        (30, 48, 32),
+        (33, 48, 48),
+    ],
+)
+def test_decode_rows_keeps_a_multiple_of_16_while_few_rows_are_finished(monkeypatch, live, batch, kept):
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
+    assert fastmath.decode_rows(live, batch) == kept
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", False)
+    assert fastmath.decode_rows(live, batch) == live
+
+
+@pytest.mark.parametrize("rows", [16, 32, 12, 3])
 def test_transposed_linear_gives_the_linears_values(rows):
     layer = nn.Linear(576, 192, bias=False)
     x = mx.random.normal((rows, 1, 576), key=mx.random.key(rows))
@@ -244,3 +268,39 @@ def test_rollout_draws_the_same_streams_with_transposed_decode_linears(monkeypat
     assert np.array_equal(np.array(outs[True].tokens), np.array(outs[False].tokens))
     np.testing.assert_allclose(np.array(outs[True].logprobs), np.array(outs[False].logprobs), atol=1e-5)
     assert int(np.array(outs[True].lengths).max()) > 1
+
+
+def test_compaction_keeps_finished_rows_up_to_decode_rows(monkeypatch):
+    from cast_mlx.engine.rollout import _Streams
+
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
+    out, rows = _Streams(16, 8, np.array([0])), np.arange(16)
+    out.done[[1, 4, 6, 9]] = True  # 12 unfinished: 16 rows cost less than 12
+    assert out.compaction(rows) is None
+    out.done[[0, 2, 3, 5, 7]] = True  # 7 unfinished: those alone
+    assert out.compaction(rows).tolist() == [8, 10, 11, 12, 13, 14, 15]
+    out = _Streams(32, 8, np.array([0]))
+    out.done[:18] = True  # 14 unfinished of 32: 16 rows, the first two finished ones padding
+    assert out.compaction(np.arange(32)).tolist() == [0, 1, *range(18, 32)]
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", False)
+    assert out.compaction(np.arange(32)).tolist() == list(range(18, 32))
+
+
+def test_rollout_keeps_16_rows_while_few_have_finished_and_draws_the_same_streams(monkeypatch):
+    from cast_mlx.engine import rollout
+    from cast_mlx.engine.rollout import SamplingParams, generate_groups
+
+    model = _tiny("llama")
+    params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=24)
+    real, batches = rollout.next_logits, []
+    monkeypatch.setattr(rollout, "next_logits", lambda m, h, x, *a: batches.append(x.shape[0]) or real(m, h, x, *a))
+    monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
+    held = generate_groups(model, [[1, 5, 9, 2], [3, 4, 8]], 8, params, {0, 1, 2}, key=5)
+    sizes, batches[:] = list(batches), []
+    monkeypatch.setattr(fastmath, "decode_rows", lambda live, batch: live)
+    plain = generate_groups(model, [[1, 5, 9, 2], [3, 4, 8]], 8, params, {0, 1, 2}, key=5)
+    assert sorted(set(batches)) != sorted(set(sizes))  # the two ran other batch sizes
+    assert all(b == 16 or b < 10 for b in sizes) and min(sizes) < 16
+    assert np.array_equal(np.array(held.tokens), np.array(plain.tokens))
+    assert np.array_equal(np.array(held.lengths), np.array(plain.lengths))
+    np.testing.assert_allclose(np.array(held.logprobs), np.array(plain.logprobs), atol=1e-5)

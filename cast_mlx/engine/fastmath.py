@@ -125,18 +125,36 @@ def use_fast_attention() -> int:
     return changed
 
 
-# The decode step's linears as `(W @ x.T).T` where the batch has a multiple of this many rows:
-# MKL's float32 GEMM runs `[out, in] @ [in, 16k]` 10-20% faster than `[16k, in] @ [in, out]`,
-# and slower at other row counts (docs/speed.md, "The decode's linears, transposed").
-DECODE_ROW_BLOCK = 16
+# The decode step's linears as `(W @ x.T).T` at the row counts where MKL's float32 GEMM runs
+# that form faster with the weights streaming from memory, as in a decode step: 3-4 rows and
+# multiples of 8 from 16; it is slower at 5-15 and at most other counts (docs/speed.md, "The
+# decode's row counts").
 TRANSPOSED_DECODE: bool | None = None  # None: on the CPU with MKL (where it was measured)
+HOLD_BLOCK = 16  # a decode batch keeps finished rows to stay at a multiple of this (`decode_rows`)
 _LINEAR_CALL = nn.Linear.__call__
 
 
+def transposed_rows(rows: int) -> bool:
+    """Whether a decode step of `rows` rows runs its linears transposed."""
+    return rows in (3, 4) or (rows >= 16 and rows % 8 == 0)
+
+
 def transposes(layer: nn.Linear, x: mx.array) -> bool:
-    """Whether `_transposed_linear` takes the transposed form for `layer(x)`: one position of a
-    multiple of `DECODE_ROW_BLOCK` rows, a layer without bias (whose `addmm` rounds its own way)."""
-    return x.ndim == 3 and x.shape[1] == 1 and x.shape[0] % DECODE_ROW_BLOCK == 0 and "bias" not in layer
+    """Whether `_transposed_linear` takes the transposed form for `layer(x)`: one position of
+    `transposed_rows` rows, a layer without bias (whose `addmm` rounds its own way)."""
+    return x.ndim == 3 and x.shape[1] == 1 and transposed_rows(x.shape[0]) and "bias" not in layer
+
+
+def decode_rows(live: int, batch: int) -> int:
+    """How many rows a decode batch of `batch` rows keeps when `live` of them are unfinished:
+    with the transposed form on, the multiple of `HOLD_BLOCK` above `live` if it fits the batch
+    and at most 3/8 of it would be finished rows (16 rows cost less than 10-15 in a decode
+    step, 32 less than 20-31); else `live`. The rows it keeps beyond `live` are finished ones,
+    whose draws are dropped."""
+    size = -(-live // HOLD_BLOCK) * HOLD_BLOCK
+    if transposed_decode() and size <= batch and 8 * (size - live) <= 3 * size:
+        return size
+    return live
 
 
 def _transposed_linear(self: nn.Linear, x: mx.array) -> mx.array:

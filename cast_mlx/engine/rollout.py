@@ -167,11 +167,16 @@ class _Streams:
         self.eos[hit] = True
 
     def compaction(self, rows: np.ndarray) -> np.ndarray | None:
-        """The batch rows to keep once `COMPACT_FRACTION` of them have finished, else None."""
+        """The batch rows to keep once `COMPACT_FRACTION` of them have finished, else None: the
+        unfinished ones, and finished ones up to `fastmath.decode_rows` (None if that is all)."""
         finished = self.done[rows]
-        if finished.sum() >= max(1, COMPACT_FRACTION * len(rows)):
-            return np.nonzero(~finished)[0]
-        return None
+        if finished.sum() < max(1, COMPACT_FRACTION * len(rows)):
+            return None
+        live = np.nonzero(~finished)[0]
+        size = fastmath.decode_rows(len(live), len(rows))
+        if size == len(rows):
+            return None
+        return np.sort(np.concatenate([live, np.nonzero(finished)[0][: size - len(live)]]))
 
     def keep(self, rows: np.ndarray, t: int) -> list[mx.array]:
         """A list to receive the states of token `t` of batch rows `rows` (`next_logits`)."""
