@@ -196,15 +196,18 @@ def test_transposes_one_position_at_its_row_counts_without_bias():
         (9, 16, 9),
         (4, 16, 4),
         (1, 16, 1),
-        (20, 32, 32),
-        (19, 32, 19),
+        (17, 32, 24),
+        (20, 32, 24),
+        (24, 32, 24),
+        (25, 32, 32),
         (14, 32, 16),
         (14, 15, 14),
         (30, 48, 32),
-        (33, 48, 48),
+        (33, 48, 40),
+        (26, 30, 26),
     ],
 )
-def test_decode_rows_keeps_a_multiple_of_16_while_few_rows_are_finished(monkeypatch, live, batch, kept):
+def test_decode_rows_keeps_a_transposed_size_from_16_while_few_rows_are_finished(monkeypatch, live, batch, kept):
     monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
     assert fastmath.decode_rows(live, batch) == kept
     monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", False)

@@ -130,7 +130,7 @@ def use_fast_attention() -> int:
 # multiples of 8 from 16; it is slower at 5-15 and at most other counts (docs/speed.md, "The
 # decode's row counts").
 TRANSPOSED_DECODE: bool | None = None  # None: on the CPU with MKL (where it was measured)
-HOLD_BLOCK = 16  # a decode batch keeps finished rows to stay at a multiple of this (`decode_rows`)
+HOLD_FROM = 16  # the smallest batch that `decode_rows` keeps finished rows for
 _LINEAR_CALL = nn.Linear.__call__
 
 
@@ -147,13 +147,14 @@ def transposes(layer: nn.Linear, x: mx.array) -> bool:
 
 def decode_rows(live: int, batch: int) -> int:
     """How many rows a decode batch of `batch` rows keeps when `live` of them are unfinished:
-    with the transposed form on, the multiple of `HOLD_BLOCK` above `live` if it fits the batch
-    and at most 3/8 of it would be finished rows (16 rows cost less than 10-15 in a decode
-    step, 32 less than 20-31); else `live`. The rows it keeps beyond `live` are finished ones,
-    whose draws are dropped."""
-    size = -(-live // HOLD_BLOCK) * HOLD_BLOCK
-    if transposed_decode() and size <= batch and 8 * (size - live) <= 3 * size:
-        return size
+    with the transposed form on, the smallest transposed size from 16 up that holds `live`,
+    if it fits the batch and at most 3/8 of it would be finished rows (a step of 16 rows
+    costs less than one of 13-15, 24 less than 19-23, 32 less than 26-31); else `live`.
+    The rows it keeps beyond `live` are finished ones, whose draws are dropped."""
+    if transposed_decode():
+        for size in range(max(live, HOLD_FROM), batch + 1):
+            if transposed_rows(size):
+                return size if 8 * (size - live) <= 3 * size else live
     return live
 
 
