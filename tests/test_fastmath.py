@@ -278,7 +278,7 @@ def test_compaction_keeps_finished_rows_up_to_decode_rows(monkeypatch):
 
     monkeypatch.setattr(fastmath, "TRANSPOSED_DECODE", True)
     out, rows = _Streams(16, 8, np.array([0])), np.arange(16)
-    out.done[[1, 4, 6, 9]] = True  # 12 unfinished: 16 rows cost less than 12
+    out.done[[1, 4, 6, 9]] = True  # 12 unfinished of 16: the batch stays at 16
     assert out.compaction(rows) is None
     out.done[[0, 2, 3, 5, 7]] = True  # 7 unfinished: those alone
     assert out.compaction(rows).tolist() == [8, 10, 11, 12, 13, 14, 15]

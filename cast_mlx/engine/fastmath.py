@@ -149,7 +149,7 @@ def decode_rows(live: int, batch: int) -> int:
     """How many rows a decode batch of `batch` rows keeps when `live` of them are unfinished:
     with the transposed form on, the smallest transposed size from 16 up that holds `live`,
     if it fits the batch and at most 3/8 of it would be finished rows (a step of 16 rows
-    costs less than one of 13-15, 24 less than 19-23, 32 less than 26-31); else `live`.
+    costs less than one of 13-15, 24 less than 19-23, 32 less than 28-31); else `live`.
     The rows it keeps beyond `live` are finished ones, whose draws are dropped."""
     if transposed_decode():
         for size in range(max(live, HOLD_FROM), batch + 1):
