@@ -46,6 +46,7 @@ import mlx.core as mx  # noqa: E402
 
 from cast_mlx.training import memory_laws as laws  # noqa: E402
 from cast_mlx.training import memory_plan as mp  # noqa: E402
+from cast_mlx.training import model_shape as ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -163,7 +164,7 @@ def measure(point: Point, cpu_paths: bool = False) -> dict:
     with scoring_paths(cpu_paths), tempfile.TemporaryDirectory() as tmp, random_setup(point, Path(tmp), dtype) as run:
         prompt, teacher = mp.longest_prompts(run.recipe, run.problems[: point.prompts], run.tokenizer)
         work = mp.workload(run.recipe, prompt, teacher)
-        shape = mp.shape_of(SHAPES[point.shape] | {"torch_dtype": "bfloat16"})
+        shape = ms.shape_of(SHAPES[point.shape] | {"torch_dtype": "bfloat16"})
         if dtype != "float32":  # what sm.build writes: 4 bits in groups of 64
             shape = dataclasses.replace(shape, quant=dict(sm.QUANT))
         row |= {"shape": dataclasses.asdict(shape), "work": dataclasses.asdict(work)}
@@ -207,22 +208,22 @@ def measure_load(name: str = "smollm2-135m-instruct") -> dict:
     del model
     gc.collect()
     mx.clear_cache()
-    config, _, _ = mp.model_config(name)
-    return {"load": name, "shape": dataclasses.asdict(mp.shape_of(config)), "measured": {"load": round(peak, 2)}}
+    config, _, _ = ms.model_config(name)
+    return {"load": name, "shape": dataclasses.asdict(ms.shape_of(config)), "measured": {"load": round(peak, 2)}}
 
 
 def fit_load(rows: list[dict]) -> float:
     extras = []
     for row in rows:
         if "load" in row:
-            shape = mp.Shape(**row["shape"])
+            shape = ms.Shape(**row["shape"])
             stored, run = mp.weight_bytes(shape, "quantized"), mp.weight_bytes(shape, "float32")
             extras.append((row["measured"]["load"] * MiB - stored - run) / run)
     return round(float(np.median(extras)), 3) if extras else laws.LOAD_EXTRA
 
 
 def predicted(row: dict) -> dict[str, float]:
-    shape = mp.Shape(**row["shape"])
+    shape = ms.Shape(**row["shape"])
     return {k: v / MiB for k, v in mp.predict(shape, _work(row)).items()}
 
 
@@ -375,7 +376,7 @@ def report(rows: list[dict], values: dict) -> list[str]:
     with constants(**values):
         for row in rows:
             if "load" in row:  # models.load of a model stored in another dtype
-                shape = mp.Shape(**row["shape"])
+                shape = ms.Shape(**row["shape"])
                 guess_load = mp.weight_bytes(shape, "quantized") + mp.weight_bytes(shape, "float32") * (
                     1 + laws.LOAD_EXTRA
                 )

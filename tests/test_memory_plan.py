@@ -20,6 +20,7 @@ import scale_models as sm  # noqa: E402
 from cast_mlx import config as cfg  # noqa: E402
 from cast_mlx.training import memory_laws as laws  # noqa: E402
 from cast_mlx.training import memory_plan as mp  # noqa: E402
+from cast_mlx.training import model_shape as ms  # noqa: E402
 from cast_mlx.training import preflight  # noqa: E402
 
 GB = 2**30
@@ -29,24 +30,24 @@ GB = 2**30
 
 
 def test_the_config_is_read_from_the_folder_the_embedded_cache_or_the_hub_cache(tmp_path, tiny_model_dir, monkeypatch):
-    config, folder, note = mp.model_config(str(tiny_model_dir))
+    config, folder, note = ms.model_config(str(tiny_model_dir))
     assert folder == tiny_model_dir and note is None and config["model_type"] == "llama"
     # the embedded model: its converted config, or the built-in copy before the first fetch
     monkeypatch.setenv("CAST_MLX_HOME", str(tmp_path / "empty-home"))
-    config, folder, note = mp.model_config("smollm2-135m-instruct")
+    config, folder, note = ms.model_config("smollm2-135m-instruct")
     assert folder is None and config == laws.BUILTIN_CONFIGS["smollm2-135m-instruct"]
     # a hub id: only from the local Hugging Face cache, never the network
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    config, folder, note = mp.model_config("someone/some-model")
+    config, folder, note = ms.model_config("someone/some-model")
     assert config is None and "not in the local Hugging Face cache" in note
     snapshot = tmp_path / "hub" / "models--someone--some-model" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (tmp_path / "hub" / "models--someone--some-model" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--some-model" / "refs" / "main").write_text("a" * 40)
     shutil.copy(tiny_model_dir / "config.json", snapshot / "config.json")
-    config, folder, note = mp.model_config("someone/some-model")
+    config, folder, note = ms.model_config("someone/some-model")
     assert folder == snapshot and config["hidden_size"] == 32
 
 
@@ -56,13 +57,13 @@ def test_the_weight_bytes_are_those_of_the_built_model(name):
     from mlx.utils import tree_flatten
 
     config = sm.config(name)
-    shape = mp.shape_of(config)
+    shape = ms.shape_of(config)
     counts = sm.param_count(config)
     assert mp.weight_bytes(shape, "float32") == counts["total"] * 4
     if name == "tiny":  # 4-bit in groups of 64 (scale_models.QUANT): packed weights, scales, biases
         model = sm.build(name, "4bit")
         built = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-        quantized = mp.weight_bytes(mp.Shape(**{**shape.__dict__, "quant": dict(sm.QUANT)}), "quantized")
+        quantized = mp.weight_bytes(ms.Shape(**{**shape.__dict__, "quant": dict(sm.QUANT)}), "quantized")
         assert quantized == pytest.approx(built, rel=0.01)
         mx.clear_cache()
 
@@ -160,7 +161,7 @@ def test_the_plan_of_the_mac_recipe_at_qwen2_5_0_5b(monkeypatch):
     from cast_mlx.engine import fastmath
 
     recipe = cfg.load_recipe(ROOT / "recipes" / "qwen0.5b.yaml")
-    shape = mp.shape_of(sm.config("qwen2.5-0.5b") | {"quantization": {"group_size": 64, "bits": 4}})
+    shape = ms.shape_of(sm.config("qwen2.5-0.5b") | {"quantization": {"group_size": 64, "bits": 4}})
     work = mp.replace(mp.workload(recipe, prompt_tokens=50, teacher_tokens=0), dtype="quantized")
     assert not work.gpu  # this CPU
     monkeypatch.setattr(fastmath, "on_cpu", lambda: False)
@@ -192,9 +193,9 @@ def limit_between(model: Path, sets: list[str]) -> tuple[float, int, int]:
     micro-batch that fits under it (3) and the peak at 4."""
     recipe = cfg.load_recipe(ROOT / "recipes" / "smoke.yaml", [s for s in sets if s != "--set"])
     problems, _ = preflight.load_data(recipe)
-    config, folder, _ = mp.model_config(str(model))
-    shape = mp.shape_of(config)
-    prompt, teacher = mp.longest_prompts(recipe, problems, mp.load_tokenizer(folder))
+    config, folder, _ = ms.model_config(str(model))
+    shape = ms.shape_of(config)
+    prompt, teacher = mp.longest_prompts(recipe, problems, ms.load_tokenizer(folder))
     work = mp.workload(recipe, prompt, teacher)
     peaks = {m: mp.peak_of(mp.predict(shape, mp.adjusted(work, "optimizer.micro_batch_size", m)))[1] for m in (3, 4)}
     assert peaks[3] < peaks[4]
