@@ -42,7 +42,8 @@ or half-precision head holds HEAD_QUANTIZED times a float32 one's (its logits ar
 and on a GPU a quantized head under a gradient UPDATE_HEAD_QUANTIZED_GPU times. The per-token
 constants count activation elements per position (per adapted block for `u_H`, `u_I`).
 
-The constants and how they were measured: `memory_laws.py`.
+The constants and how they were measured: `memory_laws.py`; the model's shape, read from its
+config.json: `model_shape.py`.
 """
 
 from __future__ import annotations
